@@ -1,0 +1,97 @@
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vramblk_config::defaults;
+
+/// Turn idle NVIDIA GPU memory into a fast block device (/dev/ublkbN),
+/// above all a swap device.
+///
+/// vramblk registers a ublk device with the kernel and serves it from a
+/// daemon: one io_uring queue per CPU, each handing its requests to the
+/// store in batches. Needs root and the ublk_drv module (`modprobe ublk_drv`).
+///
+/// Example: `vramblk add --size 7G --swap` gives /dev/ublkbN, swapped on at
+/// high priority. `vramblk del --all` swaps off and removes every device.
+#[derive(Parser, Debug)]
+#[command(name = "vramblk", version, about, long_about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a device and leave a daemon serving it; prints /dev/ublkbN.
+    Add(AddArgs),
+    /// Remove devices (swapping them off first).
+    Del(DelArgs),
+    /// Show every ublk device with vramblk's view of it.
+    List,
+    /// Print the ublk features the running kernel supports.
+    Features,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// GPU memory through CUDA.
+    Cuda,
+    /// Host RAM (a memfd): for tests and for trying vramblk without a GPU.
+    Host,
+}
+
+#[derive(Args, Debug)]
+pub struct AddArgs {
+    /// Device size: 7G, 7GiB, 512M, 1073741824 (binary units; a multiple of 4 KiB).
+    #[arg(long, value_name = "SIZE")]
+    pub size: String,
+
+    /// Where the bytes live.
+    #[arg(long, value_enum, default_value = "cuda")]
+    pub backend: BackendArg,
+
+    /// GPU index (CUDA device ordinal) for --backend cuda.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub gpu: u32,
+
+    /// Hardware queues (one thread each); default: one per CPU.
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u16>,
+
+    /// Requests in flight per queue.
+    #[arg(long, value_name = "N", default_value_t = defaults::QUEUE_DEPTH)]
+    pub depth: u16,
+
+    /// Back --backend host with 2 MiB huge pages reserved at boot
+    /// (hugepages=N), which sit outside the memory swap relieves.
+    #[arg(long)]
+    pub hugepages: bool,
+
+    /// Run mkswap and swapon on the new device.
+    #[arg(long)]
+    pub swap: bool,
+
+    /// Swap priority (higher is used first; zram's usual is 100).
+    #[arg(long, value_name = "N", default_value_t = defaults::SWAP_PRIORITY, requires = "swap", allow_negative_numbers = true)]
+    pub priority: i32,
+
+    /// Pass --discard to swapon, so freed swap pages are discarded.
+    #[arg(long, requires = "swap")]
+    pub discard: bool,
+
+    /// Serve in this process instead of leaving a daemon (logs to stderr).
+    #[arg(long)]
+    pub foreground: bool,
+
+    /// Ask for this device id instead of the next free one.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+pub struct DelArgs {
+    /// Device id (N in /dev/ublkbN).
+    pub id: Option<u32>,
+
+    /// Every vramblk device.
+    #[arg(long)]
+    pub all: bool,
+}

@@ -1,0 +1,72 @@
+//! `vramblk del`.
+
+use crate::args::DelArgs;
+use crate::host::{require_driver, require_root};
+use crate::swap;
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use vramblk_config::{DeviceRecord, RUN_DIR};
+use vramblk_ublk_target::control::{self, bdev_path, device_ids};
+
+pub fn run(a: &DelArgs) -> Result<()> {
+    require_root("del")?;
+    require_driver()?;
+    let run_dir = Path::new(RUN_DIR);
+    // Serialises concurrent dels: the loser finds the device gone and says so.
+    let _lock = lock(run_dir)?;
+    let ids = match a.id {
+        Some(id) => vec![id],
+        None => vramblk_devices(run_dir),
+    };
+    let mut failed = 0;
+    for id in ids {
+        if let Err(e) = delete_one(run_dir, id) {
+            eprintln!("vramblk: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} device(s) not removed");
+    }
+    Ok(())
+}
+
+/// Devices that carry a vramblk record, live or with a dead daemon.
+fn vramblk_devices(run_dir: &Path) -> Vec<u32> {
+    device_ids()
+        .into_iter()
+        .filter(|&id| DeviceRecord::load(run_dir, id).is_some())
+        .collect()
+}
+
+fn delete_one(run_dir: &Path, id: u32) -> Result<()> {
+    if !device_ids().contains(&id) {
+        DeviceRecord::remove(run_dir, id);
+        bail!("there is no ublk device {id}");
+    }
+    let path = bdev_path(id);
+    if swap::find(&path).is_some() {
+        swap::disable(&path)?;
+    }
+    control::delete_device(id)?;
+    DeviceRecord::remove(run_dir, id);
+    println!("removed {path}");
+    Ok(())
+}
+
+fn lock(run_dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let path = run_dir.join("lock");
+    let f = File::create(&path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!(
+            "locking {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(f)
+}

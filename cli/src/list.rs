@@ -1,0 +1,94 @@
+//! `vramblk list` and `vramblk features`.
+
+use crate::swap;
+use anyhow::Result;
+use std::path::Path;
+use vramblk_config::{format_size, DeviceRecord, RUN_DIR};
+use vramblk_ublk_target::control::{self, bdev_path, device_ids, DeviceState};
+
+pub fn run() -> Result<()> {
+    control::require_driver()?;
+    let run_dir = Path::new(RUN_DIR);
+    println!(
+        "{:<4} {:<13} {:>6} {:<22} {:>4} {:>6} {:>5} {:<16} {:<16} {:>7}",
+        "ID", "PATH", "SIZE", "BACKEND", "GPU", "QUEUES", "DEPTH", "STATE", "SWAP", "PID"
+    );
+    for id in device_ids() {
+        let info = control::device_info(id).ok();
+        let record = DeviceRecord::load(run_dir, id);
+        let path = bdev_path(id);
+        let pid = record
+            .as_ref()
+            .map(|r| r.pid as i32)
+            .or(info.as_ref().map(|i| i.daemon_pid));
+        let alive = pid.is_some_and(pid_alive);
+        let state = match (&info, alive) {
+            (Some(i), true) => i.state.to_string(),
+            (Some(i), false) if i.state == DeviceState::Live => "dead (daemon gone)".into(),
+            (Some(i), false) => format!("{} (no daemon)", i.state),
+            (None, _) => "unknown".into(),
+        };
+        let swap = swap::find(&path)
+            .map(|s| format!("on, {} MiB used", s.used_kib >> 10))
+            .unwrap_or_else(|| "off".into());
+        let (size, backend, gpu) = match &record {
+            Some(r) => (
+                format_size(r.size),
+                r.store.clone(),
+                r.gpu.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+            ),
+            None => ("?".into(), "(not vramblk)".into(), "-".into()),
+        };
+        println!(
+            "{:<4} {:<13} {:>6} {:<22} {:>4} {:>6} {:>5} {:<16} {:<16} {:>7}",
+            id,
+            path,
+            size,
+            backend,
+            gpu,
+            info.as_ref()
+                .map(|i| i.queues.to_string())
+                .unwrap_or_default(),
+            info.as_ref()
+                .map(|i| i.depth.to_string())
+                .unwrap_or_default(),
+            state,
+            swap,
+            pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+pub fn features() -> Result<()> {
+    control::require_driver()?;
+    match libublk::ctrl::UblkCtrl::get_features() {
+        Some(f) => {
+            println!("ublk driver features: {f:#x}");
+            for (bit, name) in FEATURE_NAMES {
+                if f & bit != 0 {
+                    println!("  {name}");
+                }
+            }
+        }
+        None => println!("this kernel's ublk driver does not report features (older than 6.5)"),
+    }
+    Ok(())
+}
+
+const FEATURE_NAMES: [(u64, &str); 9] = [
+    (1 << 0, "SUPPORT_ZERO_COPY"),
+    (1 << 1, "URING_CMD_COMP_IN_TASK"),
+    (1 << 2, "NEED_GET_DATA"),
+    (1 << 3, "USER_RECOVERY"),
+    (1 << 4, "USER_RECOVERY_REISSUE"),
+    (1 << 5, "UNPRIVILEGED_DEV"),
+    (1 << 6, "CMD_IOCTL_ENCODE"),
+    (1 << 7, "USER_COPY"),
+    (1 << 8, "ZONED"),
+];

@@ -1,0 +1,72 @@
+use crate::Backend;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the daemon leaves one record per device, and its logs.
+pub const RUN_DIR: &str = "/run/vramblk";
+
+/// What the daemon serving a device writes down about it, so `list`, `del`
+/// and a restarted daemon know what the kernel does not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: u32,
+    pub size: u64,
+    pub backend: Backend,
+    /// Human description of the store, e.g. "host memfd (hugetlb)".
+    pub store: String,
+    pub gpu: Option<u32>,
+    pub queues: u16,
+    pub depth: u16,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+impl DeviceRecord {
+    pub fn path(dir: &Path, id: u32) -> PathBuf {
+        dir.join(format!("ublkb{id}.json"))
+    }
+
+    pub fn load(dir: &Path, id: u32) -> Option<DeviceRecord> {
+        let text = std::fs::read_to_string(Self::path(dir, id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes the record atomically (temp file + rename).
+    pub fn store(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let path = Self::path(dir, self.id);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(tmp, path)
+    }
+
+    pub fn remove(dir: &Path, id: u32) {
+        let _ = std::fs::remove_file(Self::path(dir, id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_through_a_file() {
+        let dir = std::env::temp_dir().join(format!("vramblk-record-{}", std::process::id()));
+        let r = DeviceRecord {
+            id: 3,
+            size: 1 << 30,
+            backend: Backend::Host,
+            store: "host memfd".into(),
+            gpu: None,
+            queues: 2,
+            depth: 128,
+            pid: 42,
+            log: "/run/vramblk/ublkb3.log".into(),
+        };
+        r.store(&dir).unwrap();
+        assert_eq!(DeviceRecord::load(&dir, 3), Some(r));
+        DeviceRecord::remove(&dir, 3);
+        assert_eq!(DeviceRecord::load(&dir, 3), None);
+        let _ = std::fs::remove_dir(&dir);
+    }
+}

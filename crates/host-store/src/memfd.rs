@@ -1,0 +1,243 @@
+use crate::MemInfo;
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, Store, StoreError};
+
+const HUGE_PAGE: u64 = 2 << 20;
+
+/// How to build a [`HostStore`].
+#[derive(Clone, Debug, Default)]
+pub struct HostStoreOptions {
+    pub size: u64,
+    /// Back the memfd by 2 MiB hugetlb pages reserved at boot.
+    pub hugetlb: bool,
+}
+
+/// A store in host RAM, shared by every queue of a device.
+pub struct HostStore {
+    mapping: Arc<Mapping>,
+    fd: OwnedFd,
+    hugetlb: bool,
+}
+
+impl HostStore {
+    /// Creates the memfd, sizes it and maps it populated, so no request
+    /// ever waits on a page fault. Fails with a sentence when the host
+    /// cannot hold `size`.
+    pub fn create(opts: &HostStoreOptions) -> Result<HostStore, StoreError> {
+        Self::preflight(opts)?;
+        let fd = create_memfd(opts.hugetlb)?;
+        let len = mapped_len(opts);
+        // SAFETY: fd is a fresh memfd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(StoreError::last_os(format!(
+                "sizing the memfd to {len} bytes"
+            )));
+        }
+        let mapping = Mapping::new(&fd, len as usize, opts.size)?;
+        log::info!(
+            "host store: {} MiB in a {} memfd",
+            opts.size >> 20,
+            if opts.hugetlb { "hugetlb" } else { "plain" }
+        );
+        Ok(HostStore {
+            mapping: Arc::new(mapping),
+            fd,
+            hugetlb: opts.hugetlb,
+        })
+    }
+}
+
+impl HostStore {
+    /// Checks that this host can back `opts` now, without allocating.
+    pub fn preflight(opts: &HostStoreOptions) -> Result<(), StoreError> {
+        let meminfo = MemInfo::read().map_err(|e| StoreError::Os {
+            what: "reading /proc/meminfo".into(),
+            source: e,
+        })?;
+        check_fits(opts, &meminfo)
+    }
+}
+
+/// hugetlb memfds must be sized in whole huge pages.
+fn mapped_len(opts: &HostStoreOptions) -> u64 {
+    if opts.hugetlb {
+        opts.size.div_ceil(HUGE_PAGE) * HUGE_PAGE
+    } else {
+        opts.size
+    }
+}
+
+/// Refuses sizes the host cannot back, before anything is allocated.
+pub(crate) fn check_fits(opts: &HostStoreOptions, m: &MemInfo) -> Result<(), StoreError> {
+    if opts.size == 0 {
+        return Err(StoreError::Invalid("size must be larger than 0".into()));
+    }
+    if opts.hugetlb {
+        let need = mapped_len(opts);
+        if m.huge_page_size != HUGE_PAGE {
+            return Err(StoreError::Unavailable(format!(
+                "--hugepages needs 2 MiB huge pages; this kernel's default huge page size is {} KiB",
+                m.huge_page_size >> 10
+            )));
+        }
+        if need > m.huge_bytes_free() {
+            return Err(StoreError::TooLarge(format!(
+                "host backend with --hugepages: {} MiB needs {} huge pages of 2 MiB, but only {} are free \
+                 (reserve more with hugepages=N on the kernel command line or in /proc/sys/vm/nr_hugepages)",
+                opts.size >> 20,
+                need / HUGE_PAGE,
+                m.huge_pages_free
+            )));
+        }
+    } else if opts.size > m.mem_available {
+        return Err(StoreError::TooLarge(format!(
+            "host backend: {} MiB requested but only {} MiB of memory is available",
+            opts.size >> 20,
+            m.mem_available >> 20
+        )));
+    }
+    Ok(())
+}
+
+fn create_memfd(hugetlb: bool) -> Result<OwnedFd, StoreError> {
+    let name = CString::new("vramblk").expect("static name has no NUL");
+    let mut flags = libc::MFD_CLOEXEC;
+    if hugetlb {
+        // MFD_HUGE_2MB = 21 << MFD_HUGE_SHIFT
+        flags |= libc::MFD_HUGETLB | (21 << 26);
+    }
+    // SAFETY: name is a valid C string; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(StoreError::last_os("creating the memfd"));
+    }
+    // SAFETY: fd was just returned to us and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The shared mapping of the memfd.
+struct Mapping {
+    base: *mut u8,
+    mapped: usize,
+    size: u64,
+}
+
+// SAFETY: the mapping is plain shared memory; the block layer never has two
+// requests in flight that a store must order (a FLUSH waits for writes the
+// kernel already saw complete), and concurrent overlapping requests have
+// unspecified results on any block device.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(fd: &OwnedFd, mapped: usize, size: u64) -> Result<Mapping, StoreError> {
+        // SAFETY: mapping `mapped` bytes of a memfd we sized to at least that.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(StoreError::last_os(format!(
+                "mapping {} MiB of host memory",
+                mapped >> 20
+            )));
+        }
+        Ok(Mapping {
+            base: ptr.cast(),
+            mapped,
+            size,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; every queue handle holds an Arc,
+        // so none is left.
+        unsafe { libc::munmap(self.base.cast(), self.mapped) };
+    }
+}
+
+impl Store for HostStore {
+    type Queue = HostQueue;
+
+    fn size(&self) -> u64 {
+        self.mapping.size
+    }
+
+    fn describe(&self) -> String {
+        if self.hugetlb {
+            "host memfd (hugetlb)".into()
+        } else {
+            "host memfd".into()
+        }
+    }
+
+    fn open_queue(&self, _qid: u16, _buffers: &BufferRegion) -> Result<HostQueue, StoreError> {
+        Ok(HostQueue {
+            mapping: self.mapping.clone(),
+        })
+    }
+
+    fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.fd.as_fd()]
+    }
+}
+
+/// A queue's handle: copies synchronously, so everything completes in
+/// `submit` and `poll` has nothing to do.
+pub struct HostQueue {
+    mapping: Arc<Mapping>,
+}
+
+impl HostQueue {
+    fn execute(&self, r: &Request) -> i32 {
+        let end = r.offset.checked_add(r.len as u64);
+        if end.is_none_or(|e| e > self.mapping.size)
+            || (r.op.uses_buffer() && r.len as usize > r.buf.len())
+        {
+            return -libc::EINVAL;
+        }
+        // SAFETY: offset+len is inside the mapping (checked above).
+        let at = unsafe { self.mapping.base.add(r.offset as usize) };
+        let len = r.len as usize;
+        match r.op {
+            // SAFETY: both ranges are valid for len bytes (checked above) and
+            // cannot overlap: one is the io buffer, the other the memfd.
+            Op::Read => unsafe { std::ptr::copy_nonoverlapping(at, r.buf.as_ptr(), len) },
+            // SAFETY: as for Read.
+            Op::Write => unsafe { std::ptr::copy_nonoverlapping(r.buf.as_ptr(), at, len) },
+            // SAFETY: the range is inside the mapping (checked above).
+            Op::WriteZeroes => unsafe { std::ptr::write_bytes(at, 0, len) },
+            // Writes land synchronously, so there is nothing to wait for; a
+            // discard keeps the pages (they are locked and reused).
+            Op::Flush | Op::Discard => {}
+        }
+        r.len as i32
+    }
+}
+
+impl QueueStore for HostQueue {
+    fn submit(&mut self, batch: &mut Vec<Request>, done: &mut Vec<Completion>) {
+        for r in batch.drain(..) {
+            done.push(Completion {
+                tag: r.tag,
+                result: self.execute(&r),
+            });
+        }
+    }
+
+    fn poll(&mut self, _done: &mut Vec<Completion>) {}
+
+    fn in_flight(&self) -> usize {
+        0
+    }
+}

@@ -1,0 +1,19 @@
+//! The ublk side of vramblk: a block device whose queues hand their requests
+//! to a [`vramblk_store::Store`] in batches. Knows nothing of CUDA.
+//!
+//! - [`engine`]: the per-queue batching engine, independent of ublk so the
+//!   GPU benchmark can drive it with a synthetic load.
+//! - [`queue`]: the one queue loop every backend runs (libublk + smol).
+//! - [`device`]: adding and serving a device.
+//! - [`control`]: finding, inspecting and deleting devices.
+
+pub mod control;
+pub mod device;
+pub mod engine;
+mod params;
+mod queue;
+mod slots;
+
+pub use control::{ControlError, DeviceInfo, DeviceState};
+pub use device::{serve, DeviceError, DeviceOptions};
+pub use engine::QueueEngine;

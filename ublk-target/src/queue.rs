@@ -1,0 +1,245 @@
+//! The queue loop: one thread per queue, one smol task per tag, and one
+//! event loop that batches every request of a round into a single store
+//! submission. Every backend runs this same loop.
+
+use crate::engine::QueueEngine;
+use crate::slots::TagSlots;
+use libublk::io::{with_task_io_ring_mut, UblkDev, UblkQueue};
+use libublk::uring_async::{
+    run_uring_tasks, ublk_reap_io_events_with_update_queue, ublk_wake_task,
+};
+use libublk::{sys, BufDesc, UblkError};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use vramblk_store::{BufferRegion, IoBuf, Op, QueueStore, Request, Store};
+
+/// While the store has requests in flight the loop polls it; it spins for
+/// this long after the last progress, then naps in io_uring for
+/// `BUSY_NAP` at a time so a stalled GPU does not burn a core.
+const SPIN: Duration = Duration::from_micros(50);
+const BUSY_NAP: Duration = Duration::from_micros(20);
+/// With nothing in flight the loop sleeps in io_uring this long before
+/// libublk marks the queue idle.
+const IDLE_SECS: u64 = 20;
+
+/// Serves queue `qid` until the device stops. Errors are logged: a queue
+/// thread has nobody to return them to, and the device fails its I/O.
+pub(crate) fn serve_queue<S: Store>(qid: u16, dev: &UblkDev, store: &S) {
+    let mut announced = false;
+    if let Err(e) = try_serve_queue(qid, dev, store, &mut announced) {
+        log::error!("queue {qid}: {e}");
+        if !announced {
+            // start_dev waits for every queue to announce itself; reporting
+            // this queue as failed lets it return an error instead of hanging.
+            dev.notify_buffer_registration_complete(true);
+        }
+    }
+    log::debug!("queue {qid}: stopped");
+}
+
+fn try_serve_queue<S: Store>(
+    qid: u16,
+    dev: &UblkDev,
+    store: &S,
+    announced: &mut bool,
+) -> Result<(), String> {
+    let depth = dev.dev_info.queue_depth as usize;
+    let max_io = dev.dev_info.max_io_buf_bytes as usize;
+    let buffers = BufferRegion::new(depth, max_io).map_err(|e| e.to_string())?;
+    let qstore = store
+        .open_queue(qid, &buffers)
+        .map_err(|e| format!("opening the store: {e}"))?;
+    let q = Rc::new(UblkQueue::new(qid, dev).map_err(|e| format!("creating the queue: {e}"))?);
+    let engine = Rc::new(RefCell::new(QueueEngine::new(qstore, store.size(), depth)));
+    let slots = TagSlots::new(depth);
+    let exe = Rc::new(smol::LocalExecutor::new());
+
+    let mut tasks = Vec::with_capacity(depth);
+    for tag in q.tags() {
+        let buf = buffers
+            .slot(tag as usize)
+            .ok_or_else(|| format!("no io buffer for tag {tag}"))?;
+        let (q, engine, slots) = (q.clone(), engine.clone(), slots.clone());
+        tasks.push(exe.spawn(async move {
+            match serve_tag(&q, &engine, &slots, tag, buf).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => log::error!("queue {qid} tag {tag}: {e}"),
+            }
+        }));
+    }
+    // Our io buffers are one region, mapped and locked above, rather than
+    // libublk IoBufs, so we tell libublk this queue's buffers are ready.
+    dev.notify_buffer_registration_complete(false);
+    *announced = true;
+    log::info!(
+        "queue {qid}: serving {} tags, {} KiB io buffers locked",
+        tasks.len(),
+        buffers.len() >> 10
+    );
+
+    let exe2 = exe.clone();
+    let result = smol::block_on(exe.run(event_loop(&exe2, &q, &engine, &slots, tasks)));
+    let stats = engine.borrow().stats();
+    log::info!(
+        "queue {qid}: {} requests ({} failed) in {} batches, largest {}",
+        stats.completed,
+        stats.failed,
+        stats.batches,
+        stats.largest_batch
+    );
+    // The store handle and tasks are gone before `buffers` drops.
+    drop(engine);
+    result.map_err(|e| format!("event loop: {e}"))
+}
+
+/// One tag's life: fetch a request, run it through the engine, commit the
+/// result and fetch the next, until the queue goes down.
+async fn serve_tag<Q: QueueStore>(
+    q: &UblkQueue<'_>,
+    engine: &RefCell<QueueEngine<Q>>,
+    slots: &TagSlots,
+    tag: u16,
+    buf: IoBuf,
+) -> Result<(), UblkError> {
+    let desc = BufDesc::RawAddress(buf.as_ptr());
+    q.submit_io_prep_cmd(tag, desc.clone(), 0, None).await?;
+    loop {
+        let iod = q.get_iod(tag);
+        let result = match request_from_iod(tag, iod, buf) {
+            Ok(req) => {
+                engine.borrow_mut().enqueue(req);
+                slots.wait(tag).await
+            }
+            Err(errno) => errno,
+        };
+        q.submit_io_commit_cmd(tag, desc.clone(), result).await?;
+    }
+}
+
+/// Translates the kernel's io descriptor; unsupported ops fail with
+/// EOPNOTSUPP rather than reaching the store.
+fn request_from_iod(tag: u16, iod: &sys::ublksrv_io_desc, buf: IoBuf) -> Result<Request, i32> {
+    let op = match iod.op_flags & 0xff {
+        sys::UBLK_IO_OP_READ => Op::Read,
+        sys::UBLK_IO_OP_WRITE => Op::Write,
+        sys::UBLK_IO_OP_FLUSH => Op::Flush,
+        sys::UBLK_IO_OP_DISCARD => Op::Discard,
+        sys::UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+        _ => return Err(-libc::EOPNOTSUPP),
+    };
+    if op == Op::Flush {
+        // A flush carries no range; the block layer leaves its sector at -1.
+        return Ok(Request {
+            tag,
+            op,
+            offset: 0,
+            len: 0,
+            buf,
+        });
+    }
+    let len = (iod.nr_sectors as u64) << 9;
+    Ok(Request {
+        tag,
+        op,
+        offset: iod.start_sector.checked_mul(512).ok_or(-libc::EINVAL)?,
+        len: u32::try_from(len).map_err(|_| -libc::EINVAL)?,
+        buf,
+    })
+}
+
+async fn event_loop<Q: QueueStore, T>(
+    exe: &smol::LocalExecutor<'_>,
+    q: &UblkQueue<'_>,
+    engine: &RefCell<QueueEngine<Q>>,
+    slots: &TagSlots,
+    tasks: Vec<smol::Task<T>>,
+) -> Result<(), UblkError> {
+    let last_progress = Cell::new(Instant::now());
+    let run_ops = || loop {
+        while exe.try_tick() {}
+        let mut e = engine.borrow_mut();
+        if !e.has_work() {
+            break;
+        }
+        if e.pump(|c| slots.complete(c.tag, c.result)) > 0 {
+            last_progress.set(Instant::now());
+        } else {
+            // In flight on the store and nothing finished yet: let the
+            // ring be polled rather than spin here.
+            break;
+        }
+    };
+    let poll_uring = || async {
+        let busy = engine.borrow().in_flight() > 0;
+        with_task_io_ring_mut(|r| {
+            if q.is_stopping() {
+                let _ = r.submit_and_wait(0);
+                return Err(UblkError::QueueIsDown);
+            }
+            let wait = if !busy {
+                Some(io_uring::types::Timespec::new().sec(IDLE_SECS))
+            } else if last_progress.get().elapsed() > SPIN {
+                Some(io_uring::types::Timespec::from(BUSY_NAP))
+            } else {
+                None
+            };
+            let ret = match wait {
+                Some(ts) => {
+                    let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+                    r.submitter().submit_with_args(1, &args)
+                }
+                None => r.submit(),
+            };
+            match ret {
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(!busy),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(false),
+                Err(e) => Err(UblkError::IOError(e)),
+                Ok(_) => Ok(false),
+            }
+        })
+    };
+    let reap = |idle_timeout| {
+        ublk_reap_io_events_with_update_queue(q, idle_timeout, None, |cqe| {
+            ublk_wake_task(cqe.user_data(), cqe)
+        })
+    };
+    let is_done = || tasks.iter().all(|t| t.is_finished());
+    run_uring_tasks(poll_uring, reap, run_ops, is_done).await
+}
+
+/// Drives the ring and the store together: tick every ready tag task, send
+/// what they queued as one batch, deliver completions, repeat; block in
+/// io_uring only when the store has nothing in flight.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iod(op: u32, start_sector: u64, nr_sectors: u32) -> sys::ublksrv_io_desc {
+        sys::ublksrv_io_desc {
+            op_flags: op,
+            nr_sectors,
+            start_sector,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn translates_kernel_requests() {
+        let bufs = BufferRegion::new(1, 4096).unwrap();
+        let buf = bufs.slot(0).unwrap();
+        let r = request_from_iod(3, &iod(sys::UBLK_IO_OP_WRITE, 8, 8), buf).unwrap();
+        assert_eq!((r.tag, r.op, r.offset, r.len), (3, Op::Write, 4096, 4096));
+        // The block layer's flush requests carry sector -1.
+        let r = request_from_iod(1, &iod(sys::UBLK_IO_OP_FLUSH, u64::MAX, 0), buf).unwrap();
+        assert_eq!((r.op, r.offset, r.len), (Op::Flush, 0, 0));
+        assert_eq!(
+            request_from_iod(1, &iod(sys::UBLK_IO_OP_READ, u64::MAX, 8), buf).unwrap_err(),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            request_from_iod(1, &iod(sys::UBLK_IO_OP_ZONE_OPEN, 0, 8), buf).unwrap_err(),
+            -libc::EOPNOTSUPP
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! Guest-side helper for the swap test: fills MiB of anonymous memory with
+//! incompressible data derived from each page's index, then reads every
+//! byte back and counts pages that differ. Exit 0 only when none do.
+//!
+//! usage: memcheck MIB [PASSES]
+
+use std::process::ExitCode;
+
+const PAGE: usize = 4096;
+
+fn page_words(index: usize, pass: u64, out: &mut [u64]) {
+    // xorshift64*, seeded per page: cheap and incompressible.
+    let mut x = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ pass.wrapping_mul(0xD1B5_4A32_D192_ED03)
+        | 1;
+    for w in out.iter_mut() {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        *w = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(mib) = args.get(1).and_then(|a| a.parse::<usize>().ok()) else {
+        eprintln!("usage: memcheck MIB [PASSES]");
+        return ExitCode::from(2);
+    };
+    let passes: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let pages = mib * 256;
+    let words_per_page = PAGE / 8;
+    let mut mem: Vec<u64> = Vec::new();
+    if mem.try_reserve_exact(pages * words_per_page).is_err() {
+        eprintln!("memcheck: cannot reserve {mib} MiB");
+        return ExitCode::from(3);
+    }
+    mem.resize(pages * words_per_page, 0);
+    let mut want = vec![0u64; words_per_page];
+    let mut bad_pages = 0usize;
+    for pass in 0..passes {
+        for (i, page) in mem.chunks_exact_mut(words_per_page).enumerate() {
+            page_words(i, pass, page);
+        }
+        println!("memcheck: pass {pass}: wrote {mib} MiB");
+        for (i, page) in mem.chunks_exact(words_per_page).enumerate() {
+            page_words(i, pass, &mut want);
+            if page != want.as_slice() {
+                bad_pages += 1;
+                if bad_pages <= 5 {
+                    eprintln!("memcheck: page {i} differs");
+                }
+            }
+        }
+        println!("memcheck: pass {pass}: verified {pages} pages, {bad_pages} differ so far");
+    }
+    if bad_pages == 0 {
+        println!("memcheck: ok, {mib} MiB x {passes} passes, 0 pages differ");
+        ExitCode::SUCCESS
+    } else {
+        println!("memcheck: FAILED, {bad_pages} pages differ");
+        ExitCode::from(1)
+    }
+}

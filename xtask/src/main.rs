@@ -1,0 +1,75 @@
+//! `cargo xtask ...`: the project's automation (cargo-xtask convention).
+//!
+//! - `test`: unit tests, then the VM suite (the README's test command).
+//! - `unit-test`: `cargo test` for the workspace.
+//! - `vm-test`: the VM suite alone: boots Debian's 6.12 cloud kernel under
+//!   qemu TCG with a busybox initramfs holding the release binaries and
+//!   runs the kernel-path checks.
+
+mod deps;
+mod initramfs;
+mod kernel;
+mod qemu;
+mod suite;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let task = args.first().map(String::as_str).unwrap_or("help");
+    match task {
+        "test" => {
+            unit_test()?;
+            suite::run_all(&root()?)
+        }
+        "unit-test" => unit_test(),
+        "vm-test" => suite::run_all(&root()?),
+        _ => {
+            eprintln!("usage: cargo xtask <test|unit-test|vm-test>");
+            if task == "help" || task == "--help" {
+                Ok(())
+            } else {
+                bail!("unknown task {task:?}")
+            }
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level down).
+pub fn root() -> Result<PathBuf> {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    Ok(here
+        .parent()
+        .context("xtask has no parent dir")?
+        .to_path_buf())
+}
+
+fn unit_test() -> Result<()> {
+    println!("== unit tests: cargo test --workspace");
+    sh(Command::new(cargo())
+        .args(["test", "--workspace"])
+        .current_dir(root()?))
+}
+
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let name = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {name}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}

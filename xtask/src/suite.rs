@@ -1,0 +1,140 @@
+//! The VM suite: builds the release binaries and two initramfs images,
+//! boots each, and tallies the PASS/FAIL lines the guest prints.
+
+use crate::{cargo, deps, initramfs, kernel, qemu, sh};
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const INIT: &str = include_str!("../vm/init.sh");
+const LIB: &str = include_str!("../vm/lib.sh");
+const IO_SUITE: &str = include_str!("../vm/io-suite.sh");
+const SWAP_SUITE: &str = include_str!("../vm/swap-suite.sh");
+
+struct Suite {
+    name: &'static str,
+    script: &'static str,
+    memory: &'static str,
+    cmdline: &'static str,
+    host_bins: &'static [&'static str],
+    timeout: Duration,
+}
+
+const SUITES: &[Suite] = &[
+    Suite {
+        name: "io",
+        script: IO_SUITE,
+        memory: "2G",
+        cmdline: "",
+        host_bins: &[
+            "/usr/bin/fio",
+            "/sbin/mkswap",
+            "/sbin/swapon",
+            "/sbin/swapoff",
+            "/sbin/blkdiscard",
+            "/usr/bin/setpriv",
+        ],
+        timeout: Duration::from_secs(25 * 60),
+    },
+    Suite {
+        name: "swap",
+        script: SWAP_SUITE,
+        memory: "1G",
+        cmdline: "hugepages=256",
+        host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
+        timeout: Duration::from_secs(15 * 60),
+    },
+];
+
+pub fn run_all(root: &Path) -> Result<()> {
+    deps::ensure()?;
+    println!("== building release binaries");
+    sh(Command::new(cargo())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vramblk-cli",
+            "-p",
+            "xtask",
+            "--bin",
+            "vramblk",
+            "--bin",
+            "memcheck",
+        ])
+        .current_dir(root))?;
+    let release = root.join("target/release");
+    let built: Vec<PathBuf> = vec![release.join("vramblk"), release.join("memcheck")];
+    let vm_dir = root.join("target/vm");
+    let kernel = kernel::fetch(&vm_dir.join("kernel"))?;
+
+    let (mut passed, mut failed) = (0usize, 0usize);
+    let only = std::env::var("VRAMBLK_VM_SUITE").ok();
+    for s in SUITES {
+        if only.as_deref().is_some_and(|o| o != s.name) {
+            continue;
+        }
+        let stage = vm_dir.join(format!("stage-{}", s.name));
+        let initrd = vm_dir.join(format!("initrd-{}.cpio", s.name));
+        initramfs::build(
+            &stage,
+            &initrd,
+            &initramfs::Spec {
+                host_bins: s.host_bins,
+                built_bins: &built,
+                modules: &kernel.modules,
+                files: &[
+                    ("/init", INIT),
+                    ("/lib/vm/lib.sh", LIB),
+                    ("/lib/vm/suite.sh", s.script),
+                ],
+            },
+        )?;
+        println!(
+            "== booting the {} suite ({} RAM, {})",
+            s.name,
+            s.memory,
+            if s.cmdline.is_empty() { "-" } else { s.cmdline }
+        );
+        let log = vm_dir.join(format!("console-{}.log", s.name));
+        let r = qemu::boot(&qemu::Boot {
+            name: s.name,
+            vmlinuz: &kernel.vmlinuz,
+            initrd: &initrd,
+            memory: s.memory,
+            cpus: 2,
+            cmdline_extra: s.cmdline,
+            timeout: s.timeout,
+            log: &log,
+        })?;
+        let p = r.lines.iter().filter(|l| l.starts_with("PASS ")).count();
+        let f = r.lines.iter().filter(|l| l.starts_with("FAIL ")).count();
+        let finished = r.lines.iter().any(|l| l.contains("SUITE-DONE"));
+        println!(
+            "== {} suite: {p} passed, {f} failed; guest up after {:.1} s; console log {}",
+            s.name,
+            r.boot_secs,
+            log.display()
+        );
+        passed += p;
+        failed += f;
+        if !finished {
+            failed += 1;
+            println!(
+                "FAIL {} suite did not finish ({})",
+                s.name,
+                if r.timed_out {
+                    "timed out"
+                } else {
+                    "guest stopped early"
+                }
+            );
+        }
+    }
+    println!("vm suite: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} VM check(s) failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+# Kernel-path suite, boot 1 (2 GiB RAM): bad input, fio with verify,
+# discard/zeroes, swap on/off, teardown and reuse, kill -9 under load.
+. /lib/vm/lib.sh
+FIO="fio --ioengine=io_uring --direct=1 --group_reporting --eta=never"
+
+expect_err "bad input: ublk_drv not loaded" \
+    'ublk_drv is not loaded (/dev/ublk-control is missing): run `modprobe ublk_drv`' \
+    vramblk add --size 1G --backend host
+insmod /lib/modules/ublk_drv.ko || fail "insmod ublk_drv"
+check "ublk_drv loaded" [ -c /dev/ublk-control ]
+vramblk features | while read -r l; do info "features: $l"; done
+
+expect_err "bad input: not root" "must run as root" \
+    /usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups vramblk add --size 1G --backend host
+expect_err "bad input: size 0" "--size: size must be larger than 0" vramblk add --size 0 --backend host
+expect_err "bad input: garbage size" "--size: 'seven' is not a size" vramblk add --size seven --backend host
+expect_err "bad input: size not a 4 KiB multiple" "is not a multiple of 4 KiB" vramblk add --size 1000 --backend host
+expect_err "bad input: larger than host memory" "MiB requested but only" vramblk add --size 64G --backend host
+expect_err "bad input: no huge pages reserved" "needs 32 huge pages of 2 MiB, but only 0 are free" \
+    vramblk add --size 64M --backend host --hugepages
+expect_err "bad input: cuda backend not built" "the CUDA store is not built" vramblk add --size 1G
+expect_err "bad input: queues 0" "--queues must be between 1 and 256" vramblk add --size 1G --backend host --queues 0
+expect_err "bad input: unknown device id" "there is no ublk device 42" vramblk del 42
+check "bad input left no device behind" [ -z "$(ls /sys/class/ublk-char)" ]
+
+dev=$(vramblk add --size 1G --backend host)
+check "add prints /dev/ublkb0" [ "$dev" = /dev/ublkb0 ] || show_logs
+check "block node exists" [ -b /dev/ublkb0 ]
+check "size is 1 GiB" [ "$(blockdev --getsize64 /dev/ublkb0)" = 1073741824 ]
+check "4096-byte logical blocks" [ "$(cat /sys/block/ublkb0/queue/logical_block_size)" = 4096 ]
+check "non-rotational" [ "$(cat /sys/block/ublkb0/queue/rotational)" = 0 ]
+check "discard advertised" [ "$(cat /sys/block/ublkb0/queue/discard_max_bytes)" != 0 ]
+vramblk list > /tmp/list 2>&1
+while read -r l; do info "list: $l"; done < /tmp/list
+check "list shows the device live" grep -q "^0 .*/dev/ublkb0 .*live" /tmp/list
+
+$FIO --name=randwrite --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --size=100% \
+    --verify=crc32c --do_verify=0 --output=/tmp/fio-w.txt
+rc=$?
+check "fio 4k random write over the whole device, qd32" [ $rc -eq 0 ]
+info "fio 4k randwrite qd32 (verify headers): $(fio_iops /tmp/fio-w.txt) IOPS"
+$FIO --name=randwrite --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --size=100% \
+    --verify=crc32c --verify_only --output=/tmp/fio-v.txt
+rc=$?
+grep -q "verify: bad" /tmp/fio-v.txt && rc=99
+check "fio verify-only pass finds every block intact (crc32c)" [ $rc -eq 0 ] || tail -20 /tmp/fio-v.txt
+
+$FIO --name=randread --filename=$dev --rw=randread --bs=4k --iodepth=32 --runtime=10 --time_based --output=/tmp/fio-r.txt
+info "fio 4k randread qd32, 10 s: $(fio_iops /tmp/fio-r.txt) IOPS"
+$FIO --name=qd1 --filename=$dev --rw=randread --bs=4k --iodepth=1 --runtime=10 --time_based --output=/tmp/fio-l.txt
+info "fio 4k randread qd1, 10 s: $(fio_iops /tmp/fio-l.txt) IOPS; $(grep -m1 ' lat (usec)' /tmp/fio-l.txt | tr -s ' ')"
+
+$FIO --name=seq --filename=$dev --rw=write --bs=1M --iodepth=8 --size=512M \
+    --verify=crc32c --output=/tmp/fio-s.txt
+rc=$?
+check "fio sequential 1 MiB O_DIRECT write + verify" [ $rc -eq 0 ]
+info "fio 1M seq write qd8: $(sed -n 's/.*WRITE: bw=\([^ ]*\).*/\1/p' /tmp/fio-s.txt)"
+
+dd if=/dev/urandom of=/tmp/pattern bs=4096 count=4 2>/dev/null
+dd if=/tmp/pattern of=$dev bs=4096 seek=100 oflag=direct conv=fsync 2>/dev/null
+rc=$?
+check "fsync (FLUSH) succeeds" [ $rc -eq 0 ]
+check "no failed requests logged by the kernel" sh -c "! dmesg | grep -q 'error, dev ublkb'"
+dd if=$dev of=/tmp/back bs=4096 skip=100 count=4 iflag=direct 2>/dev/null
+check "pattern reads back" cmp -s /tmp/pattern /tmp/back
+/sbin/blkdiscard -z -o $((101 * 4096)) -l 8192 $dev
+check "write-zeroes succeeds" [ $? -eq 0 ]
+dd if=$dev of=/tmp/back bs=4096 skip=101 count=2 iflag=direct 2>/dev/null
+dd if=/dev/zero of=/tmp/zero bs=4096 count=2 2>/dev/null
+check "write-zeroes range reads back as zeroes" cmp -s /tmp/zero /tmp/back
+dd if=$dev of=/tmp/back bs=4096 skip=100 count=1 iflag=direct 2>/dev/null
+dd if=/tmp/pattern of=/tmp/first bs=4096 count=1 2>/dev/null
+check "write-zeroes left its neighbour alone" cmp -s /tmp/first /tmp/back
+check "discard of the whole device succeeds" /sbin/blkdiscard $dev
+
+out=$(vramblk del 0 2>&1)
+check "del removes the device" [ "$out" = "removed /dev/ublkb0" ]
+check "block and char nodes are gone" nodes_gone 0
+check "device record is gone" [ ! -e /run/vramblk/ublkb0.json ]
+sleep 1
+check "daemon exited after del" sh -c 'for p in $(pidof vramblk); do grep -q "^State:.*Z" /proc/$p/status || exit 1; done' 
+
+dev=$(vramblk add --size 256M --backend host --swap --priority 77 --discard 2>/tmp/add.err)
+check "add --swap reuses id 0" [ "$dev" = /dev/ublkb0 ] || { info "add: $(cat /tmp/add.err)"; show_logs; }
+check "swap is on at priority 77" grep -Eq "^/dev/ublkb0[[:space:]]+partition[[:space:]]+262140[[:space:]]+[0-9]+[[:space:]]+77" /proc/swaps
+grep ublkb0 /proc/swaps | while read -r l; do info "swaps: $l"; done
+out=$(vramblk del 0 2>&1)
+grep -q ublkb0 /proc/swaps && out="$out (still in /proc/swaps)"
+check "del swaps off and removes" [ "$out" = "removed /dev/ublkb0" ]
+check "nodes gone after swap del" nodes_gone 0
+
+vramblk add --size 64M --backend host > /dev/null
+(vramblk del 0 > /tmp/d1 2>&1; echo "rc=$?" >> /tmp/d1) &
+(vramblk del 0 > /tmp/d2 2>&1; echo "rc=$?" >> /tmp/d2) &
+wait
+info "racing del 1: $(tr '\n' ' ' < /tmp/d1)"
+info "racing del 2: $(tr '\n' ' ' < /tmp/d2)"
+both=$(cat /tmp/d1 /tmp/d2)
+check "two racing dels: one removes, the other says the device is gone" \
+    sh -c "echo '$both' | grep -q 'removed /dev/ublkb0' && echo '$both' | grep -q 'there is no ublk device 0' && echo '$both' | grep -q rc=0 && echo '$both' | grep -q rc=1"
+check "nodes gone after racing dels" nodes_gone 0
+
+dev=$(vramblk add --size 256M --backend host)
+pid=$(daemon_pid 0)
+$FIO --name=load --filename=$dev --rw=randrw --bs=4k --iodepth=32 --runtime=120 --time_based \
+    --output=/tmp/fio-k.txt &
+fpid=$!
+sleep 3
+kill -9 "$pid"
+info "killed daemon $pid under fio load"
+i=0
+while kill -0 $fpid 2>/dev/null && [ $i -lt 90 ]; do sleep 1; i=$((i + 1)); done
+check "fio ends within 90 s of the kill (no hang)" sh -c "! kill -0 $fpid 2>/dev/null"
+wait $fpid
+rc=$?
+info "fio exit code after kill: $rc, after ${i}s"
+check "fio saw I/O errors" [ $rc -ne 0 ]
+vramblk list > /tmp/list 2>&1
+while read -r l; do info "list: $l"; done < /tmp/list
+check "list reports the daemon gone" grep -Eq "^0 .*(dead|no daemon)" /tmp/list
+check "del cleans up the dead device" vramblk del 0
+check "nodes gone after dead-device del" nodes_gone 0
+dev=$(vramblk add --size 64M --backend host)
+echo hello | dd of=$dev bs=4096 conv=sync oflag=direct 2>/dev/null
+check "a new device works after the crash" sh -c "dd if=$dev bs=4096 count=1 iflag=direct 2>/dev/null | grep -q hello"
+vramblk del 0 > /dev/null
+check "no kernel oops or hung task" no_oops
+dmesg | grep -E 'ublk|Oops|BUG' | tail -20 | while read -r l; do info "dmesg: $l"; done

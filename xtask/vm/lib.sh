@@ -1,0 +1,52 @@
+# Helpers for the VM suites: every check prints one PASS or FAIL line.
+pass() { echo "PASS $*"; }
+fail() { echo "FAIL $*"; }
+info() { echo "INFO $*"; }
+
+# check NAME COMMAND...: passes when the command succeeds.
+check() {
+    name=$1; shift
+    if "$@"; then pass "$name"; else fail "$name"; return 1; fi
+}
+
+# expect_err NAME WANT COMMAND...: passes when the command fails and its
+# output contains WANT; also checks nothing was left behind.
+expect_err() {
+    name=$1; want=$2; shift 2
+    before=$(ls /sys/class/ublk-char 2>/dev/null | wc -l)
+    out=$("$@" 2>&1); rc=$?
+    after=$(ls /sys/class/ublk-char 2>/dev/null | wc -l)
+    if [ $rc -ne 0 ] && echo "$out" | grep -qF -- "$want" && [ "$before" = "$after" ]; then
+        pass "$name"
+    else
+        fail "$name: rc=$rc devices $before->$after output: $out"
+    fi
+}
+
+no_oops() {
+    ! dmesg | grep -Eq 'Oops|BUG:|Call Trace|blocked for more than|hung_task'
+}
+
+no_oom() {
+    ! dmesg | grep -Eq 'Out of memory|Killed process|oom-kill'
+}
+
+nodes_gone() {
+    [ ! -e /dev/ublkb$1 ] && [ ! -e /dev/ublkc$1 ] && [ ! -e /sys/class/ublk-char/ublkc$1 ]
+}
+
+daemon_pid() {
+    sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' /run/vramblk/ublkb$1.json
+}
+
+fio_iops() {
+    # the first "IOPS=" figure in a fio report
+    sed -n 's/.*IOPS=\([^,]*\),.*/\1/p' "$1" | head -1
+}
+
+# Prints the daemon logs, for when something went wrong.
+show_logs() {
+    for f in /run/vramblk/*.log; do
+        [ -e "$f" ] && while read -r l; do info "log $(basename $f): $l"; done < "$f"
+    done
+}
