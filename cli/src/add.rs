@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 use vramblk_config::{defaults, format_size, parse_size, Backend, DeviceRecord, RUN_DIR};
+use vramblk_cuda_store::{CudaStore, CudaStoreOptions};
 use vramblk_host_store::{HostStore, HostStoreOptions};
 use vramblk_store::Store;
 use vramblk_ublk_target::control::{bdev_path, device_ids};
@@ -19,6 +20,7 @@ struct Plan {
     backend: Backend,
     hugetlb: bool,
     gpu: u32,
+    reserve: u64,
     device: DeviceOptions,
 }
 
@@ -28,11 +30,10 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         bail!("--size: {size} bytes is not a multiple of 4 KiB");
     }
     let backend = match a.backend {
-        BackendArg::Cuda => bail!(
-            "--backend cuda: the CUDA store is not built into this vramblk yet; use --backend host"
-        ),
+        BackendArg::Cuda => Backend::Cuda,
         BackendArg::Host => Backend::Host,
     };
+    let reserve = parse_size(&a.reserve).map_err(|e| anyhow!("--reserve: {e}"))?;
     if a.hugepages && backend != Backend::Host {
         bail!("--hugepages applies to --backend host only");
     }
@@ -48,6 +49,7 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         backend,
         hugetlb: a.hugepages,
         gpu: a.gpu,
+        reserve,
         device,
     })
 }
@@ -65,7 +67,9 @@ pub fn run(a: &AddArgs) -> Result<()> {
         size: plan.size,
         hugetlb: plan.hugetlb,
     };
-    HostStore::preflight(&host_opts)?;
+    if plan.backend == Backend::Host {
+        HostStore::preflight(&host_opts)?;
+    }
     let run_dir = Path::new(RUN_DIR);
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {RUN_DIR}"))?;
 
@@ -119,10 +123,42 @@ fn serve_device(
         Mode::Daemon => (false, None),
     };
     daemon::harden_for_swap()?;
-    let store = Arc::new(HostStore::create(host_opts)?);
+    // The store is made here, after the fork: CUDA must not be initialised
+    // in a process that forks afterwards.
+    match plan.backend {
+        Backend::Host => {
+            let store = Arc::new(HostStore::create(host_opts)?);
+            serve_store(plan, store, run_dir, reporter, foreground, foreground_swap)
+        }
+        Backend::Cuda => {
+            let store = Arc::new(CudaStore::create(&CudaStoreOptions {
+                size: plan.size,
+                gpu: plan.gpu,
+                reserve: plan.reserve,
+            })?);
+            if store.size() < plan.size {
+                log::warn!(
+                    "VRAM short: {} asked, {} granted",
+                    format_size(plan.size),
+                    format_size(store.size())
+                );
+            }
+            serve_store(plan, store, run_dir, reporter, foreground, foreground_swap)
+        }
+    }
+}
+
+fn serve_store<S: Store>(
+    plan: &Plan,
+    store: Arc<S>,
+    run_dir: &Path,
+    reporter: Reporter,
+    foreground: bool,
+    foreground_swap: Option<(i32, bool)>,
+) -> Result<()> {
     log::info!(
         "adding a {} device on {} with {} queues x depth {} ({} MiB of io buffers locked)",
-        format_size(plan.size),
+        format_size(store.size()),
         store.describe(),
         plan.device.queues,
         plan.device.depth,

@@ -51,6 +51,12 @@ pub struct AddArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub gpu: u32,
 
+    /// VRAM left free for the display and other GPU work (--backend cuda).
+    /// The size is a ceiling: when VRAM is short the device gets less, in
+    /// 512 MiB steps.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub reserve: String,
+
     /// Hardware queues (one thread each); default: one per CPU.
     #[arg(long, value_name = "N")]
     pub queues: Option<u16>,

@@ -18,7 +18,7 @@ expect_err "bad input: size not a 4 KiB multiple" "is not a multiple of 4 KiB" v
 expect_err "bad input: larger than host memory" "MiB requested but only" vramblk add --size 64G --backend host
 expect_err "bad input: no huge pages reserved" "needs 32 huge pages of 2 MiB, but only 0 are free" \
     vramblk add --size 64M --backend host --hugepages
-expect_err "bad input: cuda backend not built" "the CUDA store is not built" vramblk add --size 1G
+expect_err "bad input: no GPU (no CUDA driver)" "no CUDA driver: libcuda.so could not be loaded" vramblk add --size 1G
 expect_err "bad input: queues 0" "--queues must be between 1 and 256" vramblk add --size 1G --backend host --queues 0
 expect_err "bad input: unknown device id" "there is no ublk device 42" vramblk del 42
 check "bad input left no device behind" [ -z "$(ls /sys/class/ublk-char)" ]

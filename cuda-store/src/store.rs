@@ -1,0 +1,303 @@
+//! Allocating, exporting, erasing and releasing the device's VRAM.
+
+use crate::driver::{check, describe, init};
+use crate::queue::CudaQueue;
+use crate::BACKOFF_STEP;
+use cudarc::driver::sys;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use vramblk_store::{BufferRegion, Store, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct CudaStoreOptions {
+    /// The ceiling: the store takes what VRAM allows, in 512 MiB steps.
+    pub size: u64,
+    pub gpu: u32,
+    /// VRAM left free for the display and other GPU work.
+    pub reserve: u64,
+}
+
+/// One exported `cuMemCreate` chunk.
+struct Chunk {
+    handle: sys::CUmemGenericAllocationHandle,
+    len: usize,
+    fd: OwnedFd,
+}
+
+pub struct CudaStore {
+    pub(crate) ctx: sys::CUcontext,
+    device: sys::CUdevice,
+    pub(crate) base: sys::CUdeviceptr,
+    size: u64,
+    chunks: Vec<Chunk>,
+    name: String,
+}
+
+// SAFETY: a CUcontext may be made current on any thread; every queue does
+// so before using it, and the store itself is only read after creation.
+unsafe impl Send for CudaStore {}
+unsafe impl Sync for CudaStore {}
+
+impl CudaStore {
+    /// Allocates up to `opts.size` bytes on GPU `opts.gpu`, leaving
+    /// `opts.reserve` free; fails with one sentence when there is no driver,
+    /// no such GPU, or not even one step of VRAM.
+    pub fn create(opts: &CudaStoreOptions) -> Result<CudaStore, StoreError> {
+        init()?;
+        // SAFETY: driver calls with valid out-pointers; every result is checked.
+        unsafe {
+            let mut count = 0;
+            check(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
+            if opts.gpu as i64 >= count as i64 {
+                return Err(StoreError::Invalid(format!(
+                    "--gpu {}: this machine has {count} CUDA device(s)",
+                    opts.gpu
+                )));
+            }
+            let mut device = 0;
+            check(
+                sys::cuDeviceGet(&mut device, opts.gpu as i32),
+                "cuDeviceGet",
+            )?;
+            let mut name_buf = [0 as std::ffi::c_char; 128];
+            check(
+                sys::cuDeviceGetName(name_buf.as_mut_ptr(), 128, device),
+                "cuDeviceGetName",
+            )?;
+            let name = std::ffi::CStr::from_ptr(name_buf.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let mut ctx = std::ptr::null_mut();
+            check(
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, device),
+                "cuDevicePrimaryCtxRetain",
+            )?;
+            check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
+            let mut store = CudaStore {
+                ctx,
+                device,
+                base: 0,
+                size: 0,
+                chunks: Vec::new(),
+                name,
+            };
+            store.allocate(opts)?;
+            Ok(store)
+        }
+    }
+
+    fn prop(&self) -> sys::CUmemAllocationProp {
+        // SAFETY: CUmemAllocationProp is a plain C struct; zero is its default.
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = self.device;
+        prop.requestedHandleTypes =
+            sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        prop
+    }
+
+    fn allocate(&mut self, opts: &CudaStoreOptions) -> Result<(), StoreError> {
+        let prop = self.prop();
+        let (mut free, mut total, mut gran) = (0usize, 0usize, 0usize);
+        // SAFETY: valid out-pointers.
+        unsafe {
+            check(sys::cuMemGetInfo_v2(&mut free, &mut total), "cuMemGetInfo")?;
+            check(
+                sys::cuMemGetAllocationGranularity(
+                    &mut gran,
+                    &prop,
+                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+                ),
+                "cuMemGetAllocationGranularity",
+            )?;
+        }
+        let gran = gran.max(1) as u64;
+        let usable = (free as u64).saturating_sub(opts.reserve);
+        let mut target = opts.size.min(usable);
+        target -= target % gran;
+        if target < opts.size {
+            // Back off to a whole number of steps, as nbd-vram does.
+            target -= target % BACKOFF_STEP;
+        }
+        if target == 0 {
+            return Err(StoreError::TooLarge(format!(
+                "VRAM short on {}: {} MiB free, {} MiB kept in reserve, not even {} MiB left for the device",
+                self.name,
+                free >> 20,
+                opts.reserve >> 20,
+                BACKOFF_STEP >> 20
+            )));
+        }
+        let mut got = 0u64;
+        while got < target {
+            let len = (target - got).min(BACKOFF_STEP);
+            let len = len.div_ceil(gran) * gran;
+            match self.create_chunk(len as usize, &prop) {
+                Ok(c) => {
+                    got += c.len as u64;
+                    self.chunks.push(c);
+                }
+                Err(e) if got > 0 => {
+                    log::warn!("VRAM allocation stopped at {} MiB: {e}", got >> 20);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let size = if got >= opts.size {
+            opts.size
+        } else if got >= BACKOFF_STEP {
+            got - got % BACKOFF_STEP
+        } else {
+            got
+        };
+        self.map(size)?;
+        log::info!(
+            "cuda store: {} MiB on {} in {} chunks ({} MiB free before, {} MiB reserve)",
+            self.size >> 20,
+            self.name,
+            self.chunks.len(),
+            free >> 20,
+            opts.reserve >> 20
+        );
+        Ok(())
+    }
+
+    fn create_chunk(
+        &self,
+        len: usize,
+        prop: &sys::CUmemAllocationProp,
+    ) -> Result<Chunk, StoreError> {
+        let mut handle = 0;
+        // SAFETY: valid out-pointers; the handle is released on every error path.
+        unsafe {
+            check(sys::cuMemCreate(&mut handle, len, prop, 0), "cuMemCreate")?;
+            let mut fd: std::ffi::c_int = -1;
+            let r = sys::cuMemExportToShareableHandle(
+                (&mut fd as *mut std::ffi::c_int).cast(),
+                handle,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            );
+            if r != sys::CUresult::CUDA_SUCCESS || fd < 0 {
+                sys::cuMemRelease(handle);
+                return Err(StoreError::Unavailable(format!(
+                    "exporting VRAM as a file descriptor: {}",
+                    describe(r)
+                )));
+            }
+            Ok(Chunk {
+                handle,
+                len,
+                fd: OwnedFd::from_raw_fd(fd),
+            })
+        }
+    }
+
+    /// Reserves one address range and maps the first `size` bytes of chunks
+    /// into it; chunks past `size` (a partial back-off step) are released.
+    fn map(&mut self, size: u64) -> Result<(), StoreError> {
+        let mut mapped = 0u64;
+        let mut keep = Vec::new();
+        for c in self.chunks.drain(..) {
+            if mapped < size {
+                mapped += c.len as u64;
+                keep.push(c);
+            } else {
+                // SAFETY: releasing a handle we created and never mapped.
+                unsafe { sys::cuMemRelease(c.handle) };
+            }
+        }
+        self.chunks = keep;
+        let va_len = mapped as usize;
+        // SAFETY: valid out-pointers; ranges come from the reservation.
+        unsafe {
+            check(
+                sys::cuMemAddressReserve(&mut self.base, va_len, 0, 0, 0),
+                "cuMemAddressReserve",
+            )?;
+            let mut off = 0usize;
+            for c in &self.chunks {
+                check(
+                    sys::cuMemMap(self.base + off as u64, c.len, 0, c.handle, 0),
+                    "cuMemMap",
+                )?;
+                off += c.len;
+            }
+            let mut access: sys::CUmemAccessDesc = std::mem::zeroed();
+            access.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+            access.location.id = self.device;
+            access.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+            check(
+                sys::cuMemSetAccess(self.base, va_len, &access, 1),
+                "cuMemSetAccess",
+            )?;
+        }
+        self.size = size.min(mapped);
+        Ok(())
+    }
+
+    /// Makes this store's context current on the calling thread (for
+    /// tools that call the driver beside the store).
+    pub fn make_current(&self) -> Result<(), StoreError> {
+        // SAFETY: the context is retained for the store's lifetime.
+        check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+    }
+
+    pub fn gpu_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Zeroes the whole device (swap pages can hold secrets).
+    pub fn erase(&self) -> Result<(), StoreError> {
+        let len: usize = self.chunks.iter().map(|c| c.len).sum();
+        // SAFETY: the range is ours and mapped.
+        unsafe {
+            check(sys::cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")?;
+            check(sys::cuMemsetD8_v2(self.base, 0, len), "erasing VRAM")?;
+            check(sys::cuCtxSynchronize(), "erasing VRAM")
+        }
+    }
+}
+
+impl Drop for CudaStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.erase() {
+            log::error!("could not erase VRAM before release: {e}");
+        }
+        let len: usize = self.chunks.iter().map(|c| c.len).sum();
+        // SAFETY: unmapping and releasing what this store mapped; no queue is
+        // left (they hold an Arc to the store).
+        unsafe {
+            if self.base != 0 {
+                sys::cuMemUnmap(self.base, len);
+                sys::cuMemAddressFree(self.base, len);
+            }
+            for c in &self.chunks {
+                sys::cuMemRelease(c.handle);
+            }
+            sys::cuDevicePrimaryCtxRelease_v2(self.device);
+        }
+        log::info!("cuda store: {} MiB erased and released", len >> 20);
+    }
+}
+
+impl Store for CudaStore {
+    type Queue = CudaQueue;
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn describe(&self) -> String {
+        format!("cuda {}", self.name)
+    }
+
+    fn open_queue(&self, _qid: u16, buffers: &BufferRegion) -> Result<CudaQueue, StoreError> {
+        CudaQueue::open(self.ctx, self.base, buffers)
+    }
+
+    fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.chunks.iter().map(|c| c.fd.as_fd()).collect()
+    }
+}
