@@ -112,13 +112,7 @@ impl CudaStore {
             )?;
         }
         let gran = gran.max(1) as u64;
-        let usable = (free as u64).saturating_sub(opts.reserve);
-        let mut target = opts.size.min(usable);
-        target -= target % gran;
-        if target < opts.size {
-            // Back off to a whole number of steps, as nbd-vram does.
-            target -= target % BACKOFF_STEP;
-        }
+        let target = granted_target(opts.size, free as u64, opts.reserve);
         if target == 0 {
             return Err(StoreError::TooLarge(format!(
                 "VRAM short on {}: {} MiB free, {} MiB kept in reserve, not even {} MiB left for the device",
@@ -128,10 +122,11 @@ impl CudaStore {
                 BACKOFF_STEP >> 20
             )));
         }
+        // Whole steps, the last rounded up to the granularity: a failure
+        // stops on a step boundary, so what was got is itself a back-off.
         let mut got = 0u64;
         while got < target {
-            let len = (target - got).min(BACKOFF_STEP);
-            let len = len.div_ceil(gran) * gran;
+            let len = (target - got).min(BACKOFF_STEP).div_ceil(gran) * gran;
             match self.create_chunk(len as usize, &prop) {
                 Ok(c) => {
                     got += c.len as u64;
@@ -144,13 +139,7 @@ impl CudaStore {
                 Err(e) => return Err(e),
             }
         }
-        let size = if got >= opts.size {
-            opts.size
-        } else if got >= BACKOFF_STEP {
-            got - got % BACKOFF_STEP
-        } else {
-            got
-        };
+        let size = got.min(target);
         self.map(size)?;
         log::info!(
             "cuda store: {} MiB on {} in {} chunks ({} MiB free before, {} MiB reserve)",
@@ -194,22 +183,10 @@ impl CudaStore {
         }
     }
 
-    /// Reserves one address range and maps the first `size` bytes of chunks
-    /// into it; chunks past `size` (a partial back-off step) are released.
+    /// Reserves one address range, maps every chunk into it and exposes
+    /// the first `size` bytes.
     fn map(&mut self, size: u64) -> Result<(), StoreError> {
-        let mut mapped = 0u64;
-        let mut keep = Vec::new();
-        for c in self.chunks.drain(..) {
-            if mapped < size {
-                mapped += c.len as u64;
-                keep.push(c);
-            } else {
-                // SAFETY: releasing a handle we created and never mapped.
-                unsafe { sys::cuMemRelease(c.handle) };
-            }
-        }
-        self.chunks = keep;
-        let va_len = mapped as usize;
+        let va_len = self.mapped_len();
         // SAFETY: valid out-pointers; ranges come from the reservation.
         unsafe {
             check(
@@ -233,7 +210,7 @@ impl CudaStore {
                 "cuMemSetAccess",
             )?;
         }
-        self.size = size.min(mapped);
+        self.size = size;
         Ok(())
     }
 
@@ -248,15 +225,38 @@ impl CudaStore {
         &self.name
     }
 
+    /// Bytes of VRAM the chunks hold (the reserved range's length).
+    fn mapped_len(&self) -> usize {
+        self.chunks.iter().map(|c| c.len).sum()
+    }
+
     /// Zeroes the whole device (swap pages can hold secrets).
     pub fn erase(&self) -> Result<(), StoreError> {
-        let len: usize = self.chunks.iter().map(|c| c.len).sum();
+        if self.base == 0 {
+            // Never mapped (creation failed): nothing readable to erase.
+            return Ok(());
+        }
         // SAFETY: the range is ours and mapped.
         unsafe {
             check(sys::cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")?;
-            check(sys::cuMemsetD8_v2(self.base, 0, len), "erasing VRAM")?;
+            check(
+                sys::cuMemsetD8_v2(self.base, 0, self.mapped_len()),
+                "erasing VRAM",
+            )?;
             check(sys::cuCtxSynchronize(), "erasing VRAM")
         }
+    }
+}
+
+/// Bytes to allocate: all of `asked` when free VRAM beyond `reserve` holds
+/// it, otherwise what does fit, backed off to whole 512 MiB steps (as
+/// nbd-vram does); 0 when not even one step fits.
+pub(crate) fn granted_target(asked: u64, free: u64, reserve: u64) -> u64 {
+    let usable = free.saturating_sub(reserve);
+    if asked <= usable {
+        asked
+    } else {
+        usable - usable % BACKOFF_STEP
     }
 }
 
@@ -265,7 +265,7 @@ impl Drop for CudaStore {
         if let Err(e) = self.erase() {
             log::error!("could not erase VRAM before release: {e}");
         }
-        let len: usize = self.chunks.iter().map(|c| c.len).sum();
+        let len = self.mapped_len();
         // SAFETY: unmapping and releasing what this store mapped; no queue is
         // left (they hold an Arc to the store).
         unsafe {
@@ -299,5 +299,28 @@ impl Store for CudaStore {
 
     fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
         self.chunks.iter().map(|c| c.fd.as_fd()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::granted_target;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn grants_what_fits_in_whole_steps() {
+        // Plenty of VRAM: exactly what was asked, odd sizes too.
+        assert_eq!(granted_target(7 << 30, 80 << 30, 512 * MIB), 7 << 30);
+        assert_eq!(
+            granted_target((1 << 30) + 4096, 80 << 30, 512 * MIB),
+            (1 << 30) + 4096
+        );
+        // Short: back off to 512 MiB steps below free - reserve.
+        assert_eq!(granted_target(7 << 30, 6 << 30, 512 * MIB), 5632 * MIB);
+        assert_eq!(granted_target(7 << 30, 6000 * MIB, 512 * MIB), 5120 * MIB);
+        // Not one step left.
+        assert_eq!(granted_target(7 << 30, 1000 * MIB, 512 * MIB), 0);
+        assert_eq!(granted_target(7 << 30, 100 * MIB, 512 * MIB), 0);
     }
 }
