@@ -6,7 +6,9 @@ use cudarc::driver::sys;
 use std::collections::VecDeque;
 use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreError};
 
-/// Requests issued together and the event recorded after them.
+/// Requests issued together and the event recorded after them. Finished
+/// rounds are kept (event and emptied list) for reuse, so the hot path
+/// neither creates events nor allocates.
 struct Round {
     event: sys::CUevent,
     completions: Vec<Completion>,
@@ -18,9 +20,8 @@ pub struct CudaQueue {
     stream: sys::CUstream,
     pinned: *mut std::ffi::c_void,
     rounds: VecDeque<Round>,
-    spare_events: Vec<sys::CUevent>,
+    spare: Vec<Round>,
     in_flight: usize,
-    ctx_set: bool,
 }
 
 impl CudaQueue {
@@ -35,11 +36,13 @@ impl CudaQueue {
             stream: std::ptr::null_mut(),
             pinned: std::ptr::null_mut(),
             rounds: VecDeque::new(),
-            spare_events: Vec::new(),
+            spare: Vec::new(),
             in_flight: 0,
-            ctx_set: false,
         };
-        q.make_current()?;
+        // The queue is used only on the thread that opens it (the queue's
+        // own thread), so the context is made current once, here.
+        // SAFETY: the context is retained by the store, which outlives us.
+        check(unsafe { sys::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
         // SAFETY: valid out-pointer; the region outlives this queue (the
         // queue loop drops the store handle before its buffers).
         unsafe {
@@ -63,18 +66,9 @@ impl CudaQueue {
         Ok(q)
     }
 
-    fn make_current(&mut self) -> Result<(), StoreError> {
-        if !self.ctx_set {
-            // SAFETY: the context is retained by the store, which outlives us.
-            check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")?;
-            self.ctx_set = true;
-        }
-        Ok(())
-    }
-
-    fn event(&mut self) -> Result<sys::CUevent, StoreError> {
-        if let Some(e) = self.spare_events.pop() {
-            return Ok(e);
+    fn take_round(&mut self) -> Result<Round, StoreError> {
+        if let Some(r) = self.spare.pop() {
+            return Ok(r);
         }
         let mut e = std::ptr::null_mut();
         // SAFETY: valid out-pointer.
@@ -84,7 +78,10 @@ impl CudaQueue {
             },
             "cuEventCreate",
         )?;
-        Ok(e)
+        Ok(Round {
+            event: e,
+            completions: Vec::new(),
+        })
     }
 
     /// Issues one request on the stream; its result once the stream
@@ -124,43 +121,40 @@ impl CudaQueue {
 
 impl QueueStore for CudaQueue {
     fn submit(&mut self, batch: &mut Vec<Request>, done: &mut Vec<Completion>) {
-        if let Err(e) = self.make_current() {
-            log::error!("{e}");
-            done.extend(batch.drain(..).map(|r| Completion {
-                tag: r.tag,
-                result: -libc::EIO,
-            }));
-            return;
+        let mut round = match self.take_round() {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("{e}");
+                done.extend(batch.drain(..).map(|r| Completion {
+                    tag: r.tag,
+                    result: -libc::EIO,
+                }));
+                return;
+            }
+        };
+        for r in batch.drain(..) {
+            let result = self.issue(&r);
+            round.completions.push(Completion { tag: r.tag, result });
         }
-        let completions: Vec<Completion> = batch
-            .drain(..)
-            .map(|r| Completion {
-                tag: r.tag,
-                result: self.issue(&r),
-            })
-            .collect();
-        let recorded = self.event().and_then(|ev| {
-            // SAFETY: event and stream are ours.
-            check(
-                unsafe { sys::cuEventRecord(ev, self.stream) },
-                "cuEventRecord",
-            )
-            .map(|_| ev)
-        });
-        match recorded {
-            Ok(event) => {
-                self.in_flight += completions.len();
-                self.rounds.push_back(Round { event, completions });
+        // SAFETY: event and stream are ours.
+        match check(
+            unsafe { sys::cuEventRecord(round.event, self.stream) },
+            "cuEventRecord",
+        ) {
+            Ok(()) => {
+                self.in_flight += round.completions.len();
+                self.rounds.push_back(round);
             }
             Err(e) => {
                 log::error!("{e}");
                 // SAFETY: waiting on our own stream.
                 let ok =
                     unsafe { sys::cuStreamSynchronize(self.stream) } == sys::CUresult::CUDA_SUCCESS;
-                done.extend(completions.into_iter().map(|c| Completion {
+                done.extend(round.completions.drain(..).map(|c| Completion {
                     tag: c.tag,
                     result: if ok { c.result } else { -libc::EIO },
                 }));
+                self.spare.push(round);
             }
         }
     }
@@ -172,17 +166,19 @@ impl QueueStore for CudaQueue {
             if r == sys::CUresult::CUDA_ERROR_NOT_READY {
                 break;
             }
-            let round = self.rounds.pop_front().expect("front exists");
+            let Some(mut round) = self.rounds.pop_front() else {
+                break;
+            };
             self.in_flight -= round.completions.len();
             let failed = r != sys::CUresult::CUDA_SUCCESS;
             if failed {
                 log::error!("a round of copies failed: {}", crate::driver::describe(r));
             }
-            done.extend(round.completions.into_iter().map(|c| Completion {
+            done.extend(round.completions.drain(..).map(|c| Completion {
                 tag: c.tag,
                 result: if failed { -libc::EIO } else { c.result },
             }));
-            self.spare_events.push(round.event);
+            self.spare.push(round);
         }
     }
 
@@ -202,8 +198,8 @@ impl Drop for CudaQueue {
             for r in self.rounds.drain(..) {
                 sys::cuEventDestroy_v2(r.event);
             }
-            for e in self.spare_events.drain(..) {
-                sys::cuEventDestroy_v2(e);
+            for r in self.spare.drain(..) {
+                sys::cuEventDestroy_v2(r.event);
             }
             if !self.pinned.is_null() {
                 sys::cuMemHostUnregister(self.pinned);
