@@ -35,6 +35,17 @@ nodes_gone() {
     [ ! -e /dev/ublkb$1 ] && [ ! -e /dev/ublkc$1 ] && [ ! -e /sys/class/ublk-char/ublkc$1 ]
 }
 
+# Whether a vramblk process is alive; PID 1 here is a shell that does not
+# reap, so zombies do not count.
+daemon_alive() {
+    for p in $(pidof vramblk); do
+        grep -q "^State:.*Z" /proc/$p/status || return 0
+    done
+    return 1
+}
+
+daemon_gone() { ! daemon_alive; }
+
 daemon_pid() {
     sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' /run/vramblk/ublkb$1.json
 }
