@@ -3,7 +3,7 @@
 
 use cudarc::driver::sys;
 use std::time::{Duration, Instant};
-use vramblk_cuda_store::{CudaStore, CudaStoreOptions, BACKOFF_STEP};
+use vramblk_cuda_store::{CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
 use vramblk_store::{BufferRegion, Completion, Op, Request, Store};
 use vramblk_ublk_target::QueueEngine;
 
@@ -28,32 +28,54 @@ fn slice(buf: vramblk_store::IoBuf) -> &'static mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), buf.len()) }
 }
 
+/// One synthetic queue: the engine over the store's queue handle, and the
+/// io buffers it reads and writes (declared after the engine, so they
+/// outlive its pinned registration).
+struct SynthQueue {
+    engine: QueueEngine<CudaQueue>,
+    bufs: BufferRegion,
+}
+
+impl SynthQueue {
+    fn open(store: &CudaStore, qid: u16, depth: usize) -> SynthQueue {
+        let bufs = BufferRegion::new(depth, MAX_IO).expect("io buffers");
+        let q = store.open_queue(qid, &bufs).expect("queue");
+        SynthQueue {
+            engine: QueueEngine::new(q, store.size(), depth),
+            bufs,
+        }
+    }
+
+    /// Pumps until every enqueued request has finished.
+    fn finish(&mut self, mut complete: impl FnMut(Completion)) {
+        while self.engine.has_work() {
+            self.engine.pump(&mut complete);
+        }
+    }
+}
+
 /// Random mixed requests of random sizes against a host shadow, in batches
 /// of up to 16, on one queue over [lo, lo+len).
 fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bool {
     let depth = 16;
-    let bufs = BufferRegion::new(depth, MAX_IO).expect("io buffers");
-    let q = store.open_queue(qid, &bufs).expect("queue");
-    let mut e = QueueEngine::new(q, store.size(), depth);
+    let mut sq = SynthQueue::open(store, qid, depth);
     let mut shadow = vec![0u8; len as usize];
     let mut rng = Rng(seed | 1);
     // Zero the range first so the shadow starts true.
-    e.enqueue(Request {
+    sq.engine.enqueue(Request {
         tag: 0,
         op: Op::WriteZeroes,
         offset: lo,
         len: len as u32,
-        buf: bufs.slot(0).unwrap(),
+        buf: sq.bufs.slot(0).unwrap(),
     });
-    while e.has_work() {
-        e.pump(|_| {});
-    }
+    sq.finish(|_| {});
     let mut bad = 0;
     for _round in 0..300 {
         let n = 1 + rng.below(depth as u64) as usize;
         let mut expect: Vec<Option<(usize, Vec<u8>)>> = vec![None; depth];
         for (tag, expected) in expect.iter_mut().enumerate().take(n) {
-            let buf = bufs.slot(tag).unwrap();
+            let buf = sq.bufs.slot(tag).unwrap();
             let size = (1 + rng.below(128)) * 4096;
             let off = rng.below((len - size) / 4096) * 4096;
             let op = match rng.below(20) {
@@ -83,7 +105,7 @@ fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bo
             } else {
                 (lo + off, size as u32)
             };
-            e.enqueue(Request {
+            sq.engine.enqueue(Request {
                 tag: tag as u16,
                 op,
                 offset,
@@ -92,22 +114,19 @@ fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bo
             });
         }
         let mut got: Vec<Completion> = Vec::new();
-        while e.has_work() {
-            e.pump(|c| got.push(c));
-        }
+        sq.finish(|c| got.push(c));
         for c in got {
             if c.result < 0 {
                 bad += 1;
                 continue;
             }
             if let Some((size, want)) = &expect[c.tag as usize] {
-                if slice(bufs.slot(c.tag as usize).unwrap())[..*size] != want[..] {
+                if slice(sq.bufs.slot(c.tag as usize).unwrap())[..*size] != want[..] {
                     bad += 1;
                 }
             }
         }
     }
-    drop(e);
     bad == 0
 }
 
@@ -151,24 +170,20 @@ pub fn checks(store: &CudaStore) -> Vec<(String, bool)> {
 }
 
 fn reads_zero(store: &CudaStore) -> bool {
-    let bufs = BufferRegion::new(1, MAX_IO).unwrap();
-    let q = store.open_queue(9, &bufs).unwrap();
-    let mut e = QueueEngine::new(q, store.size(), 1);
+    let mut sq = SynthQueue::open(store, 9, 1);
     let mut rng = Rng(77);
-    let buf = bufs.slot(0).unwrap();
+    let buf = sq.bufs.slot(0).unwrap();
     for _ in 0..64 {
         slice(buf).fill(0xA5);
         let off = rng.below(store.size() / MAX_IO as u64) * MAX_IO as u64;
-        e.enqueue(Request {
+        sq.engine.enqueue(Request {
             tag: 0,
             op: Op::Read,
             offset: off,
             len: MAX_IO as u32,
             buf,
         });
-        while e.has_work() {
-            e.pump(|_| {});
-        }
+        sq.finish(|_| {});
         if slice(buf).iter().any(|&b| b != 0) {
             return false;
         }
@@ -193,9 +208,7 @@ struct Outcome {
 }
 
 fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f64) -> Outcome {
-    let bufs = BufferRegion::new(depth, MAX_IO).expect("io buffers");
-    let q = store.open_queue(qid, &bufs).expect("queue");
-    let mut e = QueueEngine::new(q, store.size(), depth);
+    let mut sq = SynthQueue::open(store, qid, depth);
     let mut rng = Rng(0x1234_5678 ^ (qid as u64 + 1) << 20);
     let mut free: Vec<u16> = (0..depth as u16).collect();
     let mut issued = vec![Instant::now(); depth];
@@ -231,15 +244,15 @@ fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f
                 }
             };
             issued[tag as usize] = Instant::now();
-            e.enqueue(Request {
+            sq.engine.enqueue(Request {
                 tag,
                 op,
                 offset: off,
                 len: bs as u32,
-                buf: bufs.slot(tag as usize).unwrap(),
+                buf: sq.bufs.slot(tag as usize).unwrap(),
             });
         }
-        e.pump(|c| done.push(c));
+        sq.engine.pump(|c| done.push(c));
         for c in done.drain(..) {
             o.ios += 1;
             o.bytes += bs;
@@ -253,9 +266,7 @@ fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f
             free.push(c.tag);
         }
     }
-    while e.has_work() {
-        e.pump(|_| {});
-    }
+    sq.finish(|_| {});
     o
 }
 

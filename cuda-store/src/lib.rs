@@ -12,6 +12,7 @@ mod driver;
 mod queue;
 mod store;
 
+pub use queue::CudaQueue;
 pub use store::{CudaStore, CudaStoreOptions};
 
 /// Step in which the allocation backs off when VRAM is short.
