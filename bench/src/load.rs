@@ -22,7 +22,7 @@ impl Rng {
     }
 }
 
-fn slice(buf: vramblk_store::IoBuf) -> &'static mut [u8] {
+pub(crate) fn slice(buf: vramblk_store::IoBuf) -> &'static mut [u8] {
     // SAFETY: each tag's slot is touched only by the thread that owns the
     // region, and only while no request on that tag is in flight.
     unsafe { std::slice::from_raw_parts_mut(buf.as_ptr(), buf.len()) }
@@ -31,13 +31,13 @@ fn slice(buf: vramblk_store::IoBuf) -> &'static mut [u8] {
 /// One synthetic queue: the engine over the store's queue handle, and the
 /// io buffers it reads and writes (declared after the engine, so they
 /// outlive its pinned registration).
-struct SynthQueue {
-    engine: QueueEngine<CudaQueue>,
-    bufs: BufferRegion,
+pub(crate) struct SynthQueue {
+    pub(crate) engine: QueueEngine<CudaQueue>,
+    pub(crate) bufs: BufferRegion,
 }
 
 impl SynthQueue {
-    fn open(store: &CudaStore, qid: u16, depth: usize) -> SynthQueue {
+    pub(crate) fn open(store: &CudaStore, qid: u16, depth: usize) -> SynthQueue {
         let bufs = BufferRegion::new(depth, MAX_IO).expect("io buffers");
         let q = store.open_queue(qid, &bufs).expect("queue");
         SynthQueue {
@@ -47,7 +47,7 @@ impl SynthQueue {
     }
 
     /// Pumps until every enqueued request has finished.
-    fn finish(&mut self, mut complete: impl FnMut(Completion)) {
+    pub(crate) fn finish(&mut self, mut complete: impl FnMut(Completion)) {
         while self.engine.has_work() {
             self.engine.pump(&mut complete);
         }

@@ -1,11 +1,14 @@
 //! engine-bench: drives the real per-queue engine and the CUDA store with a
 //! synthetic, ublk-shaped load (Q queue threads, depth D), checks data
 //! against a host shadow, and times the shapes the issue names beside an
-//! nbd-vram-shaped baseline measured in the same process.
+//! nbd-vram-shaped baseline measured in the same process. First of all it
+//! checks that VRAM survives the death of the process that allocated it
+//! (kill and recover, as the supervisor and its servers do).
 //!
 //! usage: engine-bench [--gpu N] [--size GiB] [--secs S] [--out FILE]
 
 mod load;
+mod recovery;
 
 use anyhow::{bail, Result};
 use std::sync::Arc;
@@ -30,6 +33,8 @@ fn main() -> Result<()> {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    // First, while this process has not touched CUDA (the check forks).
+    let recovery = recovery::kill_and_recover(gpu, 1 << 30, 3);
     let store = match CudaStore::create(&CudaStoreOptions {
         size,
         gpu,
@@ -54,7 +59,9 @@ fn main() -> Result<()> {
     println!("{header}");
 
     let mut failures = 0;
-    for (name, ok) in load::checks(&store) {
+    let recovery = recovery
+        .unwrap_or_else(|e| vec![(format!("kill-and-recover could not start: {e}"), false)]);
+    for (name, ok) in recovery.into_iter().chain(load::checks(&store)) {
         println!("{} {name}", if ok { "PASS" } else { "FAIL" });
         failures += usize::from(!ok);
     }

@@ -3,25 +3,25 @@
 use crate::args::{AddArgs, BackendArg};
 use crate::daemon::{self, Reporter};
 use crate::host::{cpu_count, require_driver, require_root};
+use crate::supervise::{self, Mode};
 use crate::swap;
 use anyhow::{anyhow, bail, Context, Result};
-use std::path::Path;
-use std::sync::Arc;
-use vramblk_config::{defaults, format_size, parse_size, Backend, DeviceRecord, RUN_DIR};
-use vramblk_cuda_store::{CudaStore, CudaStoreOptions};
+use std::path::{Path, PathBuf};
+use vramblk_config::{defaults, parse_size, Backend, DeviceRecord, RUN_DIR};
 use vramblk_host_store::{HostStore, HostStoreOptions};
-use vramblk_store::Store;
 use vramblk_ublk_target::control::{bdev_path, device_ids};
-use vramblk_ublk_target::{serve, DeviceOptions};
+use vramblk_ublk_target::DeviceOptions;
 
 /// Everything `add` decided before touching the kernel.
-struct Plan {
-    size: u64,
-    backend: Backend,
-    hugetlb: bool,
-    gpu: u32,
-    reserve: u64,
-    device: DeviceOptions,
+pub struct Plan {
+    pub size: u64,
+    pub backend: Backend,
+    pub hugetlb: bool,
+    pub gpu: u32,
+    pub reserve: u64,
+    pub device: DeviceOptions,
+    /// Where the supervisor and its servers log ("-": the terminal).
+    pub log: PathBuf,
 }
 
 fn plan(a: &AddArgs) -> Result<Plan> {
@@ -51,11 +51,12 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         gpu: a.gpu,
         reserve,
         device,
+        log: PathBuf::from("-"),
     })
 }
 
 pub fn run(a: &AddArgs) -> Result<()> {
-    let plan = plan(a)?;
+    let mut plan = plan(a)?;
     require_root("add")?;
     require_driver()?;
     if let Some(id) = a.id {
@@ -63,12 +64,11 @@ pub fn run(a: &AddArgs) -> Result<()> {
             bail!("ublk device {id} already exists");
         }
     }
-    let host_opts = HostStoreOptions {
-        size: plan.size,
-        hugetlb: plan.hugetlb,
-    };
     if plan.backend == Backend::Host {
-        HostStore::preflight(&host_opts)?;
+        HostStore::preflight(&HostStoreOptions {
+            size: plan.size,
+            hugetlb: plan.hugetlb,
+        })?;
     }
     let run_dir = Path::new(RUN_DIR);
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {RUN_DIR}"))?;
@@ -76,18 +76,13 @@ pub fn run(a: &AddArgs) -> Result<()> {
     if a.foreground {
         crate::init_logging(env_logger::Target::Stderr);
         let swap = a.swap.then_some((a.priority, a.discard));
-        return serve_device(
-            &plan,
-            &host_opts,
-            run_dir,
-            Reporter::none(),
-            Mode::Foreground { swap },
-        );
+        return supervise::run(&plan, run_dir, Reporter::none(), Mode::Foreground { swap });
     }
 
     let log = daemon::log_path(run_dir);
+    plan.log = log.clone();
     let id = daemon::spawn(&log, |reporter| {
-        serve_device(&plan, &host_opts, run_dir, reporter, Mode::Daemon)
+        supervise::run(&plan, run_dir, reporter, Mode::Daemon)
     })?;
     let path = bdev_path(id);
     if a.swap {
@@ -98,114 +93,5 @@ pub fn run(a: &AddArgs) -> Result<()> {
         }
     }
     println!("{path}");
-    Ok(())
-}
-
-/// How the serving process was started.
-enum Mode {
-    /// In the user's process; sets up swap itself (priority, discard).
-    Foreground { swap: Option<(i32, bool)> },
-    /// Detached; the parent sets up swap once told the device is live.
-    Daemon,
-}
-
-/// Runs in the daemon (or the foreground process): builds the store and
-/// serves the device until it is deleted.
-fn serve_device(
-    plan: &Plan,
-    host_opts: &HostStoreOptions,
-    run_dir: &Path,
-    reporter: Reporter,
-    mode: Mode,
-) -> Result<()> {
-    let (foreground, foreground_swap) = match mode {
-        Mode::Foreground { swap } => (true, swap),
-        Mode::Daemon => (false, None),
-    };
-    daemon::harden_for_swap()?;
-    // The store is made here, after the fork: CUDA must not be initialised
-    // in a process that forks afterwards.
-    match plan.backend {
-        Backend::Host => {
-            let store = Arc::new(HostStore::create(host_opts)?);
-            serve_store(plan, store, run_dir, reporter, foreground, foreground_swap)
-        }
-        Backend::Cuda => {
-            let store = Arc::new(CudaStore::create(&CudaStoreOptions {
-                size: plan.size,
-                gpu: plan.gpu,
-                reserve: plan.reserve,
-            })?);
-            if store.size() < plan.size {
-                log::warn!(
-                    "VRAM short: {} asked, {} granted",
-                    format_size(plan.size),
-                    format_size(store.size())
-                );
-            }
-            serve_store(plan, store, run_dir, reporter, foreground, foreground_swap)
-        }
-    }
-}
-
-fn serve_store<S: Store>(
-    plan: &Plan,
-    store: Arc<S>,
-    run_dir: &Path,
-    reporter: Reporter,
-    foreground: bool,
-    foreground_swap: Option<(i32, bool)>,
-) -> Result<()> {
-    log::info!(
-        "adding a {} device on {} with {} queues x depth {} ({} MiB of io buffers locked)",
-        format_size(store.size()),
-        store.describe(),
-        plan.device.queues,
-        plan.device.depth,
-        plan.device.locked_buffer_bytes() >> 20
-    );
-    let record_base = DeviceRecord {
-        id: 0,
-        size: store.size(),
-        backend: plan.backend,
-        store: store.describe(),
-        gpu: (plan.backend == Backend::Cuda).then_some(plan.gpu),
-        queues: plan.device.queues,
-        depth: plan.device.depth,
-        // SAFETY: getpid has no preconditions.
-        pid: unsafe { libc::getpid() } as u32,
-        log: daemon::log_path(run_dir),
-    };
-    let dir = run_dir.to_path_buf();
-    let live_reporter = reporter.clone();
-    let id_cell = Arc::new(std::sync::Mutex::new(None));
-    let id_seen = id_cell.clone();
-    let on_live = move |ctrl: &libublk::ctrl::UblkCtrl| {
-        let id = ctrl.dev_info().dev_id;
-        *id_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-        let record = DeviceRecord { id, ..record_base };
-        if let Err(e) = record.store(&dir) {
-            log::warn!("could not write the device record: {e}");
-        }
-        let path = bdev_path(id);
-        log::info!("{path} is live");
-        if let Some((priority, discard)) = foreground_swap {
-            if let Err(e) = swap::enable(&path, priority, discard) {
-                log::error!("{e:#}; removing the device");
-                let _ = ctrl.kill_dev();
-                return;
-            }
-        }
-        if foreground {
-            println!("{path}");
-        }
-        live_reporter.live(id);
-    };
-    let result = serve(&plan.device, store, on_live);
-    if let Some(id) = *id_cell.lock().unwrap_or_else(|p| p.into_inner()) {
-        DeviceRecord::remove(run_dir, id);
-        log::info!("{} removed; daemon exiting", bdev_path(id));
-    }
-    result.context("serving the device")?;
     Ok(())
 }

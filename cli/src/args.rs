@@ -25,8 +25,19 @@ pub enum Command {
     Del(DelArgs),
     /// Show every ublk device with vramblk's view of it.
     List,
+    /// Restart the dead server of a device now.
+    ///
+    /// When a device's server dies, its supervisor (which holds the
+    /// device's memory) starts a new one by itself and the kernel holds
+    /// the device's I/O meanwhile; after 5 failures in a row it gives up
+    /// and removes the device. `recover` skips the wait between tries and
+    /// resets that count.
+    Recover(RecoverArgs),
     /// Print the ublk features the running kernel supports.
     Features,
+    /// Work with the configuration file (/etc/vramblk.toml).
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -100,4 +111,21 @@ pub struct DelArgs {
     /// Every vramblk device.
     #[arg(long)]
     pub all: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// Device id (N in /dev/ublkbN).
+    pub id: u32,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a configuration file: unknown keys and bad values are
+    /// reported with the line; prints the devices it describes.
+    Check {
+        /// The file to check.
+        #[arg(default_value = vramblk_config::CONFIG_PATH)]
+        path: std::path::PathBuf,
+    },
 }

@@ -31,6 +31,12 @@ impl Reporter {
         }
     }
 
+    /// Closes the pipe without a report, in this process only: a forked
+    /// child must not keep its parent's reader waiting.
+    pub fn close(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
     pub fn live(&self, id: u32) {
         self.send(&format!("OK {id}\n"));
     }
@@ -40,17 +46,52 @@ impl Reporter {
     }
 }
 
-/// Forks. The child detaches, logs to `log`, runs `serve` and exits; the
-/// parent waits until the child reports the device live (returns its id) or
-/// failed (returns the child's message).
-pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u32> {
+/// A pipe: (reading end, writing end).
+pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         bail!("creating a pipe: {}", std::io::Error::last_os_error());
     }
     // SAFETY: both fds were just created and are owned by nobody else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// An eventfd: a counter one process writes and another waits on, with no
+/// memory allocated on either side (unlike a pipe's first write).
+pub fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        bail!("eventfd: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A pipe for one report: its reading end, and a reporter on its writing end.
+pub fn report_pipe() -> Result<(OwnedFd, Reporter)> {
+    let (rd, wr) = pipe()?;
+    Ok((rd, Reporter::new(Some(wr))))
+}
+
+/// Reads a report: its first line, or nothing if the writer exited
+/// without one. Only call once `fd` is readable, or it waits for that.
+pub fn read_report(fd: OwnedFd, log: &Path) -> Result<u32> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut f = File::from(fd);
+    while f.read(&mut byte).context("reading a report")? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    parse_report(&String::from_utf8_lossy(&line), log)
+}
+
+/// Forks. The child detaches, logs to `log`, runs `serve` and exits; the
+/// parent waits until the child reports the device live (returns its id) or
+/// failed (returns the child's message).
+pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u32> {
+    let (rd, reporter) = report_pipe()?;
     let log_file = File::options()
         .create(true)
         .append(true)
@@ -65,7 +106,6 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
             drop(rd);
             detach(&log_file);
             crate::init_logging(env_logger::Target::Pipe(Box::new(log_file)));
-            let reporter = Reporter::new(Some(wr));
             let code = match serve(reporter.clone()) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -77,7 +117,7 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
             std::process::exit(code);
         }
         _child => {
-            drop(wr);
+            drop(reporter);
             drop(log_file);
             if !readable_within(&rd, REPORT_TIMEOUT_MS) {
                 bail!(
@@ -86,11 +126,7 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
                     log.display()
                 );
             }
-            let mut text = String::new();
-            File::from(rd)
-                .read_to_string(&mut text)
-                .context("reading the daemon's report")?;
-            parse_report(&text, log)
+            read_report(rd, log)
         }
     }
 }
@@ -99,7 +135,7 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
 /// and locking many GiB takes seconds, never minutes.
 const REPORT_TIMEOUT_MS: i32 = 120_000;
 
-fn readable_within(fd: &OwnedFd, timeout_ms: i32) -> bool {
+pub fn readable_within(fd: &OwnedFd, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -164,6 +200,83 @@ pub fn harden_for_swap() -> Result<()> {
     }
     Ok(())
 }
+
+/// Readies a freshly forked server to serve swap, and to be started while
+/// memory is short (its predecessor died with swap I/O pending): marks it
+/// an I/O flusher (its allocations do not wait on the I/O it serves),
+/// keeps the heap it grows (one arena, never trimmed) and small thread
+/// stacks, then locks everything.
+pub fn prepare_server_process() -> Result<()> {
+    // SAFETY: prctl and mallopt with constant arguments; failures are
+    // reported and harmless.
+    unsafe {
+        if libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0 {
+            log::warn!(
+                "could not mark the server an I/O flusher: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_KEPT as libc::c_int);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_KEPT as libc::c_int);
+    }
+    // Queue threads need little stack; mlockall would lock 2 MiB each.
+    std::env::set_var("RUST_MIN_STACK", QUEUE_STACK.to_string());
+    harden_for_swap()?;
+    // Grow the heap now, while memory is plentiful; freed, it stays ours
+    // (and locked) for the allocations a recovery makes.
+    drop(std::hint::black_box(vec![1u8; HEAP_KEPT]));
+    Ok(())
+}
+
+/// Locked anonymous pages held only to be freed later (munmap returns them
+/// to the kernel at once, unlike the heap).
+pub struct Cushion {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Cushion {
+    /// Maps and populates `len` bytes; an empty cushion if that fails.
+    pub fn new(len: usize) -> Cushion {
+        // SAFETY: an anonymous private mapping with no address hint; the
+        // result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            log::warn!("no memory cushion: {}", std::io::Error::last_os_error());
+            return Cushion {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            };
+        }
+        Cushion { ptr, len }
+    }
+}
+
+impl Drop for Cushion {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping made in new, never shared.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+/// PR_SET_IO_FLUSHER (Linux 5.6), not in every libc crate version.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+/// Heap kept by a server for its own allocations.
+const HEAP_KEPT: usize = 8 << 20;
+/// Stack of each queue thread.
+const QUEUE_STACK: usize = 512 << 10;
 
 /// Where a daemon with this pid logs.
 pub fn log_path(dir: &Path) -> PathBuf {

@@ -20,3 +20,9 @@ pub fn cpu_count() -> u16 {
         .map(|n| n.get().min(u16::MAX as usize) as u16)
         .unwrap_or(1)
 }
+
+/// Whether a process with this pid exists.
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && pid <= i32::MAX as u32 && unsafe { libc::kill(pid as i32, 0) } == 0
+}

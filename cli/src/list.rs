@@ -1,5 +1,6 @@
 //! `vramblk list` and `vramblk features`.
 
+use crate::host::pid_alive;
 use crate::swap;
 use anyhow::Result;
 use std::path::Path;
@@ -21,9 +22,14 @@ pub fn run() -> Result<()> {
             .as_ref()
             .map(|r| r.pid as i32)
             .or(info.as_ref().map(|i| i.daemon_pid));
-        let alive = pid.is_some_and(pid_alive);
+        let alive = pid.is_some_and(|p| p > 0 && pid_alive(p as u32));
+        let holder_alive = record
+            .as_ref()
+            .and_then(|r| r.holder_pid)
+            .is_some_and(pid_alive);
         let state = match (&info, alive) {
             (Some(i), true) => i.state.to_string(),
+            (Some(_), false) if holder_alive => "recovering".into(),
             (Some(i), false) if i.state == DeviceState::Live => "dead (daemon gone)".into(),
             (Some(i), false) => format!("{} (no daemon)", i.state),
             (None, _) => "unknown".into(),
@@ -58,11 +64,6 @@ pub fn run() -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
 pub fn features() -> Result<()> {

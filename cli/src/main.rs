@@ -3,10 +3,16 @@
 
 mod add;
 mod args;
+mod config;
 mod daemon;
 mod del;
 mod host;
 mod list;
+mod memory;
+mod recover;
+mod server;
+mod signals;
+mod supervise;
 mod swap;
 
 use args::{Cli, Command};
@@ -19,7 +25,9 @@ fn main() -> ExitCode {
         Command::Add(a) => add::run(&a),
         Command::Del(d) => del::run(&d),
         Command::List => list::run(),
+        Command::Recover(r) => recover::run(&r),
         Command::Features => list::features(),
+        Command::Config(args::ConfigCommand::Check { path }) => config::check(&path),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

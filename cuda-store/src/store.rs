@@ -4,7 +4,8 @@ use crate::driver::{check, describe, init};
 use crate::queue::CudaQueue;
 use crate::BACKOFF_STEP;
 use cudarc::driver::sys;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use vramblk_store::{BufferRegion, Store, StoreError};
 
 #[derive(Clone, Debug)]
@@ -30,6 +31,9 @@ pub struct CudaStore {
     size: u64,
     chunks: Vec<Chunk>,
     name: String,
+    /// Zero the VRAM when dropped. Off while a supervisor holds the
+    /// memory for the next server: a server that fails must not wipe it.
+    erase_on_drop: AtomicBool,
 }
 
 // SAFETY: a CUcontext may be made current on any thread; every queue does
@@ -42,22 +46,90 @@ impl CudaStore {
     /// `opts.reserve` free; fails with one sentence when there is no driver,
     /// no such GPU, or not even one step of VRAM.
     pub fn create(opts: &CudaStoreOptions) -> Result<CudaStore, StoreError> {
+        let mut store = Self::open_device(opts.gpu)?;
+        store.allocate(opts)?;
+        Ok(store)
+    }
+
+    /// Rebuilds a store in this process from VRAM another process
+    /// allocated and exported (its chunks' lengths and fds, in order), as
+    /// a recovering server does with what its supervisor held. The data is
+    /// what the dead server left.
+    pub fn import(
+        gpu: u32,
+        size: u64,
+        chunks: &[(usize, BorrowedFd)],
+    ) -> Result<CudaStore, StoreError> {
+        let mut store = Self::open_device(gpu)?;
+        let total: u64 = chunks.iter().map(|(len, _)| *len as u64).sum();
+        if chunks.is_empty() || total < size {
+            return Err(StoreError::Invalid(format!(
+                "imported VRAM holds {total} bytes in {} chunks, less than the device's {size}",
+                chunks.len()
+            )));
+        }
+        for (len, fd) in chunks {
+            let own = fd.try_clone_to_owned().map_err(|e| StoreError::Os {
+                what: "duplicating a VRAM fd".into(),
+                source: e,
+            })?;
+            let mut handle = 0;
+            // SAFETY: valid out-pointer; for POSIX-fd handles the driver
+            // takes the fd number itself in place of the pointer.
+            check(
+                unsafe {
+                    sys::cuMemImportFromShareableHandle(
+                        &mut handle,
+                        own.as_raw_fd() as usize as *mut std::ffi::c_void,
+                        sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                    )
+                },
+                "importing VRAM from a file descriptor",
+            )?;
+            store.chunks.push(Chunk {
+                handle,
+                len: *len,
+                fd: own,
+            });
+        }
+        store.map(size)?;
+        log::info!(
+            "cuda store: {} MiB on {} imported from {} chunks",
+            size >> 20,
+            store.name,
+            store.chunks.len()
+        );
+        Ok(store)
+    }
+
+    /// Each chunk's length with its fd, in mapping order: what [`import`]
+    /// needs in another process.
+    ///
+    /// [`import`]: CudaStore::import
+    pub fn exported_chunks(&self) -> Vec<(usize, BorrowedFd<'_>)> {
+        self.chunks.iter().map(|c| (c.len, c.fd.as_fd())).collect()
+    }
+
+    /// Whether dropping the store zeroes the VRAM first (on by default).
+    pub fn set_erase_on_drop(&self, on: bool) {
+        self.erase_on_drop.store(on, Ordering::SeqCst);
+    }
+
+    /// Initialises the driver and opens GPU `gpu`'s primary context, with
+    /// no memory yet.
+    fn open_device(gpu: u32) -> Result<CudaStore, StoreError> {
         init()?;
         // SAFETY: driver calls with valid out-pointers; every result is checked.
         unsafe {
             let mut count = 0;
             check(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
-            if opts.gpu as i64 >= count as i64 {
+            if gpu as i64 >= count as i64 {
                 return Err(StoreError::Invalid(format!(
-                    "--gpu {}: this machine has {count} CUDA device(s)",
-                    opts.gpu
+                    "--gpu {gpu}: this machine has {count} CUDA device(s)"
                 )));
             }
             let mut device = 0;
-            check(
-                sys::cuDeviceGet(&mut device, opts.gpu as i32),
-                "cuDeviceGet",
-            )?;
+            check(sys::cuDeviceGet(&mut device, gpu as i32), "cuDeviceGet")?;
             let mut name_buf = [0 as std::ffi::c_char; 128];
             check(
                 sys::cuDeviceGetName(name_buf.as_mut_ptr(), 128, device),
@@ -72,16 +144,15 @@ impl CudaStore {
                 "cuDevicePrimaryCtxRetain",
             )?;
             check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
-            let mut store = CudaStore {
+            Ok(CudaStore {
                 ctx,
                 device,
                 base: 0,
                 size: 0,
                 chunks: Vec::new(),
                 name,
-            };
-            store.allocate(opts)?;
-            Ok(store)
+                erase_on_drop: AtomicBool::new(true),
+            })
         }
     }
 
@@ -262,8 +333,10 @@ pub(crate) fn granted_target(asked: u64, free: u64, reserve: u64) -> u64 {
 
 impl Drop for CudaStore {
     fn drop(&mut self) {
-        if let Err(e) = self.erase() {
-            log::error!("could not erase VRAM before release: {e}");
+        if self.erase_on_drop.load(Ordering::SeqCst) {
+            if let Err(e) = self.erase() {
+                log::error!("could not erase VRAM before release: {e}");
+            }
         }
         let len = self.mapped_len();
         // SAFETY: unmapping and releasing what this store mapped; no queue is
@@ -278,7 +351,7 @@ impl Drop for CudaStore {
             }
             sys::cuDevicePrimaryCtxRelease_v2(self.device);
         }
-        log::info!("cuda store: {} MiB erased and released", len >> 20);
+        log::info!("cuda store: {} MiB unmapped and released", len >> 20);
     }
 }
 

@@ -4,10 +4,27 @@ use crate::params::device_params;
 use crate::queue::serve_queue;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
-use libublk::UblkFlags;
+use libublk::{sys, UblkFlags};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use thiserror::Error;
-use vramblk_store::Store;
+use vramblk_store::{BufferRegion, Store};
+
+/// Every device is added with user recovery and re-issue: when its server
+/// dies the kernel keeps `/dev/ublkbN`, holds new I/O and requeues what was
+/// in flight, until a new server attaches with [`Start::Recover`].
+const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+
+/// How long a recovering server waits for the kernel to notice the old
+/// server is gone (its monitor runs every 5 s) and quiesce the device.
+const QUIESCE_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether to add a new device or take over one whose server died.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Add,
+    Recover(u32),
+}
 
 /// The shape of a device.
 #[derive(Clone, Debug)]
@@ -25,6 +42,8 @@ pub enum DeviceError {
     Create(libublk::UblkError),
     #[error("serving the ublk device: {0}")]
     Serve(libublk::UblkError),
+    #[error("recovering ublk device {id}: {why}")]
+    Recover { id: u32, why: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -58,10 +77,37 @@ impl DeviceOptions {
     }
 }
 
-/// Adds a device backed by `store` and serves it on this thread's behalf
-/// (one thread per queue) until the device is stopped or deleted.
-/// `on_live` runs once the block device exists, with the control handle.
-pub fn serve<S, F>(opts: &DeviceOptions, store: Arc<S>, on_live: F) -> Result<(), DeviceError>
+/// Every queue's io buffers, set aside before the device is served: shared
+/// mappings, so a supervisor allocates them once and each server it forks
+/// (a recovering one too, perhaps while memory is short) serves from them.
+pub struct QueueBuffers(Vec<BufferRegion>);
+
+impl QueueBuffers {
+    pub fn allocate(opts: &DeviceOptions) -> Result<QueueBuffers, DeviceError> {
+        opts.validate()?;
+        (0..opts.queues)
+            .map(|_| BufferRegion::new_shared(opts.depth as usize, opts.max_io_bytes as usize))
+            .collect::<Result<Vec<_>, _>>()
+            .map(QueueBuffers)
+            .map_err(|e| DeviceError::Invalid(e.to_string()))
+    }
+
+    fn queue(&self, qid: u16) -> Option<&BufferRegion> {
+        self.0.get(qid as usize)
+    }
+}
+
+/// Adds a device backed by `store` (or, with [`Start::Recover`], takes over
+/// one whose server died) and serves it from `buffers` (one thread per
+/// queue) until the device is stopped or deleted. `on_live` runs once
+/// the block device serves I/O, with the control handle.
+pub fn serve<S, F>(
+    opts: &DeviceOptions,
+    start: Start,
+    store: Arc<S>,
+    buffers: Arc<QueueBuffers>,
+    on_live: F,
+) -> Result<(), DeviceError>
 where
     S: Store,
     F: FnOnce(&UblkCtrl) + Send + Sync + 'static,
@@ -73,15 +119,32 @@ where
             "device size must be a multiple of 4096 bytes (got {size})"
         )));
     }
-    let ctrl = UblkCtrlBuilder::default()
+    let builder = UblkCtrlBuilder::default()
         .name("vramblk")
-        .id(opts.id)
-        .nr_queues(opts.queues)
-        .depth(opts.depth)
         .io_buf_bytes(opts.max_io_bytes)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-        .map_err(DeviceError::Create)?;
+        .ctrl_flags(RECOVERY_FLAGS);
+    let ctrl = match start {
+        Start::Add => builder
+            .id(opts.id)
+            .nr_queues(opts.queues)
+            .depth(opts.depth)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+            .map_err(DeviceError::Create)?,
+        Start::Recover(id) => {
+            let (queues, depth) = begin_recovery(id)?;
+            builder
+                .id(id as i32)
+                .nr_queues(queues)
+                .depth(depth)
+                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                .build()
+                .map_err(|e| DeviceError::Recover {
+                    id,
+                    why: e.to_string(),
+                })?
+        }
+    };
     let max_io = opts.max_io_bytes;
     let tgt_init = move |dev: &mut UblkDev| {
         dev.tgt.dev_size = size;
@@ -89,8 +152,42 @@ where
         Ok(())
     };
     let q_store = store.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, q_store.as_ref());
+    let q_fn =
+        move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, q_store.as_ref(), buffers.queue(qid));
     ctrl.run_target(tgt_init, q_fn, on_live)
         .map_err(DeviceError::Serve)?;
     Ok(())
+}
+
+/// Waits until the kernel has quiesced device `id` (its old server gone),
+/// then starts user recovery; returns the device's queue shape.
+fn begin_recovery(id: u32) -> Result<(u16, u16), DeviceError> {
+    let fail = |why: String| DeviceError::Recover { id, why };
+    let deadline = Instant::now() + QUIESCE_WAIT;
+    loop {
+        let ctrl = UblkCtrl::new_simple(id as i32)
+            .map_err(|e| fail(format!("the device cannot be opened ({e})")))?;
+        let info = ctrl.dev_info();
+        if info.flags & RECOVERY_FLAGS == 0 {
+            return Err(fail("it was added without user recovery".into()));
+        }
+        match info.state as u32 {
+            sys::UBLK_S_DEV_QUIESCED => {
+                ctrl.start_user_recover()
+                    .map_err(|e| fail(format!("START_USER_RECOVERY failed ({e})")))?;
+                return Ok((info.nr_hw_queues, info.queue_depth));
+            }
+            sys::UBLK_S_DEV_LIVE if Instant::now() < deadline => {
+                // The kernel has not yet seen the old server die.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sys::UBLK_S_DEV_LIVE => {
+                return Err(fail(format!(
+                    "it is still live after {} s: is its server running?",
+                    QUIESCE_WAIT.as_secs()
+                )))
+            }
+            state => return Err(fail(format!("it is in state {state}, not quiesced"))),
+        }
+    }
 }

@@ -15,5 +15,5 @@ mod queue;
 mod slots;
 
 pub use control::{ControlError, DeviceInfo, DeviceState};
-pub use device::{serve, DeviceError, DeviceOptions};
+pub use device::{serve, DeviceError, DeviceOptions, QueueBuffers, Start};
 pub use engine::QueueEngine;

@@ -25,9 +25,18 @@ const IDLE_SECS: u64 = 20;
 
 /// Serves queue `qid` until the device stops. Errors are logged: a queue
 /// thread has nobody to return them to, and the device fails its I/O.
-pub(crate) fn serve_queue<S: Store>(qid: u16, dev: &UblkDev, store: &S) {
+pub(crate) fn serve_queue<S: Store>(
+    qid: u16,
+    dev: &UblkDev,
+    store: &S,
+    buffers: Option<&BufferRegion>,
+) {
     let mut announced = false;
-    if let Err(e) = try_serve_queue(qid, dev, store, &mut announced) {
+    let result = match buffers {
+        Some(b) => try_serve_queue(qid, dev, store, b, &mut announced),
+        None => Err(format!("no io buffers were set aside for queue {qid}")),
+    };
+    if let Err(e) = result {
         log::error!("queue {qid}: {e}");
         if !announced {
             // start_dev waits for every queue to announce itself; reporting
@@ -42,13 +51,20 @@ fn try_serve_queue<S: Store>(
     qid: u16,
     dev: &UblkDev,
     store: &S,
+    buffers: &BufferRegion,
     announced: &mut bool,
 ) -> Result<(), String> {
     let depth = dev.dev_info.queue_depth as usize;
     let max_io = dev.dev_info.max_io_buf_bytes as usize;
-    let buffers = BufferRegion::new(depth, max_io).map_err(|e| e.to_string())?;
+    if buffers.count() < depth || buffers.slot_len() < max_io {
+        return Err(format!(
+            "the io buffers ({} x {} bytes) do not fit the device ({depth} x {max_io})",
+            buffers.count(),
+            buffers.slot_len()
+        ));
+    }
     let qstore = store
-        .open_queue(qid, &buffers)
+        .open_queue(qid, buffers)
         .map_err(|e| format!("opening the store: {e}"))?;
     let q = Rc::new(UblkQueue::new(qid, dev).map_err(|e| format!("creating the queue: {e}"))?);
     let engine = Rc::new(RefCell::new(QueueEngine::new(qstore, store.size(), depth)));

@@ -17,8 +17,27 @@ const NEEDED: &[(&str, &str)] = &[
     ("/usr/bin/apt-get", "apt"),
 ];
 
+/// What `cargo xtask bench` needs beyond the suite's tools: the peers
+/// (nbdkit's memory plugin and nbd-client for the NBD path) and ioping.
+const NEEDED_FOR_BENCH: &[(&str, &str)] = &[
+    ("/usr/bin/nbdkit", "nbdkit"),
+    ("/sbin/nbd-client", "nbd-client"),
+    ("/usr/bin/ioping", "ioping"),
+    ("/usr/bin/taskset", "util-linux"),
+    ("/bin/dd", "coreutils"),
+];
+
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&str> = NEEDED
+    install_missing(NEEDED)
+}
+
+pub fn ensure_bench() -> Result<()> {
+    install_missing(NEEDED)?;
+    install_missing(NEEDED_FOR_BENCH)
+}
+
+fn install_missing(needed: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = needed
         .iter()
         .filter(|(file, _)| !Path::new(file).exists())
         .map(|(_, pkg)| *pkg)

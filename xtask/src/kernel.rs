@@ -9,6 +9,18 @@ use std::process::Command;
 pub const PACKAGE: &str = "linux-image-6.12.107+deb12-cloud-amd64-unsigned";
 const RELEASE: &str = "6.12.107+deb12-cloud-amd64";
 
+/// Modules copied into every initramfs, in load order: ublk for vramblk,
+/// and the peers the benchmark compares it with (NBD, zram and what zram
+/// needs).
+const MODULES: &[&str] = &[
+    "drivers/block/ublk_drv",
+    "drivers/block/nbd",
+    "mm/zsmalloc",
+    "lib/lz4/lz4_compress",
+    "lib/lz4/lz4hc_compress",
+    "drivers/block/zram/zram",
+];
+
 pub struct Kernel {
     pub vmlinuz: PathBuf,
     /// Decompressed modules the initramfs loads, by file name.
@@ -40,13 +52,16 @@ pub fn fetch(cache: &Path) -> Result<Kernel> {
             .context("apt-get download left no .deb")?;
         sh(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))?;
     }
-    let kdir = tree.join(format!("lib/modules/{RELEASE}/kernel/drivers/block"));
+    let kdir = tree.join(format!("lib/modules/{RELEASE}/kernel"));
     let mut modules = Vec::new();
-    {
-        let name = "ublk_drv";
+    for rel in MODULES {
+        let name = Path::new(rel)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("module without a name")?;
         let ko = cache.join(format!("{name}.ko"));
         if !ko.exists() {
-            let xz = kdir.join(format!("{name}.ko.xz"));
+            let xz = kdir.join(format!("{rel}.ko.xz"));
             if !xz.exists() {
                 bail!("{} is missing from {PACKAGE}", xz.display());
             }

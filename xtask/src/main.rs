@@ -5,7 +5,10 @@
 //! - `vm-test`: the VM suite alone: boots Debian's 6.12 cloud kernel under
 //!   qemu TCG with a busybox initramfs holding the release binaries and
 //!   runs the kernel-path checks.
+//! - `bench`: vramblk beside NBD, zram and rublk in one VM boot, and each
+//!   as swap under memory pressure; rewrites docs/benchmarks.md's VM part.
 
+mod bench;
 mod deps;
 mod initramfs;
 mod kernel;
@@ -33,8 +36,9 @@ fn run() -> Result<()> {
         }
         "unit-test" => unit_test(),
         "vm-test" => suite::run_all(&root()?),
+        "bench" => bench::run(&root()?, &bench::Options::parse(&args[1..])?),
         _ => {
-            eprintln!("usage: cargo xtask <test|unit-test|vm-test>");
+            eprintln!("usage: cargo xtask <test|unit-test|vm-test|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]>");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {

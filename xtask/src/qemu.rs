@@ -15,6 +15,9 @@ pub struct Boot<'a> {
     pub cpus: u32,
     pub cmdline_extra: &'a str,
     pub timeout: Duration,
+    /// Stop early when the guest prints nothing for this long after it is
+    /// up (a hung guest); None waits for `timeout`.
+    pub idle_timeout: Option<Duration>,
     pub log: &'a Path,
 }
 
@@ -22,6 +25,8 @@ pub struct BootResult {
     pub lines: Vec<String>,
     pub boot_secs: f64,
     pub timed_out: bool,
+    /// Stopped by `idle_timeout`.
+    pub went_quiet: bool,
 }
 
 /// Boots, echoes the console with a prefix, and returns every line. KVM
@@ -68,6 +73,8 @@ pub fn boot(b: &Boot) -> Result<BootResult> {
     let mut lines = Vec::new();
     let mut boot_secs = 0.0;
     let mut timed_out = false;
+    let mut went_quiet = false;
+    let mut last_line = Instant::now();
     loop {
         let left = b.timeout.saturating_sub(start.elapsed());
         if left.is_zero() {
@@ -75,8 +82,16 @@ pub fn boot(b: &Boot) -> Result<BootResult> {
             let _ = child.kill();
             break;
         }
+        if let Some(idle) = b.idle_timeout {
+            if boot_secs > 0.0 && last_line.elapsed() > idle {
+                went_quiet = true;
+                let _ = child.kill();
+                break;
+            }
+        }
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
+                last_line = Instant::now();
                 let line = line.trim_end_matches('\r').to_string();
                 writeln!(log, "{line}")?;
                 if line.contains("VM-READY") && boot_secs == 0.0 {
@@ -111,6 +126,7 @@ pub fn boot(b: &Boot) -> Result<BootResult> {
         lines,
         boot_secs,
         timed_out,
+        went_quiet,
     })
 }
 

@@ -11,6 +11,7 @@ const INIT: &str = include_str!("../vm/init.sh");
 const LIB: &str = include_str!("../vm/lib.sh");
 const IO_SUITE: &str = include_str!("../vm/io-suite.sh");
 const SWAP_SUITE: &str = include_str!("../vm/swap-suite.sh");
+const CRASH_SUITE: &str = include_str!("../vm/crash-suite.sh");
 
 struct Suite {
     name: &'static str,
@@ -45,27 +46,39 @@ const SUITES: &[Suite] = &[
         host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
         timeout: Duration::from_secs(15 * 60),
     },
+    Suite {
+        name: "crash",
+        script: CRASH_SUITE,
+        memory: "1G",
+        cmdline: "hugepages=256",
+        host_bins: &[
+            "/usr/bin/fio",
+            "/sbin/mkswap",
+            "/sbin/swapon",
+            "/sbin/swapoff",
+        ],
+        timeout: Duration::from_secs(20 * 60),
+    },
 ];
+
+/// Builds the release binaries the guests run; returns their paths.
+pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
+    println!("== building release binaries");
+    sh(Command::new(cargo())
+        .args(["build", "--release", "-p", "vramblk-cli", "-p", "xtask"])
+        .args(["--bin", "vramblk", "--bin", "memcheck"])
+        .args(["--bin", "latprobe", "--bin", "pswatch"])
+        .current_dir(root))?;
+    let release = root.join("target/release");
+    Ok(["vramblk", "memcheck", "latprobe", "pswatch"]
+        .iter()
+        .map(|b| release.join(b))
+        .collect())
+}
 
 pub fn run_all(root: &Path) -> Result<()> {
     deps::ensure()?;
-    println!("== building release binaries");
-    sh(Command::new(cargo())
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vramblk-cli",
-            "-p",
-            "xtask",
-            "--bin",
-            "vramblk",
-            "--bin",
-            "memcheck",
-        ])
-        .current_dir(root))?;
-    let release = root.join("target/release");
-    let built: Vec<PathBuf> = vec![release.join("vramblk"), release.join("memcheck")];
+    let built = build_guest_bins(root)?;
     let vm_dir = root.join("target/vm");
     let kernel = kernel::fetch(&vm_dir.join("kernel"))?;
 
@@ -106,6 +119,7 @@ pub fn run_all(root: &Path) -> Result<()> {
             cpus: 2,
             cmdline_extra: s.cmdline,
             timeout: s.timeout,
+            idle_timeout: None,
             log: &log,
         })?;
         let p = r.lines.iter().filter(|l| l.starts_with("PASS ")).count();

@@ -61,3 +61,15 @@ show_logs() {
         [ -e "$f" ] && while read -r l; do info "log $(basename $f): $l"; done < "$f"
     done
 }
+
+# fio_ends_failing PID SECS WHAT: the fio run PID ends within SECS seconds
+# of WHAT, and ends with an error (the I/O failed rather than hung).
+fio_ends_failing() {
+    waited=0
+    while kill -0 "$1" 2>/dev/null && [ $waited -lt "$2" ]; do sleep 1; waited=$((waited + 1)); done
+    check "fio ends within $2 s of $3 (no hang)" sh -c "! kill -0 $1 2>/dev/null"
+    wait "$1"
+    rc=$?
+    info "fio exit code $rc, ${waited}s after $3"
+    check "fio saw I/O errors after $3" [ $rc -ne 0 ]
+}

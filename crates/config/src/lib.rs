@@ -1,8 +1,12 @@
 //! Configuration types shared by the CLI, the daemon and the tools.
 
+mod file;
 mod record;
 mod size;
 
+pub use file::{
+    Config, ConfigError, CopyMode, DeviceConfig, PowerConfig, PressureConfig, CONFIG_PATH,
+};
 pub use record::{DeviceRecord, RUN_DIR};
 pub use size::{format_size, parse_size, SizeError};
 

@@ -17,8 +17,16 @@ pub struct DeviceRecord {
     pub gpu: Option<u32>,
     pub queues: u16,
     pub depth: u16,
+    /// The server process (it maps the memory and runs the queues).
     pub pid: u32,
     pub log: PathBuf,
+    /// The supervisor that holds the device's memory and restarts the
+    /// server when it dies; absent in records of older versions.
+    #[serde(default)]
+    pub holder_pid: Option<u32>,
+    /// Times the server was restarted (recovered) since the device was added.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl DeviceRecord {
@@ -62,11 +70,21 @@ mod tests {
             depth: 128,
             pid: 42,
             log: "/run/vramblk/ublkb3.log".into(),
+            holder_pid: Some(41),
+            restarts: 2,
         };
         r.store(&dir).unwrap();
         assert_eq!(DeviceRecord::load(&dir, 3), Some(r));
         DeviceRecord::remove(&dir, 3);
         assert_eq!(DeviceRecord::load(&dir, 3), None);
         let _ = std::fs::remove_dir(&dir);
+    }
+
+    #[test]
+    fn records_without_the_recovery_fields_still_load() {
+        let old = r#"{"id":1,"size":4096,"backend":"host","store":"host memfd","gpu":null,
+                     "queues":1,"depth":1,"pid":7,"log":"/x.log"}"#;
+        let r: DeviceRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.holder_pid, r.restarts), (None, 0));
     }
 }

@@ -13,12 +13,27 @@ pub struct BufferRegion {
 // SAFETY: the region is plain memory owned by this value; which thread
 // touches which slot is governed by the queue that owns the tags.
 unsafe impl Send for BufferRegion {}
+// SAFETY: as above: shared references only hand out slot addresses, and
+// each slot is used by the one queue thread that owns its tag.
+unsafe impl Sync for BufferRegion {}
 
 impl BufferRegion {
     /// Maps `count * slot_len` bytes, populated and locked: the kernel
     /// copies swap pages into these buffers while memory is short, so they
     /// must never fault.
     pub fn new(count: usize, slot_len: usize) -> Result<Self, StoreError> {
+        Self::map(count, slot_len, libc::MAP_PRIVATE)
+    }
+
+    /// As [`BufferRegion::new`], but shared with children forked later: a
+    /// supervisor allocates these once, and every server it forks serves
+    /// from them, so a server started while memory is short (its
+    /// predecessor died with swap I/O pending) needs no new buffers.
+    pub fn new_shared(count: usize, slot_len: usize) -> Result<Self, StoreError> {
+        Self::map(count, slot_len, libc::MAP_SHARED)
+    }
+
+    fn map(count: usize, slot_len: usize, sharing: libc::c_int) -> Result<Self, StoreError> {
         if count == 0 || slot_len == 0 || !slot_len.is_multiple_of(4096) {
             return Err(StoreError::Invalid(format!(
                 "io buffer region needs a positive count and a 4 KiB multiple slot size (got {count} x {slot_len})"
@@ -27,14 +42,14 @@ impl BufferRegion {
         let len = count.checked_mul(slot_len).ok_or_else(|| {
             StoreError::Invalid(format!("io buffer region {count} x {slot_len} overflows"))
         })?;
-        // SAFETY: an anonymous private mapping with no address hint; the
+        // SAFETY: an anonymous mapping with no address hint; the
         // result is checked before use.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                sharing | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )

@@ -14,6 +14,7 @@
 
 mod buffers;
 mod error;
+pub mod handoff;
 mod request;
 
 pub use buffers::{BufferRegion, IoBuf};

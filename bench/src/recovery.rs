@@ -1,0 +1,191 @@
+//! The GPU kill-and-recover check (issue 4): VRAM outlives the process
+//! that allocated it when another process holds its exported fds. A child
+//! allocates the store and hands its chunks to this process (which never
+//! initialises CUDA), writes a pattern through the real queue engine and is
+//! SIGKILLed; each following child imports the chunks, checks every byte
+//! of the last pattern, writes the next and is killed too; a last child
+//! checks, erases and exits. This is what a recovering server does.
+//!
+//! Run it before anything in this process touches CUDA: the children are
+//! forked.
+
+use crate::load::{slice, SynthQueue};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+use vramblk_cuda_store::{CudaStore, CudaStoreOptions};
+use vramblk_store::{handoff, Op, Request, Store};
+
+const DEPTH: usize = 16;
+const REQ: u64 = 512 << 10;
+
+/// Byte `i` of the pattern of round `seed`: cheap, position-dependent and
+/// different every round.
+fn pattern_byte(seed: u64, i: u64) -> u8 {
+    let x =
+        (i / 8 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (x >> ((i % 8) * 8)) as u8
+}
+
+/// Writes round `seed`'s pattern over the whole store, or (write=false)
+/// reads it all back and counts the bytes that differ.
+fn sweep(store: &CudaStore, seed: u64, write: bool) -> u64 {
+    let mut sq = SynthQueue::open(store, 0, DEPTH);
+    let size = store.size();
+    let mut bad = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let mut batch = Vec::new();
+        for tag in 0..DEPTH {
+            if off >= size {
+                break;
+            }
+            let len = REQ.min(size - off);
+            let buf = sq.bufs.slot(tag).expect("slot");
+            let b = &mut slice(buf)[..len as usize];
+            if write {
+                for (k, x) in b.iter_mut().enumerate() {
+                    *x = pattern_byte(seed, off + k as u64);
+                }
+            } else {
+                b.fill(0xA5);
+            }
+            sq.engine.enqueue(Request {
+                tag: tag as u16,
+                op: if write { Op::Write } else { Op::Read },
+                offset: off,
+                len: len as u32,
+                buf,
+            });
+            batch.push((tag, off, len));
+            off += len;
+        }
+        let mut failed = 0;
+        sq.finish(|c| failed += u64::from(c.result < 0));
+        bad += failed * REQ;
+        if !write {
+            for (tag, at, len) in batch {
+                let b = &slice(sq.bufs.slot(tag).expect("slot"))[..len as usize];
+                bad += b
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, x)| **x != pattern_byte(seed, at + *k as u64))
+                    .count() as u64;
+            }
+        }
+    }
+    bad
+}
+
+/// Runs `body` in a forked child; returns how it ended.
+fn in_child(body: impl FnOnce() -> i32) -> Option<libc::c_int> {
+    // SAFETY: this process has not initialised CUDA or started threads
+    // that matter to the child; the child only runs `body` and exits.
+    match unsafe { libc::fork() } {
+        -1 => None,
+        0 => {
+            let code = body();
+            std::process::exit(code);
+        }
+        pid => {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            (unsafe { libc::waitpid(pid, &mut status, 0) } == pid).then_some(status)
+        }
+    }
+}
+
+fn die() -> i32 {
+    // SAFETY: SIGKILL to ourselves, as a crash would.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    3
+}
+
+fn killed(status: Option<libc::c_int>) -> bool {
+    status.is_some_and(|s| libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == libc::SIGKILL)
+}
+
+fn exited_ok(status: Option<libc::c_int>) -> bool {
+    status.is_some_and(|s| libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0)
+}
+
+/// The results, as (check, passed); an empty list with a reason when the
+/// first child could not allocate (no GPU).
+pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, bool)>, String> {
+    let (holder, child_end) = handoff::socket_pair().map_err(|e| e.to_string())?;
+    let first = in_child(|| {
+        let store = match CudaStore::create(&CudaStoreOptions {
+            size,
+            gpu,
+            reserve: 512 << 20,
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = handoff::send(child_end.as_fd(), &format!("ERR {e}"), &[]);
+                return 2;
+            }
+        };
+        store.set_erase_on_drop(false);
+        let chunks = store.exported_chunks();
+        let mut text = format!("VRAM {}", store.size());
+        for (len, _) in &chunks {
+            text.push_str(&format!(" {len}"));
+        }
+        let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| *f).collect();
+        if handoff::send(child_end.as_fd(), &text, &fds).is_err() {
+            return 4;
+        }
+        sweep(&store, 1, true);
+        die()
+    });
+    let (text, fds) = handoff::recv(holder.as_fd()).map_err(|e| e.to_string())?;
+    if let Some(why) = text.strip_prefix("ERR ") {
+        return Err(why.to_string());
+    }
+    let mut words = text.split_whitespace().skip(1);
+    let got_size: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let lens: Vec<usize> = words.filter_map(|w| w.parse().ok()).collect();
+    let chunks: Vec<(usize, OwnedFd)> = lens.into_iter().zip(fds).collect();
+    let mut out = vec![(
+        format!(
+            "kill-and-recover: a child allocated {} MiB in {} chunks, handed them over, wrote a pattern and was SIGKILLed",
+            got_size >> 20,
+            chunks.len()
+        ),
+        killed(first),
+    )];
+    let borrowed =
+        || -> Vec<(usize, BorrowedFd)> { chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect() };
+    for round in 1..=kills {
+        let status = in_child(|| {
+            let Ok(store) = CudaStore::import(gpu, got_size, &borrowed()) else {
+                return 5;
+            };
+            store.set_erase_on_drop(false);
+            if sweep(&store, round, false) != 0 {
+                return 6;
+            }
+            sweep(&store, round + 1, true);
+            die()
+        });
+        out.push((
+            format!("kill-and-recover {round}: a new process imported the VRAM, found every byte of the dead one's pattern, wrote the next and was SIGKILLed"),
+            killed(status),
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = in_child(|| {
+        let Ok(store) = CudaStore::import(gpu, got_size, &borrowed()) else {
+            return 5;
+        };
+        if sweep(&store, kills + 1, false) != 0 {
+            return 6;
+        }
+        // Dropping it erases the VRAM, as a server does once its device is gone.
+        0
+    });
+    out.push((
+        "kill-and-recover: the last process found every byte, erased and released the VRAM".into(),
+        exited_ok(last),
+    ));
+    Ok(out)
+}

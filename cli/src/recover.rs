@@ -1,0 +1,72 @@
+//! `vramblk recover ID`: ask a device's supervisor to restart its server now.
+
+use crate::args::RecoverArgs;
+use crate::host::{pid_alive, require_driver, require_root};
+use anyhow::{bail, Result};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vramblk_config::{DeviceRecord, RUN_DIR};
+use vramblk_ublk_target::control::{bdev_path, device_ids, device_info};
+use vramblk_ublk_target::DeviceState;
+
+/// How long `recover` waits to see the device live again.
+const WAIT: Duration = Duration::from_secs(60);
+
+pub fn run(a: &RecoverArgs) -> Result<()> {
+    require_root("recover")?;
+    require_driver()?;
+    let id = a.id;
+    let path = bdev_path(id);
+    if !device_ids().contains(&id) {
+        bail!("there is no ublk device {id}");
+    }
+    let Some(record) = DeviceRecord::load(Path::new(RUN_DIR), id) else {
+        bail!("{path} was not added by vramblk (no record in {RUN_DIR})");
+    };
+    let server_alive = pid_alive(record.pid);
+    let info = device_info(id)?;
+    if info.state == DeviceState::Live && server_alive {
+        println!(
+            "{path} is live (server pid {}); nothing to recover",
+            record.pid
+        );
+        return Ok(());
+    }
+    let Some(holder) = record.holder_pid.filter(|&p| pid_alive(p)) else {
+        bail!(
+            "the memory behind {path} is gone (no supervisor holds it), so its data cannot be \
+             recovered; `vramblk del {id}` fails its waiting I/O and removes it"
+        );
+    };
+    // SAFETY: kill with a pid read from our own record; the worst case is
+    // a signal the target ignores.
+    if unsafe { libc::kill(holder as i32, libc::SIGUSR1) } != 0 {
+        bail!(
+            "signalling the supervisor (pid {holder}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    println!("asked the supervisor (pid {holder}) to restart the server of {path}");
+    let until = Instant::now() + WAIT;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(now) = DeviceRecord::load(Path::new(RUN_DIR), id) else {
+            bail!(
+                "{path} was removed while recovering (see the log {})",
+                record.log.display()
+            );
+        };
+        let live = device_info(id)
+            .map(|i| i.state == DeviceState::Live)
+            .unwrap_or(false);
+        if live && now.pid != record.pid && pid_alive(now.pid) {
+            println!("{path} recovered (server pid {})", now.pid);
+            return Ok(());
+        }
+    }
+    bail!(
+        "{path} is not live {} s later; see the log {}",
+        WAIT.as_secs(),
+        record.log.display()
+    )
+}

@@ -1,0 +1,260 @@
+//! The server: the process that maps the device's memory and runs its
+//! queues. The supervisor forks one per start; a server that dies is
+//! replaced by a new one that recovers the device.
+
+use crate::add::Plan;
+use crate::daemon::{self, Reporter};
+use crate::memory::{hand_over, Held, HeldVram, Memory};
+use crate::swap;
+use anyhow::{Context, Result};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use vramblk_config::{format_size, Backend, DeviceRecord};
+use vramblk_cuda_store::{CudaStore, CudaStoreOptions};
+use vramblk_store::Store;
+use vramblk_ublk_target::control::bdev_path;
+use vramblk_ublk_target::{serve, Start};
+
+/// One start of a server.
+pub struct Launch {
+    pub start: Start,
+    pub restarts: u32,
+    /// Foreground only, first start only: swap on (priority, discard) once
+    /// live, and print the path.
+    pub foreground_swap: Option<(i32, bool)>,
+    pub print_path: bool,
+}
+
+/// Runs in a forked server; returns its exit code. A standby (`go` is
+/// Some) prepares everything it can, then waits until the supervisor tells
+/// it to take over (the restart count follows "GO"), or exits when the
+/// supervisor closes the pipe.
+pub fn main(
+    plan: &Plan,
+    held: &Held,
+    run_dir: &Path,
+    mut launch: Launch,
+    reporter: Reporter,
+    go: Option<OwnedFd>,
+) -> i32 {
+    crate::signals::reset_for_server();
+    if let Err(e) = daemon::prepare_server_process() {
+        log::error!("server: {e:#}");
+        reporter.fail(&format!("{e:#}"));
+        return 1;
+    }
+    let result = match &held.memory {
+        Memory::Host(store) => {
+            if !standby_ready(go, &mut launch) {
+                return 0;
+            }
+            serve_store(
+                plan,
+                store.clone(),
+                held,
+                run_dir,
+                &launch,
+                reporter.clone(),
+            )
+        }
+        Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
+            .and_then(|store| {
+                if !standby_ready(go, &mut launch) {
+                    return Ok(());
+                }
+                serve_store(
+                    plan,
+                    store.clone(),
+                    held,
+                    run_dir,
+                    &launch,
+                    reporter.clone(),
+                )?;
+                // The device is gone: zero the VRAM (swap pages can hold
+                // secrets) before the supervisor lets go of it.
+                store.erase()?;
+                log::info!("server: VRAM erased");
+                Ok(())
+            }),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("server: {e:#}");
+            reporter.fail(&format!("{e:#}"));
+            1
+        }
+    }
+}
+
+/// The VRAM of a cuda server: imported from what the supervisor holds, or
+/// allocated (first start) and handed to the supervisor, so it outlives
+/// this server. Either way it is not erased when this server ends badly.
+fn open_vram(
+    plan: &Plan,
+    held: Option<&HeldVram>,
+    servers_end: BorrowedFd,
+) -> Result<Arc<CudaStore>> {
+    let store = match held {
+        Some(v) => CudaStore::import(plan.gpu, v.size, &v.borrowed())?,
+        None => {
+            let store = CudaStore::create(&CudaStoreOptions {
+                size: plan.size,
+                gpu: plan.gpu,
+                reserve: plan.reserve,
+            })?;
+            if store.size() < plan.size {
+                log::warn!(
+                    "VRAM short: {} asked, {} granted",
+                    format_size(plan.size),
+                    format_size(store.size())
+                );
+            }
+            match hand_over(&store, servers_end) {
+                Ok(()) => store,
+                Err(e) => {
+                    log::warn!(
+                        "server: the VRAM stays with this server, so a crash loses it: {e:#}"
+                    );
+                    return Ok(Arc::new(store));
+                }
+            }
+        }
+    };
+    store.set_erase_on_drop(false);
+    Ok(Arc::new(store))
+}
+
+/// For a standby (`go` is Some): waits for the word to take over, with a
+/// cushion of locked pages set aside meanwhile and handed back to the
+/// kernel the moment it comes, for the few allocations recovery makes.
+/// Returns false when no word can come.
+fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch) -> bool {
+    let Some(go) = go else {
+        return true;
+    };
+    let cushion = daemon::Cushion::new(CUSHION_BYTES);
+    let Some(restarts) = wait_for_go(go) else {
+        return false;
+    };
+    launch.restarts = restarts;
+    drop(cushion);
+    true
+}
+
+/// Memory a standby sets aside for its takeover.
+const CUSHION_BYTES: usize = 16 << 20;
+
+/// Blocks until the supervisor writes the restart count (+1) to the
+/// eventfd (Some), or dies (None: the standby was set to get SIGKILL then,
+/// so this returns None only on a read error).
+fn wait_for_go(go: OwnedFd) -> Option<u32> {
+    // SAFETY: prctl with constant arguments: die with the supervisor while
+    // only standing by.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // Gone before the death signal was armed?
+    supervisor_pid()?;
+    let mut word = 0u64;
+    // SAFETY: an 8-byte read into a live u64 from our eventfd.
+    let n = unsafe {
+        libc::read(
+            std::os::fd::AsRawFd::as_raw_fd(&go),
+            (&mut word as *mut u64).cast(),
+            8,
+        )
+    };
+    // SAFETY: as above; a server that serves must outlive its supervisor.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+    (n == 8 && word > 0).then(|| (word - 1) as u32)
+}
+
+/// The parent, unless it is already gone (re-parented to init).
+fn supervisor_pid() -> Option<u32> {
+    // SAFETY: getppid has no preconditions.
+    let p = unsafe { libc::getppid() };
+    (p > 1).then_some(p as u32)
+}
+
+fn serve_store<S: Store>(
+    plan: &Plan,
+    store: Arc<S>,
+    held: &Held,
+    run_dir: &Path,
+    launch: &Launch,
+    reporter: Reporter,
+) -> Result<()> {
+    match launch.start {
+        Start::Add => log::info!(
+            "server: adding a {} device on {} with {} queues x depth {} ({} MiB of io buffers locked)",
+            format_size(store.size()),
+            store.describe(),
+            plan.device.queues,
+            plan.device.depth,
+            plan.device.locked_buffer_bytes() >> 20
+        ),
+        Start::Recover(id) => log::info!(
+            "server: recovering {} on {} (restart {})",
+            bdev_path(id),
+            store.describe(),
+            launch.restarts
+        ),
+    }
+    let record_base = DeviceRecord {
+        id: 0,
+        size: store.size(),
+        backend: plan.backend,
+        store: store.describe(),
+        gpu: (plan.backend == Backend::Cuda).then_some(plan.gpu),
+        queues: plan.device.queues,
+        depth: plan.device.depth,
+        // SAFETY: getpid has no preconditions.
+        pid: unsafe { libc::getpid() } as u32,
+        log: plan.log.clone(),
+        // SAFETY: getppid has no preconditions.
+        holder_pid: Some(unsafe { libc::getppid() } as u32),
+        restarts: launch.restarts,
+    };
+    let dir = run_dir.to_path_buf();
+    let live_reporter = reporter.clone();
+    let id_cell = Arc::new(Mutex::new(None));
+    let id_seen = id_cell.clone();
+    let foreground_swap = launch.foreground_swap;
+    let print_path = launch.print_path;
+    let on_live = move |ctrl: &libublk::ctrl::UblkCtrl| {
+        let id = ctrl.dev_info().dev_id;
+        *id_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        let record = DeviceRecord { id, ..record_base };
+        if let Err(e) = record.store(&dir) {
+            log::warn!("could not write the device record: {e}");
+        }
+        let path = bdev_path(id);
+        log::info!("server: {path} is live");
+        if let Some((priority, discard)) = foreground_swap {
+            if let Err(e) = swap::enable(&path, priority, discard) {
+                log::error!("{e:#}; removing the device");
+                let _ = ctrl.kill_dev();
+                return;
+            }
+        }
+        if print_path {
+            println!("{path}");
+        }
+        live_reporter.live(id);
+    };
+    let result = serve(
+        &plan.device,
+        launch.start,
+        store,
+        held.buffers.clone(),
+        on_live,
+    );
+    if result.is_ok() {
+        if let Some(id) = *id_cell.lock().unwrap_or_else(|p| p.into_inner()) {
+            DeviceRecord::remove(run_dir, id);
+            log::info!("server: {} removed; exiting", bdev_path(id));
+        }
+    }
+    result.context("serving the device")?;
+    Ok(())
+}

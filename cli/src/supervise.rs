@@ -1,0 +1,541 @@
+//! The supervisor: the process `vramblk add` leaves behind. It holds the
+//! device's memory and io buffers (so the data outlives any server), forks
+//! the server, and keeps a standby server ready: forked, locked and
+//! warmed up while memory is plentiful, waiting on an eventfd to take over.
+//! When the server dies, the standby recovers the device through ublk's
+//! user recovery (I/O waits in the kernel meanwhile) with almost nothing
+//! left to allocate, since the machine may be short of memory exactly
+//! then: swap I/O is waiting on the dead server. A crash loop ends after
+//! MAX_FAILURES tries: the device is removed so its I/O fails instead of
+//! waiting forever.
+
+use crate::add::Plan;
+use crate::daemon::{self, Reporter};
+use crate::memory::Held;
+use crate::server::{self, Launch};
+use crate::{signals, swap};
+use anyhow::{anyhow, bail, Result};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vramblk_config::DeviceRecord;
+use vramblk_ublk_target::control::{bdev_path, delete_device, device_ids};
+use vramblk_ublk_target::Start;
+
+/// Restarts in a row that may fail (the server dying before it served
+/// for STABLE) before the supervisor gives up.
+pub const MAX_FAILURES: u32 = 5;
+/// A server that served this long counts as healthy: the failure count
+/// starts again.
+const STABLE: Duration = Duration::from_secs(30);
+/// Wait before restart n (1-based) of a run of failures: the first at
+/// once, since I/O (perhaps swap) is waiting.
+const BACKOFF_MS: [u64; MAX_FAILURES as usize] = [0, 500, 1000, 2000, 4000];
+/// How often the supervisor looks at its servers and its signals.
+const TICK_MS: i32 = 100;
+/// Least time between two standbys forked, should they keep dying.
+const STANDBY_RESPAWN: Duration = Duration::from_secs(5);
+
+/// How the supervisor was started.
+pub enum Mode {
+    /// In the user's terminal (`add --foreground`); swap set up by the
+    /// first server, which also prints the path.
+    Foreground { swap: Option<(i32, bool)> },
+    /// Detached; `add` sets up swap once told the device is live.
+    Daemon,
+}
+
+/// A forked server: its pid, the pipe it reports on, and for a standby
+/// the eventfd that tells it to take over.
+struct Child {
+    pid: libc::pid_t,
+    report: Option<OwnedFd>,
+    go: Option<OwnedFd>,
+}
+
+/// How a server's run ended.
+struct Run {
+    pid: libc::pid_t,
+    status: ExitStatus,
+    /// How long it served, if it reported the device live.
+    live_for: Option<Duration>,
+    /// What it reported, if it failed before going live.
+    failure: Option<String>,
+}
+
+/// What to do after a server's run.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// The device is gone (deleted): exit.
+    Done,
+    /// Recover the device, after waiting this long.
+    Restart(Duration),
+    /// Remove the device and exit, for this reason.
+    GiveUp(String),
+}
+
+/// Decides what follows a server's death; `failures` counts the run of
+/// failed restarts and is updated.
+fn next_step(run: &Run, device_exists: bool, memory_survives: bool, failures: &mut u32) -> Next {
+    if run.status.success() || !device_exists {
+        return Next::Done;
+    }
+    if !memory_survives {
+        return Next::GiveUp(format!(
+            "its server died ({}) and its VRAM with it (it was never handed to the supervisor)",
+            run.status
+        ));
+    }
+    if run.live_for.is_some_and(|t| t >= STABLE) {
+        *failures = 0;
+    }
+    *failures += 1;
+    if *failures > MAX_FAILURES {
+        return Next::GiveUp(format!(
+            "its server died {MAX_FAILURES} times in a row (last: {})",
+            run.status
+        ));
+    }
+    Next::Restart(Duration::from_millis(BACKOFF_MS[*failures as usize - 1]))
+}
+
+struct Supervisor<'a> {
+    plan: &'a Plan,
+    run_dir: &'a Path,
+    held: Held,
+    parent: Option<Reporter>,
+    id: Option<u32>,
+    standby: Option<Child>,
+    standby_forked: Option<Instant>,
+}
+
+pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
+    daemon::harden_for_swap()?;
+    signals::install_supervisor_handlers();
+    let mut sup = Supervisor {
+        plan,
+        run_dir,
+        held: Held::create(plan)?,
+        parent: Some(parent),
+        id: None,
+        standby: None,
+        standby_forked: None,
+    };
+    let (foreground_swap, print_path) = match mode {
+        Mode::Foreground { swap } => (swap, true),
+        Mode::Daemon => (None, false),
+    };
+    let first = Launch {
+        start: Start::Add,
+        restarts: 0,
+        foreground_swap,
+        print_path,
+    };
+    let result = sup.supervise(first);
+    if let Some(s) = sup.standby.take() {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(s.pid, libc::SIGTERM) };
+        let _ = wait_exit(s.pid, Duration::from_secs(5));
+    }
+    result
+}
+
+impl Supervisor<'_> {
+    fn supervise(&mut self, first: Launch) -> Result<()> {
+        let mut active = self.fork_server(first, false)?;
+        let mut restarts = 0u32;
+        let mut failures = 0u32;
+        loop {
+            let run = self.watch(&mut active);
+            // A crash with a standby ready: wake it before anything here
+            // allocates, since swap I/O may be waiting on the dead server
+            // and memory be short until the standby serves.
+            let mut woken = None;
+            if self.id.is_some() && !run.status.success() {
+                let mut f = failures;
+                let step = next_step(&run, true, self.held.memory.survives_server(), &mut f);
+                if step == Next::Restart(Duration::ZERO) {
+                    woken = self.wake_standby(restarts + 1);
+                }
+            }
+            let Some(dev) = self.id else {
+                // The first server never brought the device up.
+                let why = run.failure.unwrap_or_else(|| {
+                    format!(
+                        "the server exited ({}) before the device came up; see {}",
+                        run.status,
+                        self.plan.log.display()
+                    )
+                });
+                if let Some(p) = self.parent.take() {
+                    p.fail(&why);
+                }
+                bail!("{why}");
+            };
+            let exists = device_ids().contains(&dev);
+            let survives = self.held.memory.survives_server();
+            match next_step(&run, exists, survives, &mut failures) {
+                Next::Done => {
+                    if let Some(w) = woken {
+                        self.standby = Some(w);
+                    }
+                    log::info!("supervisor: {} is gone; exiting", bdev_path(dev));
+                    DeviceRecord::remove(self.run_dir, dev);
+                    return Ok(());
+                }
+                Next::GiveUp(why) => {
+                    if let Some(w) = woken {
+                        self.standby = Some(w);
+                    }
+                    return self.give_up(dev, &why);
+                }
+                Next::Restart(wait) => {
+                    log::warn!(
+                        "supervisor: the server of {} (pid {}) died ({}); recovering it, try \
+                         {failures} of {MAX_FAILURES}",
+                        bdev_path(dev),
+                        run.pid,
+                        run.status
+                    );
+                    restarts += 1;
+                    if let Some(w) = woken {
+                        log::info!("supervisor: standby server {} took over", w.pid);
+                        active = w;
+                        continue;
+                    }
+                    if backoff(wait) {
+                        log::info!("supervisor: restart requested by hand; failure count reset");
+                        failures = 0;
+                    }
+                    active = self.take_over(dev, restarts)?;
+                }
+            }
+        }
+    }
+
+    /// Tells a live standby to take over as restart number `restarts`;
+    /// None if there is none. Allocates nothing (waitpid, an eventfd write).
+    fn wake_standby(&mut self, restarts: u32) -> Option<Child> {
+        let s = self.standby.take()?;
+        if reap(s.pid).is_some() {
+            return None;
+        }
+        let go = s.go.as_ref()?;
+        // The eventfd counter carries the restart count (+1: never 0).
+        let word = u64::from(restarts) + 1;
+        // SAFETY: an 8-byte write from a live u64 to our eventfd.
+        let n = unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(go),
+                (&word as *const u64).cast(),
+                8,
+            )
+        };
+        (n == 8).then_some(s)
+    }
+
+    /// The standby takes over if it is alive; otherwise a new server is
+    /// forked to recover.
+    fn take_over(&mut self, dev: u32, restarts: u32) -> Result<Child> {
+        if let Some(s) = self.wake_standby(restarts) {
+            log::info!("supervisor: standby server {} takes over", s.pid);
+            return Ok(s);
+        }
+        if self.standby.take().is_some() {
+            log::warn!("supervisor: the standby server is gone");
+        }
+        let launch = Launch {
+            start: Start::Recover(dev),
+            restarts,
+            foreground_swap: None,
+            print_path: false,
+        };
+        self.fork_server(launch, false)
+    }
+
+    /// Forks a server (or, with `standby`, one that waits for "GO").
+    fn fork_server(&self, launch: Launch, standby: bool) -> Result<Child> {
+        let (report, reporter) = daemon::report_pipe()?;
+        let go = if standby {
+            Some(daemon::eventfd()?)
+        } else {
+            None
+        };
+        // SAFETY: the supervisor never starts a thread, so the child may run
+        // arbitrary code after the fork.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            0 => {
+                drop(report);
+                // Only the supervisor talks to `add` and to the standby.
+                if let Some(p) = &self.parent {
+                    p.close();
+                }
+                // The standby must see its pipe close when the supervisor
+                // goes, so no other server may hold it.
+                if let Some(fd) = self.standby.as_ref().and_then(|s| s.go.as_ref()) {
+                    // SAFETY: closes this child's copy of the fd; the owner
+                    // is never used or dropped here (the child exits).
+                    unsafe { libc::close(std::os::fd::AsRawFd::as_raw_fd(fd)) };
+                }
+                let code = server::main(self.plan, &self.held, self.run_dir, launch, reporter, go);
+                std::process::exit(code);
+            }
+            pid => Ok(Child {
+                pid,
+                report: Some(report),
+                go,
+            }),
+        }
+    }
+
+    /// Keeps a standby ready once the device is live.
+    fn ensure_standby(&mut self, dev: u32) {
+        if !self.held.memory.survives_server() {
+            return;
+        }
+        if let Some(s) = &self.standby {
+            if let Some(status) = reap(s.pid) {
+                log::warn!("supervisor: standby server {} exited ({status})", s.pid);
+                self.standby = None;
+            }
+        }
+        if self.standby.is_some()
+            || self
+                .standby_forked
+                .is_some_and(|t| t.elapsed() < STANDBY_RESPAWN)
+        {
+            return;
+        }
+        let launch = Launch {
+            start: Start::Recover(dev),
+            restarts: 0,
+            foreground_swap: None,
+            print_path: false,
+        };
+        self.standby_forked = Some(Instant::now());
+        match self.fork_server(launch, true) {
+            Ok(c) => {
+                log::info!("supervisor: standby server {} ready", c.pid);
+                self.standby = Some(c);
+            }
+            Err(e) => log::warn!("supervisor: no standby server: {e:#}"),
+        }
+    }
+
+    /// Follows the active server to its end: relays its first report to
+    /// `add`, records the device id, keeps a standby, handles stop requests.
+    fn watch(&mut self, server: &mut Child) -> Run {
+        let mut live_since: Option<Instant> = None;
+        let mut failure = None;
+        let mut stop_handled = false;
+        loop {
+            if let Some(fd) = server.report.take() {
+                if daemon::readable_within(&fd, TICK_MS) {
+                    match daemon::read_report(fd, &self.plan.log) {
+                        Ok(dev) => {
+                            if self.id.is_some() {
+                                log::info!("supervisor: {} recovered", bdev_path(dev));
+                            }
+                            self.id = Some(dev);
+                            live_since = Some(Instant::now());
+                            if let Some(p) = self.parent.take() {
+                                p.live(dev);
+                            }
+                        }
+                        Err(e) => failure = Some(format!("{e:#}")),
+                    }
+                } else {
+                    server.report = Some(fd);
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(TICK_MS as u64));
+            }
+            // Before looking for the server's end: a handoff it sent just
+            // before dying still counts.
+            if let Err(e) = self.held.memory.take_handoff() {
+                log::warn!("supervisor: {e:#}");
+            }
+            if let Some(status) = reap(server.pid) {
+                return Run {
+                    pid: server.pid,
+                    status,
+                    live_for: live_since.map(|t| t.elapsed()),
+                    failure,
+                };
+            }
+            if let (Some(_), Some(dev)) = (live_since, self.id) {
+                if signals::stop_requested() {
+                    if !stop_handled {
+                        stop_handled = stop(dev);
+                    }
+                } else {
+                    self.ensure_standby(dev);
+                }
+            }
+        }
+    }
+
+    /// Removes the device so the I/O waiting on it fails rather than hangs.
+    fn give_up(&self, id: u32, why: &str) -> Result<()> {
+        let path = bdev_path(id);
+        log::error!(
+            "supervisor: giving up on {path}: {why}; removing it so its I/O fails instead of \
+             waiting forever (anything swapped to it is lost)"
+        );
+        if let Err(e) = delete_device(id) {
+            log::error!("supervisor: removing {path}: {e}");
+        }
+        DeviceRecord::remove(self.run_dir, id);
+        Err(anyhow!("gave up on {path}: {why}"))
+    }
+}
+
+/// Sleeps up to `wait`, or less if `vramblk recover` or a stop request
+/// arrives; returns whether a recover request came.
+fn backoff(wait: Duration) -> bool {
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        if signals::take_recover_request() {
+            return true;
+        }
+        if signals::stop_requested() {
+            // Stopping needs a server: swapoff reads every page back.
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(TICK_MS as u64));
+    }
+    signals::take_recover_request()
+}
+
+/// SIGTERM/SIGINT: swap off, then remove the device (the server then
+/// exits). If swapoff fails (RAM too short to take the pages back), the
+/// device keeps serving: dropping swapped pages kills their processes.
+fn stop(id: u32) -> bool {
+    let path = bdev_path(id);
+    log::info!("supervisor: stop requested; taking {path} down");
+    if swap::find(&path).is_some() {
+        if let Err(e) = swap::disable(&path) {
+            log::error!("supervisor: {e:#}; {path} keeps serving");
+            return true;
+        }
+    }
+    if let Err(e) = delete_device(id) {
+        log::error!("supervisor: removing {path}: {e}");
+    }
+    true
+}
+
+/// The exit of a child, in words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ExitStatus(libc::c_int);
+
+impl ExitStatus {
+    fn success(self) -> bool {
+        libc::WIFEXITED(self.0) && libc::WEXITSTATUS(self.0) == 0
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if libc::WIFSIGNALED(self.0) {
+            write!(f, "killed by signal {}", libc::WTERMSIG(self.0))
+        } else {
+            write!(f, "exit code {}", libc::WEXITSTATUS(self.0))
+        }
+    }
+}
+
+fn reap(pid: libc::pid_t) -> Option<ExitStatus> {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child with a valid status pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if r == -1 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+        // Not our child any more (cannot happen unless SIGCHLD is ignored):
+        // count it as a failed exit rather than watch forever.
+        return Some(ExitStatus(255 << 8));
+    }
+    (r == pid).then_some(ExitStatus(status))
+}
+
+fn wait_exit(pid: libc::pid_t, limit: Duration) -> Option<ExitStatus> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if let Some(s) = reap(pid) {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(TICK_MS as u64));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(status: libc::c_int, live_for: Option<u64>) -> Run {
+        Run {
+            pid: 1,
+            status: ExitStatus(status),
+            live_for: live_for.map(Duration::from_secs),
+            failure: None,
+        }
+    }
+
+    const KILLED: libc::c_int = libc::SIGKILL;
+    const EXIT_0: libc::c_int = 0;
+
+    #[test]
+    fn a_clean_exit_or_a_deleted_device_ends_supervision() {
+        let mut f = 0;
+        assert_eq!(
+            next_step(&run(EXIT_0, Some(5)), true, true, &mut f),
+            Next::Done
+        );
+        assert_eq!(
+            next_step(&run(KILLED, Some(5)), false, true, &mut f),
+            Next::Done
+        );
+        assert_eq!(f, 0);
+    }
+
+    #[test]
+    fn crashes_restart_with_growing_waits_then_give_up() {
+        let mut f = 0;
+        let waits: Vec<Next> = (0..MAX_FAILURES)
+            .map(|_| next_step(&run(KILLED, None), true, true, &mut f))
+            .collect();
+        assert_eq!(waits[0], Next::Restart(Duration::ZERO));
+        assert_eq!(waits[4], Next::Restart(Duration::from_secs(4)));
+        match next_step(&run(KILLED, None), true, true, &mut f) {
+            Next::GiveUp(why) => assert!(why.contains("died 5 times in a row"), "{why}"),
+            other => panic!("expected to give up, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_server_that_served_a_while_resets_the_count() {
+        let mut f = 4;
+        assert_eq!(
+            next_step(&run(KILLED, Some(31)), true, true, &mut f),
+            Next::Restart(Duration::ZERO)
+        );
+        assert_eq!(f, 1);
+    }
+
+    #[test]
+    fn lost_memory_gives_up_at_once() {
+        let mut f = 0;
+        assert!(matches!(
+            next_step(&run(KILLED, Some(100)), true, false, &mut f),
+            Next::GiveUp(_)
+        ));
+    }
+
+    #[test]
+    fn exit_statuses_read_well() {
+        assert_eq!(ExitStatus(KILLED).to_string(), "killed by signal 9");
+        assert_eq!(ExitStatus(3 << 8).to_string(), "exit code 3");
+        assert!(ExitStatus(0).success());
+    }
+}

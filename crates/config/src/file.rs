@@ -1,0 +1,414 @@
+//! The configuration file, /etc/vramblk.toml: one `[[device]]` table per
+//! device, plus `[power]` and `[pressure]`. Unknown keys and bad values are
+//! rejected with the file, the line and one sentence.
+
+use crate::{defaults, parse_size, Backend};
+use serde::Deserialize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+pub const CONFIG_PATH: &str = "/etc/vramblk.toml";
+
+/// How a device moves data (issue 3): `auto` batches small pages through a
+/// kernel on the GPU's SMs, `dma` uses the copy engines only (for GPUs busy
+/// with other work).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMode {
+    #[default]
+    Auto,
+    Dma,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    device: Vec<RawDevice>,
+    #[serde(default)]
+    power: PowerConfig,
+    #[serde(default)]
+    pressure: RawPressure,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    size: Spanned<String>,
+    #[serde(default)]
+    backend: Option<Backend>,
+    #[serde(default)]
+    gpu: u32,
+    #[serde(default)]
+    priority: Option<Spanned<i32>>,
+    #[serde(default)]
+    discard: bool,
+    #[serde(default)]
+    reserve: Option<Spanned<String>>,
+    #[serde(default)]
+    copy_mode: CopyMode,
+    #[serde(default)]
+    queues: Option<Spanned<u16>>,
+    #[serde(default)]
+    depth: Option<Spanned<u16>>,
+    #[serde(default)]
+    hugepages: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPressure {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    min_free_vram: Option<Spanned<String>>,
+    #[serde(default)]
+    calm_secs: Option<u64>,
+}
+
+/// One configured device, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub size: u64,
+    pub backend: Backend,
+    pub gpu: u32,
+    pub priority: i32,
+    pub discard: bool,
+    pub reserve: u64,
+    pub copy_mode: CopyMode,
+    pub queues: Option<u16>,
+    pub depth: u16,
+    pub hugepages: bool,
+}
+
+/// `[power]`: take the devices down on battery (or under a charge level)
+/// and bring them back on AC.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Down below this battery percentage even on AC (none: AC decides).
+    #[serde(default)]
+    pub min_battery_percent: Option<u8>,
+    /// How often to look at /sys/class/power_supply besides udev events.
+    #[serde(default = "default_poll_secs")]
+    pub poll_secs: u64,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        PowerConfig {
+            enabled: false,
+            min_battery_percent: None,
+            poll_secs: default_poll_secs(),
+        }
+    }
+}
+
+fn default_poll_secs() -> u64 {
+    60
+}
+
+/// `[pressure]`: give VRAM back when free VRAM falls under a threshold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PressureConfig {
+    pub enabled: bool,
+    pub min_free_vram: u64,
+    /// How long free VRAM must stay above the threshold before the
+    /// devices come back.
+    pub calm_secs: u64,
+}
+
+/// The whole file, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub devices: Vec<DeviceConfig>,
+    pub power: PowerConfig,
+    pub pressure: PressureConfig,
+}
+
+/// "PATH:LINE: sentence".
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            message: format!("cannot read it: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let fail = |span: Option<Range<usize>>, message: String| ConfigError {
+            path: path.to_path_buf(),
+            line: span.map(|s| line_of(text, s.start)),
+            message,
+        };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let msg = e.message().trim_end_matches('.').to_string();
+            fail(e.span(), msg)
+        })?;
+        let mut devices = Vec::new();
+        for d in raw.device {
+            let size = parse_size(d.size.get_ref())
+                .map_err(|e| fail(Some(d.size.span()), format!("size: {e}")))?;
+            if size % 4096 != 0 {
+                return Err(fail(
+                    Some(d.size.span()),
+                    format!("size: {size} bytes is not a multiple of 4 KiB"),
+                ));
+            }
+            let reserve = match &d.reserve {
+                Some(r) => parse_size(r.get_ref())
+                    .or_else(|e| {
+                        if r.get_ref().trim() == "0" {
+                            Ok(0)
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|e| fail(Some(r.span()), format!("reserve: {e}")))?,
+                None => 512 << 20,
+            };
+            let priority = match &d.priority {
+                Some(p) if !(-1..=32767).contains(p.get_ref()) => {
+                    return Err(fail(
+                        Some(p.span()),
+                        format!(
+                            "priority must be between -1 and 32767 (got {})",
+                            p.get_ref()
+                        ),
+                    ))
+                }
+                Some(p) => *p.get_ref(),
+                None => defaults::SWAP_PRIORITY,
+            };
+            if let Some(q) = &d.queues {
+                if *q.get_ref() == 0 {
+                    return Err(fail(Some(q.span()), "queues must be at least 1".into()));
+                }
+            }
+            let depth = match &d.depth {
+                Some(x) if !(1..=4096).contains(x.get_ref()) => {
+                    return Err(fail(
+                        Some(x.span()),
+                        format!("depth must be between 1 and 4096 (got {})", x.get_ref()),
+                    ))
+                }
+                Some(x) => *x.get_ref(),
+                None => defaults::QUEUE_DEPTH,
+            };
+            let backend = d.backend.unwrap_or(Backend::Cuda);
+            if d.hugepages && backend != Backend::Host {
+                return Err(fail(
+                    Some(d.size.span()),
+                    "hugepages applies to backend = \"host\" only".into(),
+                ));
+            }
+            devices.push(DeviceConfig {
+                size,
+                backend,
+                gpu: d.gpu,
+                priority,
+                discard: d.discard,
+                reserve,
+                copy_mode: d.copy_mode,
+                queues: d.queues.map(|q| q.into_inner()),
+                depth,
+                hugepages: d.hugepages,
+            });
+        }
+        if let Some(p) = raw.power.min_battery_percent {
+            if p > 100 {
+                return Err(fail(
+                    None,
+                    format!("[power] min_battery_percent must be 0-100 (got {p})"),
+                ));
+            }
+        }
+        let min_free_vram = match &raw.pressure.min_free_vram {
+            Some(v) => parse_size(v.get_ref())
+                .map_err(|e| fail(Some(v.span()), format!("min_free_vram: {e}")))?,
+            None => 1 << 30,
+        };
+        Ok(Config {
+            devices,
+            power: raw.power,
+            pressure: PressureConfig {
+                enabled: raw.pressure.enabled,
+                min_free_vram,
+                calm_secs: raw.pressure.calm_secs.unwrap_or(120),
+            },
+        })
+    }
+}
+
+/// 1-based line of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/vramblk.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_file_parses_with_defaults_filled_in() {
+        let c = parse(
+            r#"
+[[device]]
+size = "7G"
+
+[[device]]
+size = "1G"
+backend = "host"
+hugepages = true
+priority = 50
+queues = 2
+depth = 64
+copy_mode = "dma"
+reserve = "1G"
+discard = true
+
+[power]
+enabled = true
+min_battery_percent = 30
+
+[pressure]
+enabled = true
+min_free_vram = "2G"
+calm_secs = 60
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.devices.len(), 2);
+        let d = &c.devices[0];
+        assert_eq!(
+            (d.size, d.backend, d.gpu, d.priority),
+            (7 << 30, Backend::Cuda, 0, 1000)
+        );
+        assert_eq!(
+            (d.reserve, d.depth, d.queues, d.copy_mode),
+            (512 << 20, 128, None, CopyMode::Auto)
+        );
+        let h = &c.devices[1];
+        assert_eq!(
+            (h.backend, h.hugepages, h.priority, h.queues, h.depth),
+            (Backend::Host, true, 50, Some(2), 64)
+        );
+        assert_eq!(
+            (h.copy_mode, h.reserve, h.discard),
+            (CopyMode::Dma, 1 << 30, true)
+        );
+        assert_eq!(
+            c.power,
+            PowerConfig {
+                enabled: true,
+                min_battery_percent: Some(30),
+                poll_secs: 60
+            }
+        );
+        assert_eq!(
+            c.pressure,
+            PressureConfig {
+                enabled: true,
+                min_free_vram: 2 << 30,
+                calm_secs: 60
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_no_devices() {
+        let c = parse("").unwrap();
+        assert!(c.devices.is_empty());
+        assert!(!c.power.enabled && !c.pressure.enabled);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_line_and_a_sentence() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[[device]]\nsize = \"7G\"\nsizee = 1\n",
+                "/etc/vramblk.toml:3: unknown field `sizee`",
+            ),
+            (
+                "[[device]]\nsize = \"seven\"\n",
+                "/etc/vramblk.toml:2: size: 'seven' is not a size",
+            ),
+            (
+                "[[device]]\nsize = \"1000\"\n",
+                "/etc/vramblk.toml:2: size: 1000 bytes is not a multiple of 4 KiB",
+            ),
+            (
+                "[[device]]\ngpu = 1\n",
+                "/etc/vramblk.toml:1: missing field `size`",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\nbackend = \"ram\"\n",
+                "/etc/vramblk.toml:3: unknown variant `ram`",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\npriority = 40000\n",
+                "/etc/vramblk.toml:3: priority must be between -1 and 32767 (got 40000)",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\ndepth = 0\n",
+                "/etc/vramblk.toml:3: depth must be between 1 and 4096 (got 0)",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\nqueues = 0\n",
+                "/etc/vramblk.toml:3: queues must be at least 1",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\nhugepages = true\n",
+                "hugepages applies to backend = \"host\" only",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\ncopy_mode = \"fast\"\n",
+                "/etc/vramblk.toml:3: unknown variant `fast`",
+            ),
+            (
+                "[power]\nmin_battery_percent = 120\n",
+                "[power] min_battery_percent must be 0-100 (got 120)",
+            ),
+            (
+                "[pressure]\nmin_free_vram = \"lots\"\n",
+                "/etc/vramblk.toml:2: min_free_vram: 'lots' is not a size",
+            ),
+            (
+                "[colour]\nx = 1\n",
+                "/etc/vramblk.toml:1: unknown field `colour`",
+            ),
+            ("[[device]\n", "/etc/vramblk.toml:1:"),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).expect_err(text);
+            assert!(
+                got.contains(want),
+                "input {text:?}: got {got:?}, want {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_shipped_default_file_parses() {
+        let text = include_str!("../../../systemd/vramblk.toml");
+        let c = parse(text).unwrap();
+        assert!(!c.power.enabled && !c.pressure.enabled);
+    }
+}

@@ -1,0 +1,84 @@
+//! Guest-side helper for the crash suite: shows where processes wait
+//! while the system is stuck. Locks itself in memory, then every SECS
+//! seconds prints each process's state and kernel wait channel (and, when
+//! tasks stay blocked, has the kernel print their stacks), until
+//! /tmp/pswatch.stop appears.
+//!
+//! usage: pswatch SECS
+
+use std::time::Duration;
+
+fn main() {
+    let secs: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10);
+    // SAFETY: mlockall has no memory-safety preconditions.
+    unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+    let mut line = String::with_capacity(1 << 16);
+    let mut blocked_rounds = 0;
+    while !std::path::Path::new("/tmp/pswatch.stop").exists() {
+        std::thread::sleep(Duration::from_secs(secs));
+        line.clear();
+        line.push_str("INFO pswatch:");
+        let mut blocked = false;
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // "pid (comm) S ..."
+                let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                    continue;
+                };
+                let comm = &stat[open + 1..close];
+                let state = stat[close + 1..].split_whitespace().next().unwrap_or("?");
+                if state == "I" || (state == "S" && comm.starts_with('k')) {
+                    continue;
+                }
+                blocked |= state == "D";
+                let wchan =
+                    std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                line.push_str(&format!(" {pid}:{comm}:{state}:{wchan}"));
+                if comm == "vramblk" {
+                    line.push_str(&threads(pid));
+                }
+            }
+        }
+        println!("{line}");
+        blocked_rounds = if blocked { blocked_rounds + 1 } else { 0 };
+        if blocked_rounds == 2 {
+            // Ask the kernel for the stacks of every blocked task.
+            let _ = std::fs::write("/proc/sysrq-trigger", "w");
+        }
+    }
+}
+
+/// "[tid:state:wchan ...]" for every thread of a process but the first.
+fn threads(pid: &str) -> String {
+    let mut out = String::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        if tid == pid {
+            continue;
+        }
+        let stat =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|c| stat[c + 1..].split_whitespace().next())
+            .unwrap_or("?");
+        let wchan =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan")).unwrap_or_default();
+        out.push_str(&format!(" [{tid}:{state}:{wchan}]"));
+    }
+    out
+}
