@@ -40,7 +40,7 @@ const HOST_BINS: &[&str] = &[
 /// A swap-pressure boot's limits: the whole run, and console silence (the
 /// guest prints a heartbeat every 5 s, so silence means it hung).
 const SWAP_LIMIT_S: u64 = 300;
-const SWAP_QUIET_S: u64 = 30;
+const SWAP_QUIET_S: u64 = 20;
 
 /// Devices tried as swap (rublk null keeps no data, so it cannot be swap).
 const SWAP_DEVICES: &[&str] = &["vramblk", "rublk_loop", "nbd", "zram"];
@@ -55,7 +55,7 @@ pub struct Options {
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut o = Options {
-            secs: 4,
+            secs: 3,
             rounds: 2,
             swap: true,
             jobs: true,
@@ -318,9 +318,12 @@ impl Report<'_> {
              hardware; read the ratios, which compare devices in the same boot. Each device holds \
              2 GiB; fio (libaio, O_DIRECT) runs on vCPU 0 and each server's threads are pinned to \
              vCPU 1; ublk servers run 1 queue of depth 128. Round 1 runs every job on each device in \
-             turn; later rounds repeat the fio jobs in reverse device order to show the spread. The \
-             jobs are `bench/jobs/run-jobs.sh`, which runs against any block device. \"vs NBD\" is \
-             how many times better than NBD in the same boot (above 1 is better, for latency too). \
+             turn; later rounds repeat the fio jobs on vramblk, rublk null and NBD (the devices the \
+             targets compare) in reverse order to show the spread. Every device runs faster in later \
+             rounds (TCG's translation cache warming up), so ratios are taken within a round and \
+             then averaged. The jobs are `bench/jobs/run-jobs.sh`, which runs against any block \
+             device. \"vs NBD\" is how many times better than NBD (above 1 is better, for latency \
+             too). \
              dd writes zeros (as nbd-vram's README does), which zram stores as same-filled pages \
              without compressing, so zram's dd figures flatter it.\n\n\
              ![speed-up over NBD](bench-vm.svg)\n\n",
@@ -355,7 +358,7 @@ impl Report<'_> {
                  1 MiB and reads /proc/meminfo every 50 ms. vramblk's host store sits on the reserved \
                  huge pages, outside the pressured pool, as VRAM would; nbdkit's memory, zram's pool \
                  and rublk's tmpfs file all live in the pressured RAM, which is what using them as \
-                 swap means. A guest whose console falls silent for 30 s (it prints a \
+                 swap means. A guest whose console falls silent for 20 s (it prints a \
                  heartbeat every 5 s) or that has no result after 300 s counts as hung.\n\n",
             );
             md.push_str(&report::swap_table(self.swaps));
