@@ -24,13 +24,30 @@ if [ ! -b "$dev" ]; then
 fi
 /sbin/mkswap "$dev" >/dev/null && /sbin/swapon -p 100 "$dev" || { echo "BENCH-SWAP $label swapon-failed"; exit 0; }
 info "swap bench: $label on $dev; MemAvailable $avail0 MiB at boot, $(mem MemAvailable) MiB after setup; filling $fill MiB"
-# A heartbeat for the host: when it stops, the guest is hung.
-(while :; do sleep 5; echo "BENCH-HEARTBEAT pswpout=$(vmstat_of pswpout) pswpin=$(vmstat_of pswpin)"; done) &
+# A heartbeat for the host (when it stops, the guest is hung); it also
+# calls the run hung when swap has not moved for 20 s while the load runs.
+(
+    last=""
+    same=0
+    while :; do
+        sleep 5
+        now="pswpout=$(vmstat_of pswpout) pswpin=$(vmstat_of pswpin)"
+        echo "BENCH-HEARTBEAT $now"
+        if [ "$now" = "$last" ]; then same=$((same + 1)); else same=0; fi
+        last=$now
+        if [ $same -ge 4 ]; then
+            echo "BENCH-SWAP $label hung"
+            poweroff -f
+        fi
+    done
+) &
+heartbeat=$!
 rm -f /tmp/latprobe.stop
 latprobe 600 >/tmp/latprobe.out 2>&1 &
 out0=$(vmstat_of pswpout); in0=$(vmstat_of pswpin); psi0=$(psi_full); t0=$(uptime_s)
 memcheck $fill 2 >/tmp/mc 2>&1
 rc=$?
+kill $heartbeat 2>/dev/null
 t1=$(uptime_s); out1=$(vmstat_of pswpout); in1=$(vmstat_of pswpin); psi1=$(psi_full)
 touch /tmp/latprobe.stop
 sleep 1

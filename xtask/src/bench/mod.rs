@@ -55,7 +55,7 @@ pub struct Options {
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
         let mut o = Options {
-            secs: 3,
+            secs: 2,
             rounds: 2,
             swap: true,
             jobs: true,
@@ -358,8 +358,9 @@ impl Report<'_> {
                  1 MiB and reads /proc/meminfo every 50 ms. vramblk's host store sits on the reserved \
                  huge pages, outside the pressured pool, as VRAM would; nbdkit's memory, zram's pool \
                  and rublk's tmpfs file all live in the pressured RAM, which is what using them as \
-                 swap means. A guest whose console falls silent for 20 s (it prints a \
-                 heartbeat every 5 s) or that has no result after 300 s counts as hung.\n\n",
+                 swap means. A run counts as hung when swap-in and swap-out have not moved \
+                 for 20 s while the load runs, or when the guest's console (a heartbeat every 5 s) \
+                 falls silent for 20 s.\n\n",
             );
             md.push_str(&report::swap_table(self.swaps));
             md.push('\n');

@@ -266,7 +266,7 @@ pub fn swap_outcome(s: &SwapRun) -> String {
         "done" if swap_ok(s) => "completed, every byte intact".into(),
         "done" if s.field("oom") == Some(1.0) => "OOM kill".into(),
         "done" => format!("failed (memcheck exit {})", s.field("rc").unwrap_or(-1.0)),
-        "hung" => "hung (guest silent for 20 s, or no result in 300 s)".into(),
+        "hung" => "hung (no swap progress for 20 s, or the guest fell silent)".into(),
         other => other.replace('-', " "),
     }
 }
