@@ -44,33 +44,25 @@ pub fn main(
         reporter.fail(&format!("{e:#}"));
         return 1;
     }
+    let ctx = ServeWith {
+        plan,
+        held,
+        run_dir,
+        reporter: reporter.clone(),
+    };
     let result = match &held.memory {
         Memory::Host(store) => {
             if !standby_ready(go, &mut launch) {
                 return 0;
             }
-            serve_store(
-                plan,
-                store.clone(),
-                held,
-                run_dir,
-                &launch,
-                reporter.clone(),
-            )
+            serve_store(&ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|store| {
                 if !standby_ready(go, &mut launch) {
                     return Ok(());
                 }
-                serve_store(
-                    plan,
-                    store.clone(),
-                    held,
-                    run_dir,
-                    &launch,
-                    reporter.clone(),
-                )?;
+                serve_store(&ctx, store.clone(), &launch)?;
                 // The device is gone: zero the VRAM (swap pages can hold
                 // secrets) before the supervisor lets go of it.
                 store.erase()?;
@@ -176,14 +168,22 @@ fn supervisor_pid() -> Option<u32> {
     (p > 1).then_some(p as u32)
 }
 
-fn serve_store<S: Store>(
-    plan: &Plan,
-    store: Arc<S>,
-    held: &Held,
-    run_dir: &Path,
-    launch: &Launch,
+/// What every server serves with, whatever its store.
+struct ServeWith<'a> {
+    plan: &'a Plan,
+    held: &'a Held,
+    run_dir: &'a Path,
     reporter: Reporter,
-) -> Result<()> {
+}
+
+fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Result<()> {
+    let ServeWith {
+        plan,
+        held,
+        run_dir,
+        reporter,
+    } = ctx;
+    let (plan, held, run_dir, reporter) = (*plan, *held, *run_dir, reporter.clone());
     match launch.start {
         Start::Add => log::info!(
             "server: adding a {} device on {} with {} queues x depth {} ({} MiB of io buffers locked)",
