@@ -12,6 +12,7 @@ const LIB: &str = include_str!("../vm/lib.sh");
 const IO_SUITE: &str = include_str!("../vm/io-suite.sh");
 const SWAP_SUITE: &str = include_str!("../vm/swap-suite.sh");
 const CRASH_SUITE: &str = include_str!("../vm/crash-suite.sh");
+const CRASH_SWAP_SUITE: &str = include_str!("../vm/crash-swap-suite.sh");
 
 struct Suite {
     name: &'static str,
@@ -20,6 +21,9 @@ struct Suite {
     cmdline: &'static str,
     host_bins: &'static [&'static str],
     timeout: Duration,
+    /// Run by `cargo xtask test`; the others only when VRAMBLK_VM_SUITE
+    /// names them.
+    default: bool,
 }
 
 const SUITES: &[Suite] = &[
@@ -37,6 +41,7 @@ const SUITES: &[Suite] = &[
             "/usr/bin/setpriv",
         ],
         timeout: Duration::from_secs(25 * 60),
+        default: true,
     },
     Suite {
         name: "swap",
@@ -45,6 +50,7 @@ const SUITES: &[Suite] = &[
         cmdline: "hugepages=256",
         host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
         timeout: Duration::from_secs(15 * 60),
+        default: true,
     },
     Suite {
         name: "crash",
@@ -58,6 +64,16 @@ const SUITES: &[Suite] = &[
             "/sbin/swapoff",
         ],
         timeout: Duration::from_secs(20 * 60),
+        default: true,
+    },
+    Suite {
+        name: "crash-swap",
+        script: CRASH_SWAP_SUITE,
+        memory: "1G",
+        cmdline: "hugepages=256",
+        host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
+        timeout: Duration::from_secs(10 * 60),
+        default: false,
     },
 ];
 
@@ -85,7 +101,11 @@ pub fn run_all(root: &Path) -> Result<()> {
     let (mut passed, mut failed) = (0usize, 0usize);
     let only = std::env::var("VRAMBLK_VM_SUITE").ok();
     for s in SUITES {
-        if only.as_deref().is_some_and(|o| o != s.name) {
+        let chosen = match only.as_deref() {
+            Some(o) => o == s.name,
+            None => s.default,
+        };
+        if !chosen {
             continue;
         }
         let stage = vm_dir.join(format!("stage-{}", s.name));

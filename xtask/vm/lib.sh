@@ -73,3 +73,39 @@ fio_ends_failing() {
     info "fio exit code $rc, ${waited}s after $3"
     check "fio saw I/O errors after $3" [ $rc -ne 0 ]
 }
+
+# --- crash recovery helpers
+mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }
+
+holder_pid() {
+    sed -n 's/.*"holder_pid": *\([0-9]*\).*/\1/p' /run/vramblk/ublkb$1.json 2>/dev/null
+}
+
+# wait_recovered ID OLD_PID: a new server serves the device within 60 s
+wait_recovered() {
+    i=0
+    while [ $i -lt 120 ]; do
+        p=$(daemon_pid $1 2>/dev/null)
+        if [ -n "$p" ] && [ "$p" != "$2" ] && vramblk list 2>/dev/null | grep -q "^$1 .* live "; then
+            info "recovered: server $2 -> $p after about $((i / 2)) s"
+            return 0
+        fi
+        sleep 0.5
+        i=$((i + 1))
+    done
+    return 1
+}
+
+# kill_servers ID N GAP: SIGKILL the serving process N times, GAP seconds
+# after each recovery
+kill_servers() {
+    k=1
+    while [ $k -le $2 ]; do
+        sleep $3
+        p=$(daemon_pid $1)
+        kill -9 "$p"
+        info "kill $k: SIGKILLed server $p"
+        wait_recovered $1 "$p" || { fail "device $1 not recovered after kill $k"; show_logs; return 1; }
+        k=$((k + 1))
+    done
+}

@@ -2,7 +2,6 @@
 # device as the only swap under real memory pressure.
 . /lib/vm/lib.sh
 insmod /lib/modules/ublk_drv.ko || fail "insmod ublk_drv"
-mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }
 info "MemTotal $(mem MemTotal) MiB, MemAvailable $(mem MemAvailable) MiB, HugePages_Free $(awk '/HugePages_Free/ {print $2}' /proc/meminfo)"
 
 dev=$(vramblk add --size 512M --backend host --hugepages --swap --depth 64)
