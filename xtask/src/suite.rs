@@ -12,7 +12,7 @@ const LIB: &str = include_str!("../vm/lib.sh");
 const IO_SUITE: &str = include_str!("../vm/io-suite.sh");
 const SWAP_SUITE: &str = include_str!("../vm/swap-suite.sh");
 const CRASH_SUITE: &str = include_str!("../vm/crash-suite.sh");
-const CRASH_SWAP_SUITE: &str = include_str!("../vm/crash-swap-suite.sh");
+const CRASH_STRESS_SUITE: &str = include_str!("../vm/crash-stress-suite.sh");
 
 struct Suite {
     name: &'static str,
@@ -67,11 +67,16 @@ const SUITES: &[Suite] = &[
         default: true,
     },
     Suite {
-        name: "crash-swap",
-        script: CRASH_SWAP_SUITE,
+        name: "crash-stress",
+        script: CRASH_STRESS_SUITE,
         memory: "1G",
         cmdline: "hugepages=256",
-        host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
+        host_bins: &[
+            "/usr/bin/fio",
+            "/sbin/mkswap",
+            "/sbin/swapon",
+            "/sbin/swapoff",
+        ],
         timeout: Duration::from_secs(10 * 60),
         default: false,
     },
