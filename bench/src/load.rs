@@ -3,9 +3,11 @@
 
 use cudarc::driver::sys;
 use std::time::{Duration, Instant};
-use vramblk_cuda_store::{CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
+use vramblk_cuda_store::{CopyPolicy, CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
 use vramblk_store::{BufferRegion, Completion, Op, Request, Store};
 use vramblk_ublk_target::QueueEngine;
+
+use crate::table::{Row, BASELINE};
 
 const MAX_IO: usize = 512 << 10;
 
@@ -71,13 +73,29 @@ fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bo
     });
     sq.finish(|_| {});
     let mut bad = 0;
-    for _round in 0..300 {
+    for round in 0..300 {
         let n = 1 + rng.below(depth as u64) as usize;
         let mut expect: Vec<Option<(usize, Vec<u8>)>> = vec![None; depth];
+        // Requests in flight together may complete in any order (the
+        // block layer promises nothing between them), so no two of a
+        // round overlap, as with a real submitter.
+        let mut taken: Vec<(u64, u64)> = Vec::new();
         for (tag, expected) in expect.iter_mut().enumerate().take(n) {
             let buf = sq.bufs.slot(tag).unwrap();
-            let size = (1 + rng.below(128)) * 4096;
-            let off = rng.below((len - size) / 4096) * 4096;
+            // Whole sectors, 512 B to 512 KiB, in rounds of 1 to 16: the
+            // copy engines and the kernel both get every shape.
+            let size = (1 + rng.below(1024)) * 512;
+            let mut off = rng.below((len - size) / 512) * 512;
+            for _ in 0..64 {
+                if taken.iter().all(|&(a, b)| off + size <= a || off >= b) {
+                    break;
+                }
+                off = rng.below((len - size) / 512) * 512;
+            }
+            if taken.iter().any(|&(a, b)| off + size > a && off < b) {
+                continue;
+            }
+            taken.push((off, off + size));
             let op = match rng.below(20) {
                 0..=9 => Op::Write,
                 10..=16 => Op::Read,
@@ -118,11 +136,23 @@ fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bo
         for c in got {
             if c.result < 0 {
                 bad += 1;
+                if bad <= 3 {
+                    println!(
+                        "  queue {qid} round {round} tag {}: error {}",
+                        c.tag, c.result
+                    );
+                }
                 continue;
             }
             if let Some((size, want)) = &expect[c.tag as usize] {
-                if slice(sq.bufs.slot(c.tag as usize).unwrap())[..*size] != want[..] {
+                let have = &slice(sq.bufs.slot(c.tag as usize).unwrap())[..*size];
+                if have != &want[..] {
                     bad += 1;
+                    if bad <= 3 {
+                        let first = have.iter().zip(want).position(|(a, b)| a != b);
+                        let wrong = have.iter().zip(want).filter(|(a, b)| a != b).count();
+                        println!("  queue {qid} round {round} tag {}: read of {size} B differs from byte {first:?} ({wrong} bytes wrong)", c.tag);
+                    }
                 }
             }
         }
@@ -130,43 +160,147 @@ fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bo
     bad == 0
 }
 
-pub fn checks(store: &CudaStore) -> Vec<(String, bool)> {
-    let mut out = Vec::new();
-    let half = 128u64 << 20;
+/// The data checks for one store (run once per copy mode).
+pub fn data_checks(store: &CudaStore, mode: &str) -> Vec<(String, bool)> {
+    let queues = 4u16;
+    let part = 128u64 << 20;
     let ok = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..2u16)
+        let hs: Vec<_> = (0..queues)
             .map(|q| {
-                s.spawn(move || shadow_check(store, q, q as u64 * half, half, 0x9E37 + q as u64))
+                s.spawn(move || shadow_check(store, q, q as u64 * part, part, 0x9E37 + q as u64))
             })
             .collect();
         hs.into_iter().all(|h| h.join().unwrap_or(false))
     });
-    out.push(("random mixed ops of random sizes, 2 queues, every byte against a host shadow, poisoned read buffers".into(), ok));
+    vec![(format!("{mode}: random mixed ops (512 B - 512 KiB, write/read/write-zeroes/flush), {queues} queues at once, every byte against a host shadow, read buffers poisoned first"), ok)]
+}
 
-    let big = CudaStore::create(&CudaStoreOptions {
-        size: 1 << 40,
-        gpu: 0,
-        reserve: 512 << 20,
-    });
-    let ok = match &big {
-        Ok(b) => b.size() > 0 && b.size() % BACKOFF_STEP == 0 && b.size() < 1 << 40,
-        Err(_) => false,
-    };
-    let granted = big.as_ref().map(|b| b.size() >> 20).unwrap_or(0);
-    drop(big);
-    out.push((
-        format!(
-            "back-off: 1 TiB asked, {granted} MiB granted in 512 MiB steps beside a live store"
+/// Holds `len` bytes of VRAM (plain cuMemAlloc) until dropped, as another
+/// GPU program would.
+struct HeldVram(sys::CUdeviceptr);
+
+impl HeldVram {
+    fn take(store: &CudaStore, len: usize) -> Option<HeldVram> {
+        store.make_current().ok()?;
+        let mut p = 0;
+        // SAFETY: valid out-pointer.
+        let r = unsafe { sys::cuMemAlloc_v2(&mut p, len) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(HeldVram(p))
+    }
+}
+
+impl Drop for HeldVram {
+    fn drop(&mut self) {
+        // SAFETY: freeing our own allocation.
+        unsafe { sys::cuMemFree_v2(self.0) };
+    }
+}
+
+fn free_vram(store: &CudaStore) -> u64 {
+    let (mut free, mut total) = (0usize, 0usize);
+    let _ = store.make_current();
+    // SAFETY: valid out-pointers.
+    unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
+    free as u64
+}
+
+/// The back-off path and erase, once per run.
+pub fn store_checks(store: &CudaStore) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    // Another program holds all but 3 GiB; a 4 GiB device must come out
+    // smaller, in whole 512 MiB steps, leaving the 512 MiB reserve.
+    let leave = 3u64 << 30;
+    let free = free_vram(store);
+    let held = free
+        .checked_sub(leave)
+        .and_then(|h| HeldVram::take(store, (h - h % (2 << 20)) as usize));
+    let (ok, text) = match held {
+        None => (
+            false,
+            format!("could not hold {} MiB", free.saturating_sub(leave) >> 20),
         ),
+        Some(held) => {
+            let left = free_vram(store);
+            let small = CudaStore::create(&CudaStoreOptions::new(4 << 30, 0));
+            let r = match &small {
+                Ok(b) => (
+                    b.size() > 0
+                        && b.size() % BACKOFF_STEP == 0
+                        && b.size() < 4 << 30
+                        && b.size() + (512 << 20) <= left,
+                    format!("{} MiB free, {} MiB granted", left >> 20, b.size() >> 20),
+                ),
+                Err(e) => (false, format!("{} MiB free, failed: {e}", left >> 20)),
+            };
+            drop(small);
+            drop(held);
+            r
+        }
+    };
+    out.push((
+        format!("back-off: another allocation holds all but 3 GiB, 4 GiB asked: {text} (whole 512 MiB steps, reserve kept)"),
         ok,
     ));
-
-    let ok = store.erase().is_ok() && reads_zero(store);
+    let hold_all = HeldVram::take(store, (free_vram(store).saturating_sub(256 << 20)) as usize);
+    let short = CudaStore::create(&CudaStoreOptions::new(4 << 30, 0));
+    let said = match &short {
+        Err(e) => e.to_string(),
+        Ok(_) => "a store was created".into(),
+    };
     out.push((
-        "erase() zeroes the device (read back 64 random 512 KiB ranges)".into(),
-        ok,
+        format!("VRAM short: with all but 256 MiB held, creating fails with: {said}"),
+        hold_all.is_some() && short.is_err(),
+    ));
+    drop((short, hold_all));
+
+    out.push((
+        "erase on release: a dropped store's VRAM, kept alive through a dup of its fds, reads back as zeroes".into(),
+        erased_on_release(),
     ));
     out
+}
+
+/// Fills a 256 MiB store with 0x5A, keeps its VRAM alive through dups of
+/// its exported fds, drops it, imports the VRAM again and reads zeroes.
+fn erased_on_release() -> bool {
+    let Ok(a) = CudaStore::create(&CudaStoreOptions::new(256 << 20, 0)) else {
+        return false;
+    };
+    let size = a.size();
+    let mut sq = SynthQueue::open(&a, 0, 1);
+    let buf = sq.bufs.slot(0).unwrap();
+    slice(buf).fill(0x5A);
+    for off in (0..size).step_by(MAX_IO) {
+        sq.engine.enqueue(Request {
+            tag: 0,
+            op: Op::Write,
+            offset: off,
+            len: MAX_IO as u32,
+            buf,
+        });
+        sq.finish(|_| {});
+    }
+    drop(sq);
+    let kept: Vec<(usize, std::os::fd::OwnedFd)> = a
+        .exported_chunks()
+        .into_iter()
+        .filter_map(|(len, fd)| fd.try_clone_to_owned().ok().map(|f| (len, f)))
+        .collect();
+    drop(a);
+    let borrowed: Vec<(usize, std::os::fd::BorrowedFd)> = kept
+        .iter()
+        .map(|(l, f)| (*l, std::os::fd::AsFd::as_fd(f)))
+        .collect();
+    match CudaStore::import(0, size, &borrowed, CopyPolicy::AUTO) {
+        Ok(b) => {
+            b.set_erase_on_drop(false);
+            reads_zero(&b)
+        }
+        Err(e) => {
+            println!("erase on release: import failed: {e}");
+            false
+        }
+    }
 }
 
 fn reads_zero(store: &CudaStore) -> bool {
@@ -280,7 +414,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 /// nbd-vram's shape: one thread, one synchronous cuMemcpy per 4 KiB
 /// request from a pageable buffer.
-fn baseline(store: &CudaStore, write: bool, secs: f64) -> (f64, f64, f64) {
+fn baseline(store: &CudaStore, write: bool, secs: f64) -> Row {
     store.make_current().unwrap();
     let len = 1usize << 30;
     let mut dev = 0;
@@ -308,65 +442,91 @@ fn baseline(store: &CudaStore, write: bool, secs: f64) -> (f64, f64, f64) {
     let iops = n as f64 / start.elapsed().as_secs_f64();
     // SAFETY: freeing our allocation.
     unsafe { sys::cuMemFree_v2(dev) };
-    (iops, pct(&mut lat, 0.5), pct(&mut lat, 0.99))
+    Row {
+        name: format!(
+            "baseline: nbd-vram shape, 4 KiB rand{}, sync cuMemcpy from pageable",
+            if write { "write" } else { "read" }
+        ),
+        mode: BASELINE.into(),
+        read: !write,
+        bs: 4096,
+        queues: 1,
+        depth: 1,
+        iops,
+        gbps: iops * 4096.0 / 1e9,
+        p50: pct(&mut lat, 0.5),
+        p99: pct(&mut lat, 0.99),
+        errors: 0,
+    }
 }
 
-pub fn bench(store: &CudaStore, secs: f64) -> String {
-    let (base_w, bw50, bw99) = baseline(store, true, secs);
-    let (base_r, br50, br99) = baseline(store, false, secs);
-    let mut t = String::from("| shape | queues x depth | IOPS | GB/s | p50 us | p99 us | vs nbd-vram shape |\n| --- | --- | --- | --- | --- | --- | --- |\n");
-    t += &format!("| baseline: nbd-vram shape, 4 KiB randwrite, sync cuMemcpy from pageable | 1 x 1 | {base_w:.0} | {:.2} | {bw50:.1} | {bw99:.1} | 1.0x |\n", base_w * 4096.0 / 1e9);
-    t += &format!("| baseline: nbd-vram shape, 4 KiB randread | 1 x 1 | {base_r:.0} | {:.2} | {br50:.1} | {br99:.1} | 1.0x |\n", base_r * 4096.0 / 1e9);
-    let shapes: &[(&str, Pattern, u64, u16, usize)] = &[
-        ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 1),
-        ("4 KiB randread", Pattern::RandRead, 4096, 1, 1),
-        ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 32),
-        ("4 KiB randread", Pattern::RandRead, 4096, 1, 32),
-        ("4 KiB randwrite", Pattern::RandWrite, 4096, 16, 128),
-        ("4 KiB randread", Pattern::RandRead, 4096, 16, 128),
-        ("4 KiB 70/30 read/write", Pattern::Mix70, 4096, 16, 128),
-        ("128 KiB seq write", Pattern::SeqWrite, 128 << 10, 4, 32),
-        ("128 KiB seq read", Pattern::SeqRead, 128 << 10, 4, 32),
-        ("512 KiB seq write", Pattern::SeqWrite, 512 << 10, 4, 32),
-        ("512 KiB seq read", Pattern::SeqRead, 512 << 10, 4, 32),
-    ];
-    for &(name, p, bs, queues, depth) in shapes {
-        let start = Instant::now();
-        let outs: Vec<Outcome> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..queues)
-                .map(|q| s.spawn(move || drive(store, q, depth, bs, p, secs)))
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("queue thread"))
-                .collect()
-        });
-        let el = start.elapsed().as_secs_f64();
-        let ios: u64 = outs.iter().map(|o| o.ios).sum();
-        let bytes: u64 = outs.iter().map(|o| o.bytes).sum();
-        let errors: u64 = outs.iter().map(|o| o.errors).sum();
-        let mut lat: Vec<f64> = outs.into_iter().flat_map(|o| o.lat_us).collect();
-        let iops = ios as f64 / el;
-        let base = if matches!(p, Pattern::RandRead | Pattern::SeqRead) {
-            base_r
-        } else {
-            base_w
-        };
-        let ratio = if bs == 4096 {
-            format!("{:.1}x", iops / base)
-        } else {
-            "-".into()
-        };
-        t += &format!(
-            "| {name}{} | {queues} x {depth} | {iops:.0} | {:.2} | {:.1} | {:.1} | {ratio} |\n",
-            if errors > 0 {
-                format!(" ({errors} errors)")
-            } else {
-                String::new()
-            },
-            bytes as f64 / el / 1e9,
-            pct(&mut lat, 0.5),
-            pct(&mut lat, 0.99)
-        );
+/// Every shape on each (mode, store) given, after the nbd-vram-shaped
+/// baseline, all in this process.
+pub fn bench(stores: &[(&str, &CudaStore)], secs: f64) -> Vec<Row> {
+    let Some(&(_, first)) = stores.first() else {
+        return Vec::new();
+    };
+    let mut rows = vec![baseline(first, true, secs), baseline(first, false, secs)];
+    for &(mode, store) in stores {
+        for &(name, p, bs, queues, depth) in SHAPES {
+            rows.push(run_shape(store, mode, name, p, bs, queues, depth, secs));
+        }
     }
-    t
+    rows
+}
+
+const SHAPES: &[(&str, Pattern, u64, u16, usize)] = &[
+    ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 1),
+    ("4 KiB randread", Pattern::RandRead, 4096, 1, 1),
+    ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 32),
+    ("4 KiB randread", Pattern::RandRead, 4096, 1, 32),
+    ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 128),
+    ("4 KiB randread", Pattern::RandRead, 4096, 1, 128),
+    ("4 KiB randwrite", Pattern::RandWrite, 4096, 16, 128),
+    ("4 KiB randread", Pattern::RandRead, 4096, 16, 128),
+    ("4 KiB 70/30 read/write", Pattern::Mix70, 4096, 16, 128),
+    ("128 KiB seq write", Pattern::SeqWrite, 128 << 10, 4, 32),
+    ("128 KiB seq read", Pattern::SeqRead, 128 << 10, 4, 32),
+    ("512 KiB seq write", Pattern::SeqWrite, 512 << 10, 4, 32),
+    ("512 KiB seq read", Pattern::SeqRead, 512 << 10, 4, 32),
+];
+
+#[allow(clippy::too_many_arguments)]
+fn run_shape(
+    store: &CudaStore,
+    mode: &str,
+    name: &str,
+    p: Pattern,
+    bs: u64,
+    queues: u16,
+    depth: usize,
+    secs: f64,
+) -> Row {
+    let start = Instant::now();
+    let outs: Vec<Outcome> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..queues)
+            .map(|q| s.spawn(move || drive(store, q, depth, bs, p, secs)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("queue thread"))
+            .collect()
+    });
+    let el = start.elapsed().as_secs_f64();
+    let ios: u64 = outs.iter().map(|o| o.ios).sum();
+    let bytes: u64 = outs.iter().map(|o| o.bytes).sum();
+    let errors: u64 = outs.iter().map(|o| o.errors).sum();
+    let mut lat: Vec<f64> = outs.into_iter().flat_map(|o| o.lat_us).collect();
+    Row {
+        name: name.to_string(),
+        mode: mode.to_string(),
+        read: matches!(p, Pattern::RandRead | Pattern::SeqRead),
+        bs,
+        queues,
+        depth,
+        iops: ios as f64 / el,
+        gbps: bytes as f64 / el / 1e9,
+        p50: pct(&mut lat, 0.5),
+        p99: pct(&mut lat, 0.99),
+        errors,
+    }
 }

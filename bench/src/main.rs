@@ -6,13 +6,20 @@
 //! (kill and recover, as the supervisor and its servers do).
 //!
 //! usage: engine-bench [--gpu N] [--size GiB] [--secs S] [--out FILE]
+//!
+//! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
+//! usable GPU here; the reason is printed).
 
 mod load;
 mod recovery;
+mod table;
 
 use anyhow::{bail, Result};
 use std::sync::Arc;
-use vramblk_cuda_store::{CudaStore, CudaStoreOptions};
+use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
+
+/// Exit status for "no GPU here" (automake's SKIP).
+const SKIPPED: i32 = 77;
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -35,43 +42,92 @@ fn main() -> Result<()> {
         .cloned();
     // First, while this process has not touched CUDA (the check forks).
     let recovery = recovery::kill_and_recover(gpu, 1 << 30, 3);
-    let store = match CudaStore::create(&CudaStoreOptions {
-        size,
-        gpu,
-        reserve: 512 << 20,
-    }) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            return Ok(());
+    // Every copy mode gets its own store: auto (the default: the copy
+    // kernel for rounds of 4 requests or more), dma (copy engines only)
+    // and, to show why auto leaves small rounds to the copy engines, the
+    // kernel for every round.
+    let modes: [(&str, CopyPolicy); 3] = [
+        ("auto", CopyPolicy::AUTO),
+        ("dma", CopyPolicy::DMA),
+        (
+            "kernel-always",
+            CopyPolicy {
+                kernel_min_batch: 1,
+                ..CopyPolicy::AUTO
+            },
+        ),
+    ];
+    let mut stores = Vec::new();
+    for (mode, copy) in modes {
+        let opts = CudaStoreOptions {
+            copy,
+            ..CudaStoreOptions::new(size, gpu)
+        };
+        match CudaStore::create(&opts) {
+            Ok(s) => stores.push((mode, Arc::new(s))),
+            Err(e) => {
+                println!("SKIPPED: {e}");
+                std::process::exit(SKIPPED);
+            }
         }
-    };
+    }
+    let store = stores[0].1.clone();
     let mut version = 0;
     // SAFETY: valid out-pointer; the driver is initialised by create().
     unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
     let header = format!(
-        "GPU: {}, driver CUDA {}.{}, device {} GiB",
+        "GPU: {}, driver CUDA {}.{}, device {} GiB, `engine-bench --size {} --secs {secs}`, {}",
         store.gpu_name(),
         version / 1000,
         (version % 1000) / 10,
-        size >> 30
+        size >> 30,
+        size >> 30,
+        utc_now()
     );
     println!("{header}");
 
     let mut failures = 0;
     let recovery = recovery
         .unwrap_or_else(|e| vec![(format!("kill-and-recover could not start: {e}"), false)]);
-    for (name, ok) in recovery.into_iter().chain(load::checks(&store)) {
-        println!("{} {name}", if ok { "PASS" } else { "FAIL" });
+    let mut results = recovery;
+    for (mode, s) in &stores {
+        if s.copy_policy() == CopyPolicy::DMA && *mode != "dma" {
+            results.push((format!("{mode}: the copy kernel loaded"), false));
+        }
+        results.extend(load::data_checks(s, mode));
+    }
+    results.extend(load::store_checks(&store));
+    let mut checks = String::new();
+    for (name, ok) in results {
+        let line = format!("{} {name}", if ok { "PASS" } else { "FAIL" });
+        println!("{line}");
+        checks += &format!("- {line}\n");
         failures += usize::from(!ok);
     }
-    let table = load::bench(&store, secs);
-    println!("{header}\n{table}");
+    let by_mode: Vec<(&str, &CudaStore)> = stores.iter().map(|(m, s)| (*m, &**s)).collect();
+    let rows = load::bench(&by_mode, secs);
+    let report = format!(
+        "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### Every shape\n\n{}",
+        table::targets(&rows, "auto"),
+        table::table(&rows)
+    );
+    println!("{report}");
     if let Some(path) = out {
-        std::fs::write(path, format!("{header}\n\n{table}"))?;
+        std::fs::write(path, report)?;
     }
     if failures > 0 {
         bail!("{failures} check(s) failed");
     }
     Ok(())
+}
+
+/// The time now in UTC, as `date -u` prints it (no date crate for one line).
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "date unknown".into())
 }

@@ -12,7 +12,7 @@
 use crate::load::{slice, SynthQueue};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
-use vramblk_cuda_store::{CudaStore, CudaStoreOptions};
+use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::{handoff, Op, Request, Store};
 
 const DEPTH: usize = 16;
@@ -113,11 +113,7 @@ fn exited_ok(status: Option<libc::c_int>) -> bool {
 pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, bool)>, String> {
     let (holder, child_end) = handoff::socket_pair().map_err(|e| e.to_string())?;
     let first = in_child(|| {
-        let store = match CudaStore::create(&CudaStoreOptions {
-            size,
-            gpu,
-            reserve: 512 << 20,
-        }) {
+        let store = match CudaStore::create(&CudaStoreOptions::new(size, gpu)) {
             Ok(s) => s,
             Err(e) => {
                 let _ = handoff::send(child_end.as_fd(), &format!("ERR {e}"), &[]);
@@ -157,7 +153,7 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         || -> Vec<(usize, BorrowedFd)> { chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect() };
     for round in 1..=kills {
         let status = in_child(|| {
-            let Ok(store) = CudaStore::import(gpu, got_size, &borrowed()) else {
+            let Ok(store) = CudaStore::import(gpu, got_size, &borrowed(), CopyPolicy::AUTO) else {
                 return 5;
             };
             store.set_erase_on_drop(false);
@@ -174,7 +170,7 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         std::thread::sleep(Duration::from_millis(100));
     }
     let last = in_child(|| {
-        let Ok(store) = CudaStore::import(gpu, got_size, &borrowed()) else {
+        let Ok(store) = CudaStore::import(gpu, got_size, &borrowed(), CopyPolicy::AUTO) else {
             return 5;
         };
         if sweep(&store, kills + 1, false) != 0 {

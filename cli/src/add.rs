@@ -1,13 +1,13 @@
 //! `vramblk add`.
 
-use crate::args::{AddArgs, BackendArg};
+use crate::args::{AddArgs, BackendArg, CopyModeArg};
 use crate::daemon::{self, Reporter};
 use crate::host::{cpu_count, require_driver, require_root};
 use crate::supervise::{self, Mode};
 use crate::swap;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
-use vramblk_config::{defaults, parse_size, Backend, DeviceRecord, RUN_DIR};
+use vramblk_config::{defaults, parse_size, Backend, CopyMode, DeviceRecord, RUN_DIR};
 use vramblk_host_store::{HostStore, HostStoreOptions};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
 use vramblk_ublk_target::DeviceOptions;
@@ -19,6 +19,7 @@ pub struct Plan {
     pub hugetlb: bool,
     pub gpu: u32,
     pub reserve: u64,
+    pub copy_mode: CopyMode,
     pub device: DeviceOptions,
     /// Where the supervisor and its servers log ("-": the terminal).
     pub log: PathBuf,
@@ -50,6 +51,10 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         hugetlb: a.hugepages,
         gpu: a.gpu,
         reserve,
+        copy_mode: match a.copy_mode {
+            CopyModeArg::Auto => CopyMode::Auto,
+            CopyModeArg::Dma => CopyMode::Dma,
+        },
         device,
         log: PathBuf::from("-"),
     })

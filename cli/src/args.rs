@@ -48,6 +48,17 @@ pub enum BackendArg {
     Host,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CopyModeArg {
+    /// The requests of each queue round move together through one copy
+    /// kernel on the GPU's SMs (rounds of 1-3 requests use the copy
+    /// engines, which answer a lone request sooner).
+    Auto,
+    /// Copy engines only: one DMA copy per request, no SM time taken from
+    /// other GPU work (slower for small random I/O).
+    Dma,
+}
+
 #[derive(Args, Debug)]
 pub struct AddArgs {
     /// Device size: 7G, 7GiB, 512M, 1073741824 (binary units; a multiple of 4 KiB).
@@ -71,6 +82,10 @@ pub struct AddArgs {
     /// Hardware queues (one thread each); default: one per CPU.
     #[arg(long, value_name = "N")]
     pub queues: Option<u16>,
+
+    /// How data moves between the io buffers and VRAM (--backend cuda).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub copy_mode: CopyModeArg,
 
     /// Requests in flight per queue.
     #[arg(long, value_name = "N", default_value_t = defaults::QUEUE_DEPTH)]

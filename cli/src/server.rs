@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use vramblk_config::{format_size, Backend, DeviceRecord};
-use vramblk_cuda_store::{CudaStore, CudaStoreOptions};
+use vramblk_config::{format_size, Backend, CopyMode, DeviceRecord};
+use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;
 use vramblk_ublk_target::control::bdev_path;
 use vramblk_ublk_target::{serve, Start};
@@ -80,6 +80,14 @@ pub fn main(
     }
 }
 
+/// The store's copy policy for the plan's copy mode.
+fn copy_policy(plan: &Plan) -> CopyPolicy {
+    match plan.copy_mode {
+        CopyMode::Auto => CopyPolicy::AUTO,
+        CopyMode::Dma => CopyPolicy::DMA,
+    }
+}
+
 /// The VRAM of a cuda server: imported from what the supervisor holds, or
 /// allocated (first start) and handed to the supervisor, so it outlives
 /// this server. Either way it is not erased when this server ends badly.
@@ -89,12 +97,13 @@ fn open_vram(
     servers_end: BorrowedFd,
 ) -> Result<Arc<CudaStore>> {
     let store = match held {
-        Some(v) => CudaStore::import(plan.gpu, v.size, &v.borrowed())?,
+        Some(v) => CudaStore::import(plan.gpu, v.size, &v.borrowed(), copy_policy(plan))?,
         None => {
             let store = CudaStore::create(&CudaStoreOptions {
                 size: plan.size,
                 gpu: plan.gpu,
                 reserve: plan.reserve,
+                copy: copy_policy(plan),
             })?;
             if store.size() < plan.size {
                 log::warn!(

@@ -1,17 +1,107 @@
-//! One queue's data path: its own stream, its io buffers pinned once, one
-//! event per round of requests, completions found by polling.
+//! One queue's data path: its own stream, its io buffers pinned and
+//! device-mapped once, one event per round of requests, completions found
+//! by polling. Within a round, requests up to the kernel limit go out
+//! together through one launch of the copy kernel; larger ones (and all of
+//! them in DMA mode) as one async copy each on the copy engines.
 
-use crate::driver::check;
+use crate::driver::{check, describe};
+use crate::kernel::{self, Desc, THREADS};
+use crate::CopyPolicy;
 use cudarc::driver::sys;
 use std::collections::VecDeque;
 use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreError};
 
+/// A round's descriptors for the copy kernel, in pinned host memory the GPU
+/// reads directly. Owned by its round, so a table is never rewritten while
+/// a launch that reads it may still run.
+struct DescTable {
+    host: *mut Desc,
+    dev: sys::CUdeviceptr,
+    cap: usize,
+    len: usize,
+}
+
+impl DescTable {
+    const fn empty() -> DescTable {
+        DescTable {
+            host: std::ptr::null_mut(),
+            dev: 0,
+            cap: 0,
+            len: 0,
+        }
+    }
+
+    /// Makes room for `n` descriptors, dropping what the table held.
+    fn reserve(&mut self, n: usize) -> Result<(), StoreError> {
+        self.len = 0;
+        if n <= self.cap {
+            return Ok(());
+        }
+        self.free();
+        let cap = n.next_power_of_two().max(256);
+        let mut host = std::ptr::null_mut();
+        // SAFETY: valid out-pointers; the allocation is freed in free().
+        unsafe {
+            check(
+                sys::cuMemHostAlloc(
+                    &mut host,
+                    cap * std::mem::size_of::<Desc>(),
+                    sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
+                ),
+                "allocating the copy kernel's descriptor table",
+            )?;
+            self.host = host.cast();
+            self.cap = cap;
+            check(
+                sys::cuMemHostGetDevicePointer_v2(&mut self.dev, host, 0),
+                "mapping the descriptor table",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, d: Desc) {
+        if self.len < self.cap {
+            // SAFETY: len < cap, inside the allocation; the GPU does not
+            // read this table until the launch that follows.
+            unsafe { self.host.add(self.len).write(d) };
+            self.len += 1;
+        }
+    }
+
+    fn free(&mut self) {
+        if !self.host.is_null() {
+            // SAFETY: allocated by cuMemHostAlloc in reserve(); no launch
+            // reading it is in flight (its round is finished).
+            unsafe { sys::cuMemFreeHost(self.host.cast()) };
+        }
+        *self = DescTable::empty();
+    }
+}
+
+impl Extend<Desc> for DescTable {
+    fn extend<I: IntoIterator<Item = Desc>>(&mut self, iter: I) {
+        for d in iter {
+            self.push(d);
+        }
+    }
+}
+
 /// Requests issued together and the event recorded after them. Finished
-/// rounds are kept (event and emptied list) for reuse, so the hot path
-/// neither creates events nor allocates.
+/// rounds are kept (event, emptied list, descriptor table) for reuse, so
+/// the hot path neither creates events nor allocates.
 struct Round {
     event: sys::CUevent,
     completions: Vec<Completion>,
+    descs: DescTable,
+}
+
+/// How a queue moves data, fixed when it opens.
+#[derive(Clone, Copy)]
+pub(crate) struct CopyPath {
+    /// The loaded copy kernel; None: copy engines only.
+    pub(crate) kernel: Option<sys::CUfunction>,
+    pub(crate) policy: CopyPolicy,
 }
 
 pub struct CudaQueue {
@@ -19,8 +109,14 @@ pub struct CudaQueue {
     base: sys::CUdeviceptr,
     stream: sys::CUstream,
     pinned: *mut std::ffi::c_void,
+    /// The io buffers' address as the GPU sees them.
+    pinned_dev: sys::CUdeviceptr,
+    pinned_len: usize,
+    path: CopyPath,
     rounds: VecDeque<Round>,
     spare: Vec<Round>,
+    /// Scratch for a round's kernel-moved requests (kept for its capacity).
+    kernel_done: Vec<Completion>,
     in_flight: usize,
 }
 
@@ -29,14 +125,19 @@ impl CudaQueue {
         ctx: sys::CUcontext,
         base: sys::CUdeviceptr,
         buffers: &BufferRegion,
+        path: CopyPath,
     ) -> Result<CudaQueue, StoreError> {
         let mut q = CudaQueue {
             ctx,
             base,
             stream: std::ptr::null_mut(),
             pinned: std::ptr::null_mut(),
+            pinned_dev: 0,
+            pinned_len: buffers.len(),
+            path,
             rounds: VecDeque::new(),
             spare: Vec::new(),
+            kernel_done: Vec::new(),
             in_flight: 0,
         };
         // The queue is used only on the thread that opens it (the queue's
@@ -63,6 +164,14 @@ impl CudaQueue {
             )?;
         }
         q.pinned = buffers.base().cast();
+        if q.path.kernel.is_some() {
+            // SAFETY: the range was registered with DEVICEMAP just above.
+            let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut q.pinned_dev, q.pinned, 0) };
+            if let Err(e) = check(r, "mapping the io buffers for the GPU") {
+                log::warn!("{e}; this queue uses the copy engines only");
+                q.path.kernel = None;
+            }
+        }
         Ok(q)
     }
 
@@ -81,7 +190,61 @@ impl CudaQueue {
         Ok(Round {
             event: e,
             completions: Vec::new(),
+            descs: DescTable::empty(),
         })
+    }
+
+    /// The device address of a request's buffer, when the request goes
+    /// through the kernel.
+    fn kernel_buffer(&self, r: &Request) -> Option<u64> {
+        self.path.kernel?;
+        if !r.op.uses_buffer() || r.len > self.path.policy.kernel_max {
+            return None;
+        }
+        let at = (r.buf.as_ptr() as usize).checked_sub(self.pinned as usize)?;
+        if at + r.len as usize > self.pinned_len {
+            return None;
+        }
+        let buf = self.pinned_dev + at as u64;
+        kernel::kernel_can_move(buf, self.base + r.offset, r.len).then_some(buf)
+    }
+
+    /// Launches the kernel over the round's table; false when it failed.
+    fn launch(&self, descs: &DescTable) -> bool {
+        if descs.len == 0 {
+            return true;
+        }
+        let Some(function) = self.path.kernel else {
+            return false;
+        };
+        let mut table = descs.dev;
+        let mut n = descs.len as u32;
+        let mut params = [
+            (&mut table as *mut u64).cast::<std::ffi::c_void>(),
+            (&mut n as *mut u32).cast::<std::ffi::c_void>(),
+        ];
+        // SAFETY: the parameters match copy_list(u64, u32); the table and
+        // every address in it stay valid until the round's event completes.
+        let r = unsafe {
+            sys::cuLaunchKernel(
+                function,
+                n,
+                1,
+                1,
+                THREADS,
+                1,
+                1,
+                0,
+                self.stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            log::error!("copy kernel launch ({n} pieces): {}", describe(r));
+            return false;
+        }
+        true
     }
 
     /// Issues one request on the stream; its result once the stream
@@ -132,10 +295,48 @@ impl QueueStore for CudaQueue {
                 return;
             }
         };
+        // Small requests first into the kernel's table, the rest straight
+        // onto the copy engines; the launch goes after them on the stream.
+        let (mut eligible, mut pieces) = (0usize, 0usize);
+        for r in batch.iter().filter(|r| self.kernel_buffer(r).is_some()) {
+            eligible += 1;
+            pieces += kernel::piece_count(r.len);
+        }
+        round.descs.len = 0;
+        let use_kernel = eligible >= self.path.policy.kernel_min_batch
+            && match round.descs.reserve(pieces) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!("{e}; this round uses the copy engines");
+                    false
+                }
+            };
+        let mut kernel_done = std::mem::take(&mut self.kernel_done);
         for r in batch.drain(..) {
+            if let (true, Some(buf)) = (use_kernel, self.kernel_buffer(&r)) {
+                let vram = self.base + r.offset;
+                let (src, dst) = match r.op {
+                    Op::Write => (buf, vram),
+                    _ => (vram, buf),
+                };
+                kernel::pieces(src, dst, r.len, &mut round.descs);
+                kernel_done.push(Completion {
+                    tag: r.tag,
+                    result: r.len as i32,
+                });
+                continue;
+            }
             let result = self.issue(&r);
             round.completions.push(Completion { tag: r.tag, result });
         }
+        let launched = self.launch(&round.descs);
+        round
+            .completions
+            .extend(kernel_done.drain(..).map(|c| Completion {
+                tag: c.tag,
+                result: if launched { c.result } else { -libc::EIO },
+            }));
+        self.kernel_done = kernel_done;
         // SAFETY: event and stream are ours.
         match check(
             unsafe { sys::cuEventRecord(round.event, self.stream) },
@@ -195,11 +396,9 @@ impl Drop for CudaQueue {
             if !self.stream.is_null() {
                 sys::cuStreamSynchronize(self.stream);
             }
-            for r in self.rounds.drain(..) {
+            for mut r in self.rounds.drain(..).chain(self.spare.drain(..)) {
                 sys::cuEventDestroy_v2(r.event);
-            }
-            for r in self.spare.drain(..) {
-                sys::cuEventDestroy_v2(r.event);
+                r.descs.free();
             }
             if !self.pinned.is_null() {
                 sys::cuMemHostUnregister(self.pinned);

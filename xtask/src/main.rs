@@ -7,9 +7,14 @@
 //!   runs the kernel-path checks.
 //! - `bench`: vramblk beside NBD, zram and rublk in one VM boot, and each
 //!   as swap under memory pressure; rewrites docs/benchmarks.md's VM part.
+//! - `bench-engine`: the CUDA store's GPU checks and benchmark (engine-bench)
+//!   here when there is a GPU, or `--report FILE` from a run elsewhere;
+//!   rewrites docs/benchmarks.md's GPU part.
 
 mod bench;
+mod bench_engine;
 mod deps;
+mod docs;
 mod initramfs;
 mod kernel;
 mod qemu;
@@ -37,8 +42,9 @@ fn run() -> Result<()> {
         "unit-test" => unit_test(),
         "vm-test" => suite::run_all(&root()?),
         "bench" => bench::run(&root()?, &bench::Options::parse(&args[1..])?),
+        "bench-engine" => bench_engine::run(&root()?, &bench_engine::Options::parse(&args[1..])?),
         _ => {
-            eprintln!("usage: cargo xtask <test|unit-test|vm-test|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]>");
+            eprintln!("usage: cargo xtask <test|unit-test|vm-test|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]>");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {

@@ -278,14 +278,7 @@ impl Report<'_> {
         }
         let section = self.markdown();
         let path = docs.join("benchmarks.md");
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-        let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if e > b => {
-                format!("{}{section}{}", &old[..b], &old[e + END.len()..])
-            }
-            _ => format!("{old}\n{section}\n"),
-        };
-        std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+        crate::docs::splice(&path, BEGIN, END, &section)?;
         println!("{section}");
         println!("== wrote {} and {}", path.display(), svg.display());
         Ok(())

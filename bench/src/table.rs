@@ -1,0 +1,173 @@
+//! The benchmark's rows, their Markdown table and the issue's targets.
+
+/// The mode column of the nbd-vram-shaped baseline rows.
+pub const BASELINE: &str = "baseline";
+
+/// One measured shape.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub name: String,
+    pub mode: String,
+    pub read: bool,
+    pub bs: u64,
+    pub queues: u16,
+    pub depth: usize,
+    pub iops: f64,
+    pub gbps: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub errors: u64,
+}
+
+impl Row {
+    fn is_4k_random(&self) -> bool {
+        self.bs == 4096 && self.name.contains("rand")
+    }
+}
+
+/// IOPS of the baseline row for the row's direction.
+fn baseline_iops(rows: &[Row], read: bool) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.mode == BASELINE && r.read == read)
+        .map(|r| r.iops)
+}
+
+pub fn table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| shape | copy mode | queues x depth | IOPS | GB/s | p50 us | p99 us | vs nbd-vram shape |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        let ratio = match baseline_iops(rows, r.read) {
+            Some(b) if r.is_4k_random() && b > 0.0 && !r.name.contains("70/30") => {
+                format!("{:.1}x", r.iops / b)
+            }
+            _ => "-".into(),
+        };
+        let errors = if r.errors > 0 {
+            format!(" ({} errors)", r.errors)
+        } else {
+            String::new()
+        };
+        t += &format!(
+            "| {}{errors} | {} | {} x {} | {:.0} | {:.2} | {:.1} | {:.1} | {ratio} |\n",
+            r.name, r.mode, r.queues, r.depth, r.iops, r.gbps, r.p50, r.p99
+        );
+    }
+    t
+}
+
+/// What the issue asks of the default (auto) mode, measured.
+pub fn targets(rows: &[Row], mode: &str) -> String {
+    let find = |bs: u64, read: bool, q: u16, d: usize| {
+        rows.iter().find(|r| {
+            r.mode == mode
+                && r.bs == bs
+                && r.read == read
+                && r.queues == q
+                && r.depth == d
+                && !r.name.contains("70/30")
+        })
+    };
+    let mut t = String::from("| target | measured | met |\n| --- | --- | --- |\n");
+    let mut line = |what: String, got: Option<f64>, unit: &str, ok: &dyn Fn(f64) -> bool| {
+        let (text, met) = match got {
+            Some(v) => (format!("{v:.2}{unit}"), if ok(v) { "yes" } else { "no" }),
+            None => ("not measured".into(), "no"),
+        };
+        t += &format!("| {what} | {text} | {met} |\n");
+    };
+    for read in [false, true] {
+        let dir = if read { "read" } else { "write" };
+        line(
+            format!("4 KiB random {dir}, 16 queues x depth 128 >= 5 M IOPS"),
+            find(4096, read, 16, 128).map(|r| r.iops / 1e6),
+            " M",
+            &|v| v >= 5.0,
+        );
+    }
+    for read in [false, true] {
+        let dir = if read { "read" } else { "write" };
+        line(
+            format!("4 KiB random {dir}, 1 queue x depth 32 >= 1.5 M IOPS"),
+            find(4096, read, 1, 32).map(|r| r.iops / 1e6),
+            " M",
+            &|v| v >= 1.5,
+        );
+    }
+    for read in [false, true] {
+        let dir = if read { "read" } else { "write" };
+        let ratio = find(4096, read, 16, 128)
+            .zip(baseline_iops(rows, read))
+            .map(|(r, b)| r.iops / b);
+        line(
+            format!("4 KiB random {dir} (16 x 128) >= 20x the nbd-vram-shaped baseline"),
+            ratio,
+            "x",
+            &|v| v >= 20.0,
+        );
+    }
+    for read in [false, true] {
+        let dir = if read { "read" } else { "write" };
+        line(
+            format!("512 KiB sequential {dir} >= 40 GB/s"),
+            find(512 << 10, read, 4, 32).map(|r| r.gbps),
+            " GB/s",
+            &|v| v >= 40.0,
+        );
+    }
+    for read in [false, true] {
+        let dir = if read { "read" } else { "write" };
+        line(
+            format!("QD1 4 KiB {dir}, submit to completion seen by the queue, p50 <= 12 us"),
+            find(4096, read, 1, 1).map(|r| r.p50),
+            " us",
+            &|v| v <= 12.0,
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(mode: &str, read: bool, bs: u64, q: u16, d: usize, iops: f64) -> Row {
+        Row {
+            name: format!("{} KiB rand", bs >> 10),
+            mode: mode.into(),
+            read,
+            bs,
+            queues: q,
+            depth: d,
+            iops,
+            gbps: iops * bs as f64 / 1e9,
+            p50: 8.0,
+            p99: 20.0,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn targets_read_the_auto_rows_against_the_baseline() {
+        let rows = vec![
+            row(BASELINE, false, 4096, 1, 1, 100_000.0),
+            row(BASELINE, true, 4096, 1, 1, 100_000.0),
+            row("auto", false, 4096, 16, 128, 6e6),
+            row("auto", true, 4096, 16, 128, 4e6),
+            row("dma", true, 4096, 16, 128, 9e6),
+        ];
+        let t = targets(&rows, "auto");
+        assert!(
+            t.contains("| 4 KiB random write, 16 queues x depth 128 >= 5 M IOPS | 6.00 M | yes |")
+        );
+        assert!(
+            t.contains("| 4 KiB random read, 16 queues x depth 128 >= 5 M IOPS | 4.00 M | no |")
+        );
+        assert!(t.contains("baseline | 60.00x | yes |"));
+        assert!(t.contains("| 512 KiB sequential read >= 40 GB/s | not measured | no |"));
+        let table = table(&rows);
+        assert!(table
+            .contains("| 4 KiB rand | dma | 16 x 128 | 9000000 | 36.86 | 8.0 | 20.0 | 90.0x |"));
+    }
+}
