@@ -7,7 +7,9 @@ use crate::supervise::{self, Mode};
 use crate::swap;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
-use vramblk_config::{defaults, parse_size, Backend, CopyMode, DeviceRecord, RUN_DIR};
+use vramblk_config::{
+    defaults, parse_size, Backend, CopyMode, DeviceConfig, DeviceRecord, RUN_DIR,
+};
 use vramblk_host_store::{HostStore, HostStoreOptions};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
 use vramblk_ublk_target::DeviceOptions;
@@ -23,6 +25,33 @@ pub struct Plan {
     pub device: DeviceOptions,
     /// Where the supervisor and its servers log ("-": the terminal).
     pub log: PathBuf,
+    /// The `[[device]]` entry of the config file it comes from (`up`), or
+    /// None for a device added by hand.
+    pub origin: Option<usize>,
+}
+
+impl Plan {
+    /// The plan for entry `index` of the config file.
+    pub fn from_config(d: &DeviceConfig, index: usize) -> Result<Plan> {
+        let device = DeviceOptions {
+            id: -1,
+            queues: d.queues.unwrap_or_else(cpu_count),
+            depth: d.depth,
+            max_io_bytes: defaults::MAX_IO_BYTES,
+        };
+        device.validate()?;
+        Ok(Plan {
+            size: d.size,
+            backend: d.backend,
+            hugetlb: d.hugepages,
+            gpu: d.gpu,
+            reserve: d.reserve,
+            copy_mode: d.copy_mode,
+            device,
+            log: PathBuf::from("-"),
+            origin: Some(index),
+        })
+    }
 }
 
 fn plan(a: &AddArgs) -> Result<Plan> {
@@ -57,6 +86,7 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         },
         device,
         log: PathBuf::from("-"),
+        origin: None,
     })
 }
 
@@ -69,7 +99,7 @@ pub fn run(a: &AddArgs) -> Result<()> {
             bail!("ublk device {id} already exists");
         }
     }
-    if plan.backend == Backend::Host {
+    if plan.backend == Backend::Host && a.foreground {
         HostStore::preflight(&HostStoreOptions {
             size: plan.size,
             hugetlb: plan.hugetlb,
@@ -83,20 +113,38 @@ pub fn run(a: &AddArgs) -> Result<()> {
         let swap = a.swap.then_some((a.priority, a.discard));
         return supervise::run(&plan, run_dir, Reporter::none(), Mode::Foreground { swap });
     }
+    let id = launch(
+        &mut plan,
+        run_dir,
+        a.swap.then_some((a.priority, a.discard)),
+    )?;
+    println!("{}", bdev_path(id));
+    Ok(())
+}
 
+/// Leaves a supervisor serving the plan's device, and sets up swap on it
+/// (priority, discard) when asked; the device id. A device whose swap
+/// cannot be set up is removed again.
+pub fn launch(plan: &mut Plan, run_dir: &Path, swap_on: Option<(i32, bool)>) -> Result<u32> {
+    if plan.backend == Backend::Host {
+        HostStore::preflight(&HostStoreOptions {
+            size: plan.size,
+            hugetlb: plan.hugetlb,
+        })?;
+    }
     let log = daemon::log_path(run_dir);
     plan.log = log.clone();
+    let plan = &*plan;
     let id = daemon::spawn(&log, |reporter| {
-        supervise::run(&plan, run_dir, reporter, Mode::Daemon)
+        supervise::run(plan, run_dir, reporter, Mode::Daemon)
     })?;
     let path = bdev_path(id);
-    if a.swap {
-        if let Err(e) = swap::enable(&path, a.priority, a.discard) {
+    if let Some((priority, discard)) = swap_on {
+        if let Err(e) = swap::enable(&path, priority, discard) {
             let _ = vramblk_ublk_target::control::delete_device(id);
             DeviceRecord::remove(run_dir, id);
             return Err(e.context(format!("setting up swap on {path}; device removed")));
         }
     }
-    println!("{path}");
-    Ok(())
+    Ok(id)
 }

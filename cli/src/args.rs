@@ -38,6 +38,62 @@ pub enum Command {
     /// Work with the configuration file (/etc/vramblk.toml).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Bring up every device of the configuration file as swap (those not
+    /// up yet), each at its priority.
+    Up(ConfigArg),
+    /// Swap off and remove the devices `up` brought up. A device whose
+    /// swapped pages RAM (and other swap) cannot take back is left serving,
+    /// and `down` says so and fails: a page is never dropped.
+    Down,
+    /// Run as the systemd service: `up`, tell systemd it is ready, follow
+    /// the [power] and [pressure] policies, and `down` when stopped.
+    Service(ServiceArgs),
+    /// Show each device: state, size, store and GPU, swap use, I/O counts,
+    /// latency, its server and supervisor, and the service's policies.
+    Status {
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give VRAM back now: swap off and remove cuda devices (all of them,
+    /// or ID), unless RAM cannot take their pages back. `vramblk up`
+    /// brings configured ones back.
+    Release {
+        /// Device id (N in /dev/ublkbN); default: every cuda device.
+        id: Option<u32>,
+    },
+    /// Around suspend and hibernate (run by vramblk-sleep.service):
+    /// `prepare` swaps off every vramblk device, or fails (and so stops the
+    /// sleep) when RAM cannot take the pages back; `resume` swaps them on
+    /// again.
+    Sleep {
+        #[arg(value_enum)]
+        step: SleepStep,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SleepStep {
+    Prepare,
+    Resume,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArg {
+    /// The configuration file.
+    #[arg(long, value_name = "PATH", default_value = vramblk_config::CONFIG_PATH)]
+    pub config: std::path::PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceArgs {
+    /// The configuration file.
+    #[arg(long, value_name = "PATH", default_value = vramblk_config::CONFIG_PATH)]
+    pub config: std::path::PathBuf,
+    /// Where sysfs is mounted (the power policy reads
+    /// class/power_supply there); for tests.
+    #[arg(long, value_name = "DIR", default_value = "/sys", hide = true)]
+    pub sysfs: std::path::PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -69,7 +125,7 @@ pub struct AddArgs {
     #[arg(long, value_enum, default_value = "cuda")]
     pub backend: BackendArg,
 
-    /// GPU index (CUDA device ordinal) for --backend cuda.
+    /// GPU index for --backend cuda, in PCI bus order (as nvidia-smi counts).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub gpu: u32,
 

@@ -41,7 +41,7 @@ fn vramblk_devices(run_dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-fn delete_one(run_dir: &Path, id: u32) -> Result<()> {
+pub(crate) fn delete_one(run_dir: &Path, id: u32) -> Result<()> {
     if !device_ids().contains(&id) {
         DeviceRecord::remove(run_dir, id);
         bail!("there is no ublk device {id}");
@@ -56,12 +56,22 @@ fn delete_one(run_dir: &Path, id: u32) -> Result<()> {
     Ok(())
 }
 
-fn lock(run_dir: &Path) -> Result<File> {
+pub(crate) fn lock(run_dir: &Path) -> Result<File> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let path = run_dir.join("lock");
     let f = File::create(&path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+    // A POSIX record lock, not flock: `up` forks supervisors while it
+    // holds the lock, and a forked child would share an flock (it belongs
+    // to the open file) and hold it for as long as the device lives;
+    // record locks belong to the process and are not inherited.
+    // SAFETY: a zeroed flock struct is valid; fcntl on an fd we own.
+    let r = unsafe {
+        let mut fl: libc::flock = std::mem::zeroed();
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl)
+    };
+    if r != 0 {
         bail!(
             "locking {}: {}",
             path.display(),

@@ -9,17 +9,30 @@ mod del;
 mod host;
 mod list;
 mod memory;
+mod notify;
 mod recover;
+mod release;
 mod server;
+mod service;
 mod signals;
+mod sleep;
+mod stats;
+mod status;
 mod supervise;
 mod swap;
+mod up;
 
 use args::{Cli, Command};
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Number GPUs in PCI bus order, as NVML and nvidia-smi do, so `--gpu N`
+    // and the service's NVML readings mean the same GPU. Set before any
+    // thread exists and before CUDA reads it (at cuInit, in the server).
+    if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
+        std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Add(a) => add::run(&a),
@@ -28,6 +41,18 @@ fn main() -> ExitCode {
         Command::Recover(r) => recover::run(&r),
         Command::Features => list::features(),
         Command::Config(args::ConfigCommand::Check { path }) => config::check(&path),
+        Command::Up(c) => up::up(&c.config),
+        Command::Down => up::down(),
+        Command::Service(s) => service::run(&service::ServiceArgs {
+            config: s.config,
+            sysfs: s.sysfs,
+        }),
+        Command::Status { json } => status::run(json),
+        Command::Release { id } => release::run(id),
+        Command::Sleep { step } => match step {
+            args::SleepStep::Prepare => sleep::prepare(),
+            args::SleepStep::Resume => sleep::resume(),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

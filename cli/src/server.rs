@@ -5,6 +5,7 @@
 use crate::add::Plan;
 use crate::daemon::{self, Reporter};
 use crate::memory::{hand_over, Held, HeldVram, Memory};
+use crate::stats;
 use crate::swap;
 use anyhow::{Context, Result};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -14,7 +15,7 @@ use vramblk_config::{format_size, Backend, CopyMode, DeviceRecord};
 use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;
 use vramblk_ublk_target::control::bdev_path;
-use vramblk_ublk_target::{serve, Start};
+use vramblk_ublk_target::{serve, DeviceCounters, Start};
 
 /// One start of a server.
 pub struct Launch {
@@ -223,8 +224,13 @@ fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Res
         // SAFETY: getppid has no preconditions.
         holder_pid: Some(unsafe { libc::getppid() } as u32),
         restarts: launch.restarts,
+        origin: plan.origin,
+        live_since: None,
     };
     let dir = run_dir.to_path_buf();
+    let counters = Arc::new(DeviceCounters::new(plan.device.queues));
+    let live_counters = counters.clone();
+    let queues = plan.device.queues;
     let live_reporter = reporter.clone();
     let id_cell = Arc::new(Mutex::new(None));
     let id_seen = id_cell.clone();
@@ -233,12 +239,28 @@ fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Res
     let on_live = move |ctrl: &libublk::ctrl::UblkCtrl| {
         let id = ctrl.dev_info().dev_id;
         *id_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-        let record = DeviceRecord { id, ..record_base };
+        // A recovering server keeps the first server's start time.
+        let live_since = DeviceRecord::load(&dir, id)
+            .and_then(|r| r.live_since)
+            .or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            });
+        let record = DeviceRecord {
+            id,
+            live_since,
+            ..record_base
+        };
         if let Err(e) = record.store(&dir) {
             log::warn!("could not write the device record: {e}");
         }
         let path = bdev_path(id);
         log::info!("server: {path} is live");
+        if let Err(e) = stats::serve(&stats::socket_path(&dir, id), live_counters, queues) {
+            log::warn!("server: no stats socket ({e}); `vramblk status` shows no latency");
+        }
         if let Some((priority, discard)) = foreground_swap {
             if let Err(e) = swap::enable(&path, priority, discard) {
                 log::error!("{e:#}; removing the device");
@@ -256,11 +278,13 @@ fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Res
         launch.start,
         store,
         held.buffers.clone(),
+        counters,
         on_live,
     );
     if result.is_ok() {
         if let Some(id) = *id_cell.lock().unwrap_or_else(|p| p.into_inner()) {
             DeviceRecord::remove(run_dir, id);
+            let _ = std::fs::remove_file(stats::socket_path(run_dir, id));
             log::info!("server: {} removed; exiting", bdev_path(id));
         }
     }

@@ -60,3 +60,14 @@ pub fn stop_requested() -> bool {
 pub fn take_recover_request() -> bool {
     RECOVER_NOW.swap(false, Ordering::SeqCst)
 }
+
+/// In `vramblk service`: SIGTERM/SIGINT stop it (devices down), SIGUSR1
+/// (sent by the power udev rule) makes it look at the power supplies now.
+pub fn install_service_handlers() {
+    install_supervisor_handlers();
+}
+
+/// Whether the udev rule asked for a power check since the last call.
+pub fn take_poll_request() -> bool {
+    take_recover_request()
+}

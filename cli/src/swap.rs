@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActiveSwap {
     pub path: String,
+    pub size_kib: u64,
     pub used_kib: u64,
     pub priority: i32,
 }
@@ -27,6 +28,7 @@ pub fn parse_proc_swaps(text: &str) -> Vec<ActiveSwap> {
             let f: Vec<&str> = l.split_whitespace().collect();
             Some(ActiveSwap {
                 path: f.first()?.to_string(),
+                size_kib: f.get(2)?.parse().ok()?,
                 used_kib: f.get(3)?.parse().ok()?,
                 priority: f.get(4)?.parse().ok()?,
             })
@@ -73,9 +75,61 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// swapoff; the kernel must read every swapped page back into RAM first,
-/// and refuses with ENOMEM when RAM cannot hold them.
+/// RAM that must stay free after a swapoff: 64 MiB plus 2% of RAM.
+fn swapoff_margin(mem_total: u64) -> u64 {
+    (64 << 20) + mem_total / 50
+}
+
+/// Why a swapoff of `used` bytes would not fit, if it would not: its pages
+/// must go to RAM (MemAvailable) or to other swap areas, with a margin
+/// left. The kernel's own check is far looser (it lets swapoff go ahead
+/// and the OOM killer pick victims), hence this one.
+pub fn swapoff_shortfall(
+    used: u64,
+    mem_available: u64,
+    other_swap_free: u64,
+    mem_total: u64,
+) -> Option<String> {
+    let room = (mem_available + other_swap_free).saturating_sub(swapoff_margin(mem_total));
+    (used > room).then(|| {
+        format!(
+            "its {} MiB of swapped pages do not fit in the {} MiB that RAM ({} MiB available) and other swap ({} MiB free) can take while keeping {} MiB free",
+            used >> 20,
+            room >> 20,
+            mem_available >> 20,
+            other_swap_free >> 20,
+            swapoff_margin(mem_total) >> 20
+        )
+    })
+}
+
+/// swapoff, unless RAM and the other swap areas cannot take the device's
+/// pages back: then it says so and leaves the device serving. Nothing is
+/// ever dropped: the kernel reads every swapped page back first.
 pub fn disable(path: &str) -> Result<()> {
+    let swaps = active();
+    if let Some(me) = swaps.iter().find(|s| s.path == path) {
+        let other_free: u64 = swaps
+            .iter()
+            .filter(|s| s.path != path)
+            .map(|s| s.size_kib.saturating_sub(s.used_kib) << 10)
+            .sum();
+        let mem = vramblk_host_store::MemInfo::read().unwrap_or_default();
+        if let Some(why) = swapoff_shortfall(
+            me.used_kib << 10,
+            mem.mem_available,
+            other_free,
+            mem.mem_total,
+        ) {
+            bail!("not swapping off {path}: {why}; the device is left serving (free memory, add other swap, or try again later)");
+        }
+    }
+    disable_now(path)
+}
+
+/// swapoff without the room check; the kernel refuses with ENOMEM only
+/// when RAM and swap together cannot hold the pages.
+fn disable_now(path: &str) -> Result<()> {
     let c = CString::new(path).context("device path has a NUL byte")?;
     // SAFETY: c is a valid C string for the duration of the call.
     if unsafe { libc::swapoff(c.as_ptr()) } == 0 {
@@ -95,6 +149,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn swapoff_needs_room_in_ram_and_other_swap() {
+        const M: u64 = 1 << 20;
+        let total = 1000 * M; // margin: 64 + 20 = 84 MiB
+        assert_eq!(swapoff_shortfall(100 * M, 500 * M, 0, total), None);
+        assert_eq!(swapoff_shortfall(400 * M, 200 * M, 300 * M, total), None);
+        let why = swapoff_shortfall(500 * M, 300 * M, 100 * M, total).unwrap();
+        assert!(why.contains("500 MiB"), "{why}");
+        assert!(why.contains("316 MiB"), "{why}");
+        // Exactly at the margin still fits; a page more does not.
+        assert_eq!(swapoff_shortfall(416 * M, 500 * M, 0, total), None);
+        assert!(swapoff_shortfall(416 * M + 4096, 500 * M, 0, total).is_some());
+        assert_eq!(swapoff_shortfall(0, 0, 0, total), None);
+    }
+
+    #[test]
     fn parses_proc_swaps() {
         let t = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
                  /dev/ublkb0                             partition\t524284\t\t1024\t\t1000\n\
@@ -105,6 +174,7 @@ mod tests {
             s[0],
             ActiveSwap {
                 path: "/dev/ublkb0".into(),
+                size_kib: 524284,
                 used_kib: 1024,
                 priority: 1000
             }

@@ -1,5 +1,6 @@
 //! Adding a ublk device and serving it until it is stopped.
 
+use crate::counters::DeviceCounters;
 use crate::params::device_params;
 use crate::queue::serve_queue;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -106,6 +107,7 @@ pub fn serve<S, F>(
     start: Start,
     store: Arc<S>,
     buffers: Arc<QueueBuffers>,
+    counters: Arc<DeviceCounters>,
     on_live: F,
 ) -> Result<(), DeviceError>
 where
@@ -152,8 +154,15 @@ where
         Ok(())
     };
     let q_store = store.clone();
-    let q_fn =
-        move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, q_store.as_ref(), buffers.queue(qid));
+    let q_fn = move |qid: u16, dev: &UblkDev| {
+        serve_queue(
+            qid,
+            dev,
+            q_store.as_ref(),
+            buffers.queue(qid),
+            counters.clone(),
+        )
+    };
     ctrl.run_target(tgt_init, q_fn, on_live)
         .map_err(DeviceError::Serve)?;
     Ok(())

@@ -1,7 +1,11 @@
 //! Per-queue batching: requests collected during one round go to the store
 //! in one `submit`; completions come back from `poll`.
 
-use vramblk_store::{Completion, QueueStore, Request};
+use crate::counters::DeviceCounters;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+use vramblk_store::{Completion, Op, QueueStore, Request};
 
 /// Collects one queue's requests and moves them through its store.
 pub struct QueueEngine<Q: QueueStore> {
@@ -10,6 +14,10 @@ pub struct QueueEngine<Q: QueueStore> {
     batch: Vec<Request>,
     done: Vec<Completion>,
     stats: QueueStats,
+    /// The device's counters and this queue's index in them.
+    counters: Option<(Arc<DeviceCounters>, u16)>,
+    /// Per tag: when it was enqueued, its op and length (for the counters).
+    started: Vec<(Instant, Op, u32)>,
 }
 
 /// Running totals for one queue; plain integers because only the queue's own
@@ -31,7 +39,47 @@ impl<Q: QueueStore> QueueEngine<Q> {
             batch: Vec::with_capacity(depth),
             done: Vec::with_capacity(depth),
             stats: QueueStats::default(),
+            counters: None,
+            started: Vec::new(),
         }
+    }
+
+    /// Counts this queue's requests into `counters` (as queue `qid`).
+    pub fn with_counters(mut self, counters: Arc<DeviceCounters>, qid: u16) -> Self {
+        if counters.queue(qid).is_some() {
+            self.started = vec![(Instant::now(), Op::Flush, 0); self.batch.capacity().max(1)];
+            self.counters = Some((counters, qid));
+        }
+        self
+    }
+
+    fn count(&self, c: &Completion) {
+        let Some((counters, qid)) = &self.counters else {
+            return;
+        };
+        let (Some(q), Some(&(t0, op, len))) =
+            (counters.queue(*qid), self.started.get(c.tag as usize))
+        else {
+            return;
+        };
+        q.record_latency(t0.elapsed());
+        if c.result < 0 {
+            q.errors.fetch_add(1, Relaxed);
+            return;
+        }
+        match op {
+            Op::Read => {
+                q.reads.fetch_add(1, Relaxed);
+                q.read_bytes.fetch_add(len as u64, Relaxed);
+            }
+            Op::Write => {
+                q.writes.fetch_add(1, Relaxed);
+                q.write_bytes.fetch_add(len as u64, Relaxed);
+            }
+            _ => {
+                q.others.fetch_add(1, Relaxed);
+            }
+        };
     }
 
     /// Queues a request for the next [`pump`](Self::pump). Requests outside
@@ -39,6 +87,9 @@ impl<Q: QueueStore> QueueEngine<Q> {
     /// store only ever sees valid ones.
     pub fn enqueue(&mut self, req: Request) {
         self.stats.submitted += 1;
+        if let Some(slot) = self.started.get_mut(req.tag as usize) {
+            *slot = (Instant::now(), req.op, req.len);
+        }
         if !self.fits(&req) {
             self.done.push(Completion {
                 tag: req.tag,
@@ -69,6 +120,9 @@ impl<Q: QueueStore> QueueEngine<Q> {
             self.store.poll(&mut self.done);
         }
         let n = self.done.len();
+        for c in &self.done {
+            self.count(c);
+        }
         for c in self.done.drain(..) {
             self.stats.completed += 1;
             if c.result < 0 {

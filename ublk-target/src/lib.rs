@@ -8,6 +8,7 @@
 //! - [`control`]: finding, inspecting and deleting devices.
 
 pub mod control;
+pub mod counters;
 pub mod device;
 pub mod engine;
 mod params;
@@ -15,5 +16,6 @@ mod queue;
 mod slots;
 
 pub use control::{ControlError, DeviceInfo, DeviceState};
+pub use counters::{CounterSnapshot, DeviceCounters};
 pub use device::{serve, DeviceError, DeviceOptions, QueueBuffers, Start};
 pub use engine::QueueEngine;

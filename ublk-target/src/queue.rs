@@ -2,6 +2,7 @@
 //! event loop that batches every request of a round into a single store
 //! submission. Every backend runs this same loop.
 
+use crate::counters::DeviceCounters;
 use crate::engine::QueueEngine;
 use crate::slots::TagSlots;
 use libublk::io::{with_task_io_ring_mut, UblkDev, UblkQueue};
@@ -11,6 +12,7 @@ use libublk::uring_async::{
 use libublk::{sys, BufDesc, UblkError};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vramblk_store::{BufferRegion, IoBuf, Op, QueueStore, Request, Store};
 
@@ -30,10 +32,11 @@ pub(crate) fn serve_queue<S: Store>(
     dev: &UblkDev,
     store: &S,
     buffers: Option<&BufferRegion>,
+    counters: Arc<DeviceCounters>,
 ) {
     let mut announced = false;
     let result = match buffers {
-        Some(b) => try_serve_queue(qid, dev, store, b, &mut announced),
+        Some(b) => try_serve_queue(qid, dev, store, b, counters, &mut announced),
         None => Err(format!("no io buffers were set aside for queue {qid}")),
     };
     if let Err(e) = result {
@@ -52,6 +55,7 @@ fn try_serve_queue<S: Store>(
     dev: &UblkDev,
     store: &S,
     buffers: &BufferRegion,
+    counters: Arc<DeviceCounters>,
     announced: &mut bool,
 ) -> Result<(), String> {
     let depth = dev.dev_info.queue_depth as usize;
@@ -67,7 +71,9 @@ fn try_serve_queue<S: Store>(
         .open_queue(qid, buffers)
         .map_err(|e| format!("opening the store: {e}"))?;
     let q = Rc::new(UblkQueue::new(qid, dev).map_err(|e| format!("creating the queue: {e}"))?);
-    let engine = Rc::new(RefCell::new(QueueEngine::new(qstore, store.size(), depth)));
+    let engine = Rc::new(RefCell::new(
+        QueueEngine::new(qstore, store.size(), depth).with_counters(counters, qid),
+    ));
     let slots = TagSlots::new(depth);
     let exe = Rc::new(smol::LocalExecutor::new());
 

@@ -15,6 +15,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("/sbin/mkswap", "util-linux"),
     ("/usr/bin/setpriv", "util-linux"),
     ("/usr/bin/apt-get", "apt"),
+    ("/usr/bin/systemd-analyze", "systemd"),
 ];
 
 /// What `cargo xtask bench` needs beyond the suite's tools: the peers

@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: the project's automation (cargo-xtask convention).
 //!
-//! - `test`: unit tests, then the VM suite (the README's test command).
+//! - `test`: unit tests, `systemd-analyze verify` on the units, then the
+//!   VM suite (the README's test command).
 //! - `unit-test`: `cargo test` for the workspace.
 //! - `vm-test`: the VM suite alone: boots Debian's 6.12 cloud kernel under
 //!   qemu TCG with a busybox initramfs holding the release binaries and
@@ -10,15 +11,19 @@
 //! - `bench-engine`: the CUDA store's GPU checks and benchmark (engine-bench)
 //!   here when there is a GPU, or `--report FILE` from a run elsewhere;
 //!   rewrites docs/benchmarks.md's GPU part.
+//! - `install` / `uninstall`: the binary, systemd units, udev rule and
+//!   default config (`--dry-run` prints, `--root DIR` stages).
 
 mod bench;
 mod bench_engine;
 mod deps;
 mod docs;
 mod initramfs;
+mod install;
 mod kernel;
 mod qemu;
 mod suite;
+mod units;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -37,14 +42,18 @@ fn run() -> Result<()> {
     match task {
         "test" => {
             unit_test()?;
+            deps::ensure()?;
+            units::verify(&root()?)?;
             suite::run_all(&root()?)
         }
         "unit-test" => unit_test(),
         "vm-test" => suite::run_all(&root()?),
         "bench" => bench::run(&root()?, &bench::Options::parse(&args[1..])?),
+        "install" => install::install(&root()?, &install::Options::parse(&args[1..])?),
+        "uninstall" => install::uninstall(&install::Options::parse(&args[1..])?),
         "bench-engine" => bench_engine::run(&root()?, &bench_engine::Options::parse(&args[1..])?),
         _ => {
-            eprintln!("usage: cargo xtask <test|unit-test|vm-test|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]>");
+            eprintln!("usage: cargo xtask <test|unit-test|vm-test|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]|install [--dry-run] [--root DIR] [--no-build]|uninstall [--dry-run] [--root DIR]>");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {

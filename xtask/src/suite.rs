@@ -85,10 +85,10 @@ pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
     sh(Command::new(cargo())
         .args(["build", "--release", "-p", "vramblk-cli", "-p", "xtask"])
         .args(["--bin", "vramblk", "--bin", "memcheck"])
-        .args(["--bin", "latprobe", "--bin", "pswatch"])
+        .args(["--bin", "latprobe", "--bin", "pswatch", "--bin", "jsonq"])
         .current_dir(root))?;
     let release = root.join("target/release");
-    Ok(["vramblk", "memcheck", "latprobe", "pswatch"]
+    Ok(["vramblk", "memcheck", "latprobe", "pswatch", "jsonq"]
         .iter()
         .map(|b| release.join(b))
         .collect())

@@ -109,3 +109,20 @@ kill_servers() {
         k=$((k + 1))
     done
 }
+
+# wait_for SECS COMMAND...: true once the command succeeds, within SECS
+wait_for() {
+    limit=$(($1 * 2)); shift
+    i=0
+    while [ $i -lt $limit ]; do
+        "$@" && return 0
+        sleep 0.5
+        i=$((i + 1))
+    done
+    return 1
+}
+
+swap_on() { grep -q "^$1 " /proc/swaps; }
+swap_off() { ! grep -q "^$1 " /proc/swaps; }
+no_swap() { [ "$(wc -l < /proc/swaps)" -le 1 ]; }
+any_swap() { [ "$(wc -l < /proc/swaps)" -gt 1 ]; }

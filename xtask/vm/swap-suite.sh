@@ -26,3 +26,91 @@ check "no kernel oops or hung task" no_oops
 out=$(vramblk del 0 2>&1)
 check "swapoff and del after the pressure" [ "$out" = "removed /dev/ublkb0" ]
 check "nodes gone" nodes_gone 0
+
+# --- the service side (issue 5): up/down from a config file, status --json,
+# --- down refusing while RAM cannot take the pages back, the power policy.
+cat > /etc/vramblk.toml <<'CFG'
+[[device]]
+size = "512M"
+backend = "host"
+hugepages = true
+priority = 1234
+depth = 64
+CFG
+out=$(vramblk config check /etc/vramblk.toml 2>&1)
+check "config check reads the file" echo "$out" | grep -q "ok, 1 device"
+out=$(vramblk up 2>&1)
+info "up: $out"
+check "up brings the configured device up as swap" swap_on /dev/ublkb0
+check "at the configured priority" [ "$(awk '$1 == "/dev/ublkb0" {print $5}' /proc/swaps)" = 1234 ]
+out=$(vramblk up 2>&1)
+check "up again finds it already up" echo "$out" | grep -q "already up as /dev/ublkb0"
+vramblk status --json > /tmp/status.json 2>&1
+check "status --json parses: the device serves config entry 0" [ "$(jsonq /tmp/status.json devices.0.config_entry)" = 0 ]
+check "status --json: swap priority 1234, backend host" [ "$(jsonq /tmp/status.json devices.0.swap.priority)/$(jsonq /tmp/status.json devices.0.backend)" = 1234/host ]
+check "status --json: the server answers on its socket" [ "$(jsonq /tmp/status.json devices.0.server.queues)" -ge 1 ]
+vramblk status > /tmp/status.txt 2>&1
+while read -r l; do info "status: $l"; done < /tmp/status.txt
+
+avail=$(mem MemAvailable)
+fill=$((avail + 200))
+info "filling $fill MiB and holding it (MemAvailable $avail MiB)"
+rm -f /tmp/go
+memcheck $fill 1 --hold /tmp/go > /tmp/mc2 2>&1 &
+mc=$!
+wait_for 300 grep -q holding /tmp/mc2
+used=$(awk '$1 == "/dev/ublkb0" {print int($4 / 1024)}' /proc/swaps)
+info "held: $used MiB in swap, MemAvailable $(mem MemAvailable) MiB"
+out=$(vramblk down 2>&1); rc=$?
+info "down: $out"
+check "down refuses while RAM cannot take the pages back" [ $rc -ne 0 ]
+check "and says the device is left serving" echo "$out" | grep -q "left serving"
+check "the device is still swap" swap_on /dev/ublkb0
+touch /tmp/go
+wait $mc
+rc=$?
+while read -r l; do info "$l"; done < /tmp/mc2
+check "memcheck after the refused down: every byte intact" [ $rc -eq 0 ]
+vramblk status --json > /tmp/status.json 2>&1
+check "status --json: the server counted the swap writes" [ "$(jsonq /tmp/status.json devices.0.server.writes)" -gt 0 ]
+info "server p50/p99 us: $(jsonq /tmp/status.json devices.0.server.p50_us)/$(jsonq /tmp/status.json devices.0.server.p99_us)"
+out=$(vramblk down 2>&1); rc=$?
+info "down: $out"
+check "down succeeds once the pages fit in RAM" [ $rc -eq 0 ]
+check "no swap left, device gone" no_swap
+check "nodes gone after down" nodes_gone 0
+check "nothing was OOM-killed (service part)" no_oom
+
+# The power policy, with a fake power-supply tree.
+ps=/tmp/sys/class/power_supply
+mkdir -p $ps/AC $ps/BAT0
+echo Mains > $ps/AC/type; echo 1 > $ps/AC/online
+echo Battery > $ps/BAT0/type; echo 80 > $ps/BAT0/capacity
+cat > /etc/vramblk-power.toml <<'CFG'
+[[device]]
+size = "64M"
+backend = "host"
+priority = 77
+queues = 1
+
+[power]
+enabled = true
+poll_secs = 3600
+CFG
+vramblk service --config /etc/vramblk-power.toml --sysfs /tmp/sys > /tmp/svc.log 2>&1 &
+svc=$!
+check "service: on AC the configured device comes up as swap" wait_for 60 any_swap
+check "service: status shows the power state" wait_for 10 sh -c 'vramblk status --json > /tmp/s.json && [ "$(jsonq /tmp/s.json service.power)" = "on AC, battery 80%" ]'
+echo 0 > $ps/AC/online
+kill -USR1 $svc
+check "service: on battery it swaps off and removes the device" wait_for 60 no_swap
+echo 1 > $ps/AC/online
+kill -USR1 $svc
+check "service: back on AC the device returns" wait_for 60 any_swap
+kill -TERM $svc
+wait $svc
+rc=$?
+while read -r l; do info "service: $l"; done < /tmp/svc.log
+check "service: SIGTERM takes the device down and exits 0" [ $rc -eq 0 ]
+check "service: no swap left" no_swap
+check "no kernel oops or hung task (service part)" no_oops

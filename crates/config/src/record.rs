@@ -27,6 +27,13 @@ pub struct DeviceRecord {
     /// Times the server was restarted (recovered) since the device was added.
     #[serde(default)]
     pub restarts: u32,
+    /// The `[[device]]` entry of /etc/vramblk.toml this device serves
+    /// (`vramblk up`); None for a device added by hand.
+    #[serde(default)]
+    pub origin: Option<usize>,
+    /// When the device first went live (seconds since the epoch).
+    #[serde(default)]
+    pub live_since: Option<u64>,
 }
 
 impl DeviceRecord {
@@ -72,6 +79,8 @@ mod tests {
             log: "/run/vramblk/ublkb3.log".into(),
             holder_pid: Some(41),
             restarts: 2,
+            origin: Some(1),
+            live_since: Some(1_700_000_000),
         };
         r.store(&dir).unwrap();
         assert_eq!(DeviceRecord::load(&dir, 3), Some(r));

@@ -1,6 +1,7 @@
 /// The few /proc/meminfo fields the host store sizes itself against.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemInfo {
+    pub mem_total: u64,
     pub mem_available: u64,
     pub huge_pages_free: u64,
     pub huge_page_size: u64,
@@ -25,6 +26,7 @@ impl MemInfo {
             let kib = parts.next() == Some("kB");
             let bytes = if kib { value * 1024 } else { value };
             match key {
+                "MemTotal:" => m.mem_total = bytes,
                 "MemAvailable:" => m.mem_available = bytes,
                 "HugePages_Free:" => m.huge_pages_free = value,
                 "Hugepagesize:" => m.huge_page_size = bytes,

@@ -2,7 +2,11 @@
 //! incompressible data derived from each page's index, then reads every
 //! byte back and counts pages that differ. Exit 0 only when none do.
 //!
-//! usage: memcheck MIB [PASSES]
+//! With `--hold FILE`, after writing the first pass it waits until FILE
+//! exists before reading back (its pages meanwhile sit in swap, for tests
+//! that act on the swap device while they do).
+//!
+//! usage: memcheck MIB [PASSES] [--hold FILE]
 
 use std::process::ExitCode;
 
@@ -28,6 +32,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let passes: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let hold = args
+        .iter()
+        .position(|a| a == "--hold")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
     let pages = mib * 256;
     let words_per_page = PAGE / 8;
     let mut mem: Vec<u64> = Vec::new();
@@ -43,6 +52,12 @@ fn main() -> ExitCode {
             page_words(i, pass, page);
         }
         println!("memcheck: pass {pass}: wrote {mib} MiB");
+        if let (0, Some(f)) = (pass, &hold) {
+            println!("memcheck: holding until {} exists", f.display());
+            while !f.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
         for (i, page) in mem.chunks_exact(words_per_page).enumerate() {
             page_words(i, pass, &mut want);
             if page != want.as_slice() {

@@ -1,0 +1,41 @@
+//! `vramblk release [ID]`: give VRAM back by hand, as the pressure policy
+//! does: swap off and remove cuda devices, unless RAM cannot take their
+//! pages back.
+
+use crate::del::{delete_one, lock};
+use crate::host::{require_driver, require_root};
+use anyhow::{bail, Result};
+use std::path::Path;
+use vramblk_config::{Backend, DeviceRecord, RUN_DIR};
+use vramblk_ublk_target::control::device_ids;
+
+pub fn run(id: Option<u32>) -> Result<()> {
+    require_root("release")?;
+    require_driver()?;
+    let run_dir = Path::new(RUN_DIR);
+    let _lock = lock(run_dir)?;
+    let cuda: Vec<u32> = device_ids()
+        .into_iter()
+        .filter(|&i| DeviceRecord::load(run_dir, i).is_some_and(|r| r.backend == Backend::Cuda))
+        .collect();
+    let ids = match id {
+        Some(i) if cuda.contains(&i) => vec![i],
+        Some(i) => bail!("ublk device {i} is not a vramblk cuda device: it holds no VRAM"),
+        None if cuda.is_empty() => {
+            println!("no cuda devices: no VRAM to give back");
+            return Ok(());
+        }
+        None => cuda,
+    };
+    let mut kept = 0;
+    for i in ids {
+        if let Err(e) = delete_one(run_dir, i) {
+            eprintln!("vramblk: {e:#}");
+            kept += 1;
+        }
+    }
+    if kept > 0 {
+        bail!("{kept} device(s) kept their VRAM");
+    }
+    Ok(())
+}

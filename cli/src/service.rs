@@ -1,0 +1,300 @@
+//! `vramblk service`: what systemd runs. Brings the configured devices up
+//! as swap, tells systemd it is ready, then keeps them in step with the
+//! power and VRAM-pressure policies until it is stopped, when it takes them
+//! down (a device whose pages RAM cannot take back keeps serving: its
+//! supervisor is a separate process that the stop does not kill).
+//!
+//! The service never touches CUDA: free VRAM comes from NVML.
+
+use crate::host::{require_driver, require_root};
+use crate::notify::notify;
+use crate::signals;
+use crate::up::{bring_up, configured_devices, take_down};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vramblk_config::{format_size, Backend, Config, RUN_DIR};
+use vramblk_policy::{PowerGate, PowerReading, PressureAction, PressureGate};
+
+/// How often VRAM pressure is looked at (NVML reads are cheap).
+const PRESSURE_POLL: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_millis(200);
+
+/// What `vramblk status` shows of the service.
+#[derive(Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ServiceState {
+    pub pid: u32,
+    pub power: String,
+    /// Per GPU: "holding", "released ...".
+    pub pressure: BTreeMap<u32, String>,
+    /// Config entries the policies keep down now.
+    pub held_down: Vec<usize>,
+}
+
+impl ServiceState {
+    pub fn path() -> PathBuf {
+        Path::new(RUN_DIR).join("service.json")
+    }
+
+    pub fn load() -> Option<ServiceState> {
+        let text = std::fs::read_to_string(Self::path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn store(&self) {
+        let path = Self::path();
+        let tmp = path.with_extension("json.tmp");
+        let ok = serde_json::to_vec_pretty(self)
+            .ok()
+            .and_then(|b| std::fs::write(&tmp, b).ok())
+            .and_then(|_| std::fs::rename(&tmp, &path).ok());
+        if ok.is_none() {
+            log::warn!("could not write {}", path.display());
+        }
+    }
+}
+
+/// Free VRAM per GPU index, from NVML (loaded at run time; None when there
+/// is no NVIDIA driver). CUDA is told to number GPUs in PCI bus order (see
+/// main), as NVML does, so the indices agree.
+struct FreeVram(Option<nvml_wrapper::Nvml>);
+
+impl FreeVram {
+    fn open(wanted: bool) -> FreeVram {
+        if !wanted {
+            return FreeVram(None);
+        }
+        match nvml_wrapper::Nvml::init() {
+            Ok(n) => FreeVram(Some(n)),
+            Err(e) => {
+                log::warn!("service: VRAM pressure is off: NVML could not start ({e})");
+                FreeVram(None)
+            }
+        }
+    }
+
+    fn free(&self, gpu: u32) -> Option<u64> {
+        let nvml = self.0.as_ref()?;
+        let r = nvml.device_by_index(gpu).and_then(|d| d.memory_info());
+        match r {
+            Ok(m) => Some(m.free),
+            Err(e) => {
+                log::warn!("service: free VRAM of GPU {gpu}: {e}");
+                None
+            }
+        }
+    }
+}
+
+pub struct ServiceArgs {
+    pub config: PathBuf,
+    /// Where /sys is (tests point it at a fake power-supply tree).
+    pub sysfs: PathBuf,
+}
+
+pub fn run(a: &ServiceArgs) -> Result<()> {
+    require_root("service")?;
+    require_driver()?;
+    crate::init_logging(env_logger::Target::Stderr);
+    let config = Config::load(&a.config)?;
+    signals::install_service_handlers();
+    let mut svc = Service::new(config, a.sysfs.clone());
+    svc.start()?;
+    let up = configured_devices(Path::new(RUN_DIR)).len();
+    notify(&format!(
+        "READY=1\nSTATUS={up} of {} device(s) up; power: {}",
+        svc.config.devices.len(),
+        svc.state.power
+    ));
+    log::info!("service: ready, {up} device(s) up");
+    svc.watch();
+    log::info!("service: stopping; taking the devices down");
+    notify("STOPPING=1");
+    let _ = std::fs::remove_file(ServiceState::path());
+    take_down(|_| true).context("stopping")
+}
+
+struct Service {
+    config: Config,
+    sysfs: PathBuf,
+    power: PowerGate,
+    power_up: bool,
+    pressure: BTreeMap<u32, PressureGate>,
+    vram: FreeVram,
+    state: ServiceState,
+}
+
+impl Service {
+    fn new(config: Config, sysfs: PathBuf) -> Service {
+        let gpus: BTreeSet<u32> = config
+            .devices
+            .iter()
+            .filter(|d| d.backend == Backend::Cuda)
+            .map(|d| d.gpu)
+            .collect();
+        let pressure = gpus
+            .into_iter()
+            .map(|g| (g, PressureGate::new(config.pressure.clone())))
+            .collect();
+        let vram = FreeVram::open(config.pressure.enabled);
+        Service {
+            power: PowerGate::new(config.power.clone()),
+            power_up: true,
+            pressure,
+            vram,
+            state: ServiceState {
+                // SAFETY: getpid has no preconditions.
+                pid: unsafe { libc::getpid() } as u32,
+                ..ServiceState::default()
+            },
+            config,
+            sysfs,
+        }
+    }
+
+    /// Entries the pressure policy holds down now.
+    fn released(&self) -> BTreeSet<usize> {
+        self.config
+            .devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| {
+                d.backend == Backend::Cuda
+                    && self.pressure.get(&d.gpu).is_some_and(|g| g.released())
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let reading = PowerReading::read(&self.sysfs);
+        self.power_up = self.power.allows(&reading);
+        self.state.power = reading.describe();
+        self.publish();
+        if !self.power_up {
+            log::info!(
+                "service: {}: the devices stay down until on AC",
+                reading.describe()
+            );
+            return Ok(());
+        }
+        bring_up(&self.config, |_| true)?;
+        Ok(())
+    }
+
+    fn watch(&mut self) {
+        let mut next_power = Instant::now() + Duration::from_secs(self.config.power.poll_secs);
+        let mut next_pressure = Instant::now();
+        while !signals::stop_requested() {
+            std::thread::sleep(TICK);
+            let now = Instant::now();
+            if signals::take_poll_request() || now >= next_power {
+                next_power = now + Duration::from_secs(self.config.power.poll_secs.max(1));
+                self.check_power();
+            }
+            if now >= next_pressure {
+                next_pressure = now + PRESSURE_POLL;
+                self.check_pressure(now);
+            }
+        }
+    }
+
+    fn check_power(&mut self) {
+        let reading = PowerReading::read(&self.sysfs);
+        let allowed = self.power.allows(&reading);
+        self.state.power = reading.describe();
+        if allowed != self.power_up {
+            self.power_up = allowed;
+            if allowed {
+                log::info!("service: {}: bringing the devices back", reading.describe());
+                let released = self.released();
+                if let Err(e) = bring_up(&self.config, |i| !released.contains(&i)) {
+                    log::error!("service: {e:#}");
+                }
+            } else {
+                log::info!("service: {}: taking the devices down", reading.describe());
+                if let Err(e) = take_down(|_| true) {
+                    // Retried at the next look: the gate says down, the
+                    // devices are still up.
+                    log::error!("service: {e:#}; trying again at the next power check");
+                    self.power_up = true;
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn check_pressure(&mut self, now: Instant) {
+        if !self.config.pressure.enabled {
+            return;
+        }
+        let gpus: Vec<u32> = self.pressure.keys().copied().collect();
+        for gpu in gpus {
+            let Some(free) = self.vram.free(gpu) else {
+                continue;
+            };
+            let on_gpu: Vec<usize> = self
+                .config
+                .devices
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.backend == Backend::Cuda && d.gpu == gpu)
+                .map(|(i, _)| i)
+                .collect();
+            let held: u64 = on_gpu.iter().map(|&i| self.config.devices[i].size).sum();
+            let Some(gate) = self.pressure.get_mut(&gpu) else {
+                continue;
+            };
+            match gate.step(free, held, now) {
+                PressureAction::Nothing => {}
+                PressureAction::Release => {
+                    log::warn!(
+                        "service: GPU {gpu} has {} free, under the {} threshold: giving its VRAM back (swapoff, then remove)",
+                        format_size(free),
+                        format_size(self.config.pressure.min_free_vram)
+                    );
+                    if let Err(e) = take_down(|i| on_gpu.contains(&i)) {
+                        log::error!("service: {e:#}; keeping GPU {gpu}'s devices and trying again");
+                        gate.release_refused();
+                    }
+                }
+                PressureAction::Restore => {
+                    log::info!(
+                        "service: GPU {gpu} has {} free for {} s: bringing its devices back",
+                        format_size(free),
+                        self.config.pressure.calm_secs
+                    );
+                    if self.power_up {
+                        if let Err(e) = bring_up(&self.config, |i| on_gpu.contains(&i)) {
+                            log::error!("service: {e:#}");
+                        }
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        self.state.pressure = self
+            .pressure
+            .iter()
+            .map(|(g, p)| {
+                let text = if self.config.pressure.enabled {
+                    p.describe().to_string()
+                } else {
+                    "off".into()
+                };
+                (*g, text)
+            })
+            .collect();
+        let mut held: BTreeSet<usize> = self.released();
+        if !self.power_up {
+            held.extend(0..self.config.devices.len());
+        }
+        self.state.held_down = held.into_iter().collect();
+        self.state.store();
+    }
+}

@@ -1,0 +1,265 @@
+//! `vramblk status [--json]`: per device what the kernel, the swap table,
+//! the block layer's counters, the device's server (its stats socket) and
+//! the service know.
+
+use crate::host::pid_alive;
+use crate::service::ServiceState;
+use crate::stats::{self, StatsReply};
+use crate::swap;
+use anyhow::Result;
+use serde::Serialize;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+use vramblk_config::{format_size, Backend, DeviceRecord, RUN_DIR};
+use vramblk_ublk_target::control::{self, bdev_path, device_ids};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub devices: Vec<DeviceStatus>,
+    /// None when `vramblk service` is not running.
+    pub service: Option<ServiceState>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct DeviceStatus {
+    pub id: u32,
+    pub path: String,
+    pub state: String,
+    pub size: u64,
+    pub backend: Option<Backend>,
+    pub store: Option<String>,
+    pub gpu: Option<u32>,
+    pub gpu_name: Option<String>,
+    pub gpu_free_vram: Option<u64>,
+    pub queues: Option<u16>,
+    pub depth: Option<u16>,
+    pub server_pid: Option<u32>,
+    pub supervisor_pid: Option<u32>,
+    pub uptime_secs: Option<u64>,
+    pub restarts: u32,
+    /// The config entry it serves (`vramblk up` / the service).
+    pub config_entry: Option<usize>,
+    pub swap: Option<SwapStatus>,
+    /// The block layer's counters (/sys/block/ublkbN/stat).
+    pub block: Option<BlockStat>,
+    /// The server's own counters; None when it does not answer.
+    pub server: Option<StatsReply>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SwapStatus {
+    pub size: u64,
+    pub used: u64,
+    pub priority: i32,
+}
+
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BlockStat {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub in_flight: u64,
+}
+
+/// Parses /sys/block/X/stat (sectors are 512 bytes there, whatever the
+/// device's block size).
+pub fn parse_block_stat(text: &str) -> Option<BlockStat> {
+    let f: Vec<u64> = text
+        .split_whitespace()
+        .map(|w| w.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(BlockStat {
+        reads: *f.first()?,
+        read_bytes: f.get(2)? * 512,
+        writes: *f.get(4)?,
+        write_bytes: f.get(6)? * 512,
+        in_flight: *f.get(8)?,
+    })
+}
+
+/// GPU name and free VRAM per index, from NVML when it loads.
+fn gpu_info(gpus: &[u32]) -> Vec<(u32, String, u64)> {
+    if gpus.is_empty() {
+        return Vec::new();
+    }
+    let Ok(nvml) = nvml_wrapper::Nvml::init() else {
+        return Vec::new();
+    };
+    gpus.iter()
+        .filter_map(|&g| {
+            let d = nvml.device_by_index(g).ok()?;
+            Some((g, d.name().ok()?, d.memory_info().ok()?.free))
+        })
+        .collect()
+}
+
+pub fn collect() -> Result<Status> {
+    control::require_driver()?;
+    let run_dir = Path::new(RUN_DIR);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut devices = Vec::new();
+    for id in device_ids() {
+        let path = bdev_path(id);
+        let info = control::device_info(id).ok();
+        let record = DeviceRecord::load(run_dir, id);
+        let server_alive = record.as_ref().is_some_and(|r| pid_alive(r.pid));
+        let holder_alive = record
+            .as_ref()
+            .and_then(|r| r.holder_pid)
+            .is_some_and(pid_alive);
+        let state = match (&info, server_alive) {
+            (Some(i), true) => i.state.to_string(),
+            (Some(_), false) if holder_alive => "recovering".into(),
+            (Some(i), false) => format!("{} (no server)", i.state),
+            (None, _) => "unknown".into(),
+        };
+        let name = path.trim_start_matches("/dev/");
+        let mut d = DeviceStatus {
+            id,
+            state,
+            queues: info.as_ref().map(|i| i.queues),
+            depth: info.as_ref().map(|i| i.depth),
+            swap: swap::find(&path).map(|s| SwapStatus {
+                size: s.size_kib << 10,
+                used: s.used_kib << 10,
+                priority: s.priority,
+            }),
+            block: std::fs::read_to_string(format!("/sys/block/{name}/stat"))
+                .ok()
+                .and_then(|t| parse_block_stat(&t)),
+            server: stats::query(&stats::socket_path(run_dir, id)),
+            path,
+            ..DeviceStatus::default()
+        };
+        if let Some(r) = record {
+            d.size = r.size;
+            d.backend = Some(r.backend);
+            d.store = Some(r.store);
+            d.gpu = r.gpu;
+            d.server_pid = Some(r.pid).filter(|_| server_alive);
+            d.supervisor_pid = r.holder_pid.filter(|_| holder_alive);
+            d.uptime_secs = r.live_since.map(|t| now.saturating_sub(t));
+            d.restarts = r.restarts;
+            d.config_entry = r.origin;
+        }
+        devices.push(d);
+    }
+    let gpus: Vec<u32> = devices.iter().filter_map(|d| d.gpu).collect();
+    for (g, name, free) in gpu_info(&gpus) {
+        for d in devices.iter_mut().filter(|d| d.gpu == Some(g)) {
+            d.gpu_name = Some(name.clone());
+            d.gpu_free_vram = Some(free);
+        }
+    }
+    let service = ServiceState::load().filter(|s| pid_alive(s.pid));
+    Ok(Status { devices, service })
+}
+
+pub fn run(json: bool) -> Result<()> {
+    let s = collect()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    if s.devices.is_empty() {
+        println!("no ublk devices");
+    }
+    for d in &s.devices {
+        print_device(d);
+    }
+    match &s.service {
+        Some(svc) => {
+            println!("service (pid {}): power {}", svc.pid, svc.power);
+            for (g, p) in &svc.pressure {
+                println!("  GPU {g} VRAM pressure: {p}");
+            }
+            if !svc.held_down.is_empty() {
+                println!("  config entries held down now: {:?}", svc.held_down);
+            }
+        }
+        None => println!("service: not running"),
+    }
+    Ok(())
+}
+
+fn print_device(d: &DeviceStatus) {
+    println!("{} ({}): {}", d.path, format_size(d.size), d.state);
+    if let Some(store) = &d.store {
+        let gpu = match (&d.gpu_name, d.gpu_free_vram) {
+            (Some(n), Some(f)) => format!(", {n}, {} VRAM free", format_size(f)),
+            _ => String::new(),
+        };
+        println!("  store: {store}{gpu}");
+    } else {
+        println!("  store: (not a vramblk device)");
+    }
+    if let (Some(q), Some(depth)) = (d.queues, d.depth) {
+        println!("  queues: {q} x depth {depth}");
+    }
+    match (d.server_pid, d.supervisor_pid) {
+        (Some(p), Some(h)) => println!(
+            "  server pid {p}, supervisor pid {h}, up {}, {} restart(s)",
+            d.uptime_secs
+                .map(|s| format!("{s} s"))
+                .unwrap_or_else(|| "?".into()),
+            d.restarts
+        ),
+        (None, Some(h)) => println!("  no server (supervisor {h} is recovering it)"),
+        _ => {}
+    }
+    match &d.swap {
+        Some(s) => println!(
+            "  swap: {} of {} used, priority {}",
+            format_size(s.used),
+            format_size(s.size),
+            s.priority
+        ),
+        None => println!("  swap: off"),
+    }
+    if let Some(b) = &d.block {
+        println!(
+            "  block layer: {} reads ({}), {} writes ({}), {} in flight",
+            b.reads,
+            format_size(b.read_bytes),
+            b.writes,
+            format_size(b.write_bytes),
+            b.in_flight
+        );
+    }
+    if let Some(r) = &d.server {
+        let lat = match (r.p50_us, r.p99_us) {
+            (Some(a), Some(b)) => format!("latency p50 {a:.0} us, p99 {b:.0} us"),
+            _ => "no requests yet".into(),
+        };
+        println!(
+            "  server: {} reads, {} writes, {} errors since it started; {lat}",
+            r.reads, r.writes, r.errors
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sys_block_stat() {
+        let t = "    1520        0    12160      370     3000        0    24000     1200        2      900     1570        0        0        0        0        0        0\n";
+        assert_eq!(
+            parse_block_stat(t),
+            Some(BlockStat {
+                reads: 1520,
+                read_bytes: 12160 * 512,
+                writes: 3000,
+                write_bytes: 24000 * 512,
+                in_flight: 2
+            })
+        );
+        assert_eq!(parse_block_stat("1 2"), None);
+        assert_eq!(parse_block_stat("x"), None);
+    }
+}

@@ -1,0 +1,114 @@
+//! `vramblk up` and `vramblk down`: the devices of the config file, as swap.
+
+use crate::add::{launch, Plan};
+use crate::del::{delete_one, lock};
+use crate::host::{pid_alive, require_driver, require_root};
+use anyhow::{bail, Result};
+use std::path::Path;
+use vramblk_config::{format_size, Config, DeviceRecord, RUN_DIR};
+use vramblk_ublk_target::control::{bdev_path, device_ids};
+
+/// The devices that serve config entries now: (entry, device id).
+pub fn configured_devices(run_dir: &Path) -> Vec<(usize, u32)> {
+    device_ids()
+        .into_iter()
+        .filter_map(|id| {
+            let r = DeviceRecord::load(run_dir, id)?;
+            let alive = r.holder_pid.is_some_and(pid_alive) || pid_alive(r.pid);
+            Some((r.origin?, id)).filter(|_| alive)
+        })
+        .collect()
+}
+
+/// Brings up every entry of `config` that `wanted` accepts and is not up
+/// yet, each as swap at its priority. Tries them all; the error names how
+/// many failed.
+pub fn bring_up(config: &Config, wanted: impl Fn(usize) -> bool) -> Result<Vec<u32>> {
+    let run_dir = Path::new(RUN_DIR);
+    std::fs::create_dir_all(run_dir)?;
+    let _lock = lock(run_dir)?;
+    let up = configured_devices(run_dir);
+    let mut ids = Vec::new();
+    let mut failed = 0;
+    for (index, d) in config.devices.iter().enumerate() {
+        if !wanted(index) {
+            continue;
+        }
+        if let Some((_, id)) = up.iter().find(|(i, _)| *i == index) {
+            println!("device {index}: already up as {}", bdev_path(*id));
+            ids.push(*id);
+            continue;
+        }
+        let result = Plan::from_config(d, index)
+            .and_then(|mut plan| launch(&mut plan, run_dir, Some((d.priority, d.discard))));
+        match result {
+            Ok(id) => {
+                println!(
+                    "device {index}: {} up, {} on {}, swap priority {}",
+                    bdev_path(id),
+                    format_size(d.size),
+                    d.backend,
+                    d.priority
+                );
+                log::info!("up: device {index} is {}", bdev_path(id));
+                ids.push(id);
+            }
+            Err(e) => {
+                eprintln!("vramblk: device {index}: {e:#}");
+                log::error!("up: device {index}: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} configured device(s) did not come up");
+    }
+    Ok(ids)
+}
+
+/// Swaps off and removes the configured devices `wanted` accepts. A device
+/// whose pages RAM cannot take back is left serving, and the error says
+/// so: a page is never dropped.
+pub fn take_down(wanted: impl Fn(usize) -> bool) -> Result<()> {
+    let run_dir = Path::new(RUN_DIR);
+    std::fs::create_dir_all(run_dir)?;
+    let _lock = lock(run_dir)?;
+    let mut refused = 0;
+    for (index, id) in configured_devices(run_dir) {
+        if !wanted(index) {
+            continue;
+        }
+        match delete_one(run_dir, id) {
+            Ok(()) => log::info!("down: device {index} ({}) removed", bdev_path(id)),
+            Err(e) => {
+                eprintln!("vramblk: device {index}: {e:#}");
+                log::error!("down: device {index}: {e:#}");
+                refused += 1;
+            }
+        }
+    }
+    if refused > 0 {
+        bail!("{refused} device(s) left up");
+    }
+    Ok(())
+}
+
+pub fn up(path: &Path) -> Result<()> {
+    require_root("up")?;
+    require_driver()?;
+    let config = Config::load(path)?;
+    if config.devices.is_empty() {
+        println!(
+            "{}: no [[device]] entries; nothing to bring up",
+            path.display()
+        );
+        return Ok(());
+    }
+    bring_up(&config, |_| true).map(|_| ())
+}
+
+pub fn down() -> Result<()> {
+    require_root("down")?;
+    require_driver()?;
+    take_down(|_| true)
+}
