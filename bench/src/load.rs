@@ -163,7 +163,7 @@ fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bo
 /// The data checks for one store (run once per copy mode).
 pub fn data_checks(store: &CudaStore, mode: &str) -> Vec<(String, bool)> {
     let queues = 4u16;
-    let part = 128u64 << 20;
+    let part = (store.size() / queues as u64).min(128 << 20) & !4095;
     let ok = std::thread::scope(|s| {
         let hs: Vec<_> = (0..queues)
             .map(|q| {

@@ -8,7 +8,8 @@ use crate::swap;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vramblk_config::{
-    defaults, parse_size, Backend, CopyMode, DeviceConfig, DeviceRecord, RUN_DIR,
+    defaults, parse_size, parse_size_or_zero, Backend, CopyMode, DeviceConfig, DeviceRecord,
+    RUN_DIR,
 };
 use vramblk_host_store::{HostStore, HostStoreOptions};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
@@ -63,7 +64,7 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         BackendArg::Cuda => Backend::Cuda,
         BackendArg::Host => Backend::Host,
     };
-    let reserve = parse_size(&a.reserve).map_err(|e| anyhow!("--reserve: {e}"))?;
+    let reserve = parse_size_or_zero(&a.reserve).map_err(|e| anyhow!("--reserve: {e}"))?;
     if a.hugepages && backend != Backend::Host {
         bail!("--hugepages applies to --backend host only");
     }

@@ -35,6 +35,9 @@ pub enum Command {
     Recover(RecoverArgs),
     /// Print the ublk features the running kernel supports.
     Features,
+    /// List the NVIDIA GPUs (index as --gpu takes it, name, free and total
+    /// VRAM), from NVML; needs no ublk and takes no VRAM.
+    Gpus,
     /// Work with the configuration file (/etc/vramblk.toml).
     #[command(subcommand)]
     Config(ConfigCommand),

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::List => list::run(),
         Command::Recover(r) => recover::run(&r),
         Command::Features => list::features(),
+        Command::Gpus => status::gpus(),
         Command::Config(args::ConfigCommand::Check { path }) => config::check(&path),
         Command::Up(c) => up::up(&c.config),
         Command::Down => up::down(),

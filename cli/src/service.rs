@@ -88,6 +88,21 @@ impl FreeVram {
     }
 }
 
+/// Collects the exit status of supervisors that ended (their devices were
+/// taken down), so they do not stay as zombies. Only called between
+/// commands: nothing else of this thread waits for a child then.
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG on our own children.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            break;
+        }
+        log::debug!("service: supervisor {pid} ended");
+    }
+}
+
 pub struct ServiceArgs {
     pub config: PathBuf,
     /// Where /sys is (tests point it at a fake power-supply tree).
@@ -189,6 +204,7 @@ impl Service {
         let mut next_pressure = Instant::now();
         while !signals::stop_requested() {
             std::thread::sleep(TICK);
+            reap_children();
             let now = Instant::now();
             if signals::take_poll_request() || now >= next_power {
                 next_power = now + Duration::from_secs(self.config.power.poll_secs.max(1));

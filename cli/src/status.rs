@@ -10,7 +10,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
-use vramblk_config::{format_size, Backend, DeviceRecord, RUN_DIR};
+use vramblk_config::{format_size, human_size, Backend, DeviceRecord, RUN_DIR};
 use vramblk_ublk_target::control::{self, bdev_path, device_ids};
 
 #[derive(Debug, Serialize)]
@@ -92,6 +92,28 @@ fn gpu_info(gpus: &[u32]) -> Vec<(u32, String, u64)> {
             Some((g, d.name().ok()?, d.memory_info().ok()?.free))
         })
         .collect()
+}
+
+/// `vramblk gpus`.
+pub fn gpus() -> Result<()> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| {
+        anyhow::anyhow!("NVML could not start ({e}): is the NVIDIA driver installed?")
+    })?;
+    let count = nvml.device_count()?;
+    if count == 0 {
+        println!("no NVIDIA GPU");
+    }
+    for i in 0..count {
+        let d = nvml.device_by_index(i)?;
+        let m = d.memory_info()?;
+        println!(
+            "{i}: {}, {} free of {}",
+            d.name()?,
+            human_size(m.free),
+            human_size(m.total)
+        );
+    }
+    Ok(())
 }
 
 pub fn collect() -> Result<Status> {
@@ -190,7 +212,7 @@ fn print_device(d: &DeviceStatus) {
     println!("{} ({}): {}", d.path, format_size(d.size), d.state);
     if let Some(store) = &d.store {
         let gpu = match (&d.gpu_name, d.gpu_free_vram) {
-            (Some(n), Some(f)) => format!(", {n}, {} VRAM free", format_size(f)),
+            (Some(n), Some(f)) => format!(", {n}, {} VRAM free", human_size(f)),
             _ => String::new(),
         };
         println!("  store: {store}{gpu}");
@@ -214,8 +236,8 @@ fn print_device(d: &DeviceStatus) {
     match &d.swap {
         Some(s) => println!(
             "  swap: {} of {} used, priority {}",
-            format_size(s.used),
-            format_size(s.size),
+            human_size(s.used),
+            human_size(s.size),
             s.priority
         ),
         None => println!("  swap: off"),
@@ -224,9 +246,9 @@ fn print_device(d: &DeviceStatus) {
         println!(
             "  block layer: {} reads ({}), {} writes ({}), {} in flight",
             b.reads,
-            format_size(b.read_bytes),
+            human_size(b.read_bytes),
             b.writes,
-            format_size(b.write_bytes),
+            human_size(b.write_bytes),
             b.in_flight
         );
     }

@@ -19,7 +19,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vramblk_config::DeviceRecord;
-use vramblk_ublk_target::control::{bdev_path, delete_device, device_ids};
+use vramblk_ublk_target::control::{bdev_path, delete_device, delete_device_nowait, device_ids};
 use vramblk_ublk_target::Start;
 
 /// Restarts in a row that may fail (the server dying before it served
@@ -383,7 +383,7 @@ impl Supervisor<'_> {
             "supervisor: giving up on {path}: {why}; removing it so its I/O fails instead of \
              waiting forever (anything swapped to it is lost)"
         );
-        if let Err(e) = delete_device(id) {
+        if let Err(e) = delete_device_nowait(id) {
             log::error!("supervisor: removing {path}: {e}");
         }
         DeviceRecord::remove(self.run_dir, id);

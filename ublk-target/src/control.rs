@@ -13,8 +13,8 @@ pub enum ControlError {
     NoDriver,
     #[error("there is no ublk device {0}")]
     NoDevice(u32),
-    #[error("deleting ublk device {id}: {source}")]
-    Delete { id: u32, source: libublk::UblkError },
+    #[error("deleting ublk device {id}: {why}")]
+    Delete { id: u32, why: String },
 }
 
 /// The kernel's view of a device's state.
@@ -105,13 +105,103 @@ pub fn device_info(id: u32) -> Result<DeviceInfo, ControlError> {
 /// Stops and removes device `id`; its daemon sees its queues abort and
 /// exits. Returns once the kernel has released the device.
 pub fn delete_device(id: u32) -> Result<(), ControlError> {
-    let ctrl = open(id)?;
-    ctrl.del_dev().map_err(|source| match source {
-        libublk::UblkError::OtherError(e) if e == -libc::ENODEV || e == -libc::ENOENT => {
-            ControlError::NoDevice(id)
+    delete(id, false)
+}
+
+/// Removes device `id` without waiting for its last user to let go (the
+/// kernel's DEL_DEV_ASYNC, 6.10+; plain DEL_DEV on older kernels): its
+/// disk goes at once, so waiting I/O fails, and the rest is freed when
+/// the last reference drops. For giving up on a device whose server keeps
+/// dying, where waiting could hang on requests no server will finish.
+pub fn delete_device_nowait(id: u32) -> Result<(), ControlError> {
+    match delete(id, true) {
+        Err(ControlError::Delete { why, .. }) if why.contains("Invalid argument") => {
+            delete(id, false)
         }
-        source => ControlError::Delete { id, source },
+        r => r,
+    }
+}
+
+fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
+    // In a thread of its own: libublk's control ring is per thread, and a
+    // command whose answer it did not wait for leaves that answer in the
+    // ring, where the next command of the thread would read it as its own.
+    let result = std::thread::scope(|s| {
+        s.spawn(|| -> Result<Option<i32>, ControlError> {
+            let ctrl = open(id)?;
+            let r = if nowait {
+                ctrl.del_dev_async()
+            } else {
+                ctrl.del_dev()
+            };
+            Ok(match r {
+                Ok(_) => None,
+                Err(libublk::UblkError::UringIOError(e) | libublk::UblkError::OtherError(e)) => {
+                    Some(e)
+                }
+                Err(e) => {
+                    return Err(ControlError::Delete {
+                        id,
+                        why: e.to_string(),
+                    })
+                }
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(ControlError::Delete {
+                id,
+                why: "the deleting thread panicked".into(),
+            })
+        })
     })?;
+    match result {
+        None => Ok(()),
+        // The device was there when opened. The command went in, but its
+        // answer did not come back as such: the wait was cut short (libublk
+        // reports a wait that ended with no answer as EAGAIN, and its retry
+        // then finds the device already going: ENODEV). The kernel is taking
+        // the device down and waits for its last user to let go; wait here.
+        Some(e)
+            if [
+                libc::EINTR,
+                ERESTARTSYS,
+                libc::EAGAIN,
+                libc::ENODEV,
+                libc::ENOENT,
+            ]
+            .contains(&-e) =>
+        {
+            log::debug!("deleting ublk device {id}: no clean answer ({e}); waiting for it to go");
+            if nowait {
+                Ok(())
+            } else {
+                wait_gone(id)
+            }
+        }
+        Some(e) => Err(ControlError::Delete {
+            id,
+            why: std::io::Error::from_raw_os_error(-e).to_string(),
+        }),
+    }
+}
+
+/// The kernel's "interrupted, restart" code, which can surface through
+/// io_uring where a syscall would have restarted.
+const ERESTARTSYS: i32 = 512;
+
+/// Waits up to 30 s for device `id` to disappear.
+fn wait_gone(id: u32) -> Result<(), ControlError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while device_ids().contains(&id) {
+        if std::time::Instant::now() > deadline {
+            return Err(ControlError::Delete {
+                id,
+                why: "interrupted, and it was still there 30 s later".into(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     Ok(())
 }
 

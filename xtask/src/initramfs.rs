@@ -16,6 +16,8 @@ pub struct Spec<'a> {
     pub modules: &'a [PathBuf],
     /// (guest path, contents, executable)
     pub files: &'a [(&'a str, &'a str)],
+    /// Host files copied to a guest path: (host path, guest path).
+    pub copies: &'a [(PathBuf, &'a str)],
 }
 
 pub fn build(stage: &Path, out: &Path, spec: &Spec) -> Result<()> {
@@ -70,6 +72,9 @@ pub fn build(stage: &Path, out: &Path, spec: &Spec) -> Result<()> {
                 .join("lib/modules")
                 .join(m.file_name().context("module name")?),
         )?;
+    }
+    for (src, guest) in spec.copies {
+        copy_into(stage, src, Path::new(guest))?;
     }
     for (path, text) in spec.files {
         let dst = stage.join(path.trim_start_matches('/'));

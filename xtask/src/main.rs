@@ -1,7 +1,8 @@
 //! `cargo xtask ...`: the project's automation (cargo-xtask convention).
 //!
-//! - `test`: unit tests, `systemd-analyze verify` on the units, then the
-//!   VM suite (the README's test command).
+//! - `test`: unit tests, `systemd-analyze verify` on the units, the cuda
+//!   store's checks on a stand-in libcuda, then the VM suite (the README's
+//!   test command).
 //! - `unit-test`: `cargo test` for the workspace.
 //! - `vm-test`: the VM suite alone: boots Debian's 6.12 cloud kernel under
 //!   qemu TCG with a busybox initramfs holding the release binaries and
@@ -44,6 +45,7 @@ fn run() -> Result<()> {
             unit_test()?;
             deps::ensure()?;
             units::verify(&root()?)?;
+            units::stub_checks(&root()?)?;
             suite::run_all(&root()?)
         }
         "unit-test" => unit_test(),

@@ -79,6 +79,27 @@ const SUITES: &[Suite] = &[
     },
 ];
 
+/// Where the guests find the stand-in libcuda (used through
+/// LD_LIBRARY_PATH by the checks that want it, and nowhere else).
+const STUB_GUEST_PATH: &str = "/opt/cudastub/libcuda.so.1";
+
+/// Builds cuda-store/tests/stub/libcuda_stub.c: host memory behind the
+/// CUDA driver calls vramblk makes, so the cuda backend runs through the
+/// kernel path in a guest without a GPU (never GPU evidence).
+pub fn build_cuda_stub(root: &Path) -> Result<PathBuf> {
+    let src = root.join("cuda-store/tests/stub/libcuda_stub.c");
+    let dir = root.join("target/cudastub");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("libcuda.so.1");
+    sh(Command::new("cc")
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-o",
+        ])
+        .arg(&out)
+        .arg(&src))?;
+    Ok(out)
+}
+
 /// Builds the release binaries the guests run; returns their paths.
 pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
     println!("== building release binaries");
@@ -97,6 +118,7 @@ pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
 pub fn run_all(root: &Path) -> Result<()> {
     deps::ensure()?;
     let built = build_guest_bins(root)?;
+    let stub = build_cuda_stub(root)?;
     let vm_dir = root.join("target/vm");
     let kernel = kernel::fetch(&vm_dir.join("kernel"))?;
 
@@ -118,6 +140,7 @@ pub fn run_all(root: &Path) -> Result<()> {
             &initramfs::Spec {
                 host_bins: s.host_bins,
                 built_bins: &built,
+                copies: &[(stub.clone(), STUB_GUEST_PATH)],
                 modules: &kernel.modules,
                 files: &[
                     ("/init", INIT),

@@ -51,3 +51,27 @@ pub fn verify(root: &Path) -> Result<()> {
     println!("PASS systemd-analyze verify: {} clean", UNITS.join(", "));
     Ok(())
 }
+
+/// engine-bench's checks (`--checks-only`) on the stand-in libcuda: the
+/// cuda store's allocation, hand-over and import, copy kernel descriptor
+/// tables, back-off and erase, run where there is no GPU. Host memory
+/// behind the driver calls: it says nothing about a GPU.
+pub fn stub_checks(root: &Path) -> Result<()> {
+    println!(
+        "== cuda-store checks on the stand-in libcuda (cuda-store/tests/stub; not GPU evidence)"
+    );
+    let stub = crate::suite::build_cuda_stub(root)?;
+    crate::sh(
+        Command::new(crate::cargo())
+            .args(["build", "--release", "-p", "vramblk-bench"])
+            .current_dir(root),
+    )?;
+    let dir = stub.parent().context("stub without a directory")?;
+    crate::sh(
+        Command::new(root.join("target/release/engine-bench"))
+            .arg("--checks-only")
+            .env("LD_LIBRARY_PATH", dir)
+            .env("VRAMBLK_STUB_VRAM_MIB", "16384"),
+    )
+    .context("cuda-store checks on the stub")
+}

@@ -126,3 +126,6 @@ swap_on() { grep -q "^$1 " /proc/swaps; }
 swap_off() { ! grep -q "^$1 " /proc/swaps; }
 no_swap() { [ "$(wc -l < /proc/swaps)" -le 1 ]; }
 any_swap() { [ "$(wc -l < /proc/swaps)" -gt 1 ]; }
+
+# has TEXT WANT: TEXT contains WANT (for check, which must not be piped)
+has() { echo "$1" | grep -qF -- "$2"; }

@@ -38,13 +38,13 @@ priority = 1234
 depth = 64
 CFG
 out=$(vramblk config check /etc/vramblk.toml 2>&1)
-check "config check reads the file" echo "$out" | grep -q "ok, 1 device"
+check "config check reads the file" has "$out" "ok, 1 device"
 out=$(vramblk up 2>&1)
 info "up: $out"
 check "up brings the configured device up as swap" swap_on /dev/ublkb0
 check "at the configured priority" [ "$(awk '$1 == "/dev/ublkb0" {print $5}' /proc/swaps)" = 1234 ]
 out=$(vramblk up 2>&1)
-check "up again finds it already up" echo "$out" | grep -q "already up as /dev/ublkb0"
+check "up again finds it already up" has "$out" "already up as /dev/ublkb0"
 vramblk status --json > /tmp/status.json 2>&1
 check "status --json parses: the device serves config entry 0" [ "$(jsonq /tmp/status.json devices.0.config_entry)" = 0 ]
 check "status --json: swap priority 1234, backend host" [ "$(jsonq /tmp/status.json devices.0.swap.priority)/$(jsonq /tmp/status.json devices.0.backend)" = 1234/host ]
@@ -64,7 +64,7 @@ info "held: $used MiB in swap, MemAvailable $(mem MemAvailable) MiB"
 out=$(vramblk down 2>&1); rc=$?
 info "down: $out"
 check "down refuses while RAM cannot take the pages back" [ $rc -ne 0 ]
-check "and says the device is left serving" echo "$out" | grep -q "left serving"
+check "and says the device is left serving" has "$out" "left serving"
 check "the device is still swap" swap_on /dev/ublkb0
 touch /tmp/go
 wait $mc
@@ -113,4 +113,5 @@ rc=$?
 while read -r l; do info "service: $l"; done < /tmp/svc.log
 check "service: SIGTERM takes the device down and exits 0" [ $rc -eq 0 ]
 check "service: no swap left" no_swap
+check "service: the device is gone" wait_for 30 nodes_gone 0
 check "no kernel oops or hung task (service part)" no_oops

@@ -2,7 +2,7 @@
 //! device, plus `[power]` and `[pressure]`. Unknown keys and bad values are
 //! rejected with the file, the line and one sentence.
 
-use crate::{defaults, parse_size, Backend};
+use crate::{defaults, parse_size, parse_size_or_zero, Backend};
 use serde::Deserialize;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -169,14 +169,7 @@ impl Config {
                 ));
             }
             let reserve = match &d.reserve {
-                Some(r) => parse_size(r.get_ref())
-                    .or_else(|e| {
-                        if r.get_ref().trim() == "0" {
-                            Ok(0)
-                        } else {
-                            Err(e)
-                        }
-                    })
+                Some(r) => parse_size_or_zero(r.get_ref())
                     .map_err(|e| fail(Some(r.span()), format!("reserve: {e}")))?,
                 None => 512 << 20,
             };

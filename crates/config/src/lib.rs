@@ -8,7 +8,7 @@ pub use file::{
     Config, ConfigError, CopyMode, DeviceConfig, PowerConfig, PressureConfig, CONFIG_PATH,
 };
 pub use record::{DeviceRecord, RUN_DIR};
-pub use size::{format_size, parse_size, SizeError};
+pub use size::{format_size, human_size, parse_size, parse_size_or_zero, SizeError};
 
 use serde::{Deserialize, Serialize};
 

@@ -44,6 +44,25 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     Ok(bytes)
 }
 
+/// As [`parse_size`], but "0" (with or without a unit) is 0: for amounts
+/// that may be none, like a VRAM reserve.
+pub fn parse_size_or_zero(text: &str) -> Result<u64, SizeError> {
+    match parse_size(text) {
+        Err(SizeError::Zero) => Ok(0),
+        r => r,
+    }
+}
+
+/// Bytes for reading, rounded to one decimal: `79.2G`, `512.0M`, `4.0K`.
+pub fn human_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1u64 << shift {
+            return format!("{:.1}{unit}", bytes as f64 / (1u64 << shift) as f64);
+        }
+    }
+    format!("{bytes}B")
+}
+
 /// Renders bytes the way users write them: `7G`, `512M`, `1536K`, `4097B`.
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
@@ -57,6 +76,17 @@ pub fn format_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_where_allowed_and_human_sizes() {
+        assert_eq!(parse_size_or_zero("0"), Ok(0));
+        assert_eq!(parse_size_or_zero("0M"), Ok(0));
+        assert_eq!(parse_size_or_zero("512M"), Ok(512 << 20));
+        assert!(parse_size_or_zero("x").is_err());
+        assert_eq!(human_size(85_017_853_952), "79.2G");
+        assert_eq!(human_size(512 << 20), "512.0M");
+        assert_eq!(human_size(100), "100B");
+    }
 
     #[test]
     fn accepts_the_documented_forms() {

@@ -102,6 +102,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         &initramfs::Spec {
             host_bins: HOST_BINS,
             built_bins: &guest_bins,
+            copies: &[],
             modules: &kernel.modules,
             files: &[
                 ("/init", INIT),

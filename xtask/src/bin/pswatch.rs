@@ -53,10 +53,43 @@ fn main() {
         println!("{line}");
         blocked_rounds = if blocked { blocked_rounds + 1 } else { 0 };
         if blocked_rounds == 2 {
-            // Ask the kernel for the stacks of every blocked task.
-            let _ = std::fs::write("/proc/sysrq-trigger", "w");
+            // Ask the kernel for the stacks of every blocked task, of what
+            // runs on each CPU, and for the memory picture.
+            for key in ["w", "l", "m"] {
+                let _ = std::fs::write("/proc/sysrq-trigger", key);
+            }
+            println!("{}", vramblk_stacks());
         }
     }
+}
+
+/// The kernel stack of every vramblk thread (where a running one spins).
+fn vramblk_stacks() -> String {
+    let mut out = String::from("INFO pswatch stacks:");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "vramblk" {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let stack = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stack"))
+                .unwrap_or_default();
+            let frames: Vec<&str> = stack
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .collect();
+            out.push_str(&format!(" [{pid}/{tid}: {}]", frames.join(" < ")));
+        }
+    }
+    out
 }
 
 /// "[tid:state:wchan ...]" for every thread of a process but the first.

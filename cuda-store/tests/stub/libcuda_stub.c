@@ -1,0 +1,255 @@
+/*
+ * A stand-in libcuda for the VM suite: the driver entry points vramblk's
+ * cuda-store calls, over host memory. "VRAM" is a memfd per allocation
+ * (on hugetlb pages with VRAMBLK_STUB_HUGETLB=1, so it sits outside the
+ * memory swap relieves, as VRAM does); export/import pass its fd, so the
+ * supervisor hand-over and recovery run for real; copies are memcpy, the
+ * copy kernel is interpreted (its descriptor table walked on the CPU),
+ * every operation completes at once.
+ *
+ * It lets the --backend cuda path run through the real kernel path where
+ * there is no GPU. It is never GPU evidence: no figure from it counts.
+ *
+ * Build: cc -shared -fPIC -O2 -o libcuda.so.1 libcuda_stub.c
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef unsigned long long CUhandle;
+
+enum {
+    OK = 0,
+    ERR_INVALID_VALUE = 1,
+    ERR_OUT_OF_MEMORY = 2,
+    ERR_NOT_FOUND = 500,
+};
+
+#define GRANULARITY (2ull << 20)
+#define MAX_HANDLES 4096
+
+/* Handle h (1-based) is the memfd fds[h - 1]; 0: free slot. */
+static int fds[MAX_HANDLES];
+static size_t sizes[MAX_HANDLES];
+static size_t allocated;
+static int dummy;
+
+static size_t vram_total(void) {
+    const char *s = getenv("VRAMBLK_STUB_VRAM_MIB");
+    return (s ? strtoull(s, NULL, 10) : 1024) << 20;
+}
+
+static CUhandle put(int fd, size_t size) {
+    for (int i = 0; i < MAX_HANDLES; i++)
+        if (fds[i] == 0) {
+            fds[i] = fd + 1; /* stored +1 so fd 0 stays distinguishable */
+            sizes[i] = size;
+            allocated += size;
+            return (CUhandle)i + 1;
+        }
+    return 0;
+}
+
+static int fd_of(CUhandle h) {
+    return (h >= 1 && h <= MAX_HANDLES && fds[h - 1]) ? fds[h - 1] - 1 : -1;
+}
+
+CUresult cuInit(unsigned flags) { (void)flags; return OK; }
+CUresult cuDriverGetVersion(int *v) { *v = 12080; return OK; }
+CUresult cuDeviceGetCount(int *n) { *n = 1; return OK; }
+CUresult cuDeviceGet(int *d, int ordinal) { if (ordinal != 0) return ERR_INVALID_VALUE; *d = 0; return OK; }
+CUresult cuDeviceGetName(char *name, int len, int dev) {
+    (void)dev;
+    snprintf(name, (size_t)len, "vramblk stub GPU (host memory, not a GPU)");
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx = &dummy; return OK; }
+CUresult cuDevicePrimaryCtxRelease_v2(int dev) { (void)dev; return OK; }
+CUresult cuCtxSetCurrent(void *ctx) { (void)ctx; return OK; }
+CUresult cuCtxSynchronize(void) { return OK; }
+CUresult cuGetErrorString(CUresult r, const char **s) {
+    *s = r == OK ? "no error" : r == ERR_OUT_OF_MEMORY ? "out of memory (stub)" : "error (stub)";
+    return OK;
+}
+
+CUresult cuMemGetInfo_v2(size_t *free_, size_t *total) {
+    size_t t = vram_total();
+    *total = t;
+    *free_ = allocated < t ? t - allocated : 0;
+    return OK;
+}
+CUresult cuMemGetAllocationGranularity(size_t *g, const void *prop, int option) {
+    (void)prop; (void)option;
+    *g = GRANULARITY;
+    return OK;
+}
+
+CUresult cuMemCreate(CUhandle *h, size_t size, const void *prop, unsigned long long flags) {
+    (void)prop; (void)flags;
+    if (allocated + size > vram_total()) return ERR_OUT_OF_MEMORY;
+    const char *huge = getenv("VRAMBLK_STUB_HUGETLB");
+    unsigned mfd = MFD_CLOEXEC | (huge && *huge == '1' ? MFD_HUGETLB : 0);
+    int fd = memfd_create("vramblk-stub-vram", mfd);
+    if (fd < 0) return ERR_OUT_OF_MEMORY;
+    if (ftruncate(fd, (off_t)size) != 0) { close(fd); return ERR_OUT_OF_MEMORY; }
+    *h = put(fd, size);
+    if (!*h) { close(fd); return ERR_OUT_OF_MEMORY; }
+    return OK;
+}
+CUresult cuMemExportToShareableHandle(void *out, CUhandle h, int type, unsigned long long flags) {
+    (void)type; (void)flags;
+    int fd = fd_of(h);
+    if (fd < 0) return ERR_INVALID_VALUE;
+    int d = dup(fd);
+    if (d < 0) return ERR_INVALID_VALUE;
+    *(int *)out = d;
+    return OK;
+}
+CUresult cuMemImportFromShareableHandle(CUhandle *h, void *os_handle, int type) {
+    (void)type;
+    int d = dup((int)(intptr_t)os_handle);
+    struct stat st;
+    if (d < 0 || fstat(d, &st) != 0) return ERR_INVALID_VALUE;
+    *h = put(d, (size_t)st.st_size);
+    return *h ? OK : ERR_OUT_OF_MEMORY;
+}
+CUresult cuMemRelease(CUhandle h) {
+    int fd = fd_of(h);
+    if (fd < 0) return ERR_INVALID_VALUE;
+    close(fd);
+    allocated -= sizes[h - 1];
+    fds[h - 1] = 0;
+    return OK;
+}
+CUresult cuMemAddressReserve(CUdeviceptr *p, size_t size, size_t align, CUdeviceptr addr, unsigned long long flags) {
+    (void)align; (void)addr; (void)flags;
+    /* Huge-page alignment, so hugetlb chunks can be mapped into it. */
+    size_t pad = GRANULARITY;
+    void *m = mmap(NULL, size + pad, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return ERR_OUT_OF_MEMORY;
+    uintptr_t a = ((uintptr_t)m + pad - 1) & ~(uintptr_t)(pad - 1);
+    *p = (CUdeviceptr)a;
+    return OK;
+}
+CUresult cuMemAddressFree(CUdeviceptr p, size_t size) { munmap((void *)(uintptr_t)p, size); return OK; }
+CUresult cuMemMap(CUdeviceptr p, size_t size, size_t offset, CUhandle h, unsigned long long flags) {
+    (void)flags;
+    int fd = fd_of(h);
+    if (fd < 0) return ERR_INVALID_VALUE;
+    void *m = mmap((void *)(uintptr_t)p, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (off_t)offset);
+    return m == MAP_FAILED ? ERR_OUT_OF_MEMORY : OK;
+}
+CUresult cuMemUnmap(CUdeviceptr p, size_t size) {
+    mmap((void *)(uintptr_t)p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    return OK;
+}
+CUresult cuMemSetAccess(CUdeviceptr p, size_t size, const void *desc, size_t count) {
+    (void)p; (void)size; (void)desc; (void)count;
+    return OK;
+}
+
+CUresult cuStreamCreate(void **s, unsigned flags) { (void)flags; *s = &dummy; return OK; }
+CUresult cuStreamDestroy_v2(void *s) { (void)s; return OK; }
+CUresult cuStreamSynchronize(void *s) { (void)s; return OK; }
+CUresult cuEventCreate(void **e, unsigned flags) { (void)flags; *e = &dummy; return OK; }
+CUresult cuEventDestroy_v2(void *e) { (void)e; return OK; }
+CUresult cuEventRecord(void *e, void *s) { (void)e; (void)s; return OK; }
+CUresult cuEventQuery(void *e) { (void)e; return OK; }
+
+CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned flags) { (void)p; (void)size; (void)flags; return OK; }
+CUresult cuMemHostUnregister(void *p) { (void)p; return OK; }
+CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *d, void *p, unsigned flags) {
+    (void)flags;
+    *d = (CUdeviceptr)(uintptr_t)p;
+    return OK;
+}
+CUresult cuMemHostAlloc(void **p, size_t size, unsigned flags) {
+    (void)flags;
+    *p = calloc(1, size);
+    return *p ? OK : ERR_OUT_OF_MEMORY;
+}
+CUresult cuMemFreeHost(void *p) { free(p); return OK; }
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *s) {
+    (void)s; memcpy((void *)(uintptr_t)dst, src, n); return OK;
+}
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *s) {
+    (void)s; memcpy(dst, (const void *)(uintptr_t)src, n); return OK;
+}
+/* Zeroing whole pages of a memfd mapping punches them out (they read back
+ * as zeroes and stop taking memory); anything else is a plain memset. */
+static void fill(CUdeviceptr dst, unsigned char v, size_t n) {
+    uintptr_t a = (uintptr_t)dst, end = a + n;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (a + page - 1) & ~(page - 1), hi = end & ~(page - 1);
+    if (v == 0 && hi > lo && madvise((void *)lo, hi - lo, MADV_REMOVE) == 0) {
+        memset((void *)a, 0, lo - a);
+        memset((void *)hi, 0, end - hi);
+        return;
+    }
+    memset((void *)a, v, n);
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void *s) {
+    (void)s; fill(dst, v, n); return OK;
+}
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    fill(dst, v, n); return OK;
+}
+
+/* The copy kernel: copy_list(descs, n), each descriptor {src, dst, len}. */
+static int module_token, function_token;
+CUresult cuModuleLoadData(void **m, const void *image) {
+    if (!strstr((const char *)image, ".entry copy_list")) return ERR_INVALID_VALUE;
+    *m = &module_token;
+    return OK;
+}
+CUresult cuModuleUnload(void *m) { (void)m; return OK; }
+CUresult cuModuleGetFunction(void **f, void *m, const char *name) {
+    (void)m;
+    if (strcmp(name, "copy_list") != 0) return ERR_NOT_FOUND;
+    *f = &function_token;
+    return OK;
+}
+CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared, void *stream, void **params, void **extra) {
+    (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shared; (void)stream; (void)extra;
+    if (f != &function_token || !params) return ERR_INVALID_VALUE;
+    const unsigned long long *d = (const unsigned long long *)(uintptr_t)*(CUdeviceptr *)params[0];
+    unsigned n = *(unsigned *)params[1];
+    if (gx != n) return ERR_INVALID_VALUE; /* one block per descriptor */
+    for (unsigned i = 0; i < n; i++)
+        memcpy((void *)(uintptr_t)d[3 * i + 1], (const void *)(uintptr_t)d[3 * i], (size_t)d[3 * i + 2]);
+    return OK;
+}
+
+/* Plain allocations and synchronous copies (engine-bench's baseline and
+ * its "another program holds VRAM" check). */
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t size) {
+    if (allocated + size > vram_total()) return ERR_OUT_OF_MEMORY;
+    void *m = calloc(1, size + sizeof(size_t));
+    if (!m) return ERR_OUT_OF_MEMORY;
+    *(size_t *)m = size;
+    allocated += size;
+    *p = (CUdeviceptr)(uintptr_t)((char *)m + sizeof(size_t));
+    return OK;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    char *m = (char *)(uintptr_t)p - sizeof(size_t);
+    allocated -= *(size_t *)m;
+    free(m);
+    return OK;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    memcpy((void *)(uintptr_t)dst, src, n); return OK;
+}
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    memcpy(dst, (const void *)(uintptr_t)src, n); return OK;
+}
