@@ -77,53 +77,66 @@ pub fn targets(rows: &[Row], mode: &str) -> String {
         };
         t += &format!("| {what} | {text} | {met} |\n");
     };
-    for read in [false, true] {
-        let dir = if read { "read" } else { "write" };
-        line(
-            format!("4 KiB random {dir}, 16 queues x depth 128 >= 5 M IOPS"),
-            find(4096, read, 16, 128).map(|r| r.iops / 1e6),
+    type Measure = fn(&Row, Option<f64>) -> Option<f64>;
+    /// What, block size, queues, depth, measure, unit, met.
+    type Target<'a> = (&'a str, u64, u16, usize, Measure, &'a str, fn(f64) -> bool);
+    let iops_m: Measure = |r, _| Some(r.iops / 1e6);
+    let ratio: Measure = |r, base| base.map(|b| r.iops / b);
+    let gbps: Measure = |r, _| Some(r.gbps);
+    let p50: Measure = |r, _| Some(r.p50);
+    let targets: [Target; 5] = [
+        (
+            "4 KiB random {dir}, 16 queues x depth 128 >= 5 M IOPS",
+            4096,
+            16,
+            128,
+            iops_m,
             " M",
-            &|v| v >= 5.0,
-        );
-    }
-    for read in [false, true] {
-        let dir = if read { "read" } else { "write" };
-        line(
-            format!("4 KiB random {dir}, 1 queue x depth 32 >= 1.5 M IOPS"),
-            find(4096, read, 1, 32).map(|r| r.iops / 1e6),
+            |v| v >= 5.0,
+        ),
+        (
+            "4 KiB random {dir}, 1 queue x depth 32 >= 1.5 M IOPS",
+            4096,
+            1,
+            32,
+            iops_m,
             " M",
-            &|v| v >= 1.5,
-        );
-    }
-    for read in [false, true] {
-        let dir = if read { "read" } else { "write" };
-        let ratio = find(4096, read, 16, 128)
-            .zip(baseline_iops(rows, read))
-            .map(|(r, b)| r.iops / b);
-        line(
-            format!("4 KiB random {dir} (16 x 128) >= 20x the nbd-vram-shaped baseline"),
+            |v| v >= 1.5,
+        ),
+        (
+            "4 KiB random {dir} (16 x 128) >= 20x the nbd-vram-shaped baseline",
+            4096,
+            16,
+            128,
             ratio,
             "x",
-            &|v| v >= 20.0,
-        );
-    }
-    for read in [false, true] {
-        let dir = if read { "read" } else { "write" };
-        line(
-            format!("512 KiB sequential {dir} >= 40 GB/s"),
-            find(512 << 10, read, 4, 32).map(|r| r.gbps),
+            |v| v >= 20.0,
+        ),
+        (
+            "512 KiB sequential {dir} >= 40 GB/s",
+            512 << 10,
+            4,
+            32,
+            gbps,
             " GB/s",
-            &|v| v >= 40.0,
-        );
-    }
-    for read in [false, true] {
-        let dir = if read { "read" } else { "write" };
-        line(
-            format!("QD1 4 KiB {dir}, submit to completion seen by the queue, p50 <= 12 us"),
-            find(4096, read, 1, 1).map(|r| r.p50),
+            |v| v >= 40.0,
+        ),
+        (
+            "QD1 4 KiB {dir}, submit to completion seen by the queue, p50 <= 12 us",
+            4096,
+            1,
+            1,
+            p50,
             " us",
-            &|v| v <= 12.0,
-        );
+            |v| v <= 12.0,
+        ),
+    ];
+    for (what, bs, q, d, measure, unit, met) in targets {
+        for read in [false, true] {
+            let dir = if read { "read" } else { "write" };
+            let got = find(bs, read, q, d).and_then(|r| measure(r, baseline_iops(rows, read)));
+            line(what.replace("{dir}", dir), got, unit, &met);
+        }
     }
     t
 }

@@ -20,17 +20,25 @@ pub fn run(a: &DelArgs) -> Result<()> {
         Some(id) => vec![id],
         None => vramblk_devices(run_dir),
     };
-    let mut failed = 0;
-    for id in ids {
-        if let Err(e) = delete_one(run_dir, id) {
-            eprintln!("vramblk: {e:#}");
-            failed += 1;
-        }
-    }
+    let failed = delete_each(run_dir, &ids);
     if failed > 0 {
         bail!("{failed} device(s) not removed");
     }
     Ok(())
+}
+
+/// Deletes each device in turn (see [`delete_one`]), saying why for those
+/// that stay; how many stayed.
+pub(crate) fn delete_each(run_dir: &Path, ids: &[u32]) -> usize {
+    ids.iter()
+        .filter(|&&id| match delete_one(run_dir, id) {
+            Ok(()) => false,
+            Err(e) => {
+                eprintln!("vramblk: {e:#}");
+                true
+            }
+        })
+        .count()
 }
 
 /// Devices that carry a vramblk record, live or with a dead daemon.

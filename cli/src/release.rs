@@ -2,7 +2,7 @@
 //! does: swap off and remove cuda devices, unless RAM cannot take their
 //! pages back.
 
-use crate::del::{delete_one, lock};
+use crate::del::{delete_each, lock};
 use crate::host::{require_driver, require_root};
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -27,13 +27,7 @@ pub fn run(id: Option<u32>) -> Result<()> {
         }
         None => cuda,
     };
-    let mut kept = 0;
-    for i in ids {
-        if let Err(e) = delete_one(run_dir, i) {
-            eprintln!("vramblk: {e:#}");
-            kept += 1;
-        }
-    }
+    let kept = delete_each(run_dir, &ids);
     if kept > 0 {
         bail!("{kept} device(s) kept their VRAM");
     }

@@ -7,24 +7,16 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use vramblk_ublk_target::DeviceCounters;
+use vramblk_ublk_target::{CounterSnapshot, DeviceCounters};
 
-/// What a server answers.
+/// What a server answers: its pid, its queue count, and the counters
+/// since it started (see [`CounterSnapshot`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatsReply {
     pub pid: u32,
     pub queues: u16,
-    pub reads: u64,
-    pub writes: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    /// Flushes, discards and write-zeroes.
-    pub others: u64,
-    pub errors: u64,
-    /// Enqueue to completion as the queues see it, since this server
-    /// started (microseconds, within ~19%).
-    pub p50_us: Option<f64>,
-    pub p99_us: Option<f64>,
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
 }
 
 pub fn socket_path(run_dir: &Path, id: u32) -> PathBuf {
@@ -32,19 +24,11 @@ pub fn socket_path(run_dir: &Path, id: u32) -> PathBuf {
 }
 
 fn reply(counters: &DeviceCounters, queues: u16) -> StatsReply {
-    let s = counters.snapshot();
     StatsReply {
         // SAFETY: getpid has no preconditions.
         pid: unsafe { libc::getpid() } as u32,
         queues,
-        reads: s.reads,
-        writes: s.writes,
-        read_bytes: s.read_bytes,
-        write_bytes: s.write_bytes,
-        others: s.others,
-        errors: s.errors,
-        p50_us: s.p50_us,
-        p99_us: s.p99_us,
+        counters: counters.snapshot(),
     }
 }
 
@@ -93,8 +77,11 @@ mod tests {
         q.write_bytes.fetch_add(5 * 4096, Relaxed);
         q.record_latency(Duration::from_micros(40));
         let r = query(&path).unwrap();
-        assert_eq!((r.writes, r.write_bytes, r.queues), (5, 20480, 2));
-        assert_eq!(r.p50_us, Some(40.0));
+        assert_eq!(
+            (r.counters.writes, r.counters.write_bytes, r.queues),
+            (5, 20480, 2)
+        );
+        assert_eq!(r.counters.p50_us, Some(40.0));
         assert!(query(&dir.join("none.sock")).is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }

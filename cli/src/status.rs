@@ -253,13 +253,14 @@ fn print_device(d: &DeviceStatus) {
         );
     }
     if let Some(r) = &d.server {
-        let lat = match (r.p50_us, r.p99_us) {
+        let c = &r.counters;
+        let lat = match (c.p50_us, c.p99_us) {
             (Some(a), Some(b)) => format!("latency p50 {a:.0} us, p99 {b:.0} us"),
             _ => "no requests yet".into(),
         };
         println!(
             "  server: {} reads, {} writes, {} errors since it started; {lat}",
-            r.reads, r.writes, r.errors
+            c.reads, c.writes, c.errors
         );
     }
 }

@@ -90,8 +90,9 @@ pub struct DeviceCounters {
     queues: Vec<QueueCounters>,
 }
 
-/// Totals over a device's queues, with latency percentiles (us).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Totals over a device's queues, with latency percentiles (us; `null`
+/// before the first request).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CounterSnapshot {
     pub reads: u64,
     pub writes: u64,
