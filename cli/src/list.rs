@@ -23,17 +23,7 @@ pub fn run() -> Result<()> {
             .map(|r| r.pid as i32)
             .or(info.as_ref().map(|i| i.daemon_pid));
         let alive = pid.is_some_and(|p| p > 0 && pid_alive(p as u32));
-        let holder_alive = record
-            .as_ref()
-            .and_then(|r| r.holder_pid)
-            .is_some_and(pid_alive);
-        let state = match (&info, alive) {
-            (Some(i), true) => i.state.to_string(),
-            (Some(_), false) if holder_alive => "recovering".into(),
-            (Some(i), false) if i.state == DeviceState::Live => "dead (daemon gone)".into(),
-            (Some(i), false) => format!("{} (no daemon)", i.state),
-            (None, _) => "unknown".into(),
-        };
+        let state = device_state(info.as_ref(), record.as_ref(), alive);
         let swap = swap::find(&path)
             .map(|s| format!("on, {} MiB used", s.used_kib >> 10))
             .unwrap_or_else(|| "off".into());
@@ -64,6 +54,24 @@ pub fn run() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A device's state in words, from the kernel's view and whether its
+/// server (and supervisor) live: `live`, `recovering` (the supervisor is
+/// bringing a new server), `dead (server gone)`, ...
+pub fn device_state(
+    info: Option<&control::DeviceInfo>,
+    record: Option<&DeviceRecord>,
+    server_alive: bool,
+) -> String {
+    let holder_alive = record.and_then(|r| r.holder_pid).is_some_and(pid_alive);
+    match (info, server_alive) {
+        (Some(i), true) => i.state.to_string(),
+        (Some(_), false) if holder_alive => "recovering".into(),
+        (Some(i), false) if i.state == DeviceState::Live => "dead (server gone)".into(),
+        (Some(i), false) => format!("{} (no server)", i.state),
+        (None, _) => "unknown".into(),
+    }
 }
 
 pub fn features() -> Result<()> {

@@ -133,12 +133,7 @@ pub fn collect() -> Result<Status> {
             .as_ref()
             .and_then(|r| r.holder_pid)
             .is_some_and(pid_alive);
-        let state = match (&info, server_alive) {
-            (Some(i), true) => i.state.to_string(),
-            (Some(_), false) if holder_alive => "recovering".into(),
-            (Some(i), false) => format!("{} (no server)", i.state),
-            (None, _) => "unknown".into(),
-        };
+        let state = crate::list::device_state(info.as_ref(), record.as_ref(), server_alive);
         let name = path.trim_start_matches("/dev/");
         let mut d = DeviceStatus {
             id,

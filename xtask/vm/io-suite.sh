@@ -118,7 +118,7 @@ info "killed supervisor $holder and server $pid under fio load"
 sleep 8
 vramblk list > /tmp/list 2>&1
 while read -r l; do info "list: $l"; done < /tmp/list
-check "list reports the server gone" grep -Eq "^0 .*(dead|no daemon)" /tmp/list
+check "list reports the server gone" grep -Eq "^0 .*(dead|no server)" /tmp/list
 out=$(vramblk recover 0 2>&1)
 check "recover says the memory is gone" sh -c "echo '$out' | grep -q 'the memory behind /dev/ublkb0 is gone'"
 check "del fails the waiting I/O and removes the device" vramblk del 0
