@@ -10,6 +10,10 @@ use vramblk_config::defaults;
 ///
 /// Example: `vramblk add --size 7G --swap` gives /dev/ublkbN, swapped on at
 /// high priority. `vramblk del --all` swaps off and removes every device.
+///
+/// As a service: `cargo xtask install`, describe the devices in
+/// /etc/vramblk.toml, `systemctl enable --now vramblk`; `vramblk status`
+/// shows what runs.
 #[derive(Parser, Debug)]
 #[command(name = "vramblk", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -35,40 +39,53 @@ pub enum Command {
     Recover(RecoverArgs),
     /// Print the ublk features the running kernel supports.
     Features,
-    /// List the NVIDIA GPUs (index as --gpu takes it, name, free and total
-    /// VRAM), from NVML; needs no ublk and takes no VRAM.
+    /// List the NVIDIA GPUs with their free VRAM.
+    ///
+    /// Index (as --gpu takes it), name, free and total VRAM, from NVML;
+    /// needs no ublk and takes no VRAM.
     Gpus,
     /// Work with the configuration file (/etc/vramblk.toml).
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Bring up every device of the configuration file as swap (those not
-    /// up yet), each at its priority.
+    /// Bring up the configured devices as swap.
+    ///
+    /// Every [[device]] of the configuration file not up yet, each at its
+    /// swap priority; one line per device.
     Up(ConfigArg),
-    /// Swap off and remove the devices `up` brought up. A device whose
-    /// swapped pages RAM (and other swap) cannot take back is left serving,
-    /// and `down` says so and fails: a page is never dropped.
+    /// Swap off and remove the devices `up` brought up.
+    ///
+    /// A device whose swapped pages RAM (and other swap) cannot take back
+    /// is left serving, and `down` says so and fails: a page is never
+    /// dropped.
     Down,
-    /// Run as the systemd service: `up`, tell systemd it is ready, follow
-    /// the [power] and [pressure] policies, and `down` when stopped.
+    /// Run as the systemd service (vramblk.service runs this).
+    ///
+    /// `up`, tell systemd it is ready, follow the [power] and [pressure]
+    /// policies of the configuration file, and `down` when stopped.
     Service(ServiceArgs),
-    /// Show each device: state, size, store and GPU, swap use, I/O counts,
-    /// latency, its server and supervisor, and the service's policies.
+    /// Show each device and the service's state.
+    ///
+    /// Per device: state, size, store and GPU (free VRAM), swap use, I/O
+    /// counts, p50/p99 latency, its server and supervisor, uptime; then the
+    /// service's power and VRAM-pressure state.
     Status {
         /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
-    /// Give VRAM back now: swap off and remove cuda devices (all of them,
-    /// or ID), unless RAM cannot take their pages back. `vramblk up`
-    /// brings configured ones back.
+    /// Give VRAM back now (swap off and remove cuda devices).
+    ///
+    /// All cuda devices, or ID; refused for a device whose pages RAM cannot
+    /// take back. `vramblk up` brings configured ones back.
     Release {
         /// Device id (N in /dev/ublkbN); default: every cuda device.
         id: Option<u32>,
     },
-    /// Around suspend and hibernate (run by vramblk-sleep.service):
-    /// `prepare` swaps off every vramblk device, or fails (and so stops the
-    /// sleep) when RAM cannot take the pages back; `resume` swaps them on
-    /// again.
+    /// Swap off before suspend or hibernate, on again after.
+    ///
+    /// Run by vramblk-sleep.service: `prepare` swaps off every vramblk
+    /// device, or fails (and so stops the sleep) when RAM cannot take the
+    /// pages back; `resume` swaps them on again.
     Sleep {
         #[arg(value_enum)]
         step: SleepStep,
