@@ -229,6 +229,22 @@ pub fn prepare_server_process() -> Result<()> {
     Ok(())
 }
 
+/// Starts and joins `n` threads at once, so the C library keeps their
+/// stacks (mapped, and locked by mlockall) in its stack cache: the queue
+/// threads a standby starts when it takes over, with memory short, reuse
+/// them instead of mapping and faulting in new ones.
+pub fn warm_thread_stacks(n: usize) {
+    let threads: Vec<_> = (0..n)
+        .filter_map(|_| {
+            std::thread::Builder::new()
+                .spawn(|| std::hint::black_box([0u8; 16 << 10]).len())
+                .ok()
+        })
+        .collect();
+    let warmed = threads.into_iter().filter_map(|t| t.join().ok()).count();
+    log::debug!("server: {warmed} thread stacks ready in the cache");
+}
+
 /// Locked anonymous pages held only to be freed later (munmap returns them
 /// to the kernel at once, unlike the heap).
 pub struct Cushion {

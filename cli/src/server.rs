@@ -53,14 +53,14 @@ pub fn main(
     };
     let result = match &held.memory {
         Memory::Host(store) => {
-            if !standby_ready(go, &mut launch) {
+            if !standby_ready(go, &mut launch, plan.device.queues as usize + SPARE_THREADS) {
                 return 0;
             }
             serve_store(&ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|store| {
-                if !standby_ready(go, &mut launch) {
+                if !standby_ready(go, &mut launch, plan.device.queues as usize + SPARE_THREADS) {
                     return Ok(());
                 }
                 serve_store(&ctx, store.clone(), &launch)?;
@@ -132,10 +132,11 @@ fn open_vram(
 /// cushion of locked pages set aside meanwhile and handed back to the
 /// kernel the moment it comes, for the few allocations recovery makes.
 /// Returns false when no word can come.
-fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch) -> bool {
+fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch, threads: usize) -> bool {
     let Some(go) = go else {
         return true;
     };
+    daemon::warm_thread_stacks(threads);
     let cushion = daemon::Cushion::new(CUSHION_BYTES);
     let Some(restarts) = wait_for_go(go) else {
         return false;
@@ -144,6 +145,10 @@ fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch) -> bool {
     drop(cushion);
     true
 }
+
+/// Threads a server starts besides its queue threads (libublk's and the
+/// stats socket's), whose stacks a standby also has ready.
+const SPARE_THREADS: usize = 4;
 
 /// Memory a standby sets aside for its takeover.
 const CUSHION_BYTES: usize = 16 << 20;
