@@ -231,6 +231,7 @@ fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Res
         restarts: launch.restarts,
         origin: plan.origin,
         live_since: None,
+        backing: store.backing_layout(),
     };
     let dir = run_dir.to_path_buf();
     let counters = Arc::new(DeviceCounters::new(plan.device.queues));

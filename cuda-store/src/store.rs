@@ -423,6 +423,10 @@ impl Store for CudaStore {
     fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
         self.chunks.iter().map(|c| c.fd.as_fd()).collect()
     }
+
+    fn backing_layout(&self) -> Vec<u64> {
+        self.chunks.iter().map(|c| c.len as u64).collect()
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,10 @@ pub struct DeviceRecord {
     /// When the device first went live (seconds since the epoch).
     #[serde(default)]
     pub live_since: Option<u64>,
+    /// The length of each piece of memory behind the device, in order:
+    /// one memfd for the host store, the exported VRAM chunks for cuda.
+    #[serde(default)]
+    pub backing: Vec<u64>,
 }
 
 impl DeviceRecord {
@@ -81,6 +85,7 @@ mod tests {
             restarts: 2,
             origin: Some(1),
             live_since: Some(1_700_000_000),
+            backing: vec![512 << 20, 512 << 20],
         };
         r.store(&dir).unwrap();
         assert_eq!(DeviceRecord::load(&dir, 3), Some(r));

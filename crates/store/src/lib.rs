@@ -41,6 +41,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// The file descriptors that keep the data alive.
     fn backing_fds(&self) -> Vec<BorrowedFd<'_>>;
+
+    /// The length in bytes of what each of [`backing_fds`] holds, in
+    /// order (what a restarted server needs to map them again).
+    ///
+    /// [`backing_fds`]: Store::backing_fds
+    fn backing_layout(&self) -> Vec<u64> {
+        vec![self.size()]
+    }
 }
 
 /// One queue's view of a store. Not shared between threads.
