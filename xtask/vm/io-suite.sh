@@ -3,6 +3,7 @@
 # and its memory under load.
 . /lib/vm/lib.sh
 FIO="fio --ioengine=io_uring --direct=1 --group_reporting --eta=never"
+info "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
 
 expect_err "bad input: ublk_drv not loaded" \
     'ublk_drv is not loaded (/dev/ublk-control is missing): run `modprobe ublk_drv`' \
