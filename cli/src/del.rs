@@ -18,7 +18,7 @@ pub fn run(a: &DelArgs) -> Result<()> {
     let _lock = lock(run_dir)?;
     let ids = match a.id {
         Some(id) => vec![id],
-        None => vramblk_devices(run_dir),
+        None => vramblk_records(run_dir).iter().map(|r| r.id).collect(),
     };
     let failed = delete_each(run_dir, &ids);
     if failed > 0 {
@@ -41,11 +41,12 @@ pub(crate) fn delete_each(run_dir: &Path, ids: &[u32]) -> usize {
         .count()
 }
 
-/// Devices that carry a vramblk record, live or with a dead daemon.
-fn vramblk_devices(run_dir: &Path) -> Vec<u32> {
+/// The records of the ublk devices vramblk serves (or served: the daemon
+/// may be dead), in id order.
+pub(crate) fn vramblk_records(run_dir: &Path) -> Vec<DeviceRecord> {
     device_ids()
         .into_iter()
-        .filter(|&id| DeviceRecord::load(run_dir, id).is_some())
+        .filter_map(|id| DeviceRecord::load(run_dir, id))
         .collect()
 }
 

@@ -6,6 +6,7 @@ mod args;
 mod config;
 mod daemon;
 mod del;
+mod gpu;
 mod host;
 mod list;
 mod memory;

@@ -2,21 +2,21 @@
 //! does: swap off and remove cuda devices, unless RAM cannot take their
 //! pages back.
 
-use crate::del::{delete_each, lock};
+use crate::del::{delete_each, lock, vramblk_records};
 use crate::host::{require_driver, require_root};
 use anyhow::{bail, Result};
 use std::path::Path;
-use vramblk_config::{Backend, DeviceRecord, RUN_DIR};
-use vramblk_ublk_target::control::device_ids;
+use vramblk_config::{Backend, RUN_DIR};
 
 pub fn run(id: Option<u32>) -> Result<()> {
     require_root("release")?;
     require_driver()?;
     let run_dir = Path::new(RUN_DIR);
     let _lock = lock(run_dir)?;
-    let cuda: Vec<u32> = device_ids()
+    let cuda: Vec<u32> = vramblk_records(run_dir)
         .into_iter()
-        .filter(|&i| DeviceRecord::load(run_dir, i).is_some_and(|r| r.backend == Backend::Cuda))
+        .filter(|r| r.backend == Backend::Cuda)
+        .map(|r| r.id)
         .collect();
     let ids = match id {
         Some(i) if cuda.contains(&i) => vec![i],

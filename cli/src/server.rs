@@ -53,14 +53,14 @@ pub fn main(
     };
     let result = match &held.memory {
         Memory::Host(store) => {
-            if !standby_ready(go, &mut launch, plan.device.queues as usize + SPARE_THREADS) {
+            if !standby_ready(go, &mut launch, plan) {
                 return 0;
             }
             serve_store(&ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|store| {
-                if !standby_ready(go, &mut launch, plan.device.queues as usize + SPARE_THREADS) {
+                if !standby_ready(go, &mut launch, plan) {
                     return Ok(());
                 }
                 serve_store(&ctx, store.clone(), &launch)?;
@@ -132,11 +132,11 @@ fn open_vram(
 /// cushion of locked pages set aside meanwhile and handed back to the
 /// kernel the moment it comes, for the few allocations recovery makes.
 /// Returns false when no word can come.
-fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch, threads: usize) -> bool {
+fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch, plan: &Plan) -> bool {
     let Some(go) = go else {
         return true;
     };
-    daemon::warm_thread_stacks(threads);
+    daemon::warm_thread_stacks(plan.device.queues as usize + SPARE_THREADS);
     let cushion = daemon::Cushion::new(CUSHION_BYTES);
     let Some(restarts) = wait_for_go(go) else {
         return false;

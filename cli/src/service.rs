@@ -6,6 +6,7 @@
 //!
 //! The service never touches CUDA: free VRAM comes from NVML.
 
+use crate::gpu::Gpus;
 use crate::host::{require_driver, require_root};
 use crate::notify::notify;
 use crate::signals;
@@ -15,7 +16,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vramblk_config::{format_size, Backend, Config, RUN_DIR};
+use vramblk_config::{format_size, store_json, Backend, Config, RUN_DIR};
 use vramblk_policy::{PowerGate, PowerReading, PressureAction, PressureGate};
 
 /// How often VRAM pressure is looked at (NVML reads are cheap).
@@ -45,41 +46,33 @@ impl ServiceState {
 
     fn store(&self) {
         let path = Self::path();
-        let tmp = path.with_extension("json.tmp");
-        let ok = serde_json::to_vec_pretty(self)
-            .ok()
-            .and_then(|b| std::fs::write(&tmp, b).ok())
-            .and_then(|_| std::fs::rename(&tmp, &path).ok());
-        if ok.is_none() {
-            log::warn!("could not write {}", path.display());
+        if let Err(e) = store_json(&path, self) {
+            log::warn!("could not write {}: {e}", path.display());
         }
     }
 }
 
-/// Free VRAM per GPU index, from NVML (loaded at run time; None when there
-/// is no NVIDIA driver). CUDA is told to number GPUs in PCI bus order (see
-/// main), as NVML does, so the indices agree.
-struct FreeVram(Option<nvml_wrapper::Nvml>);
+/// Free VRAM per GPU index, from NVML; None when NVML is not there (then
+/// the pressure policy does nothing).
+struct FreeVram(Option<Gpus>);
 
 impl FreeVram {
     fn open(wanted: bool) -> FreeVram {
         if !wanted {
             return FreeVram(None);
         }
-        match nvml_wrapper::Nvml::init() {
-            Ok(n) => FreeVram(Some(n)),
+        match Gpus::open() {
+            Ok(g) => FreeVram(Some(g)),
             Err(e) => {
-                log::warn!("service: VRAM pressure is off: NVML could not start ({e})");
+                log::warn!("service: VRAM pressure is off: {e}");
                 FreeVram(None)
             }
         }
     }
 
     fn free(&self, gpu: u32) -> Option<u64> {
-        let nvml = self.0.as_ref()?;
-        let r = nvml.device_by_index(gpu).and_then(|d| d.memory_info());
-        match r {
-            Ok(m) => Some(m.free),
+        match self.0.as_ref()?.info(gpu) {
+            Ok(g) => Some(g.free),
             Err(e) => {
                 log::warn!("service: free VRAM of GPU {gpu}: {e}");
                 None

@@ -6,14 +6,14 @@
 //! cannot take the pages back, prepare fails with a clear message, and
 //! with it the sleep: refusing to sleep loses nothing, sleeping could.
 
-use crate::del::lock;
+use crate::del::{lock, vramblk_records};
 use crate::host::require_root;
 use crate::swap;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use vramblk_config::{DeviceRecord, RUN_DIR};
-use vramblk_ublk_target::control::{bdev_path, device_ids};
+use vramblk_config::{store_json, RUN_DIR};
+use vramblk_ublk_target::control::bdev_path;
 
 /// The swap areas prepare turned off, to turn back on at resume.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,11 +32,10 @@ pub fn prepare() -> Result<()> {
     std::fs::create_dir_all(run_dir)?;
     let _lock = lock(run_dir)?;
     let mut off = SwappedOff::default();
-    let on: Vec<(String, i32)> = device_ids()
-        .into_iter()
-        .filter(|&id| DeviceRecord::load(run_dir, id).is_some())
-        .filter_map(|id| {
-            let path = bdev_path(id);
+    let on: Vec<(String, i32)> = vramblk_records(run_dir)
+        .iter()
+        .filter_map(|r| {
+            let path = bdev_path(r.id);
             swap::find(&path).map(|s| (path, s.priority))
         })
         .collect();
@@ -51,8 +50,7 @@ pub fn prepare() -> Result<()> {
         }
     }
     // Written even when refusing: resume turns back on what did go off.
-    std::fs::write(state_path(run_dir), serde_json::to_vec(&off)?)
-        .context("recording the swapped-off devices")?;
+    store_json(&state_path(run_dir), &off).context("recording the swapped-off devices")?;
     if !refused.is_empty() {
         for r in &refused {
             eprintln!("vramblk: {r}");

@@ -2,12 +2,14 @@
 //! the block layer's counters, the device's server (its stats socket) and
 //! the service know.
 
+use crate::gpu::Gpus;
 use crate::host::pid_alive;
 use crate::service::ServiceState;
 use crate::stats::{self, StatsReply};
 use crate::swap;
 use anyhow::Result;
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 use vramblk_config::{format_size, human_size, Backend, DeviceRecord, RUN_DIR};
@@ -78,39 +80,20 @@ pub fn parse_block_stat(text: &str) -> Option<BlockStat> {
     })
 }
 
-/// GPU name and free VRAM per index, from NVML when it loads.
-fn gpu_info(gpus: &[u32]) -> Vec<(u32, String, u64)> {
-    if gpus.is_empty() {
-        return Vec::new();
-    }
-    let Ok(nvml) = nvml_wrapper::Nvml::init() else {
-        return Vec::new();
-    };
-    gpus.iter()
-        .filter_map(|&g| {
-            let d = nvml.device_by_index(g).ok()?;
-            Some((g, d.name().ok()?, d.memory_info().ok()?.free))
-        })
-        .collect()
-}
-
 /// `vramblk gpus`.
 pub fn gpus() -> Result<()> {
-    let nvml = nvml_wrapper::Nvml::init().map_err(|e| {
-        anyhow::anyhow!("NVML could not start ({e}): is the NVIDIA driver installed?")
-    })?;
-    let count = nvml.device_count()?;
+    let gpus = Gpus::open()?;
+    let count = gpus.count()?;
     if count == 0 {
         println!("no NVIDIA GPU");
     }
     for i in 0..count {
-        let d = nvml.device_by_index(i)?;
-        let m = d.memory_info()?;
+        let g = gpus.info(i)?;
         println!(
             "{i}: {}, {} free of {}",
-            d.name()?,
-            human_size(m.free),
-            human_size(m.total)
+            g.name,
+            human_size(g.free),
+            human_size(g.total)
         );
     }
     Ok(())
@@ -165,11 +148,16 @@ pub fn collect() -> Result<Status> {
         }
         devices.push(d);
     }
-    let gpus: Vec<u32> = devices.iter().filter_map(|d| d.gpu).collect();
-    for (g, name, free) in gpu_info(&gpus) {
+    // Each GPU once, however many devices it serves; nothing without NVML.
+    let used: BTreeSet<u32> = devices.iter().filter_map(|d| d.gpu).collect();
+    let gpus = (!used.is_empty()).then(Gpus::open).and_then(Result::ok);
+    for (g, info) in used
+        .into_iter()
+        .filter_map(|g| Some((g, gpus.as_ref()?.info(g).ok()?)))
+    {
         for d in devices.iter_mut().filter(|d| d.gpu == Some(g)) {
-            d.gpu_name = Some(name.clone());
-            d.gpu_free_vram = Some(free);
+            d.gpu_name = Some(info.name.clone());
+            d.gpu_free_vram = Some(info.free);
         }
     }
     let service = ServiceState::load().filter(|s| pid_alive(s.pid));

@@ -1,22 +1,19 @@
 //! `vramblk up` and `vramblk down`: the devices of the config file, as swap.
 
 use crate::add::{launch, Plan};
-use crate::del::{delete_one, lock};
+use crate::del::{delete_one, lock, vramblk_records};
 use crate::host::{pid_alive, require_driver, require_root};
 use anyhow::{bail, Result};
 use std::path::Path;
-use vramblk_config::{format_size, Config, DeviceRecord, RUN_DIR};
-use vramblk_ublk_target::control::{bdev_path, device_ids};
+use vramblk_config::{format_size, Config, RUN_DIR};
+use vramblk_ublk_target::control::bdev_path;
 
 /// The devices that serve config entries now: (entry, device id).
 pub fn configured_devices(run_dir: &Path) -> Vec<(usize, u32)> {
-    device_ids()
+    vramblk_records(run_dir)
         .into_iter()
-        .filter_map(|id| {
-            let r = DeviceRecord::load(run_dir, id)?;
-            let alive = r.holder_pid.is_some_and(pid_alive) || pid_alive(r.pid);
-            Some((r.origin?, id)).filter(|_| alive)
-        })
+        .filter(|r| r.holder_pid.is_some_and(pid_alive) || pid_alive(r.pid))
+        .filter_map(|r| Some((r.origin?, r.id)))
         .collect()
 }
 

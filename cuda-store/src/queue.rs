@@ -302,7 +302,6 @@ impl QueueStore for CudaQueue {
             eligible += 1;
             pieces += kernel::piece_count(r.len);
         }
-        round.descs.len = 0;
         let use_kernel = eligible >= self.path.policy.kernel_min_batch
             && match round.descs.reserve(pieces) {
                 Ok(()) => true,
@@ -329,7 +328,8 @@ impl QueueStore for CudaQueue {
             let result = self.issue(&r);
             round.completions.push(Completion { tag: r.tag, result });
         }
-        let launched = self.launch(&round.descs);
+        // A round that skipped the kernel left its table as it was: no launch.
+        let launched = !use_kernel || self.launch(&round.descs);
         round
             .completions
             .extend(kernel_done.drain(..).map(|c| Completion {

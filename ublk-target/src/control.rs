@@ -114,12 +114,7 @@ pub fn delete_device(id: u32) -> Result<(), ControlError> {
 /// the last reference drops. For giving up on a device whose server keeps
 /// dying, where waiting could hang on requests no server will finish.
 pub fn delete_device_nowait(id: u32) -> Result<(), ControlError> {
-    match delete(id, true) {
-        Err(ControlError::Delete { why, .. }) if why.contains("Invalid argument") => {
-            delete(id, false)
-        }
-        r => r,
-    }
+    delete(id, true)
 }
 
 fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
@@ -157,6 +152,8 @@ fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
     })?;
     match result {
         None => Ok(()),
+        // A kernel before DEL_DEV_ASYNC does not know the command.
+        Some(e) if nowait && e == -libc::EINVAL => delete(id, false),
         // The device was there when opened. The command went in, but its
         // answer did not come back as such: the wait was cut short (libublk
         // reports a wait that ended with no answer as EAGAIN, and its retry

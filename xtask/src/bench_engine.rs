@@ -61,11 +61,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         return record(root, report);
     }
     println!("== building engine-bench (release)");
-    crate::sh(
-        Command::new(crate::cargo())
-            .args(["build", "--release", "-p", "vramblk-bench"])
-            .current_dir(root),
-    )?;
+    crate::build_release(root, &["-p", "vramblk-bench"])?;
     let dir = root.join("target/bench-engine");
     std::fs::create_dir_all(&dir)?;
     let bin = dir.join("engine-bench");

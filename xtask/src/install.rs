@@ -122,11 +122,7 @@ pub fn install(repo: &Path, o: &Options) -> Result<()> {
         }
     } else {
         println!("== building vramblk (release)");
-        crate::sh(
-            Command::new(crate::cargo())
-                .args(["build", "--release", "-p", "vramblk-cli"])
-                .current_dir(repo),
-        )?;
+        crate::build_release(repo, &["-p", "vramblk-cli"])?;
         if !binary.exists() {
             bail!("the build left no {}", binary.display());
         }

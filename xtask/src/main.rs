@@ -85,6 +85,15 @@ pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// `cargo build --release` of the workspace at `root` with `args` (which
+/// packages and binaries).
+pub fn build_release(root: &Path, args: &[&str]) -> Result<()> {
+    sh(Command::new(cargo())
+        .args(["build", "--release"])
+        .args(args)
+        .current_dir(root))
+}
+
 /// Runs a command, failing with its name when it fails.
 pub fn sh(cmd: &mut Command) -> Result<()> {
     let name = format!("{cmd:?}");

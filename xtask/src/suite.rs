@@ -1,7 +1,7 @@
 //! The VM suite: builds the release binaries and two initramfs images,
 //! boots each, and tallies the PASS/FAIL lines the guest prints.
 
-use crate::{cargo, deps, initramfs, kernel, qemu, sh};
+use crate::{deps, initramfs, kernel, qemu, sh};
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,11 +103,25 @@ pub fn build_cuda_stub(root: &Path) -> Result<PathBuf> {
 /// Builds the release binaries the guests run; returns their paths.
 pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
     println!("== building release binaries");
-    sh(Command::new(cargo())
-        .args(["build", "--release", "-p", "vramblk-cli", "-p", "xtask"])
-        .args(["--bin", "vramblk", "--bin", "memcheck"])
-        .args(["--bin", "latprobe", "--bin", "pswatch", "--bin", "jsonq"])
-        .current_dir(root))?;
+    crate::build_release(
+        root,
+        &[
+            "-p",
+            "vramblk-cli",
+            "-p",
+            "xtask",
+            "--bin",
+            "vramblk",
+            "--bin",
+            "memcheck",
+            "--bin",
+            "latprobe",
+            "--bin",
+            "pswatch",
+            "--bin",
+            "jsonq",
+        ],
+    )?;
     let release = root.join("target/release");
     Ok(["vramblk", "memcheck", "latprobe", "pswatch", "jsonq"]
         .iter()

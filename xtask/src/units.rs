@@ -11,11 +11,7 @@ const UNITS: &[&str] = &["vramblk.service", "vramblk-sleep.service"];
 
 pub fn verify(root: &Path) -> Result<()> {
     println!("== systemd-analyze verify {}", UNITS.join(" "));
-    crate::sh(
-        Command::new(crate::cargo())
-            .args(["build", "--release", "-p", "vramblk-cli"])
-            .current_dir(root),
-    )?;
+    crate::build_release(root, &["-p", "vramblk-cli"])?;
     let binary = root.join("target/release/vramblk");
     let dir = root.join("target/units");
     std::fs::create_dir_all(&dir)?;
@@ -61,11 +57,7 @@ pub fn stub_checks(root: &Path) -> Result<()> {
         "== cuda-store checks on the stand-in libcuda (cuda-store/tests/stub; not GPU evidence)"
     );
     let stub = crate::suite::build_cuda_stub(root)?;
-    crate::sh(
-        Command::new(crate::cargo())
-            .args(["build", "--release", "-p", "vramblk-bench"])
-            .current_dir(root),
-    )?;
+    crate::build_release(root, &["-p", "vramblk-bench"])?;
     let dir = stub.parent().context("stub without a directory")?;
     crate::sh(
         Command::new(root.join("target/release/engine-bench"))

@@ -7,7 +7,7 @@ mod size;
 pub use file::{
     Config, ConfigError, CopyMode, DeviceConfig, PowerConfig, PressureConfig, CONFIG_PATH,
 };
-pub use record::{DeviceRecord, RUN_DIR};
+pub use record::{store_json, DeviceRecord, RUN_DIR};
 pub use size::{format_size, human_size, parse_size, parse_size_or_zero, SizeError};
 
 use serde::{Deserialize, Serialize};

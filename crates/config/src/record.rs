@@ -40,6 +40,14 @@ pub struct DeviceRecord {
     pub backing: Vec<u64>,
 }
 
+/// Writes `value` as JSON to `path` atomically (a temporary file renamed
+/// over it), so a reader sees the old file or the new one, never half.
+pub fn store_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    std::fs::rename(tmp, path)
+}
+
 impl DeviceRecord {
     pub fn path(dir: &Path, id: u32) -> PathBuf {
         dir.join(format!("ublkb{id}.json"))
@@ -50,13 +58,10 @@ impl DeviceRecord {
         serde_json::from_str(&text).ok()
     }
 
-    /// Writes the record atomically (temp file + rename).
+    /// Writes the record atomically (see [`store_json`]).
     pub fn store(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let path = Self::path(dir, self.id);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(tmp, path)
+        store_json(&Self::path(dir, self.id), self)
     }
 
     pub fn remove(dir: &Path, id: u32) {
