@@ -10,7 +10,7 @@
 //! forked.
 
 use crate::load::{slice, SynthQueue};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::{handoff, Op, Request, Store};
@@ -149,6 +149,7 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         ),
         killed(first),
     )];
+    out.push(fd_store_keeps(&chunks));
     let borrowed =
         || -> Vec<(usize, BorrowedFd)> { chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect() };
     for round in 1..=kills {
@@ -184,4 +185,40 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         exited_ok(last),
     ));
     Ok(out)
+}
+
+/// Whether systemd's fd store would keep these fds: it watches each stored
+/// fd with epoll for EPOLLHUP/EPOLLERR and drops it when one comes, and
+/// keeps fds epoll refuses (EPERM: not pollable). Done in the holder,
+/// which never touched CUDA, as the service's main process does.
+fn fd_store_keeps(chunks: &[(usize, OwnedFd)]) -> (String, bool) {
+    // SAFETY: plain syscall; the fd is checked and closed below.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return ("fd store: epoll_create1 failed".into(), false);
+    }
+    let (mut refused, mut watched) = (0, 0);
+    for (_, fd) in chunks {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: a valid epoll fd, a live fd and event.
+        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) } == 0 {
+            watched += 1;
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+            refused += 1;
+        }
+    }
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+    // SAFETY: a valid epoll fd and an array of 16 events.
+    let ready = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 16, 200) };
+    // SAFETY: closing the epoll fd created above.
+    unsafe { libc::close(ep) };
+    let kept = refused + watched == chunks.len() && ready == 0;
+    (
+        format!(
+            "fd store: systemd would keep the {} exported VRAM fds ({refused} not pollable, {watched} watched, {} with HUP/ERR in 200 ms)",
+            chunks.len(),
+            ready.max(0)
+        ),
+        kept,
+    )
 }

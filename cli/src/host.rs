@@ -21,8 +21,34 @@ pub fn cpu_count() -> u16 {
         .unwrap_or(1)
 }
 
-/// Whether a process with this pid exists.
+/// Whether a process with this pid is running: it exists and is not a
+/// zombie (a dead holder whose parent has not reaped it yet is dead).
 pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && pid <= i32::MAX as u32 && unsafe { libc::kill(pid as i32, 0) } == 0
+    let exists = pid > 0 && pid <= i32::MAX as u32 && unsafe { libc::kill(pid as i32, 0) } == 0;
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !is_zombie(&s))
+            .unwrap_or(true)
+}
+
+/// Whether a /proc/PID/stat line is a zombie's: the state follows the
+/// command name, which is in parentheses and may itself hold any byte.
+fn is_zombie(stat: &str) -> bool {
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zombies_are_not_alive() {
+        assert!(is_zombie("42 (vramblk) Z 1 42 42"));
+        assert!(is_zombie("42 (a) b) Z 1"));
+        assert!(!is_zombie("42 (vramblk) S 1 42 42"));
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(0));
+    }
 }

@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod del;
 mod gpu;
+mod holder;
 mod host;
 mod list;
 mod memory;

@@ -38,6 +38,10 @@ impl HeldVram {
     pub fn borrowed(&self) -> Vec<(usize, BorrowedFd<'_>)> {
         self.chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect()
     }
+
+    fn borrowed_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.chunks.iter().map(|(_, f)| f.as_fd()).collect()
+    }
 }
 
 impl Memory {
@@ -62,10 +66,22 @@ impl Memory {
         }
     }
 
-    /// In the supervisor: takes a handoff waiting on the socket, if any.
-    pub fn take_handoff(&mut self) -> Result<()> {
+    /// The fds that hold the memory, in order (none while a cuda device's
+    /// first server has not handed its VRAM over).
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        match self {
+            Memory::Host(store) => vramblk_store::Store::backing_fds(store.as_ref()),
+            Memory::Cuda { vram, .. } => {
+                vram.as_ref().map(|v| v.borrowed_fds()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// In the supervisor: takes a handoff waiting on the socket, if any;
+    /// whether one came.
+    pub fn take_handoff(&mut self) -> Result<bool> {
         let Memory::Cuda { vram, sockets } = self else {
-            return Ok(());
+            return Ok(false);
         };
         let mut p = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&sockets.0),
@@ -74,7 +90,7 @@ impl Memory {
         };
         // SAFETY: one valid pollfd, no wait.
         if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
-            return Ok(());
+            return Ok(false);
         }
         let (text, fds) = handoff::recv(sockets.0.as_fd())?;
         let held = parse_vram(&text, fds)?;
@@ -84,7 +100,7 @@ impl Memory {
             held.chunks.len()
         );
         *vram = Some(held);
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -139,8 +155,13 @@ pub struct Held {
 
 impl Held {
     pub fn create(plan: &Plan) -> Result<Held> {
+        Self::with_memory(plan, Memory::create(plan)?)
+    }
+
+    /// Io buffers for the plan beside memory that exists already.
+    pub fn with_memory(plan: &Plan, memory: Memory) -> Result<Held> {
         Ok(Held {
-            memory: Memory::create(plan)?,
+            memory,
             buffers: Arc::new(QueueBuffers::allocate(&plan.device)?),
         })
     }

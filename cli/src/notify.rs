@@ -1,6 +1,9 @@
 //! systemd's readiness protocol (sd_notify): one datagram to
-//! $NOTIFY_SOCKET. A few lines, so no libsystemd binding.
+//! $NOTIFY_SOCKET, with fds attached for the fd store; and the fds systemd
+//! hands back at the next start (sd_listen_fds: LISTEN_FDS). A few lines
+//! each, so no libsystemd binding.
 
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 /// Sends `state` (e.g. "READY=1\nSTATUS=2 devices up") when running under
@@ -22,6 +25,52 @@ pub fn notify(state: &str) {
     if let Err(e) = sent {
         log::warn!("telling systemd {state:?}: {e}");
     }
+}
+
+/// Whether systemd listens for notifications (Type=notify).
+pub fn under_systemd() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
+/// Sends `state` with `fds` attached (SCM_RIGHTS), as "FDSTORE=1" needs.
+pub fn notify_with_fds(state: &str, fds: &[BorrowedFd]) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.connect_addr(&socket_addr(&path.to_string_lossy())?)?;
+    vramblk_store::handoff::send(sock.as_fd(), state, fds)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// The fds systemd passed to this process (its fd store, at a restart),
+/// each with its FDNAME. Empty when none were passed, or when they were
+/// meant for another process (LISTEN_PID). Call before anything else opens
+/// an fd: they are 3, 4, ... The variables are removed so that children do
+/// not take the fds for theirs.
+pub fn listen_fds() -> Vec<(String, OwnedFd)> {
+    let var = |k: &str| std::env::var(k).ok();
+    let for_us = var("LISTEN_PID").and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count = var("LISTEN_FDS").and_then(|n| n.parse::<i32>().ok());
+    let names = var("LISTEN_FDNAMES").unwrap_or_default();
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(k);
+    }
+    let (true, Some(count)) = (for_us, count) else {
+        return Vec::new();
+    };
+    let mut names = names.split(':');
+    (0..count.clamp(0, 4096))
+        .map(|i| {
+            let fd = 3 + i;
+            // SAFETY: fcntl on an fd number systemd says it passed us.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            let name = names.next().unwrap_or("unknown").to_string();
+            // SAFETY: systemd passed this fd to this process (LISTEN_PID)
+            // and nothing here has taken it yet.
+            (name, unsafe { OwnedFd::from_raw_fd(fd) })
+        })
+        .collect()
 }
 
 /// A path, or an abstract name when it starts with '@'.

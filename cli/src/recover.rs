@@ -2,6 +2,7 @@
 
 use crate::args::RecoverArgs;
 use crate::host::{pid_alive, require_driver, require_root};
+use crate::service::ServiceState;
 use anyhow::{bail, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,21 +33,31 @@ pub fn run(a: &RecoverArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let Some(holder) = record.holder_pid.filter(|&p| pid_alive(p)) else {
-        bail!(
-            "the memory behind {path} is gone (no supervisor holds it), so its data cannot be \
-             recovered; `vramblk del {id}` fails its waiting I/O and removes it"
-        );
-    };
-    // SAFETY: kill with a pid read from our own record; the worst case is
-    // a signal the target ignores.
-    if unsafe { libc::kill(holder as i32, libc::SIGUSR1) } != 0 {
-        bail!(
-            "signalling the supervisor (pid {holder}): {}",
-            std::io::Error::last_os_error()
-        );
+    match record.holder_pid.filter(|&p| pid_alive(p)) {
+        Some(holder) => {
+            // SAFETY: kill with a pid read from our own record; the worst
+            // case is a signal the target ignores.
+            if unsafe { libc::kill(holder as i32, libc::SIGUSR1) } != 0 {
+                bail!(
+                    "signalling the supervisor (pid {holder}): {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            println!("asked the supervisor (pid {holder}) to restart the server of {path}");
+        }
+        None => {
+            match ServiceState::load().filter(|s| pid_alive(s.pid) && s.holding.contains(&id)) {
+                Some(svc) => println!(
+                    "{path} has no supervisor; the service (pid {}) holds its memory and adopts it",
+                    svc.pid
+                ),
+                None => bail!(
+                    "the memory behind {path} is gone (no supervisor or service holds it), so its \
+                 data cannot be recovered; `vramblk del {id}` fails its waiting I/O and removes it"
+                ),
+            }
+        }
     }
-    println!("asked the supervisor (pid {holder}) to restart the server of {path}");
     let until = Instant::now() + WAIT;
     while Instant::now() < until {
         std::thread::sleep(Duration::from_millis(200));

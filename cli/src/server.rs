@@ -232,6 +232,7 @@ fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Res
         origin: plan.origin,
         live_since: None,
         backing: store.backing_layout(),
+        copy_mode: plan.copy_mode,
     };
     let dir = run_dir.to_path_buf();
     let counters = Arc::new(DeviceCounters::new(plan.device.queues));

@@ -7,8 +7,9 @@
 //! The service never touches CUDA: free VRAM comes from NVML.
 
 use crate::gpu::Gpus;
+use crate::holder::Holder;
 use crate::host::{require_driver, require_root};
-use crate::notify::notify;
+use crate::notify::{listen_fds, notify};
 use crate::signals;
 use crate::up::{bring_up, configured_devices, take_down};
 use anyhow::{Context, Result};
@@ -32,6 +33,10 @@ pub struct ServiceState {
     pub pressure: BTreeMap<u32, String>,
     /// Config entries the policies keep down now.
     pub held_down: Vec<usize>,
+    /// Devices whose memory the service holds too (and systemd's fd
+    /// store, under systemd), so they outlive their supervisor.
+    #[serde(default)]
+    pub holding: Vec<u32>,
 }
 
 impl ServiceState {
@@ -103,12 +108,19 @@ pub struct ServiceArgs {
 }
 
 pub fn run(a: &ServiceArgs) -> Result<()> {
+    // First: they are the fds 3, 4, ... that nothing else may take.
+    let handed_back = listen_fds();
     require_root("service")?;
     require_driver()?;
     crate::init_logging(env_logger::Target::Stderr);
     let config = Config::load(&a.config)?;
     signals::install_service_handlers();
-    let mut svc = Service::new(config, a.sysfs.clone());
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    let holder = Holder::open(Path::new(RUN_DIR), handed_back)?;
+    let mut svc = Service::new(config, a.sysfs.clone(), holder);
+    // Devices whose supervisor died with the last service are adopted
+    // before `up` could take their entries for missing.
+    svc.holder.tick();
     svc.start()?;
     let up = configured_devices(Path::new(RUN_DIR)).len();
     notify(&format!(
@@ -121,7 +133,11 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
     log::info!("service: stopping; taking the devices down");
     notify("STOPPING=1");
     let _ = std::fs::remove_file(ServiceState::path());
-    take_down(|_| true).context("stopping")
+    let result = take_down(|_| true).context("stopping");
+    // Lets go of what was removed; a device left serving stays with its
+    // supervisor.
+    svc.holder.tick();
+    result
 }
 
 struct Service {
@@ -132,10 +148,11 @@ struct Service {
     pressure: BTreeMap<u32, PressureGate>,
     vram: FreeVram,
     state: ServiceState,
+    holder: Holder,
 }
 
 impl Service {
-    fn new(config: Config, sysfs: PathBuf) -> Service {
+    fn new(config: Config, sysfs: PathBuf, holder: Holder) -> Service {
         let gpus: BTreeSet<u32> = config
             .devices
             .iter()
@@ -159,6 +176,7 @@ impl Service {
             },
             config,
             sysfs,
+            holder,
         }
     }
 
@@ -198,6 +216,10 @@ impl Service {
         while !signals::stop_requested() {
             std::thread::sleep(TICK);
             reap_children();
+            self.holder.tick();
+            if self.holder.held() != self.state.holding {
+                self.publish();
+            }
             let now = Instant::now();
             if signals::take_poll_request() || now >= next_power {
                 next_power = now + Duration::from_secs(self.config.power.poll_secs.max(1));
@@ -304,6 +326,7 @@ impl Service {
             held.extend(0..self.config.devices.len());
         }
         self.state.held_down = held.into_iter().collect();
+        self.state.holding = self.holder.held();
         self.state.store();
     }
 }

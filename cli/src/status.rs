@@ -185,6 +185,13 @@ pub fn run(json: bool) -> Result<()> {
             if !svc.held_down.is_empty() {
                 println!("  config entries held down now: {:?}", svc.held_down);
             }
+            if !svc.holding.is_empty() {
+                let paths: Vec<String> = svc.holding.iter().map(|&i| bdev_path(i)).collect();
+                println!(
+                    "  holds the memory of {} too (a supervisor's death loses nothing)",
+                    paths.join(", ")
+                );
+            }
         }
         None => println!("service: not running"),
     }

@@ -11,9 +11,9 @@
 
 use crate::add::Plan;
 use crate::daemon::{self, Reporter};
-use crate::memory::Held;
+use crate::memory::{Held, Memory};
 use crate::server::{self, Launch};
-use crate::{signals, swap};
+use crate::{holder, signals, swap};
 use anyhow::{anyhow, bail, Result};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -107,20 +107,13 @@ struct Supervisor<'a> {
     id: Option<u32>,
     standby: Option<Child>,
     standby_forked: Option<Instant>,
+    /// Whether the service (if any) was told which fds hold the memory.
+    announced: bool,
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
     daemon::harden_for_swap()?;
     signals::install_supervisor_handlers();
-    let mut sup = Supervisor {
-        plan,
-        run_dir,
-        held: Held::create(plan)?,
-        parent: Some(parent),
-        id: None,
-        standby: None,
-        standby_forked: None,
-    };
     let (foreground_swap, print_path) = match mode {
         Mode::Foreground { swap } => (swap, true),
         Mode::Daemon => (None, false),
@@ -130,6 +123,42 @@ pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<
         restarts: 0,
         foreground_swap,
         print_path,
+    };
+    supervise_with(plan, run_dir, parent, Held::create(plan)?, None, first)
+}
+
+/// A supervisor for device `id`, whose last supervisor died: it holds
+/// `memory` (from the service's copies of the fds) and recovers the device.
+pub fn adopt(plan: &Plan, run_dir: &Path, parent: Reporter, memory: Memory, id: u32) -> Result<()> {
+    daemon::harden_for_swap()?;
+    signals::install_supervisor_handlers();
+    let held = Held::with_memory(plan, memory)?;
+    let first = Launch {
+        start: Start::Recover(id),
+        restarts: 0,
+        foreground_swap: None,
+        print_path: false,
+    };
+    supervise_with(plan, run_dir, parent, held, Some(id), first)
+}
+
+fn supervise_with(
+    plan: &Plan,
+    run_dir: &Path,
+    parent: Reporter,
+    held: Held,
+    id: Option<u32>,
+    first: Launch,
+) -> Result<()> {
+    let mut sup = Supervisor {
+        plan,
+        run_dir,
+        held,
+        parent: Some(parent),
+        id,
+        standby: None,
+        standby_forked: None,
+        announced: false,
     };
     let result = sup.supervise(first);
     if let Some(s) = sup.standby.take() {
@@ -353,8 +382,16 @@ impl Supervisor<'_> {
             }
             // Before looking for the server's end: a handoff it sent just
             // before dying still counts.
-            if let Err(e) = self.held.memory.take_handoff() {
-                log::warn!("supervisor: {e:#}");
+            match self.held.memory.take_handoff() {
+                Ok(true) => self.announced = false,
+                Ok(false) => {}
+                Err(e) => log::warn!("supervisor: {e:#}"),
+            }
+            if let (Some(_), Some(dev), false) = (live_since, self.id, self.announced) {
+                if self.held.memory.survives_server() {
+                    holder::announce(dev, &self.held.memory.fds());
+                    self.announced = true;
+                }
             }
             if let Some(status) = reap(server.pid) {
                 return Run {

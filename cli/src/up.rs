@@ -107,5 +107,21 @@ pub fn up(path: &Path) -> Result<()> {
 pub fn down() -> Result<()> {
     require_root("down")?;
     require_driver()?;
+    if let Some(result) = failed_service_result() {
+        // The unit's ExecStop after its main process failed: systemd is
+        // about to restart it, and the new one adopts the devices.
+        println!(
+            "the service's main process failed ({result}); leaving the devices serving for \
+             its restart (run `vramblk down` by hand to take them down)"
+        );
+        return Ok(());
+    }
     take_down(|_| true)
+}
+
+/// systemd's SERVICE_RESULT for ExecStop, when it is not "success".
+fn failed_service_result() -> Option<String> {
+    std::env::var("SERVICE_RESULT")
+        .ok()
+        .filter(|r| !r.is_empty() && r != "success")
 }

@@ -57,9 +57,14 @@ const SUITES: &[Suite] = &[
         script: CRASH_SUITE,
         memory: "1G",
         cmdline: "hugepages=256",
-        // No swap in this boot since the swap-pressure kills moved to
-        // crash-stress: fio is all it runs besides vramblk.
-        host_bins: &["/usr/bin/fio"],
+        // The service part brings a device up as swap (then off again
+        // for fio); the swap-pressure kills are in crash-stress.
+        host_bins: &[
+            "/usr/bin/fio",
+            "/sbin/mkswap",
+            "/sbin/swapon",
+            "/sbin/swapoff",
+        ],
         timeout: Duration::from_secs(20 * 60),
         default: true,
     },
@@ -120,10 +125,12 @@ pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
             "pswatch",
             "--bin",
             "jsonq",
+            "--bin",
+            "fdstore",
         ],
     )?;
     let release = root.join("target/release");
-    Ok(["vramblk", "memcheck", "latprobe", "pswatch", "jsonq"]
+    Ok(["vramblk", "memcheck", "latprobe", "pswatch", "jsonq", "fdstore"]
         .iter()
         .map(|b| release.join(b))
         .collect())

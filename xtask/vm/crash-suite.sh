@@ -72,5 +72,75 @@ check "cuda (stub) --copy-mode dma: fio write + verify" [ $rc -eq 0 ] || tail -1
 check "cuda (stub) --copy-mode dma: the store says so" grep -q "copy engines only" /run/vramblk/*.log
 vramblk del 0 > /dev/null 2>&1
 
+# --- 3. under the service, a device outlives its supervisor and the
+# service itself: the service's main process holds the memory fds too, and
+# puts them in systemd's fd store. No systemd boots here: fdstore (xtask's
+# bin) stands in for the parts the unit uses (NOTIFY_SOCKET with FDSTORE=1
+# and FDSTOREREMOVE=1, restart on failure with LISTEN_FDS, ExecStop with
+# SERVICE_RESULT, a subreaper like PID 1).
+# service_kills WHAT ENV CONFIG: the device of CONFIG (entry 0, swap at
+# first; taken off swap for fio) under the service, run with ENV; kill 1
+# takes its supervisor and server, kill 2 the service's main process too.
+service_kills() {
+    what=$1 env=$2 cfg=$3
+    env $env fdstore /tmp/fdstore.names /run/fdstore.sock "vramblk down" -- \
+        vramblk service --config "$cfg" > /tmp/fdstore.log 2>&1 &
+    fs=$!
+    check "$what service (under the fd-store stand-in): the device comes up" wait_for 60 swap_on /dev/ublkb0 || { cat /tmp/fdstore.log; show_logs; }
+    check "$what the service holds the memory, also in the fd store" wait_for 20 grep -qx vramblk-0-0 /tmp/fdstore.names
+    out=$(vramblk status 2>&1)
+    check "$what status says the service holds the device's memory" has "$out" "holds the memory of /dev/ublkb0 too"
+    swapoff /dev/ublkb0
+    $FIO --name=svc --filename=/dev/ublkb0 --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100% \
+        --rate_iops=1000 --verify=crc32c --do_verify=0 --output=/tmp/fio-s.txt &
+    fpid=$!
+    sleep 3
+    h=$(holder_pid 0); p=$(daemon_pid 0)
+    kill -9 "$h" "$p"
+    info "kill 1: SIGKILLed supervisor $h and server $p"
+    check "$what kill 1 (supervisor + server): the service adopted the device" wait_recovered 0 "$p" || { cat /tmp/fdstore.log; show_logs; }
+    h2=$(holder_pid 0)
+    check "$what kill 1: a new supervisor holds it" sh -c "[ -n '$h2' ] && [ '$h2' != '$h' ] && kill -0 $h2"
+    sleep 3
+    svc=$(jsonq /run/vramblk/service.json pid)
+    h=$(holder_pid 0); p=$(daemon_pid 0)
+    kill -9 "$svc" "$h" "$p"
+    info "kill 2: SIGKILLed the service $svc, supervisor $h and server $p"
+    check "$what kill 2 (service + supervisor + server): the restarted service adopted it" wait_recovered 0 "$p" || { cat /tmp/fdstore.log; show_logs; }
+    check "$what kill 2: ExecStop left the device serving after the crash" grep -q "leaving the devices serving for its restart" /tmp/fdstore.log
+    check "$what kill 2: the restarted service got the memory back from the fd store" grep -q "systemd handed back the memory of /dev/ublkb0" /tmp/fdstore.log
+    check "$what fio was still writing after both kills" kill -0 $fpid
+    wait $fpid
+    rc=$?
+    check "$what fio wrote through both kills with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-s.txt
+    $FIO --name=svc --filename=/dev/ublkb0 --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100% \
+        --verify=crc32c --verify_only --output=/tmp/fio-sv.txt
+    rc=$?
+    grep -q "verify: bad" /tmp/fio-sv.txt && rc=99
+    check "$what verify-only pass: every block intact after both kills (crc32c)" [ $rc -eq 0 ] || tail -20 /tmp/fio-sv.txt
+    kill -TERM $fs
+    wait $fs
+    while read -r l; do info "fdstore: $l"; done < /tmp/fdstore.log
+    check "$what service stop: the device is removed" wait_for 30 nodes_gone 0
+    check "$what service stop: the service let go of the memory in the fd store (FDSTOREREMOVE)" sh -c "tail -3 /tmp/fdstore.log | grep -q 'stopped; 0 fds were held'"
+}
+cat > /etc/vramblk-fd.toml <<'CFG'
+[[device]]
+size = "192M"
+backend = "host"
+hugepages = true
+queues = 2
+CFG
+service_kills "host:" "" /etc/vramblk-fd.toml
+cat > /etc/vramblk-fdc.toml <<'CFG'
+[[device]]
+size = "128M"
+backend = "cuda"
+reserve = "0"
+queues = 2
+CFG
+service_kills "cuda (stub):" "LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=512" /etc/vramblk-fdc.toml
+check "cuda (stub) under the service: the VRAM was erased at the end" sh -c "grep -q 'VRAM erased' \$(ls -t /run/vramblk/*.log | head -1)"
+
 check "no kernel oops or hung task" no_oops
 dmesg | grep -E 'ublk|Oops|BUG|hung' | tail -20 | while read -r l; do info "dmesg: $l"; done

@@ -13,7 +13,7 @@ pub const CONFIG_PATH: &str = "/etc/vramblk.toml";
 /// How a device moves data (issue 3): `auto` batches small pages through a
 /// kernel on the GPU's SMs, `dma` uses the copy engines only (for GPUs busy
 /// with other work).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CopyMode {
     #[default]

@@ -1,4 +1,4 @@
-use crate::Backend;
+use crate::{Backend, CopyMode};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -38,6 +38,10 @@ pub struct DeviceRecord {
     /// one memfd for the host store, the exported VRAM chunks for cuda.
     #[serde(default)]
     pub backing: Vec<u64>,
+    /// How a cuda device moves data; what a server that adopts the
+    /// device's memory runs with.
+    #[serde(default)]
+    pub copy_mode: CopyMode,
 }
 
 /// Writes `value` as JSON to `path` atomically (a temporary file renamed
@@ -91,6 +95,7 @@ mod tests {
             origin: Some(1),
             live_since: Some(1_700_000_000),
             backing: vec![512 << 20, 512 << 20],
+            copy_mode: CopyMode::Dma,
         };
         r.store(&dir).unwrap();
         assert_eq!(DeviceRecord::load(&dir, 3), Some(r));

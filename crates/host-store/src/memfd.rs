@@ -50,6 +50,49 @@ impl HostStore {
 }
 
 impl HostStore {
+    /// Maps a memfd that a store created earlier, in a process that has
+    /// since died (the fd outlived it in a holder: a supervisor, systemd's
+    /// fd store). `size` is the device size; the memfd's own length and
+    /// whether it lives on hugetlb pages are read from the fd.
+    pub fn adopt(fd: OwnedFd, size: u64) -> Result<HostStore, StoreError> {
+        // SAFETY: fstat/fstatfs on an fd we own, into zeroed structs.
+        let (st, sfs) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            let mut sfs: libc::statfs = std::mem::zeroed();
+            if libc::fstat(fd.as_raw_fd(), &mut st) != 0
+                || libc::fstatfs(fd.as_raw_fd(), &mut sfs) != 0
+            {
+                return Err(StoreError::last_os("looking at the held memfd"));
+            }
+            (st, sfs)
+        };
+        let mapped = st.st_size as u64;
+        if size == 0 || mapped < size {
+            return Err(StoreError::Invalid(format!(
+                "the held memfd has {mapped} bytes, fewer than the device's {size}"
+            )));
+        }
+        // f_type's integer type differs between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        let hugetlb = sfs.f_type as i64 == HUGETLBFS_MAGIC;
+        let mapping = Mapping::new(&fd, mapped as usize, size)?;
+        log::info!(
+            "host store: {} MiB adopted from a held {} memfd",
+            size >> 20,
+            if hugetlb { "hugetlb" } else { "plain" }
+        );
+        Ok(HostStore {
+            mapping: Arc::new(mapping),
+            fd,
+            hugetlb,
+        })
+    }
+}
+
+/// statfs(2)'s f_type of hugetlbfs, where MFD_HUGETLB memfds live.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+impl HostStore {
     /// Checks that this host can back `opts` now, without allocating.
     pub fn preflight(opts: &HostStoreOptions) -> Result<(), StoreError> {
         let meminfo = MemInfo::read().map_err(|e| StoreError::Os {

@@ -132,3 +132,40 @@ fn out_of_range_requests_fail_with_einval() {
     );
     assert!(done.iter().all(|c| c.result == -libc::EINVAL), "{done:?}");
 }
+
+#[test]
+fn an_adopted_memfd_has_the_bytes_its_creator_wrote() {
+    let store = HostStore::create(&HostStoreOptions {
+        size: 4 << 20,
+        hugetlb: false,
+    })
+    .unwrap();
+    let bufs = BufferRegion::new(1, 4096).unwrap();
+    let slot = bufs.slot(0).unwrap();
+    // SAFETY: the test owns the slot exclusively.
+    let b = unsafe { std::slice::from_raw_parts_mut(slot.as_ptr(), slot.len()) };
+    b.fill(0x5a);
+    let write = Request {
+        tag: 0,
+        op: Op::Write,
+        offset: 1 << 20,
+        len: 4096,
+        buf: slot,
+    };
+    run(&mut store.open_queue(0, &bufs).unwrap(), vec![write]);
+    let held = store.backing_fds()[0].try_clone_to_owned().unwrap();
+    drop(store);
+    b.fill(0);
+    let adopted = HostStore::adopt(held, 4 << 20).unwrap();
+    assert_eq!(adopted.size(), 4 << 20);
+    assert_eq!(adopted.describe(), "host memfd");
+    let read = Request {
+        op: Op::Read,
+        ..write
+    };
+    run(&mut adopted.open_queue(0, &bufs).unwrap(), vec![read]);
+    assert!(b.iter().all(|&x| x == 0x5a));
+    let again = adopted.backing_fds()[0].try_clone_to_owned().unwrap();
+    let e = HostStore::adopt(again, 8 << 20).err().unwrap().to_string();
+    assert!(e.contains("fewer than the device's"), "{e}");
+}

@@ -1,0 +1,498 @@
+//! Under `vramblk service`, a device's memory has two more holders than its
+//! supervisor: the service's main process, and systemd's fd store (which the
+//! service fills with FDSTORE=1). So a device outlives its supervisor too:
+//!
+//! - supervisor (and its server) killed: the service still holds the
+//!   memory fds and adopts the device: a new supervisor recovers it from
+//!   them;
+//! - the service's main process killed as well: systemd restarts it and
+//!   hands the fds back (LISTEN_FDS), and it adopts what no supervisor
+//!   serves.
+//!
+//! Neither holder ever touches CUDA: an exported VRAM chunk is an fd like
+//! any other, and the memory stays while any process holds it.
+
+use crate::add::Plan;
+use crate::host::pid_alive;
+use crate::memory::{HeldVram, Memory};
+use crate::notify::{notify_with_fds, under_systemd};
+use crate::{daemon, supervise};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vramblk_config::{defaults, Backend, DeviceRecord};
+use vramblk_host_store::HostStore;
+use vramblk_store::handoff;
+use vramblk_ublk_target::control::{bdev_path, delete_device_nowait, device_ids};
+use vramblk_ublk_target::DeviceOptions;
+
+/// Where a supervisor started by the service finds the service's socket.
+const SOCKET_ENV: &str = "VRAMBLK_HOLDER_SOCKET";
+
+/// Tries at adopting one device before the service gives it up.
+const MAX_ADOPT_TRIES: u32 = 3;
+
+/// How long an orphaned server gets to die once killed.
+const ORPHAN_EXIT: Duration = Duration::from_secs(10);
+
+/// In a supervisor: tells the service, when there is one, which fds hold
+/// device `id`'s memory, in order. Failure is logged: the supervisor
+/// still holds the memory itself.
+pub fn announce(id: u32, fds: &[BorrowedFd]) {
+    let Some(path) = std::env::var_os(SOCKET_ENV) else {
+        return;
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|s| s.connect(&path).map(|()| s))
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            handoff::send(s.as_fd(), &format!("HOLD {id}"), fds).map_err(|e| e.to_string())
+        });
+    match sent {
+        Ok(()) => log::info!(
+            "supervisor: the service holds the memory of {} too ({} fds)",
+            bdev_path(id),
+            fds.len()
+        ),
+        Err(e) => log::warn!(
+            "supervisor: could not hand the memory of {} to the service: {e}",
+            bdev_path(id)
+        ),
+    }
+}
+
+/// The fd store's name for chunk `index` of device `id`.
+fn fd_name(id: u32, index: usize) -> String {
+    format!("vramblk-{id}-{index}")
+}
+
+/// The device and chunk an fd store name stands for.
+fn parse_fd_name(name: &str) -> Option<(u32, usize)> {
+    let (id, index) = name.strip_prefix("vramblk-")?.split_once('-')?;
+    Some((id.parse().ok()?, index.parse().ok()?))
+}
+
+/// Groups fds handed back by systemd into devices; chunks must run 0..n
+/// with none missing, or the device is left out (its layout is unknown).
+fn group_by_device(named: Vec<(String, OwnedFd)>) -> BTreeMap<u32, Vec<OwnedFd>> {
+    let mut by_id: BTreeMap<u32, BTreeMap<usize, OwnedFd>> = BTreeMap::new();
+    for (name, fd) in named {
+        match parse_fd_name(&name) {
+            Some((id, index)) => {
+                by_id.entry(id).or_default().insert(index, fd);
+            }
+            None => log::warn!("service: ignoring an fd named {name:?} from systemd"),
+        }
+    }
+    by_id
+        .into_iter()
+        .filter_map(|(id, chunks)| {
+            if chunks.keys().copied().eq(0..chunks.len()) {
+                Some((id, chunks.into_values().collect()))
+            } else {
+                log::error!(
+                    "service: systemd handed back chunks {:?} of device {id}, not 0..n; not adopting it",
+                    chunks.keys().collect::<Vec<_>>()
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+struct HeldDevice {
+    fds: Vec<OwnedFd>,
+    failed_adoptions: u32,
+}
+
+/// The service's holder: the socket supervisors announce on, and the fds
+/// it holds per device.
+pub struct Holder {
+    sock: UnixDatagram,
+    path: PathBuf,
+    run_dir: PathBuf,
+    devices: BTreeMap<u32, HeldDevice>,
+}
+
+impl Holder {
+    /// Binds the socket, tells future supervisors where it is (through the
+    /// environment they inherit), and takes the fds systemd handed back.
+    pub fn open(run_dir: &Path, handed_back: Vec<(String, OwnedFd)>) -> Result<Holder> {
+        let path = run_dir.join("holder.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock =
+            UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        sock.set_nonblocking(true)?;
+        std::env::set_var(SOCKET_ENV, &path);
+        let devices: BTreeMap<u32, HeldDevice> = group_by_device(handed_back)
+            .into_iter()
+            .map(|(id, fds)| {
+                log::info!(
+                    "service: systemd handed back the memory of {} ({} fds)",
+                    bdev_path(id),
+                    fds.len()
+                );
+                let held = HeldDevice {
+                    fds,
+                    failed_adoptions: 0,
+                };
+                (id, held)
+            })
+            .collect();
+        Ok(Holder {
+            sock,
+            path,
+            run_dir: run_dir.to_path_buf(),
+            devices,
+        })
+    }
+
+    /// Devices whose memory the service holds now.
+    pub fn held(&self) -> Vec<u32> {
+        self.devices.keys().copied().collect()
+    }
+
+    /// Takes announcements, lets go of removed devices' memory, and adopts
+    /// devices whose supervisor died.
+    pub fn tick(&mut self) {
+        self.receive();
+        let live = device_ids();
+        let ids: Vec<u32> = self.devices.keys().copied().collect();
+        for id in ids {
+            if !live.contains(&id) {
+                self.release(id, "it was removed");
+            } else if self.orphaned(id) {
+                self.adopt(id);
+            }
+        }
+    }
+
+    fn receive(&mut self) {
+        loop {
+            let (text, fds) = match handoff::recv(self.sock.as_fd()) {
+                Ok(m) => m,
+                Err(vramblk_store::StoreError::Os { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    return
+                }
+                Err(e) => {
+                    log::warn!("service: {e}");
+                    return;
+                }
+            };
+            let id = text
+                .strip_prefix("HOLD ")
+                .and_then(|w| w.trim().parse::<u32>().ok());
+            match id {
+                Some(id) if !fds.is_empty() => self.hold(id, fds),
+                _ => log::warn!("service: ignoring {text:?} on {}", self.path.display()),
+            }
+        }
+    }
+
+    /// Holds `fds` for device `id`, replacing what was held, here and in
+    /// systemd's fd store.
+    fn hold(&mut self, id: u32, fds: Vec<OwnedFd>) {
+        if let Some(old) = self.devices.get(&id) {
+            if same_files(&old.fds, &fds) {
+                // A new supervisor announcing what is held already: no
+                // churn in the fd store.
+                return;
+            }
+            forget_in_fd_store(id, old.fds.len());
+            self.devices.remove(&id);
+        }
+        if under_systemd() {
+            for (i, fd) in fds.iter().enumerate() {
+                let state = format!("FDSTORE=1\nFDNAME={}", fd_name(id, i));
+                if let Err(e) = notify_with_fds(&state, &[fd.as_fd()]) {
+                    log::warn!(
+                        "service: systemd's fd store refused {}: {e}",
+                        fd_name(id, i)
+                    );
+                }
+            }
+        }
+        log::info!(
+            "service: holding the memory of {} ({} fds{})",
+            bdev_path(id),
+            fds.len(),
+            if under_systemd() {
+                ", also in systemd's fd store"
+            } else {
+                ""
+            }
+        );
+        self.devices.insert(
+            id,
+            HeldDevice {
+                fds,
+                failed_adoptions: 0,
+            },
+        );
+    }
+
+    fn release(&mut self, id: u32, why: &str) {
+        if let Some(held) = self.devices.remove(&id) {
+            forget_in_fd_store(id, held.fds.len());
+            log::info!(
+                "service: letting go of the memory of {} ({why})",
+                bdev_path(id)
+            );
+        }
+    }
+
+    /// The device exists but no supervisor holds it: its supervisor died.
+    fn orphaned(&self, id: u32) -> bool {
+        match DeviceRecord::load(&self.run_dir, id) {
+            Some(r) => !r.holder_pid.is_some_and(pid_alive),
+            // No record: being removed right now (the server removes the
+            // record as its last act), or never vramblk's.
+            None => false,
+        }
+    }
+
+    fn adopt(&mut self, id: u32) {
+        let path = bdev_path(id);
+        let Some(record) = DeviceRecord::load(&self.run_dir, id) else {
+            return;
+        };
+        let Some(held) = self.devices.get_mut(&id) else {
+            return;
+        };
+        log::warn!(
+            "service: the supervisor of {path} (pid {}) is gone; adopting the device from the memory the service holds",
+            record.holder_pid.unwrap_or(0)
+        );
+        let started = Instant::now();
+        match adopt_device(&self.run_dir, &record, &held.fds) {
+            Ok(()) => {
+                held.failed_adoptions = 0;
+                log::info!(
+                    "service: {path} recovered by a new supervisor after {} ms",
+                    started.elapsed().as_millis()
+                );
+            }
+            Err(e) => {
+                held.failed_adoptions += 1;
+                log::error!(
+                    "service: adopting {path} failed (try {} of {MAX_ADOPT_TRIES}): {e:#}",
+                    held.failed_adoptions
+                );
+                if held.failed_adoptions >= MAX_ADOPT_TRIES {
+                    log::error!(
+                        "service: giving up on {path}: removing it so its I/O fails instead of \
+                         waiting forever (anything swapped to it is lost)"
+                    );
+                    if let Err(e) = delete_device_nowait(id) {
+                        log::error!("service: removing {path}: {e}");
+                    }
+                    DeviceRecord::remove(&self.run_dir, id);
+                    self.release(id, "given up");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether two lists of fds reach the same files, in order.
+fn same_files(a: &[OwnedFd], b: &[OwnedFd]) -> bool {
+    let ids = |fds: &[OwnedFd]| -> Option<Vec<(u64, u64)>> {
+        fds.iter()
+            .map(|f| {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::File::from(f.try_clone().ok()?).metadata().ok()?;
+                Some((m.dev(), m.ino()))
+            })
+            .collect()
+    };
+    matches!((ids(a), ids(b)), (Some(x), Some(y)) if x == y)
+}
+
+fn forget_in_fd_store(id: u32, count: usize) {
+    if !under_systemd() {
+        return;
+    }
+    for i in 0..count {
+        let state = format!("FDSTOREREMOVE=1\nFDNAME={}", fd_name(id, i));
+        if let Err(e) = notify_with_fds(&state, &[]) {
+            log::warn!("service: {state:?}: {e}");
+        }
+    }
+}
+
+/// The plan a new supervisor serves an existing device with: its shape
+/// from the record the last server wrote.
+fn adoption_plan(record: &DeviceRecord) -> Plan {
+    Plan {
+        size: record.size,
+        backend: record.backend,
+        hugetlb: false,
+        gpu: record.gpu.unwrap_or(0),
+        reserve: 0,
+        copy_mode: record.copy_mode,
+        device: DeviceOptions {
+            id: record.id as i32,
+            queues: record.queues,
+            depth: record.depth,
+            max_io_bytes: defaults::MAX_IO_BYTES,
+        },
+        log: record.log.clone(),
+        origin: record.origin,
+    }
+}
+
+/// Kills what is left of the device's last server (it would keep the
+/// queues), then forks a supervisor that recovers the device from copies
+/// of `fds`; returns once the device is live again.
+fn adopt_device(run_dir: &Path, record: &DeviceRecord, fds: &[OwnedFd]) -> Result<()> {
+    if record.backend == Backend::Host && fds.len() != 1 {
+        bail!("a host device is one memfd, but {} fds are held", fds.len());
+    }
+    if record.backend == Backend::Cuda && record.backing.len() != fds.len() {
+        bail!(
+            "the record lists {} VRAM chunks, but {} fds are held",
+            record.backing.len(),
+            fds.len()
+        );
+    }
+    end_orphaned_server(record.pid)?;
+    let copies = fds
+        .iter()
+        .map(|f| f.try_clone())
+        .collect::<std::io::Result<Vec<OwnedFd>>>()
+        .context("duplicating the held fds")?;
+    let plan = adoption_plan(record);
+    let backing = record.backing.clone();
+    let id = record.id;
+    daemon::spawn(&plan.log, |reporter| {
+        let memory = match plan.backend {
+            Backend::Host => {
+                let fd = copies
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| anyhow!("no memfd"))?;
+                Memory::Host(Arc::new(HostStore::adopt(fd, plan.size)?))
+            }
+            Backend::Cuda => Memory::Cuda {
+                vram: Some(HeldVram {
+                    size: plan.size,
+                    chunks: backing.iter().map(|&l| l as usize).zip(copies).collect(),
+                }),
+                sockets: handoff::socket_pair()?,
+            },
+        };
+        supervise::adopt(&plan, run_dir, reporter, memory, id)
+    })
+    .map(|_| ())
+}
+
+/// SIGKILLs a server whose supervisor died, if it still runs, and waits
+/// for it to go (the device's queues are free for a new server then).
+fn end_orphaned_server(pid: u32) -> Result<()> {
+    if !pid_alive(pid) || !is_vramblk(pid) {
+        return Ok(());
+    }
+    log::warn!("service: killing the orphaned server {pid} so a supervised one takes over");
+    // SAFETY: kill with a pid that runs our own binary (checked above).
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let until = Instant::now() + ORPHAN_EXIT;
+    while pid_alive(pid) {
+        if Instant::now() > until {
+            bail!("the orphaned server {pid} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Whether `pid` runs the same binary as this process.
+fn is_vramblk(pid: u32) -> bool {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/exe"));
+    let ours = std::fs::read_link("/proc/self/exe");
+    matches!((theirs, ours), (Ok(a), Ok(b)) if a == b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn memfd() -> OwnedFd {
+        // SAFETY: a fresh memfd with a static name; checked; owned here.
+        unsafe {
+            let fd = libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            OwnedFd::from_raw_fd(fd)
+        }
+    }
+
+    #[test]
+    fn same_files_sees_through_duplicates() {
+        let a = memfd();
+        let dup = a.try_clone().unwrap();
+        assert!(same_files(&[a], &[dup]));
+        assert!(!same_files(&[memfd()], &[memfd()]));
+        assert!(!same_files(&[memfd()], &[]));
+    }
+
+    #[test]
+    fn fd_names_round_trip() {
+        assert_eq!(fd_name(3, 12), "vramblk-3-12");
+        assert_eq!(parse_fd_name("vramblk-3-12"), Some((3, 12)));
+        assert_eq!(parse_fd_name("vramblk-3"), None);
+        assert_eq!(parse_fd_name("other-3-1"), None);
+        assert_eq!(parse_fd_name("vramblk-x-1"), None);
+    }
+
+    #[test]
+    fn handed_back_fds_group_by_device_in_chunk_order() {
+        let named = vec![
+            ("vramblk-1-1".to_string(), memfd()),
+            ("vramblk-0-0".to_string(), memfd()),
+            ("vramblk-1-0".to_string(), memfd()),
+            ("vramblk-2-1".to_string(), memfd()),
+            ("stray".to_string(), memfd()),
+        ];
+        let by_id = group_by_device(named);
+        assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(by_id[&1].len(), 2);
+    }
+
+    #[test]
+    fn an_adoption_plan_keeps_the_device_shape() {
+        let record = DeviceRecord {
+            id: 4,
+            size: 1 << 30,
+            backend: Backend::Cuda,
+            store: "cuda".into(),
+            gpu: Some(1),
+            queues: 3,
+            depth: 64,
+            pid: 10,
+            log: "/run/vramblk/x.log".into(),
+            holder_pid: Some(9),
+            restarts: 0,
+            origin: Some(2),
+            live_since: None,
+            backing: vec![1 << 29, 1 << 29],
+            copy_mode: vramblk_config::CopyMode::Dma,
+        };
+        let plan = adoption_plan(&record);
+        assert_eq!(plan.device.id, 4);
+        assert_eq!((plan.device.queues, plan.device.depth), (3, 64));
+        assert_eq!((plan.gpu, plan.origin), (1, Some(2)));
+        assert_eq!(plan.copy_mode, vramblk_config::CopyMode::Dma);
+    }
+}
