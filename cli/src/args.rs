@@ -35,7 +35,8 @@ pub enum Command {
     /// device's memory) starts a new one by itself and the kernel holds
     /// the device's I/O meanwhile; after 5 failures in a row it gives up
     /// and removes the device. `recover` skips the wait between tries and
-    /// resets that count.
+    /// resets that count. A device of the service whose supervisor died is
+    /// adopted by the service, which holds its memory too.
     Recover(RecoverArgs),
     /// Print the ublk features the running kernel supports.
     Features,
@@ -61,7 +62,10 @@ pub enum Command {
     /// Run as the systemd service (vramblk.service runs this).
     ///
     /// `up`, tell systemd it is ready, follow the [power] and [pressure]
-    /// policies of the configuration file, and `down` when stopped.
+    /// policies of the configuration file, and `down` when stopped. It
+    /// holds every device's memory too (and puts it in systemd's fd store),
+    /// and recovers a device whose supervisor died, also after its own
+    /// restart.
     Service(ServiceArgs),
     /// Show each device and the service's state.
     ///

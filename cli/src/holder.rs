@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use vramblk_config::{defaults, Backend, DeviceRecord};
 use vramblk_host_store::HostStore;
 use vramblk_store::handoff;
-use vramblk_ublk_target::control::{bdev_path, delete_device_nowait, device_ids};
-use vramblk_ublk_target::DeviceOptions;
+use vramblk_ublk_target::control::{bdev_path, delete_device_nowait, device_ids, device_info};
+use vramblk_ublk_target::{DeviceOptions, DeviceState};
 
 /// Where a supervisor started by the service finds the service's socket.
 const SOCKET_ENV: &str = "VRAMBLK_HOLDER_SOCKET";
@@ -38,6 +38,20 @@ const MAX_ADOPT_TRIES: u32 = 3;
 
 /// How long an orphaned server gets to die once killed.
 const ORPHAN_EXIT: Duration = Duration::from_secs(10);
+
+/// Which socket a service listens on: (device, inode) of its path, new
+/// each time a service binds it.
+pub type SocketId = (u64, u64);
+
+/// In a supervisor the service started: the socket the service listens
+/// on now, if one does (a restarted service binds a new one, and is
+/// told about the memory again).
+pub fn service_socket() -> Option<SocketId> {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::env::var_os(SOCKET_ENV)?;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
+}
 
 /// In a supervisor: tells the service, when there is one, which fds hold
 /// device `id`'s memory, in order. Failure is logged: the supervisor
@@ -278,6 +292,11 @@ impl Holder {
                     started.elapsed().as_millis()
                 );
             }
+            Err(e) if still_served(id) => {
+                // A server we may not kill (not our binary) still serves
+                // it: nothing is lost yet, so nothing is given up.
+                log::warn!("service: not adopting {path} now: {e:#}");
+            }
             Err(e) => {
                 held.failed_adoptions += 1;
                 log::error!(
@@ -375,7 +394,7 @@ fn adopt_device(run_dir: &Path, record: &DeviceRecord, fds: &[OwnedFd]) -> Resul
         .context("duplicating the held fds")?;
     let plan = adoption_plan(record);
     let backing = record.backing.clone();
-    let id = record.id;
+    let (id, restarts) = (record.id, record.restarts + 1);
     daemon::spawn(&plan.log, |reporter| {
         let memory = match plan.backend {
             Backend::Host => {
@@ -393,7 +412,7 @@ fn adopt_device(run_dir: &Path, record: &DeviceRecord, fds: &[OwnedFd]) -> Resul
                 sockets: handoff::socket_pair()?,
             },
         };
-        supervise::adopt(&plan, run_dir, reporter, memory, id)
+        supervise::adopt(&plan, run_dir, reporter, memory, id, restarts)
     })
     .map(|_| ())
 }
@@ -417,11 +436,23 @@ fn end_orphaned_server(pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// Whether `pid` runs the same binary as this process.
+/// Whether the device is live (a server, maybe an orphaned one, serves it).
+fn still_served(id: u32) -> bool {
+    device_info(id).is_ok_and(|i| i.state == DeviceState::Live)
+}
+
+/// Whether `pid` runs vramblk: the same binary as this process, also when
+/// one of the two was replaced on disk since (an upgrade).
 fn is_vramblk(pid: u32) -> bool {
-    let theirs = std::fs::read_link(format!("/proc/{pid}/exe"));
-    let ours = std::fs::read_link("/proc/self/exe");
-    matches!((theirs, ours), (Ok(a), Ok(b)) if a == b)
+    let exe = |p: &str| {
+        std::fs::read_link(p).ok().map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_suffix(" (deleted)")
+                .map(str::to_string)
+                .unwrap_or(l)
+        })
+    };
+    matches!((exe(&format!("/proc/{pid}/exe")), exe("/proc/self/exe")), (Some(a), Some(b)) if a == b)
 }
 
 #[cfg(test)]

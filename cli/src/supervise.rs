@@ -107,8 +107,9 @@ struct Supervisor<'a> {
     id: Option<u32>,
     standby: Option<Child>,
     standby_forked: Option<Instant>,
-    /// Whether the service (if any) was told which fds hold the memory.
-    announced: bool,
+    /// The service socket the memory fds were last handed to, if any; a
+    /// different one (a restarted service) gets them again.
+    announced: Option<holder::SocketId>,
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
@@ -128,14 +129,22 @@ pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<
 }
 
 /// A supervisor for device `id`, whose last supervisor died: it holds
-/// `memory` (from the service's copies of the fds) and recovers the device.
-pub fn adopt(plan: &Plan, run_dir: &Path, parent: Reporter, memory: Memory, id: u32) -> Result<()> {
+/// `memory` (from the service's copies of the fds) and recovers the device
+/// as restart number `restarts`.
+pub fn adopt(
+    plan: &Plan,
+    run_dir: &Path,
+    parent: Reporter,
+    memory: Memory,
+    id: u32,
+    restarts: u32,
+) -> Result<()> {
     daemon::harden_for_swap()?;
     signals::install_supervisor_handlers();
     let held = Held::with_memory(plan, memory)?;
     let first = Launch {
         start: Start::Recover(id),
-        restarts: 0,
+        restarts,
         foreground_swap: None,
         print_path: false,
     };
@@ -158,7 +167,7 @@ fn supervise_with(
         id,
         standby: None,
         standby_forked: None,
-        announced: false,
+        announced: None,
     };
     let result = sup.supervise(first);
     if let Some(s) = sup.standby.take() {
@@ -171,8 +180,8 @@ fn supervise_with(
 
 impl Supervisor<'_> {
     fn supervise(&mut self, first: Launch) -> Result<()> {
+        let mut restarts = first.restarts;
         let mut active = self.fork_server(first, false)?;
-        let mut restarts = 0u32;
         let mut failures = 0u32;
         loop {
             let run = self.watch(&mut active);
@@ -383,14 +392,15 @@ impl Supervisor<'_> {
             // Before looking for the server's end: a handoff it sent just
             // before dying still counts.
             match self.held.memory.take_handoff() {
-                Ok(true) => self.announced = false,
+                Ok(true) => self.announced = None,
                 Ok(false) => {}
                 Err(e) => log::warn!("supervisor: {e:#}"),
             }
-            if let (Some(_), Some(dev), false) = (live_since, self.id, self.announced) {
-                if self.held.memory.survives_server() {
+            if let (Some(_), Some(dev)) = (live_since, self.id) {
+                let now = holder::service_socket();
+                if now.is_some() && now != self.announced && self.held.memory.survives_server() {
                     holder::announce(dev, &self.held.memory.fds());
-                    self.announced = true;
+                    self.announced = now;
                 }
             }
             if let Some(status) = reap(server.pid) {

@@ -80,7 +80,14 @@ pub fn build(stage: &Path, out: &Path, spec: &Spec) -> Result<()> {
         let dst = stage.join(path.trim_start_matches('/'));
         std::fs::create_dir_all(dst.parent().context("file without a parent")?)?;
         std::fs::write(&dst, text)?;
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))?;
+        // Scripts run; configuration (units under /etc) must not be
+        // executable, or systemd says so.
+        let mode = if path.starts_with("/etc/") {
+            0o644
+        } else {
+            0o755
+        };
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
     }
     std::fs::write(
         stage.join("etc/passwd"),

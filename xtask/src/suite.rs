@@ -13,6 +13,40 @@ const IO_SUITE: &str = include_str!("../vm/io-suite.sh");
 const SWAP_SUITE: &str = include_str!("../vm/swap-suite.sh");
 const CRASH_SUITE: &str = include_str!("../vm/crash-suite.sh");
 const CRASH_STRESS_SUITE: &str = include_str!("../vm/crash-stress-suite.sh");
+const SYSTEMD_SUITE: &str = include_str!("../vm/systemd-suite.sh");
+
+/// The systemd guest's units: the shipped vramblk.service, a drop-in that
+/// only sends its output to a file, and the few units a boot needs.
+const SYSTEMD_UNITS: &[(&str, &str)] = &[
+    (
+        "/etc/systemd/system/vramblk.service",
+        include_str!("../../systemd/vramblk.service"),
+    ),
+    (
+        "/etc/systemd/system/vramblk.service.d/vm-output.conf",
+        include_str!("../vm/systemd/vramblk-output.conf"),
+    ),
+    (
+        "/etc/systemd/system/vm-suite.service",
+        include_str!("../vm/systemd/vm-suite.service"),
+    ),
+    (
+        "/etc/systemd/system/default.target",
+        include_str!("../vm/systemd/default.target"),
+    ),
+    (
+        "/etc/systemd/system/sysinit.target",
+        include_str!("../vm/systemd/sysinit.target"),
+    ),
+    (
+        "/etc/systemd/system/basic.target",
+        include_str!("../vm/systemd/basic.target"),
+    ),
+    (
+        "/etc/systemd/system/shutdown.target",
+        include_str!("../vm/systemd/shutdown.target"),
+    ),
+];
 
 struct Suite {
     name: &'static str,
@@ -21,6 +55,8 @@ struct Suite {
     cmdline: &'static str,
     host_bins: &'static [&'static str],
     timeout: Duration,
+    /// Files besides the suite scripts: (guest path, contents).
+    files: &'static [(&'static str, &'static str)],
     /// Run by `cargo xtask test`; the others only when VRAMBLK_VM_SUITE
     /// names them.
     default: bool,
@@ -41,6 +77,7 @@ const SUITES: &[Suite] = &[
             "/usr/bin/setpriv",
         ],
         timeout: Duration::from_secs(25 * 60),
+        files: &[],
         default: true,
     },
     Suite {
@@ -50,6 +87,7 @@ const SUITES: &[Suite] = &[
         cmdline: "hugepages=256",
         host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
         timeout: Duration::from_secs(15 * 60),
+        files: &[],
         default: true,
     },
     Suite {
@@ -66,6 +104,7 @@ const SUITES: &[Suite] = &[
             "/sbin/swapoff",
         ],
         timeout: Duration::from_secs(20 * 60),
+        files: &[],
         default: true,
     },
     Suite {
@@ -80,7 +119,26 @@ const SUITES: &[Suite] = &[
             "/sbin/swapoff",
         ],
         timeout: Duration::from_secs(10 * 60),
+        files: &[],
         default: false,
+    },
+    Suite {
+        name: "systemd",
+        script: SYSTEMD_SUITE,
+        memory: "1G",
+        cmdline: "hugepages=256 vm.init=systemd systemd.log_target=console systemd.show_status=0 \
+                  systemd.log_level=notice",
+        host_bins: &[
+            "/usr/bin/fio",
+            "/sbin/mkswap",
+            "/sbin/swapon",
+            "/sbin/swapoff",
+            "/lib/systemd/systemd",
+            "/bin/systemctl",
+        ],
+        timeout: Duration::from_secs(10 * 60),
+        files: SYSTEMD_UNITS,
+        default: true,
     },
 ];
 
@@ -130,10 +188,12 @@ pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
         ],
     )?;
     let release = root.join("target/release");
-    Ok(["vramblk", "memcheck", "latprobe", "pswatch", "jsonq", "fdstore"]
-        .iter()
-        .map(|b| release.join(b))
-        .collect())
+    Ok([
+        "vramblk", "memcheck", "latprobe", "pswatch", "jsonq", "fdstore",
+    ]
+    .iter()
+    .map(|b| release.join(b))
+    .collect())
 }
 
 pub fn run_all(root: &Path) -> Result<()> {
@@ -164,10 +224,14 @@ pub fn run_all(root: &Path) -> Result<()> {
                 copies: &[(stub.clone(), STUB_GUEST_PATH)],
                 modules: &kernel.modules,
                 files: &[
-                    ("/init", INIT),
-                    ("/lib/vm/lib.sh", LIB),
-                    ("/lib/vm/suite.sh", s.script),
-                ],
+                    &[
+                        ("/init", INIT),
+                        ("/lib/vm/lib.sh", LIB),
+                        ("/lib/vm/suite.sh", s.script),
+                    ],
+                    s.files,
+                ]
+                .concat(),
             },
         )?;
         println!(

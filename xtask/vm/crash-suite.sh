@@ -142,5 +142,22 @@ CFG
 service_kills "cuda (stub):" "LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=512" /etc/vramblk-fdc.toml
 check "cuda (stub) under the service: the VRAM was erased at the end" sh -c "grep -q 'VRAM erased' \$(ls -t /run/vramblk/*.log | head -1)"
 
+# --- 4. without systemd's fd store: a service started again by hand is
+# told about the memory by the supervisors that outlived the last one.
+vramblk service --config /etc/vramblk-fd.toml > /tmp/svc1.log 2>&1 &
+s1=$!
+check "plain service: the device comes up" wait_for 60 swap_on /dev/ublkb0 || cat /tmp/svc1.log
+check "plain service: it holds the memfd" wait_for 10 grep -q "holding the memory of /dev/ublkb0" /tmp/svc1.log
+kill -9 $s1
+vramblk service --config /etc/vramblk-fd.toml > /tmp/svc2.log 2>&1 &
+s2=$!
+check "plain service restarted by hand: the surviving supervisor handed it the memfd again" wait_for 10 grep -q "holding the memory of /dev/ublkb0" /tmp/svc2.log || cat /tmp/svc2.log
+h=$(holder_pid 0); p=$(daemon_pid 0)
+kill -9 "$h" "$p"
+check "plain service: it adopts the device when supervisor and server die" wait_recovered 0 "$p" || { cat /tmp/svc2.log; show_logs; }
+kill -TERM $s2
+wait $s2
+check "plain service: SIGTERM takes the device down" wait_for 30 nodes_gone 0
+
 check "no kernel oops or hung task" no_oops
 dmesg | grep -E 'ublk|Oops|BUG|hung' | tail -20 | while read -r l; do info "dmesg: $l"; done

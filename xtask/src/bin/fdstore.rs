@@ -8,9 +8,11 @@
 //! - keeps the fds sent with "FDSTORE=1" under their FDNAME (one copy of a
 //!   file however often it is sent), drops them on "FDSTOREREMOVE=1";
 //! - when the command dies or fails (Restart=on-failure), runs the stop
-//!   command with SERVICE_RESULT set, as ExecStop= runs, then starts the
-//!   command again after RESTART_MS with the stored fds as 3, 4, ...
-//!   (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID);
+//!   command with SERVICE_RESULT set, as systemd's documentation says
+//!   ExecStop= runs (systemd 252 skips it after a failure: the systemd
+//!   boot of the suite sees that), then starts the command again after
+//!   RESTART_MS with the stored fds as 3, 4, ... (LISTEN_FDS,
+//!   LISTEN_FDNAMES, LISTEN_PID);
 //! - on SIGTERM, passes it on and exits when the command does.
 //!
 //! After every change the stored names go to STATE, one per line.
