@@ -2,6 +2,7 @@
 //! swap device.
 
 mod add;
+mod adopt;
 mod args;
 mod config;
 mod daemon;
