@@ -118,6 +118,10 @@ pub struct ServiceArgs {
     /// class/power_supply there); for tests.
     #[arg(long, value_name = "DIR", default_value = "/sys", hide = true)]
     pub sysfs: std::path::PathBuf,
+    /// Read each GPU's free VRAM from DIR/<index> (a size, e.g. "6G")
+    /// instead of NVML; for tests.
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub free_vram_from: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         Command::Service(s) => service::run(&service::ServiceArgs {
             config: s.config,
             sysfs: s.sysfs,
+            free_vram_from: s.free_vram_from,
         }),
         Command::Status { json } => status::run(json),
         Command::Release { id } => release::run(id),

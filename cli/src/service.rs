@@ -17,7 +17,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vramblk_config::{format_size, store_json, Backend, Config, RUN_DIR};
+use vramblk_config::{format_size, parse_size, store_json, Backend, Config, RUN_DIR};
 use vramblk_policy::{PowerGate, PowerReading, PressureAction, PressureGate};
 
 /// How often VRAM pressure is looked at (NVML reads are cheap).
@@ -57,27 +57,49 @@ impl ServiceState {
     }
 }
 
-/// Free VRAM per GPU index, from NVML; None when NVML is not there (then
-/// the pressure policy does nothing).
-struct FreeVram(Option<Gpus>);
+/// Free VRAM per GPU index: from NVML, or from files a test writes; None
+/// when NVML is not there (then the pressure policy does nothing).
+enum FreeVram {
+    Nvml(Option<Box<Gpus>>),
+    /// DIR/<index> holds a size ("6G").
+    Files(PathBuf),
+}
 
 impl FreeVram {
-    fn open(wanted: bool) -> FreeVram {
+    fn open(wanted: bool, files: Option<PathBuf>) -> FreeVram {
+        if let Some(dir) = files {
+            return FreeVram::Files(dir);
+        }
         if !wanted {
-            return FreeVram(None);
+            return FreeVram::Nvml(None);
         }
         match Gpus::open() {
-            Ok(g) => FreeVram(Some(g)),
+            Ok(g) => FreeVram::Nvml(Some(Box::new(g))),
             Err(e) => {
                 log::warn!("service: VRAM pressure is off: {e}");
-                FreeVram(None)
+                FreeVram::Nvml(None)
             }
         }
     }
 
     fn free(&self, gpu: u32) -> Option<u64> {
-        match self.0.as_ref()?.info(gpu) {
-            Ok(g) => Some(g.free),
+        let read = match self {
+            FreeVram::Nvml(gpus) => gpus
+                .as_ref()?
+                .info(gpu)
+                .map(|g| g.free)
+                .map_err(|e| e.to_string()),
+            FreeVram::Files(dir) => {
+                let path = dir.join(gpu.to_string());
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|t| {
+                        parse_size(t.trim()).map_err(|e| format!("{}: {e}", path.display()))
+                    })
+            }
+        };
+        match read {
+            Ok(free) => Some(free),
             Err(e) => {
                 log::warn!("service: free VRAM of GPU {gpu}: {e}");
                 None
@@ -105,6 +127,8 @@ pub struct ServiceArgs {
     pub config: PathBuf,
     /// Where /sys is (tests point it at a fake power-supply tree).
     pub sysfs: PathBuf,
+    /// Where free VRAM is read from instead of NVML (tests).
+    pub free_vram_from: Option<PathBuf>,
 }
 
 pub fn run(a: &ServiceArgs) -> Result<()> {
@@ -117,7 +141,8 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
     signals::install_service_handlers();
     std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
     let holder = Holder::open(Path::new(RUN_DIR), handed_back)?;
-    let mut svc = Service::new(config, a.sysfs.clone(), holder);
+    let vram = FreeVram::open(config.pressure.enabled, a.free_vram_from.clone());
+    let mut svc = Service::new(config, a.sysfs.clone(), holder, vram);
     // Devices whose supervisor died with the last service are adopted
     // before `up` could take their entries for missing.
     svc.holder.tick();
@@ -152,7 +177,7 @@ struct Service {
 }
 
 impl Service {
-    fn new(config: Config, sysfs: PathBuf, holder: Holder) -> Service {
+    fn new(config: Config, sysfs: PathBuf, holder: Holder, vram: FreeVram) -> Service {
         let gpus: BTreeSet<u32> = config
             .devices
             .iter()
@@ -163,7 +188,6 @@ impl Service {
             .into_iter()
             .map(|g| (g, PressureGate::new(config.pressure.clone())))
             .collect();
-        let vram = FreeVram::open(config.pressure.enabled);
         Service {
             power: PowerGate::new(config.power.clone()),
             power_up: true,

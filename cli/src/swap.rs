@@ -91,10 +91,15 @@ pub fn swapoff_shortfall(
     mem_total: u64,
 ) -> Option<String> {
     let room = (mem_available + other_swap_free).saturating_sub(swapoff_margin(mem_total));
+    // Under 1 MiB, MiB would say "0" of pages that still do not fit.
+    let used_text = if used < 1 << 20 {
+        format!("{} KiB", used >> 10)
+    } else {
+        format!("{} MiB", used >> 20)
+    };
     (used > room).then(|| {
         format!(
-            "its {} MiB of swapped pages do not fit in the {} MiB that RAM ({} MiB available) and other swap ({} MiB free) can take while keeping {} MiB free",
-            used >> 20,
+            "its {used_text} of swapped pages do not fit in the {} MiB that RAM ({} MiB available) and other swap ({} MiB free) can take while keeping {} MiB free",
             room >> 20,
             mem_available >> 20,
             other_swap_free >> 20,
@@ -161,6 +166,8 @@ mod tests {
         assert_eq!(swapoff_shortfall(416 * M, 500 * M, 0, total), None);
         assert!(swapoff_shortfall(416 * M + 4096, 500 * M, 0, total).is_some());
         assert_eq!(swapoff_shortfall(0, 0, 0, total), None);
+        let why = swapoff_shortfall(300 << 10, 0, 0, total).unwrap();
+        assert!(why.contains("its 300 KiB of swapped pages"), "{why}");
     }
 
     #[test]

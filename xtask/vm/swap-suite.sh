@@ -115,3 +115,53 @@ check "service: SIGTERM takes the device down and exits 0" [ $rc -eq 0 ]
 check "service: no swap left" no_swap
 check "service: the device is gone" wait_for 30 nodes_gone 0
 check "no kernel oops or hung task (service part)" no_oops
+
+# --- the service's VRAM-pressure policy on the cuda backend (stand-in
+# libcuda; free VRAM read from files the suite writes instead of NVML).
+STUBENV="LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=512"
+mkdir -p /tmp/vram
+echo 8G > /tmp/vram/0
+cat > /etc/vramblk-press.toml <<'CFG'
+[[device]]
+size = "192M"
+backend = "cuda"
+reserve = "0"
+queues = 2
+
+[pressure]
+enabled = true
+min_free_vram = "1G"
+calm_secs = 4
+CFG
+env $STUBENV vramblk service --config /etc/vramblk-press.toml --free-vram-from /tmp/vram > /tmp/svcp.log 2>&1 &
+sp=$!
+check "pressure: the cuda device (stub) comes up as swap" wait_for 60 swap_on /dev/ublkb0 || cat /tmp/svcp.log
+avail=$(mem MemAvailable)
+fill=$((avail + 100))
+info "pressure: filling $fill MiB and holding it (MemAvailable $avail MiB)"
+rm -f /tmp/go
+memcheck $fill 1 --hold /tmp/go > /tmp/mcp 2>&1 &
+mc=$!
+wait_for 300 grep -q holding /tmp/mcp
+info "pressure: $(awk '$1 == "/dev/ublkb0" {print int($4 / 1024)}' /proc/swaps) MiB in swap, MemAvailable $(mem MemAvailable) MiB"
+echo 100M > /tmp/vram/0
+check "pressure while RAM cannot take the pages back: the service keeps the device and says so" wait_for 30 grep -q "keeping GPU 0's devices" /tmp/svcp.log
+check "pressure while RAM is short: the device is still swap" swap_on /dev/ublkb0
+touch /tmp/go
+wait $mc
+rc=$?
+check "pressure while RAM is short: memcheck read every byte back intact" [ $rc -eq 0 ] || cat /tmp/mcp
+check "pressure: once RAM can take the pages, the device is swapped off and removed" wait_for 30 nodes_gone 0
+check "pressure: no swap left" no_swap
+vramblk status --json > /tmp/sp.json 2>&1
+check "pressure: status --json says GPU 0 is released" has "$(jsonq /tmp/sp.json service.pressure.0)" released
+echo 8G > /tmp/vram/0
+check "pressure gone for calm_secs: the device comes back as swap" wait_for 60 swap_on /dev/ublkb0
+vramblk status --json > /tmp/sp.json 2>&1
+check "pressure: status --json says GPU 0 is holding again" [ "$(jsonq /tmp/sp.json service.pressure.0)" = holding ]
+kill -TERM $sp
+wait $sp
+while read -r l; do info "pressure service: $l"; done < /tmp/svcp.log
+check "pressure: SIGTERM takes the device down" wait_for 30 nodes_gone 0
+check "nothing was OOM-killed (pressure part)" no_oom
+check "no kernel oops or hung task (pressure part)" no_oops

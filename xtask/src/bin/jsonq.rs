@@ -28,9 +28,10 @@ fn main() -> ExitCode {
         }
     };
     for key in path.split('.').filter(|k| !k.is_empty()) {
-        let next = match key.parse::<usize>() {
-            Ok(i) => v.get(i),
-            Err(_) => v.get(key),
+        // A number indexes an array; in an object it is a key ("0").
+        let next = match (key.parse::<usize>(), v.is_array()) {
+            (Ok(i), true) => v.get(i),
+            _ => v.get(key),
         };
         match next {
             Some(n) => v = n.clone(),
