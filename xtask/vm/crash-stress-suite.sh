@@ -4,7 +4,7 @@
 # device so I/O fails). Not in the default suite: each failed in 1 of 5
 # runs of an earlier design (a hung guest right after a kill; a supervisor
 # that did not give up within 90 s); with warmed thread stacks in the
-# standby and DEL_DEV_ASYNC on give-up both passed 12 of 12 runs, which is
+# standby and DEL_DEV_ASYNC on give-up both passed 14 of 14 runs, which is
 # not yet enough runs to put a possible flake in front of every landing.
 . /lib/vm/lib.sh
 insmod /lib/modules/ublk_drv.ko || fail "insmod ublk_drv"
