@@ -104,6 +104,7 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
         -1 => bail!("fork: {}", std::io::Error::last_os_error()),
         0 => {
             drop(rd);
+            crate::holder::close_held_fds();
             detach(&log_file);
             crate::init_logging(env_logger::Target::Pipe(Box::new(log_file)));
             let code = match serve(reporter.clone()) {

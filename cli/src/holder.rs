@@ -17,9 +17,10 @@ use crate::host::pid_alive;
 use crate::notify::{notify_with_fds, under_systemd};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 use vramblk_config::DeviceRecord;
 use vramblk_store::handoff;
@@ -115,6 +116,25 @@ struct HeldDevice {
     failed_adoptions: u32,
 }
 
+/// The fds the service holds now, for a daemon it forks to close at once
+/// (see [`close_held_fds`]).
+static HELD_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// In a daemon just forked from the service (a supervisor it starts or
+/// adopts with): closes the service's copies of every device's memory,
+/// inherited across the fork. Kept, they would hold other devices' VRAM
+/// (or memfd) for as long as this daemon lives, so removing those devices
+/// would free nothing. What the daemon needs it was handed as fds of its
+/// own (`adopt` duplicates them).
+pub fn close_held_fds() {
+    let held = HELD_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    for &fd in held.iter() {
+        // SAFETY: these fds belong to the service's Holder, which this
+        // forked child never uses or drops (it ends in process::exit).
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// The service's holder: the socket supervisors announce on, and the fds
 /// it holds per device.
 pub struct Holder {
@@ -149,12 +169,24 @@ impl Holder {
                 (id, held)
             })
             .collect();
-        Ok(Holder {
+        let holder = Holder {
             sock,
             path,
             run_dir: run_dir.to_path_buf(),
             devices,
-        })
+        };
+        holder.publish_fds();
+        Ok(holder)
+    }
+
+    /// Keeps [`HELD_FDS`] in step with what is held.
+    fn publish_fds(&self) {
+        let fds = self
+            .devices
+            .values()
+            .flat_map(|d| d.fds.iter().map(|f| f.as_raw_fd()))
+            .collect();
+        *HELD_FDS.lock().unwrap_or_else(|p| p.into_inner()) = fds;
     }
 
     /// Devices whose memory the service holds now.
@@ -241,10 +273,12 @@ impl Holder {
                 failed_adoptions: 0,
             },
         );
+        self.publish_fds();
     }
 
     fn release(&mut self, id: u32, why: &str) {
         if let Some(held) = self.devices.remove(&id) {
+            self.publish_fds();
             forget_in_fd_store(id, held.fds.len());
             log::info!(
                 "service: letting go of the memory of {} ({why})",

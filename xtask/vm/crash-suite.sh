@@ -144,20 +144,42 @@ check "cuda (stub) under the service: the VRAM was erased at the end" sh -c "gre
 
 # --- 4. without systemd's fd store: a service started again by hand is
 # told about the memory by the supervisors that outlived the last one.
-vramblk service --config /etc/vramblk-fd.toml > /tmp/svc1.log 2>&1 &
+# Two devices: a supervisor the service forks must hold its own device's
+# memfd only, not the service's copies of the other's. Shallow queues: the
+# io buffers are locked, and this guest has little RAM to spare.
+cat > /etc/vramblk-two.toml <<'CFG'
+[[device]]
+size = "192M"
+backend = "host"
+hugepages = true
+queues = 2
+depth = 16
+
+[[device]]
+size = "64M"
+backend = "host"
+hugepages = true
+queues = 1
+depth = 16
+CFG
+# memfds DEVICE: how many memfds the device's supervisor holds
+memfds() { ls -l /proc/$(holder_pid $1)/fd 2>/dev/null | grep -c 'memfd:vramblk'; }
+vramblk service --config /etc/vramblk-two.toml > /tmp/svc1.log 2>&1 &
 s1=$!
-check "plain service: the device comes up" wait_for 60 swap_on /dev/ublkb0 || cat /tmp/svc1.log
-check "plain service: it holds the memfd" wait_for 10 grep -q "holding the memory of /dev/ublkb0" /tmp/svc1.log
+check "plain service: both devices come up" wait_for 60 sh -c "grep -q '^/dev/ublkb0 ' /proc/swaps && grep -q '^/dev/ublkb1 ' /proc/swaps" || cat /tmp/svc1.log
+check "plain service: it holds both memfds" wait_for 10 sh -c "grep -q 'holding the memory of /dev/ublkb0' /tmp/svc1.log && grep -q 'holding the memory of /dev/ublkb1' /tmp/svc1.log"
+check "plain service: the second supervisor holds its own memfd only (not the service's copy of the first's)" [ "$(memfds 1)" = 1 ]
 kill -9 $s1
-vramblk service --config /etc/vramblk-fd.toml > /tmp/svc2.log 2>&1 &
+vramblk service --config /etc/vramblk-two.toml > /tmp/svc2.log 2>&1 &
 s2=$!
-check "plain service restarted by hand: the surviving supervisor handed it the memfd again" wait_for 10 grep -q "holding the memory of /dev/ublkb0" /tmp/svc2.log || cat /tmp/svc2.log
+check "plain service restarted by hand: the surviving supervisors handed it the memfds again" wait_for 10 sh -c "grep -q 'holding the memory of /dev/ublkb0' /tmp/svc2.log && grep -q 'holding the memory of /dev/ublkb1' /tmp/svc2.log" || cat /tmp/svc2.log
 h=$(holder_pid 0); p=$(daemon_pid 0)
 kill -9 "$h" "$p"
 check "plain service: it adopts the device when supervisor and server die" wait_recovered 0 "$p" || { cat /tmp/svc2.log; show_logs; }
+check "plain service: the adopting supervisor holds its device's memfd only" [ "$(memfds 0)" = 1 ]
 kill -TERM $s2
 wait $s2
-check "plain service: SIGTERM takes the device down" wait_for 30 nodes_gone 0
+check "plain service: SIGTERM takes both devices down" wait_for 30 sh -c "! [ -e /dev/ublkb0 ] && ! [ -e /dev/ublkb1 ]" || { cat /tmp/svc2.log; cat /proc/swaps; grep MemAvailable /proc/meminfo; }
 
 check "no kernel oops or hung task" no_oops
 dmesg | grep -E 'ublk|Oops|BUG|hung' | tail -20 | while read -r l; do info "dmesg: $l"; done
