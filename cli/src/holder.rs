@@ -14,7 +14,7 @@
 
 use crate::adopt::{adopt_device, still_served};
 use crate::host::pid_alive;
-use crate::notify::{notify_with_fds, under_systemd};
+use crate::notify::{notify_with_fds, send_datagram, under_systemd};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -53,13 +53,7 @@ pub fn announce(id: u32, fds: &[BorrowedFd]) {
     let Some(path) = std::env::var_os(SOCKET_ENV) else {
         return;
     };
-    let sent = UnixDatagram::unbound()
-        .and_then(|s| s.connect(&path).map(|()| s))
-        .map_err(|e| e.to_string())
-        .and_then(|s| {
-            handoff::send(s.as_fd(), &format!("HOLD {id}"), fds).map_err(|e| e.to_string())
-        });
-    match sent {
+    match send_datagram(&path.to_string_lossy(), &format!("HOLD {id}"), fds) {
         Ok(()) => log::info!(
             "supervisor: the service holds the memory of {} too ({} fds)",
             bdev_path(id),
@@ -203,8 +197,8 @@ impl Holder {
         for id in ids {
             if !live.contains(&id) {
                 self.release(id, "it was removed");
-            } else if self.orphaned(id) {
-                self.adopt(id);
+            } else if let Some(record) = self.orphaned(id) {
+                self.adopt(record);
             }
         }
     }
@@ -287,21 +281,16 @@ impl Holder {
         }
     }
 
-    /// The device exists but no supervisor holds it: its supervisor died.
-    fn orphaned(&self, id: u32) -> bool {
-        match DeviceRecord::load(&self.run_dir, id) {
-            Some(r) => !r.holder_pid.is_some_and(pid_alive),
-            // No record: being removed right now (the server removes the
-            // record as its last act), or never vramblk's.
-            None => false,
-        }
+    /// The record of device `id` if no supervisor holds it (its supervisor
+    /// died). No record: being removed right now (the server removes the
+    /// record as its last act), or never vramblk's.
+    fn orphaned(&self, id: u32) -> Option<DeviceRecord> {
+        DeviceRecord::load(&self.run_dir, id).filter(|r| !r.holder_pid.is_some_and(pid_alive))
     }
 
-    fn adopt(&mut self, id: u32) {
+    fn adopt(&mut self, record: DeviceRecord) {
+        let id = record.id;
         let path = bdev_path(id);
-        let Some(record) = DeviceRecord::load(&self.run_dir, id) else {
-            return;
-        };
         let Some(held) = self.devices.get_mut(&id) else {
             return;
         };
@@ -354,13 +343,7 @@ impl Drop for Holder {
 /// Whether two lists of fds reach the same files, in order.
 fn same_files(a: &[OwnedFd], b: &[OwnedFd]) -> bool {
     let ids = |fds: &[OwnedFd]| -> Option<Vec<(u64, u64)>> {
-        fds.iter()
-            .map(|f| {
-                use std::os::unix::fs::MetadataExt;
-                let m = std::fs::File::from(f.try_clone().ok()?).metadata().ok()?;
-                Some((m.dev(), m.ino()))
-            })
-            .collect()
+        fds.iter().map(|f| handoff::file_id(f.as_fd())).collect()
     };
     matches!((ids(a), ids(b)), (Some(x), Some(y)) if x == y)
 }
@@ -380,16 +363,7 @@ fn forget_in_fd_store(id: u32, count: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
-
-    fn memfd() -> OwnedFd {
-        // SAFETY: a fresh memfd with a static name; checked; owned here.
-        unsafe {
-            let fd = libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC);
-            assert!(fd >= 0);
-            OwnedFd::from_raw_fd(fd)
-        }
-    }
+    use crate::memory::tests::some_fd as memfd;
 
     #[test]
     fn same_files_sees_through_duplicates() {

@@ -168,11 +168,12 @@ impl Held {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
 
-    fn some_fd() -> OwnedFd {
+    /// A fresh memfd: an fd to hand around in tests.
+    pub(crate) fn some_fd() -> OwnedFd {
         // SAFETY: a fresh memfd with a static name; checked; owned here.
         unsafe {
             let fd = libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC);

@@ -10,19 +10,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 /// systemd with Type=notify; does nothing otherwise. Failures are logged,
 /// never fatal: the devices serve either way.
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let addr = match socket_addr(&path) {
-        Ok(a) => a,
-        Err(e) => {
-            log::warn!("NOTIFY_SOCKET {path:?}: {e}");
-            return;
-        }
-    };
-    let sent = UnixDatagram::unbound().and_then(|s| s.send_to_addr(state.as_bytes(), &addr));
-    if let Err(e) = sent {
+    if let Err(e) = notify_with_fds(state, &[]) {
         log::warn!("telling systemd {state:?}: {e}");
     }
 }
@@ -32,14 +20,21 @@ pub fn under_systemd() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
-/// Sends `state` with `fds` attached (SCM_RIGHTS), as "FDSTORE=1" needs.
+/// Sends `state` with `fds` attached (SCM_RIGHTS), as "FDSTORE=1" needs;
+/// does nothing when not under systemd.
 pub fn notify_with_fds(state: &str, fds: &[BorrowedFd]) -> std::io::Result<()> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(());
     };
+    send_datagram(&path.to_string_lossy(), state, fds)
+}
+
+/// Sends `text` with `fds` attached as one datagram to the Unix socket at
+/// `path` (an abstract name when it starts with '@').
+pub fn send_datagram(path: &str, text: &str, fds: &[BorrowedFd]) -> std::io::Result<()> {
     let sock = UnixDatagram::unbound()?;
-    sock.connect_addr(&socket_addr(&path.to_string_lossy())?)?;
-    vramblk_store::handoff::send(sock.as_fd(), state, fds)
+    sock.connect_addr(&socket_addr(path)?)?;
+    vramblk_store::handoff::send(sock.as_fd(), text, fds)
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
@@ -93,11 +88,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vramblk-notify-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixDatagram::bind(&path).unwrap();
-        let addr = socket_addr(path.to_str().unwrap()).unwrap();
-        UnixDatagram::unbound()
-            .unwrap()
-            .send_to_addr(b"READY=1", &addr)
-            .unwrap();
+        send_datagram(path.to_str().unwrap(), "READY=1", &[]).unwrap();
         let mut buf = [0u8; 64];
         let n = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");

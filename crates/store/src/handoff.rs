@@ -76,6 +76,15 @@ pub fn send(sock: BorrowedFd, text: &str, fds: &[BorrowedFd]) -> Result<()> {
     Ok(())
 }
 
+/// The file an fd reaches, as (device, inode): two fds passed around
+/// separately (dups, or sent twice) reach the same file when these match.
+pub fn file_id(fd: BorrowedFd) -> Option<(u64, u64)> {
+    // SAFETY: fstat into a zeroed struct on a live fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
 /// Receives one message: its text and the fds it carried (now ours).
 pub fn recv(sock: BorrowedFd) -> Result<(String, Vec<OwnedFd>)> {
     let mut text = vec![0u8; MAX_TEXT];
@@ -154,6 +163,15 @@ mod tests {
             f.read_to_string(&mut s).unwrap();
             assert_eq!(s, format!("chunk {i}"));
         }
+    }
+
+    #[test]
+    fn file_ids_match_for_dups_only() {
+        let (a, b) = (tempfile(), tempfile());
+        let dup = a.try_clone().unwrap();
+        assert!(file_id(a.as_fd()).is_some());
+        assert_eq!(file_id(a.as_fd()), file_id(dup.as_fd()));
+        assert_ne!(file_id(a.as_fd()), file_id(b.as_fd()));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use vramblk_store::handoff::file_id;
 
 const RESTART_MS: u64 = 1000;
 
@@ -40,16 +41,6 @@ struct Store {
 }
 
 impl Store {
-    fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
-        let id = |f: &OwnedFd| {
-            // SAFETY: fstat into a zeroed struct on an fd we own.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            (unsafe { libc::fstat(f.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
-        };
-        id(a).is_some() && id(a) == id(b)
-    }
-
     fn message(&mut self, text: &str, fds: Vec<OwnedFd>) {
         let field = |k: &str| {
             text.lines()
@@ -58,7 +49,8 @@ impl Store {
         let name = field("FDNAME=").unwrap_or_else(|| "stored".into());
         if field("FDSTORE=").as_deref() == Some("1") {
             for fd in fds {
-                if !self.fds.iter().any(|(_, f)| Self::same_file(f, &fd)) {
+                let id = file_id(fd.as_fd());
+                if id.is_none() || !self.fds.iter().any(|(_, f)| file_id(f.as_fd()) == id) {
                     self.fds.push((name.clone(), fd));
                 }
             }
