@@ -34,7 +34,6 @@ out=$(vramblk del 0 2>&1)
 check "swapoff and del after the swap kills" [ "$out" = "removed /dev/ublkb0" ]
 
 
-FIO="fio --ioengine=io_uring --direct=1 --group_reporting --eta=never"
 # --- 3. a crash loop: every new server is killed at once
 dev=$(vramblk add --size 64M --backend host)
 holder=$(holder_pid 0)

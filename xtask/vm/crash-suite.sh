@@ -5,7 +5,6 @@
 # swap pressure and a crash loop: crash-stress-suite.sh, an opt-in boot.)
 . /lib/vm/lib.sh
 insmod /lib/modules/ublk_drv.ko || fail "insmod ublk_drv"
-FIO="fio --ioengine=io_uring --direct=1 --group_reporting --eta=never"
 # --- 1. fio random writes with crc32c headers while the server is killed
 dev=$(vramblk add --size 448M --backend host --hugepages --queues 2)
 check "add (hugetlb memfd, 448 MiB)" [ "$dev" = /dev/ublkb0 ] || show_logs
@@ -22,11 +21,8 @@ check "fio was still writing after the third recovery" kill -0 $fpid
 wait $fpid
 rc=$?
 check "fio finished its write pass with no I/O error through 3 server kills" [ $rc -eq 0 ] || tail -5 /tmp/fio-c.txt
-$FIO --name=crash --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --size=100% \
-    --verify=crc32c --verify_only --output=/tmp/fio-cv.txt
-rc=$?
-grep -q "verify: bad" /tmp/fio-cv.txt && rc=99
-check "fio verify-only pass: every block intact after the kills (crc32c)" [ $rc -eq 0 ] || tail -20 /tmp/fio-cv.txt
+fio_verified "fio verify-only pass: every block intact after the kills (crc32c)" /tmp/fio-cv.txt \
+    --name=crash --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --size=100%
 check "the supervisor logged the recoveries" grep -q "recovered" /run/vramblk/*.log
 check "restarts counted in the record" grep -q '"restarts": 3' /run/vramblk/ublkb0.json
 check "no kernel oops or hung task after the fio kills" no_oops
@@ -41,8 +37,7 @@ check "supervisor and server exit after del" daemon_gone
 # calls). It runs vramblk's cuda code (allocation, export to the supervisor,
 # import by the next server, the copy kernel's descriptor tables, erase) on
 # real ublk; it says nothing about a GPU.
-STUB="env LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=512"
-dev=$($STUB vramblk add --size 256M --reserve 0 --queues 2 2>/tmp/add-cuda.txt)
+dev=$(env $STUB_ENV vramblk add --size 256M --reserve 0 --queues 2 2>/tmp/add-cuda.txt)
 check "add --backend cuda (the default) on the stub libcuda" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-cuda.txt; show_logs; }
 check "the record says cuda, on the stub" grep -q '"store": "cuda vramblk stub GPU' /run/vramblk/ublkb0.json
 $FIO --name=cuda --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100% \
@@ -52,18 +47,15 @@ kill_servers 0 2 2
 wait $fpid
 rc=$?
 check "cuda (stub): fio mixed sizes wrote through 2 server kills with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-g.txt
-$FIO --name=cuda --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100% \
-    --verify=crc32c --verify_only --output=/tmp/fio-gv.txt
-rc=$?
-grep -q "verify: bad" /tmp/fio-gv.txt && rc=99
-check "cuda (stub): verify-only pass after the kills: the VRAM fds outlived both servers" [ $rc -eq 0 ] || tail -20 /tmp/fio-gv.txt
+fio_verified "cuda (stub): verify-only pass after the kills: the VRAM fds outlived both servers" /tmp/fio-gv.txt \
+    --name=cuda --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100%
 check "cuda (stub): the next servers imported the VRAM" grep -q "imported from" /run/vramblk/*.log
 out=$(vramblk del 0 2>&1)
 check "cuda (stub): del" [ "$out" = "removed /dev/ublkb0" ]
 i=0
 while daemon_alive && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
 check "cuda (stub): the server erased the VRAM before letting go" grep -q "VRAM erased" /run/vramblk/*.log
-dev=$($STUB vramblk add --size 128M --reserve 0 --queues 1 --copy-mode dma)
+dev=$(env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 1 --copy-mode dma)
 $FIO --name=dma --filename=$dev --rw=randwrite --bsrange=4k-512k --iodepth=16 --size=100% \
     --verify=crc32c --output=/tmp/fio-d.txt
 rc=$?
@@ -95,29 +87,20 @@ service_kills() {
         --rate_iops=1000 --verify=crc32c --do_verify=0 --output=/tmp/fio-s.txt &
     fpid=$!
     sleep 3
-    h=$(holder_pid 0); p=$(daemon_pid 0)
-    kill -9 "$h" "$p"
-    info "kill 1: SIGKILLed supervisor $h and server $p"
-    check "$what kill 1 (supervisor + server): the service adopted the device" wait_recovered 0 "$p" || { cat /tmp/fdstore.log; show_logs; }
+    check "$what kill 1 (supervisor + server): the service adopted the device" kill_device0 "kill 1" /tmp/fdstore.log
     h2=$(holder_pid 0)
     check "$what kill 1: a new supervisor holds it" sh -c "[ -n '$h2' ] && [ '$h2' != '$h' ] && kill -0 $h2"
     sleep 3
     svc=$(jsonq /run/vramblk/service.json pid)
-    h=$(holder_pid 0); p=$(daemon_pid 0)
-    kill -9 "$svc" "$h" "$p"
-    info "kill 2: SIGKILLed the service $svc, supervisor $h and server $p"
-    check "$what kill 2 (service + supervisor + server): the restarted service adopted it" wait_recovered 0 "$p" || { cat /tmp/fdstore.log; show_logs; }
+    check "$what kill 2 (service + supervisor + server): the restarted service adopted it" kill_device0 "kill 2" /tmp/fdstore.log "$svc"
     check "$what kill 2: ExecStop left the device serving after the crash" grep -q "leaving the devices serving for its restart" /tmp/fdstore.log
     check "$what kill 2: the restarted service got the memory back from the fd store" grep -q "systemd handed back the memory of /dev/ublkb0" /tmp/fdstore.log
     check "$what fio was still writing after both kills" kill -0 $fpid
     wait $fpid
     rc=$?
     check "$what fio wrote through both kills with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-s.txt
-    $FIO --name=svc --filename=/dev/ublkb0 --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100% \
-        --verify=crc32c --verify_only --output=/tmp/fio-sv.txt
-    rc=$?
-    grep -q "verify: bad" /tmp/fio-sv.txt && rc=99
-    check "$what verify-only pass: every block intact after both kills (crc32c)" [ $rc -eq 0 ] || tail -20 /tmp/fio-sv.txt
+    fio_verified "$what verify-only pass: every block intact after both kills (crc32c)" /tmp/fio-sv.txt \
+        --name=svc --filename=/dev/ublkb0 --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100%
     kill -TERM $fs
     wait $fs
     while read -r l; do info "fdstore: $l"; done < /tmp/fdstore.log
@@ -139,7 +122,7 @@ backend = "cuda"
 reserve = "0"
 queues = 2
 CFG
-service_kills "cuda (stub):" "LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=512" /etc/vramblk-fdc.toml
+service_kills "cuda (stub):" "$STUB_ENV" /etc/vramblk-fdc.toml
 check "cuda (stub) under the service: the VRAM was erased at the end" sh -c "grep -q 'VRAM erased' \$(ls -t /run/vramblk/*.log | head -1)"
 
 # --- 4. without systemd's fd store: a service started again by hand is
@@ -173,9 +156,7 @@ kill -9 $s1
 vramblk service --config /etc/vramblk-two.toml > /tmp/svc2.log 2>&1 &
 s2=$!
 check "plain service restarted by hand: the surviving supervisors handed it the memfds again" wait_for 10 sh -c "grep -q 'holding the memory of /dev/ublkb0' /tmp/svc2.log && grep -q 'holding the memory of /dev/ublkb1' /tmp/svc2.log" || cat /tmp/svc2.log
-h=$(holder_pid 0); p=$(daemon_pid 0)
-kill -9 "$h" "$p"
-check "plain service: it adopts the device when supervisor and server die" wait_recovered 0 "$p" || { cat /tmp/svc2.log; show_logs; }
+check "plain service: it adopts the device when supervisor and server die" kill_device0 "kill" /tmp/svc2.log
 check "plain service: the adopting supervisor holds its device's memfd only" [ "$(memfds 0)" = 1 ]
 kill -TERM $s2
 wait $s2

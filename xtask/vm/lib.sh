@@ -1,4 +1,8 @@
 # Helpers for the VM suites: every check prints one PASS or FAIL line.
+FIO="fio --ioengine=io_uring --direct=1 --group_reporting --eta=never"
+# The stand-in libcuda (cuda-store/tests/stub): host memory on huge pages
+# behind the CUDA driver calls; `env $STUB_ENV vramblk ...` uses it.
+STUB_ENV="LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=512"
 pass() { echo "PASS $*"; }
 fail() { echo "FAIL $*"; }
 info() { echo "INFO $*"; }
@@ -129,3 +133,41 @@ any_swap() { [ "$(wc -l < /proc/swaps)" -gt 1 ]; }
 
 # has TEXT WANT: TEXT contains WANT (for check, which must not be piped)
 has() { echo "$1" | grep -qF -- "$2"; }
+
+# fio_verified NAME OUT FIO_ARGS...: fio's verify-only pass (crc32c) over
+# what a write pass with the same FIO_ARGS wrote; passes when no block is
+# bad, else shows the end of the report OUT.
+fio_verified() {
+    local fv_name=$1 fv_out=$2 fv_rc
+    shift 2
+    $FIO "$@" --verify=crc32c --verify_only --output="$fv_out"
+    fv_rc=$?
+    grep -q "verify: bad" "$fv_out" && fv_rc=99
+    check "$fv_name" [ $fv_rc -eq 0 ] || tail -20 "$fv_out"
+}
+
+# kill_device0 WHAT LOG [MAIN]: SIGKILLs device 0's supervisor and server
+# (and the service's main process MAIN, when given) at once; true when a
+# new server serves the device within 60 s, i.e. the service (or its
+# restart) adopted it; else shows LOG and the daemon logs. Leaves the
+# killed supervisor and server in $h and $p.
+kill_device0() {
+    h=$(holder_pid 0); p=$(daemon_pid 0)
+    kill -9 $3 "$h" "$p"
+    info "$1: SIGKILLed ${3:+main process $3, }supervisor $h and server $p"
+    wait_recovered 0 "$p" || { cat "$2"; show_logs; return 1; }
+}
+
+# hold_in_swap EXTRA OUT: memcheck fills MemAvailable + EXTRA MiB with
+# incompressible data and holds it (pushing pages to swap) until /tmp/go
+# appears; its pid is $mc, its output OUT.
+hold_in_swap() {
+    local avail fill
+    avail=$(mem MemAvailable)
+    fill=$((avail + $1))
+    info "filling $fill MiB and holding it (MemAvailable $avail MiB)"
+    rm -f /tmp/go
+    memcheck $fill 1 --hold /tmp/go > "$2" 2>&1 &
+    mc=$!
+    wait_for 300 grep -q holding "$2"
+}

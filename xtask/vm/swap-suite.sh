@@ -52,13 +52,7 @@ check "status --json: the server answers on its socket" [ "$(jsonq /tmp/status.j
 vramblk status > /tmp/status.txt 2>&1
 while read -r l; do info "status: $l"; done < /tmp/status.txt
 
-avail=$(mem MemAvailable)
-fill=$((avail + 200))
-info "filling $fill MiB and holding it (MemAvailable $avail MiB)"
-rm -f /tmp/go
-memcheck $fill 1 --hold /tmp/go > /tmp/mc2 2>&1 &
-mc=$!
-wait_for 300 grep -q holding /tmp/mc2
+hold_in_swap 200 /tmp/mc2
 used=$(awk '$1 == "/dev/ublkb0" {print int($4 / 1024)}' /proc/swaps)
 info "held: $used MiB in swap, MemAvailable $(mem MemAvailable) MiB"
 out=$(vramblk down 2>&1); rc=$?
@@ -118,7 +112,6 @@ check "no kernel oops or hung task (service part)" no_oops
 
 # --- the service's VRAM-pressure policy on the cuda backend (stand-in
 # libcuda; free VRAM read from files the suite writes instead of NVML).
-STUBENV="LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=512"
 mkdir -p /tmp/vram
 echo 8G > /tmp/vram/0
 cat > /etc/vramblk-press.toml <<'CFG'
@@ -133,16 +126,10 @@ enabled = true
 min_free_vram = "1G"
 calm_secs = 4
 CFG
-env $STUBENV vramblk service --config /etc/vramblk-press.toml --free-vram-from /tmp/vram > /tmp/svcp.log 2>&1 &
+env $STUB_ENV vramblk service --config /etc/vramblk-press.toml --free-vram-from /tmp/vram > /tmp/svcp.log 2>&1 &
 sp=$!
 check "pressure: the cuda device (stub) comes up as swap" wait_for 60 swap_on /dev/ublkb0 || cat /tmp/svcp.log
-avail=$(mem MemAvailable)
-fill=$((avail + 100))
-info "pressure: filling $fill MiB and holding it (MemAvailable $avail MiB)"
-rm -f /tmp/go
-memcheck $fill 1 --hold /tmp/go > /tmp/mcp 2>&1 &
-mc=$!
-wait_for 300 grep -q holding /tmp/mcp
+hold_in_swap 100 /tmp/mcp
 info "pressure: $(awk '$1 == "/dev/ublkb0" {print int($4 / 1024)}' /proc/swaps) MiB in swap, MemAvailable $(mem MemAvailable) MiB"
 echo 100M > /tmp/vram/0
 check "pressure while RAM cannot take the pages back: the service keeps the device and says so" wait_for 30 grep -q "keeping GPU 0's devices" /tmp/svcp.log
