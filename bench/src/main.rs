@@ -17,6 +17,7 @@
 mod load;
 mod recovery;
 mod table;
+mod thin;
 
 use anyhow::{bail, Result};
 use std::sync::Arc;
@@ -110,6 +111,7 @@ fn main() -> Result<()> {
         results.extend(load::data_checks(s, mode));
     }
     results.extend(load::store_checks(&store));
+    results.extend(thin::give_back_checks(gpu));
     let mut checks = String::new();
     for (name, ok) in results {
         let line = format!("{} {name}", if ok { "PASS" } else { "FAIL" });

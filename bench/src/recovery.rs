@@ -121,12 +121,14 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
             }
         };
         store.set_erase_on_drop(false);
-        let chunks = store.exported_chunks();
+        let Ok(chunks) = store.exported_chunks() else {
+            return 4;
+        };
         let mut text = format!("VRAM {}", store.size());
         for (len, _) in &chunks {
             text.push_str(&format!(" {len}"));
         }
-        let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| *f).collect();
+        let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| f.as_fd()).collect();
         if handoff::send(child_end.as_fd(), &text, &fds).is_err() {
             return 4;
         }

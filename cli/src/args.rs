@@ -77,13 +77,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Give VRAM back now (swap off and remove cuda devices).
+    /// Give VRAM back now: the unused part (--to), or whole devices.
     ///
-    /// All cuda devices, or ID; refused for a device whose pages RAM cannot
-    /// take back. `vramblk up` brings configured ones back.
+    /// With --to SIZE, each device keeps serving and gives back the VRAM
+    /// that holds no data (discarded or never written) until it holds SIZE
+    /// or what its data needs, in 512 MiB steps; it takes VRAM back by
+    /// itself when new data needs room and the GPU has it free. `--to 0`
+    /// gives back all it can. Without --to, cuda devices are swapped off
+    /// and removed, refused for a device whose pages RAM cannot take back;
+    /// `vramblk up` brings configured ones back.
     Release {
         /// Device id (N in /dev/ublkbN); default: every cuda device.
         id: Option<u32>,
+        /// Keep the device and hold at most SIZE of VRAM (e.g. 1G, 0).
+        #[arg(long, value_name = "SIZE")]
+        to: Option<String>,
     },
     /// Swap off before suspend or hibernate, on again after.
     ///

@@ -24,6 +24,7 @@ mod status;
 mod supervise;
 mod swap;
 mod up;
+mod vram_control;
 
 use args::{Cli, Command};
 use clap::Parser;
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
             free_vram_from: s.free_vram_from,
         }),
         Command::Status { json } => status::run(json),
-        Command::Release { id } => release::run(id),
+        Command::Release { id, to } => release::run(id, to.as_deref()),
         Command::Sleep { step } => match step {
             args::SleepStep::Prepare => sleep::prepare(),
             args::SleepStep::Resume => sleep::resume(),

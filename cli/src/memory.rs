@@ -70,7 +70,7 @@ impl Memory {
     /// first server has not handed its VRAM over).
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         match self {
-            Memory::Host(store) => vramblk_store::Store::backing_fds(store.as_ref()),
+            Memory::Host(store) => store.backing_fds(),
             Memory::Cuda { vram, .. } => {
                 vram.as_ref().map(|v| v.borrowed_fds()).unwrap_or_default()
             }
@@ -104,10 +104,11 @@ impl Memory {
     }
 }
 
-/// In a cuda server that allocated the VRAM: hands it to the supervisor.
-/// Returns whether it did (the store must then not erase it on drop).
+/// In a cuda server: hands the VRAM it holds now to the supervisor, which
+/// from then on holds exactly these chunks (after allocating, giving back
+/// or taking back VRAM).
 pub fn hand_over(store: &CudaStore, servers_end: BorrowedFd) -> Result<()> {
-    let chunks = store.exported_chunks();
+    let chunks = store.exported_chunks()?;
     if chunks.len() > handoff::MAX_FDS {
         bail!(
             "{} VRAM chunks are more than one handoff carries ({})",
@@ -119,7 +120,7 @@ pub fn hand_over(store: &CudaStore, servers_end: BorrowedFd) -> Result<()> {
     for (len, _) in &chunks {
         text.push_str(&format!(" {len}"));
     }
-    let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| *f).collect();
+    let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| f.as_fd()).collect();
     Ok(handoff::send(servers_end, &text, &fds)?)
 }
 

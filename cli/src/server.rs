@@ -7,6 +7,7 @@ use crate::daemon::{self, Reporter};
 use crate::memory::{hand_over, Held, HeldVram, Memory};
 use crate::stats;
 use crate::swap;
+use crate::vram_control;
 use anyhow::{Context, Result};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -50,20 +51,30 @@ pub fn main(
         held,
         run_dir,
         reporter: reporter.clone(),
+        on_live: None,
     };
     let result = match &held.memory {
         Memory::Host(store) => {
             if !standby_ready(go, &mut launch, plan) {
                 return 0;
             }
-            serve_store(&ctx, store.clone(), &launch)
+            serve_store(ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|store| {
                 if !standby_ready(go, &mut launch, plan) {
                     return Ok(());
                 }
-                serve_store(&ctx, store.clone(), &launch)?;
+                let ctx = ServeWith {
+                    on_live: Some(vram_control_on_live(
+                        run_dir,
+                        store.clone(),
+                        sockets.1.as_fd(),
+                        plan.reserve,
+                    )),
+                    ..ctx
+                };
+                serve_store(ctx, store.clone(), &launch)?;
                 // The device is gone: zero the VRAM (swap pages can hold
                 // secrets) before the supervisor lets go of it.
                 store.erase()?;
@@ -189,16 +200,41 @@ struct ServeWith<'a> {
     held: &'a Held,
     run_dir: &'a Path,
     reporter: Reporter,
+    /// What the store adds once the device is live, given its id.
+    on_live: Option<OnLive>,
 }
 
-fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Result<()> {
+type OnLive = Box<dyn FnOnce(u32) + Send + Sync>;
+
+/// A cuda server's control socket, opened once the device is live.
+fn vram_control_on_live(
+    run_dir: &Path,
+    store: Arc<CudaStore>,
+    servers_end: BorrowedFd,
+    floor: u64,
+) -> OnLive {
+    let run_dir = run_dir.to_path_buf();
+    let servers_end = servers_end.try_clone_to_owned();
+    Box::new(move |id| {
+        let started = servers_end
+            .map_err(|e| e.to_string())
+            .and_then(|end| {
+                vram_control::serve(&run_dir, id, store, end, floor).map_err(|e| e.to_string())
+            });
+        if let Err(e) = started {
+            log::warn!("server: no VRAM control socket ({e}); VRAM cannot be given back");
+        }
+    })
+}
+
+fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Result<()> {
     let ServeWith {
         plan,
         held,
         run_dir,
         reporter,
+        on_live: store_on_live,
     } = ctx;
-    let (plan, held, run_dir, reporter) = (*plan, *held, *run_dir, reporter.clone());
     match launch.start {
         Start::Add => log::info!(
             "server: adding a {} device on {} with {} queues x depth {} ({} MiB of io buffers locked)",
@@ -267,6 +303,9 @@ fn serve_store<S: Store>(ctx: &ServeWith, store: Arc<S>, launch: &Launch) -> Res
         log::info!("server: {path} is live");
         if let Err(e) = stats::serve(&stats::socket_path(&dir, id), live_counters, queues) {
             log::warn!("server: no stats socket ({e}); `vramblk status` shows no latency");
+        }
+        if let Some(f) = store_on_live {
+            f(id);
         }
         if let Some((priority, discard)) = foreground_swap {
             if let Err(e) = swap::enable(&path, priority, discard) {

@@ -327,6 +327,20 @@ impl Supervisor<'_> {
         }
     }
 
+    /// A standby imported the VRAM as it was; after a change (VRAM given
+    /// back or taken back) it would hold freed chunks and miss new ones,
+    /// so it goes and a new one imports what is held now. It serves
+    /// nothing yet, so SIGKILL loses nothing.
+    fn retire_standby(&mut self) {
+        if let Some(s) = self.standby.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(s.pid, libc::SIGKILL) };
+            let _ = wait_exit(s.pid, Duration::from_secs(5));
+            log::info!("supervisor: standby server {} retired (the VRAM changed)", s.pid);
+        }
+        self.standby_forked = None;
+    }
+
     /// Keeps a standby ready once the device is live.
     fn ensure_standby(&mut self, dev: u32) {
         if !self.held.memory.survives_server() {
@@ -392,7 +406,10 @@ impl Supervisor<'_> {
             // Before looking for the server's end: a handoff it sent just
             // before dying still counts.
             match self.held.memory.take_handoff() {
-                Ok(true) => self.announced = None,
+                Ok(true) => {
+                    self.announced = None;
+                    self.retire_standby();
+                }
                 Ok(false) => {}
                 Err(e) => log::warn!("supervisor: {e:#}"),
             }

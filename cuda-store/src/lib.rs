@@ -10,6 +10,7 @@
 //! on the copy engines, all followed by one event, which the queue polls.
 
 mod driver;
+mod extents;
 mod kernel;
 mod queue;
 mod store;

@@ -1,15 +1,24 @@
 //! One queue's data path: its own stream, its io buffers pinned and
 //! device-mapped once, one event per round of requests, completions found
-//! by polling. Within a round, requests up to the kernel limit go out
-//! together through one launch of the copy kernel; larger ones (and all of
-//! them in DMA mode) as one async copy each on the copy engines.
+//! by polling. Each request is first cut at extent boundaries and each
+//! piece looked up in the extent map (pinning the extent until the round
+//! ends). Within a round, pieces up to the kernel limit go out together
+//! through one launch of the copy kernel; larger ones (and all of them in
+//! DMA mode) as one async copy each on the copy engines.
 
 use crate::driver::{check, describe};
+use crate::extents::{ExtentMap, PinRefused, Pinned, EXTENT};
 use crate::kernel::{self, Desc, THREADS};
+use crate::store::{entry_addr, slot_addr};
 use crate::CopyPolicy;
 use cudarc::driver::sys;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreError};
+
+/// Writes refused for want of a free slot, over every queue (for the log).
+static NO_ROOM: AtomicU64 = AtomicU64::new(0);
 
 /// A round's descriptors for the copy kernel, in pinned host memory the GPU
 /// reads directly. Owned by its round, so a table is never rewritten while
@@ -94,6 +103,30 @@ struct Round {
     event: sys::CUevent,
     completions: Vec<Completion>,
     descs: DescTable,
+    /// Extents the round's requests pinned, let go when it finishes.
+    pins: Vec<u32>,
+    /// Slots its discards unmapped, free once their unmapping is recorded.
+    freed: Vec<u32>,
+}
+
+/// One request's piece inside one extent, translated to VRAM.
+#[derive(Clone, Copy)]
+struct Piece {
+    /// Index of its request in the round's `jobs`.
+    job: usize,
+    op: Op,
+    vram: u64,
+    buf: *mut u8,
+    len: u32,
+}
+
+/// A request of the round and how its pieces went.
+#[derive(Clone, Copy)]
+struct Job {
+    tag: u16,
+    len: u32,
+    failed: bool,
+    via_kernel: bool,
 }
 
 /// How a queue moves data, fixed when it opens.
@@ -107,6 +140,7 @@ pub(crate) struct CopyPath {
 pub struct CudaQueue {
     ctx: sys::CUcontext,
     base: sys::CUdeviceptr,
+    extents: Arc<ExtentMap>,
     stream: sys::CUstream,
     pinned: *mut std::ffi::c_void,
     /// The io buffers' address as the GPU sees them.
@@ -115,8 +149,11 @@ pub struct CudaQueue {
     path: CopyPath,
     rounds: VecDeque<Round>,
     spare: Vec<Round>,
-    /// Scratch for a round's kernel-moved requests (kept for its capacity).
-    kernel_done: Vec<Completion>,
+    /// Scratch for a round's pieces and requests (kept for capacity).
+    pieces: Vec<Piece>,
+    jobs: Vec<Job>,
+    /// Requests that found an extent moving: tried again at the next poll.
+    deferred: Vec<Request>,
     in_flight: usize,
 }
 
@@ -124,12 +161,14 @@ impl CudaQueue {
     pub(crate) fn open(
         ctx: sys::CUcontext,
         base: sys::CUdeviceptr,
+        extents: Arc<ExtentMap>,
         buffers: &BufferRegion,
         path: CopyPath,
     ) -> Result<CudaQueue, StoreError> {
         let mut q = CudaQueue {
             ctx,
             base,
+            extents,
             stream: std::ptr::null_mut(),
             pinned: std::ptr::null_mut(),
             pinned_dev: 0,
@@ -137,7 +176,9 @@ impl CudaQueue {
             path,
             rounds: VecDeque::new(),
             spare: Vec::new(),
-            kernel_done: Vec::new(),
+            pieces: Vec::new(),
+            jobs: Vec::new(),
+            deferred: Vec::new(),
             in_flight: 0,
         };
         // The queue is used only on the thread that opens it (the queue's
@@ -191,22 +232,24 @@ impl CudaQueue {
             event: e,
             completions: Vec::new(),
             descs: DescTable::empty(),
+            pins: Vec::new(),
+            freed: Vec::new(),
         })
     }
 
-    /// The device address of a request's buffer, when the request goes
+    /// The device address of a piece's buffer, when the piece can go
     /// through the kernel.
-    fn kernel_buffer(&self, r: &Request) -> Option<u64> {
+    fn kernel_buffer(&self, p: &Piece) -> Option<u64> {
         self.path.kernel?;
-        if !r.op.uses_buffer() || r.len > self.path.policy.kernel_max {
+        if !p.op.uses_buffer() || p.len > self.path.policy.kernel_max {
             return None;
         }
-        let at = (r.buf.as_ptr() as usize).checked_sub(self.pinned as usize)?;
-        if at + r.len as usize > self.pinned_len {
+        let at = (p.buf as usize).checked_sub(self.pinned as usize)?;
+        if at + p.len as usize > self.pinned_len {
             return None;
         }
         let buf = self.pinned_dev + at as u64;
-        kernel::kernel_can_move(buf, self.base + r.offset, r.len).then_some(buf)
+        kernel::kernel_can_move(buf, p.vram, p.len).then_some(buf)
     }
 
     /// Launches the kernel over the round's table; false when it failed.
@@ -247,38 +290,149 @@ impl CudaQueue {
         true
     }
 
-    /// Issues one request on the stream; its result once the stream
-    /// reaches it.
-    fn issue(&self, r: &Request) -> i32 {
-        let dev = self.base + r.offset;
-        let len = r.len as usize;
-        // SAFETY: the engine checked offset+len against the store size and
-        // len against the buffer; buffers are pinned and stay alive until
-        // the round's event completes.
+    /// Issues one piece on the copy engines; false when the call failed.
+    fn issue(&self, p: &Piece) -> bool {
+        let len = p.len as usize;
+        // SAFETY: the piece lies inside a mapped slot its request pinned,
+        // and inside the request's pinned buffer, both alive until the
+        // round's event completes.
         let res = unsafe {
-            match r.op {
-                Op::Write => {
-                    sys::cuMemcpyHtoDAsync_v2(dev, r.buf.as_ptr().cast(), len, self.stream)
-                }
-                Op::Read => sys::cuMemcpyDtoHAsync_v2(r.buf.as_ptr().cast(), dev, len, self.stream),
-                Op::WriteZeroes => sys::cuMemsetD8Async(dev, 0, len, self.stream),
-                // Stream order makes the round's event cover every earlier
-                // write of this queue; discarded VRAM is simply kept.
+            match p.op {
+                Op::Write => sys::cuMemcpyHtoDAsync_v2(p.vram, p.buf.cast(), len, self.stream),
+                Op::Read => sys::cuMemcpyDtoHAsync_v2(p.buf.cast(), p.vram, len, self.stream),
+                Op::WriteZeroes => sys::cuMemsetD8Async(p.vram, 0, len, self.stream),
                 Op::Flush | Op::Discard => sys::CUresult::CUDA_SUCCESS,
             }
         };
-        if res == sys::CUresult::CUDA_SUCCESS {
-            r.len as i32
-        } else {
-            log::error!(
-                "{:?} at {} (+{}): {}",
-                r.op,
-                r.offset,
-                r.len,
-                crate::driver::describe(res)
-            );
-            -libc::EIO
+        if res != sys::CUresult::CUDA_SUCCESS {
+            log::error!("{:?} of {} bytes: {}", p.op, p.len, describe(res));
         }
+        res == sys::CUresult::CUDA_SUCCESS
+    }
+
+    /// Zeroes a freshly taken slot and records it as extent `e`'s, both
+    /// on the stream ahead of the round's copies: the map names the slot
+    /// only after it reads as zeros, and before the write is answered.
+    fn prepare_slot(&self, e: u32, slot: u32) -> bool {
+        // SAFETY: the slot lies in a mapped chunk (under the capacity) and
+        // is this extent's alone; the entry lies in the map's slot.
+        let r = unsafe {
+            match sys::cuMemsetD8Async(slot_addr(self.base, slot), 0, EXTENT as usize, self.stream) {
+                sys::CUresult::CUDA_SUCCESS => sys::cuMemsetD32Async(
+                    entry_addr(self.base, e),
+                    slot + 1,
+                    1,
+                    self.stream,
+                ),
+                err => err,
+            }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            log::error!("preparing a slot for extent {e}: {}", describe(r));
+        }
+        r == sys::CUresult::CUDA_SUCCESS
+    }
+
+    /// Unmaps the extents a discard covers whole, recording each on the
+    /// stream; their slots are freed when the round ends.
+    fn discard(&self, r: &Request, round: &mut Round) {
+        let first = r.offset.div_ceil(EXTENT);
+        let end = (r.offset + u64::from(r.len)) / EXTENT;
+        for e in first..end {
+            let e = e as u32;
+            let Some(slot) = self.extents.unmap_if_idle(e) else {
+                continue;
+            };
+            // SAFETY: the entry lies in the map's slot.
+            let res = unsafe { sys::cuMemsetD32Async(entry_addr(self.base, e), 0, 1, self.stream) };
+            if res == sys::CUresult::CUDA_SUCCESS {
+                round.freed.push(slot);
+            } else {
+                // Not recorded: a crash would find the slot still named, so
+                // it must never serve another extent. It stays taken.
+                log::error!("unmapping extent {e}: {}", describe(res));
+            }
+        }
+    }
+
+    /// Answers a finished round's requests and lets go of what it held.
+    fn finish(&mut self, mut round: Round, failed: bool, done: &mut Vec<Completion>) {
+        for e in round.pins.drain(..) {
+            self.extents.unpin(e);
+        }
+        // A failed round may not have recorded its unmappings: those slots
+        // stay taken rather than risk serving two extents.
+        for s in round.freed.drain(..) {
+            if !failed {
+                self.extents.free(s);
+            }
+        }
+        done.extend(round.completions.drain(..).map(|c| Completion {
+            tag: c.tag,
+            result: if failed { -libc::EIO } else { c.result },
+        }));
+        self.spare.push(round);
+    }
+
+    /// Cuts request `r` (job `job`) into pieces per extent, pinning each.
+    /// Reads of unmapped extents are answered with zeros here. Err: the
+    /// request took nothing (pins undone) and why.
+    fn translate(&mut self, r: &Request, job: usize, round: &mut Round) -> Result<(), PinRefused> {
+        let pins_before = round.pins.len();
+        let pieces_before = self.pieces.len();
+        let mut at = r.offset;
+        let end = r.offset + u64::from(r.len);
+        let mut failed = false;
+        while at < end {
+            let e = (at / EXTENT) as u32;
+            let within = at % EXTENT;
+            let len = (EXTENT - within).min(end - at) as u32;
+            // SAFETY (for the pointer offset below): `at - r.offset` is
+            // within the request, whose length the engine checked against
+            // its buffer.
+            let buf = unsafe { r.buf.as_ptr().add((at - r.offset) as usize) };
+            match self.extents.pin(e, r.op == Op::Write) {
+                Ok(pinned) => {
+                    round.pins.push(e);
+                    let slot = match pinned {
+                        Pinned::Mapped(s) => Some(s),
+                        Pinned::Allocated(s) => {
+                            failed |= !self.prepare_slot(e, s);
+                            Some(s)
+                        }
+                        Pinned::Unmapped => None,
+                    };
+                    match slot {
+                        Some(s) => self.pieces.push(Piece {
+                            job,
+                            op: r.op,
+                            vram: slot_addr(self.base, s) + within,
+                            buf,
+                            len,
+                        }),
+                        None if r.op == Op::Read => {
+                            // SAFETY: the piece's part of the request's
+                            // buffer, which only this request touches.
+                            unsafe { std::ptr::write_bytes(buf, 0, len as usize) }
+                        }
+                        // Zeroing an unmapped extent: it reads as zeros.
+                        None => {}
+                    }
+                }
+                Err(why) => {
+                    for e in round.pins.drain(pins_before..) {
+                        self.extents.unpin(e);
+                    }
+                    self.pieces.truncate(pieces_before);
+                    return Err(why);
+                }
+            }
+            at += u64::from(len);
+        }
+        if failed {
+            self.jobs[job].failed = true;
+        }
+        Ok(())
     }
 }
 
@@ -295,48 +449,90 @@ impl QueueStore for CudaQueue {
                 return;
             }
         };
-        // Small requests first into the kernel's table, the rest straight
-        // onto the copy engines; the launch goes after them on the stream.
-        let (mut eligible, mut pieces) = (0usize, 0usize);
-        for r in batch.iter().filter(|r| self.kernel_buffer(r).is_some()) {
+        self.pieces.clear();
+        self.jobs.clear();
+        // Lookups first: slots a write takes are zeroed and recorded on
+        // the stream before any copy of the round.
+        for r in batch.drain(..) {
+            let job = self.jobs.len();
+            self.jobs.push(Job {
+                tag: r.tag,
+                len: r.len,
+                failed: false,
+                via_kernel: false,
+            });
+            match r.op {
+                Op::Flush => continue,
+                Op::Discard => {
+                    self.discard(&r, &mut round);
+                    continue;
+                }
+                _ => {}
+            }
+            match self.translate(&r, job, &mut round) {
+                Ok(()) => {}
+                Err(PinRefused::Moving) => {
+                    self.jobs.pop();
+                    self.deferred.push(r);
+                }
+                Err(PinRefused::NoRoom) => {
+                    self.jobs.pop();
+                    let n = NO_ROOM.fetch_add(1, Relaxed);
+                    if n.is_power_of_two() || n == 0 {
+                        log::warn!(
+                            "a write found no free VRAM slot ({} so far): the device gave VRAM \
+                             back and could not take it again; the kernel keeps the data",
+                            n + 1
+                        );
+                    }
+                    done.push(Completion {
+                        tag: r.tag,
+                        result: -libc::ENOSPC,
+                    });
+                }
+            }
+        }
+        // Small pieces into the kernel's table, the rest straight onto the
+        // copy engines; the launch goes after them on the stream.
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let (mut eligible, mut table_len) = (0usize, 0usize);
+        for p in pieces.iter().filter(|p| self.kernel_buffer(p).is_some()) {
             eligible += 1;
-            pieces += kernel::piece_count(r.len);
+            table_len += kernel::piece_count(p.len);
         }
         let use_kernel = eligible >= self.path.policy.kernel_min_batch
-            && match round.descs.reserve(pieces) {
+            && match round.descs.reserve(table_len) {
                 Ok(()) => true,
                 Err(e) => {
                     log::error!("{e}; this round uses the copy engines");
                     false
                 }
             };
-        let mut kernel_done = std::mem::take(&mut self.kernel_done);
-        for r in batch.drain(..) {
-            if let (true, Some(buf)) = (use_kernel, self.kernel_buffer(&r)) {
-                let vram = self.base + r.offset;
-                let (src, dst) = match r.op {
-                    Op::Write => (buf, vram),
-                    _ => (vram, buf),
+        for p in pieces.drain(..) {
+            if let (true, Some(buf)) = (use_kernel, self.kernel_buffer(&p)) {
+                let (src, dst) = match p.op {
+                    Op::Write => (buf, p.vram),
+                    _ => (p.vram, buf),
                 };
-                kernel::pieces(src, dst, r.len, &mut round.descs);
-                kernel_done.push(Completion {
-                    tag: r.tag,
-                    result: r.len as i32,
-                });
+                kernel::pieces(src, dst, p.len, &mut round.descs);
+                self.jobs[p.job].via_kernel = true;
                 continue;
             }
-            let result = self.issue(&r);
-            round.completions.push(Completion { tag: r.tag, result });
+            if !self.issue(&p) {
+                self.jobs[p.job].failed = true;
+            }
         }
+        self.pieces = pieces;
         // A round that skipped the kernel left its table as it was: no launch.
         let launched = !use_kernel || self.launch(&round.descs);
-        round
-            .completions
-            .extend(kernel_done.drain(..).map(|c| Completion {
-                tag: c.tag,
-                result: if launched { c.result } else { -libc::EIO },
-            }));
-        self.kernel_done = kernel_done;
+        round.completions.extend(self.jobs.iter().map(|j| Completion {
+            tag: j.tag,
+            result: if j.failed || (j.via_kernel && !launched) {
+                -libc::EIO
+            } else {
+                j.len as i32
+            },
+        }));
         // SAFETY: event and stream are ours.
         match check(
             unsafe { sys::cuEventRecord(round.event, self.stream) },
@@ -351,11 +547,7 @@ impl QueueStore for CudaQueue {
                 // SAFETY: waiting on our own stream.
                 let ok =
                     unsafe { sys::cuStreamSynchronize(self.stream) } == sys::CUresult::CUDA_SUCCESS;
-                done.extend(round.completions.drain(..).map(|c| Completion {
-                    tag: c.tag,
-                    result: if ok { c.result } else { -libc::EIO },
-                }));
-                self.spare.push(round);
+                self.finish(round, !ok, done);
             }
         }
     }
@@ -367,7 +559,7 @@ impl QueueStore for CudaQueue {
             if r == sys::CUresult::CUDA_ERROR_NOT_READY {
                 break;
             }
-            let Some(mut round) = self.rounds.pop_front() else {
+            let Some(round) = self.rounds.pop_front() else {
                 break;
             };
             self.in_flight -= round.completions.len();
@@ -375,16 +567,20 @@ impl QueueStore for CudaQueue {
             if failed {
                 log::error!("a round of copies failed: {}", crate::driver::describe(r));
             }
-            done.extend(round.completions.drain(..).map(|c| Completion {
-                tag: c.tag,
-                result: if failed { -libc::EIO } else { c.result },
-            }));
-            self.spare.push(round);
+            self.finish(round, failed, done);
+        }
+        if !self.deferred.is_empty() {
+            let mut again = std::mem::take(&mut self.deferred);
+            self.submit(&mut again, done);
+            // Keep the vector's capacity for the next deferral.
+            if self.deferred.is_empty() {
+                self.deferred = again;
+            }
         }
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.in_flight + self.deferred.len()
     }
 }
 
@@ -395,6 +591,11 @@ impl Drop for CudaQueue {
             sys::cuCtxSetCurrent(self.ctx);
             if !self.stream.is_null() {
                 sys::cuStreamSynchronize(self.stream);
+            }
+            for r in &self.rounds {
+                for &e in &r.pins {
+                    self.extents.unpin(e);
+                }
             }
             for mut r in self.rounds.drain(..).chain(self.spare.drain(..)) {
                 sys::cuEventDestroy_v2(r.event);

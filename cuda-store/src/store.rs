@@ -1,13 +1,60 @@
-//! Allocating, exporting, erasing and releasing the device's VRAM.
+//! Allocating, exporting, erasing, giving back and taking back the
+//! device's VRAM.
+//!
+//! Layout: one reserved address range of `slots` 2 MiB slots, backed by
+//! `cuMemCreate` chunks of [`BACKOFF_STEP`] (the last one shorter) mapped
+//! in order from its start; the chunks held are always a prefix, so giving
+//! VRAM back frees the last ones. Slot 0 holds the extent map (a header,
+//! then one u32 per extent: slot + 1, 0 unmapped), written on the queues'
+//! streams before the data it maps, so a recovering server reads back
+//! where every extent lives.
 
 use crate::driver::{check, describe, init};
+use crate::extents::{ExtentMap, EXTENT, MAP_SLOT};
 use crate::kernel::CopyKernel;
 use crate::queue::{CopyPath, CudaQueue};
 use crate::{CopyPolicy, BACKOFF_STEP};
 use cudarc::driver::sys;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use vramblk_store::{BufferRegion, Store, StoreError};
+
+/// The map's header: magic, then the extent count (u64), then padding.
+const MAP_MAGIC: [u8; 8] = *b"VRAMBLK\x01";
+pub(crate) const MAP_HEADER: u64 = 64;
+
+/// Largest device: as many extents as the map's slot has entries for.
+const MAX_EXTENTS: u64 = (EXTENT - MAP_HEADER) / 4;
+
+/// Slots per chunk.
+const CHUNK_SLOTS: u32 = (BACKOFF_STEP / EXTENT) as u32;
+
+/// How long giving VRAM back waits for requests on one extent to finish.
+const MOVE_WAIT: Duration = Duration::from_secs(2);
+
+/// Slots (each [`EXTENT`]) a device of `size` bytes needs: one per extent
+/// plus the map's.
+fn slots_for(size: u64) -> u32 {
+    (size.div_ceil(EXTENT) + 1) as u32
+}
+
+/// Length of chunk `i` of a layout of `slots` slots.
+fn chunk_len(i: u32, slots: u32) -> usize {
+    let first = i * CHUNK_SLOTS;
+    (slots.saturating_sub(first).min(CHUNK_SLOTS) as u64 * EXTENT) as usize
+}
+
+/// What giving VRAM back did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resized {
+    /// VRAM held before and after, bytes.
+    pub before: u64,
+    pub after: u64,
+    /// Extents moved to make whole chunks free.
+    pub moved: u32,
+}
 
 #[derive(Clone, Debug)]
 pub struct CudaStoreOptions {
@@ -44,7 +91,12 @@ pub struct CudaStore {
     device: sys::CUdevice,
     pub(crate) base: sys::CUdeviceptr,
     size: u64,
-    chunks: Vec<Chunk>,
+    /// Slots in the reserved range (its length / EXTENT).
+    slots: u32,
+    /// The chunks held, a prefix of the layout. The lock also makes giving
+    /// back and taking back one at a time.
+    chunks: Mutex<Vec<Chunk>>,
+    pub(crate) extents: Arc<ExtentMap>,
     name: String,
     /// Zero the VRAM when dropped. Off while a supervisor holds the
     /// memory for the next server: a server that fails must not wipe it.
@@ -63,8 +115,15 @@ impl CudaStore {
     /// `opts.reserve` free; fails with one sentence when there is no driver,
     /// no such GPU, or not even one step of VRAM.
     pub fn create(opts: &CudaStoreOptions) -> Result<CudaStore, StoreError> {
+        if opts.size.div_ceil(EXTENT) > MAX_EXTENTS {
+            return Err(StoreError::TooLarge(format!(
+                "a cuda device holds at most {} GiB",
+                (MAX_EXTENTS * EXTENT) >> 30
+            )));
+        }
         let mut store = Self::open_device(opts.gpu)?;
         store.allocate(opts)?;
+        store.write_empty_map()?;
         store.load_kernel(opts.copy);
         Ok(store)
     }
@@ -72,7 +131,7 @@ impl CudaStore {
     /// Rebuilds a store in this process from VRAM another process
     /// allocated and exported (its chunks' lengths and fds, in order), as
     /// a recovering server does with what its supervisor held. The data is
-    /// what the dead server left.
+    /// what the dead server left, found through the map it left.
     pub fn import(
         gpu: u32,
         size: u64,
@@ -80,13 +139,18 @@ impl CudaStore {
         copy: CopyPolicy,
     ) -> Result<CudaStore, StoreError> {
         let mut store = Self::open_device(gpu)?;
-        let total: u64 = chunks.iter().map(|(len, _)| *len as u64).sum();
-        if chunks.is_empty() || total < size {
+        store.size = size;
+        store.slots = slots_for(size);
+        let layout: Vec<usize> = (0..chunks.len() as u32)
+            .map(|i| chunk_len(i, store.slots))
+            .collect();
+        let lens: Vec<usize> = chunks.iter().map(|(l, _)| *l).collect();
+        if chunks.is_empty() || lens != layout {
             return Err(StoreError::Invalid(format!(
-                "imported VRAM holds {total} bytes in {} chunks, less than the device's {size}",
-                chunks.len()
+                "imported VRAM comes in chunks of {lens:?} bytes; a {size}-byte device is laid out as {layout:?}"
             )));
         }
+        let mut held = Vec::new();
         for (len, fd) in chunks {
             let own = fd.try_clone_to_owned().map_err(|e| StoreError::Os {
                 what: "duplicating a VRAM fd".into(),
@@ -105,29 +169,61 @@ impl CudaStore {
                 },
                 "importing VRAM from a file descriptor",
             )?;
-            store.chunks.push(Chunk {
+            held.push(Chunk {
                 handle,
                 len: *len,
                 fd: own,
             });
         }
-        store.map(size)?;
+        *store.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = held;
+        store.map_range()?;
+        store.read_map()?;
         store.load_kernel(copy);
         log::info!(
-            "cuda store: {} MiB on {} imported from {} chunks",
+            "cuda store: {} MiB on {} imported from {} chunks ({} MiB held, {} MiB in use)",
             size >> 20,
             store.name,
-            store.chunks.len()
+            chunks.len(),
+            store.held_bytes() >> 20,
+            store.used_bytes() >> 20
         );
         Ok(store)
     }
 
-    /// Each chunk's length with its fd, in mapping order: what [`import`]
-    /// needs in another process.
+    /// Copies of each chunk's fd with its length, in mapping order: what
+    /// [`import`] needs in another process.
     ///
     /// [`import`]: CudaStore::import
-    pub fn exported_chunks(&self) -> Vec<(usize, BorrowedFd<'_>)> {
-        self.chunks.iter().map(|c| (c.len, c.fd.as_fd())).collect()
+    pub fn exported_chunks(&self) -> Result<Vec<(usize, OwnedFd)>, StoreError> {
+        self.lock_chunks()
+            .iter()
+            .map(|c| {
+                let fd = c.fd.try_clone().map_err(|e| StoreError::Os {
+                    what: "duplicating a VRAM fd".into(),
+                    source: e,
+                })?;
+                Ok((c.len, fd))
+            })
+            .collect()
+    }
+
+    fn lock_chunks(&self) -> MutexGuard<'_, Vec<Chunk>> {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of VRAM held now (the chunks mapped).
+    pub fn held_bytes(&self) -> u64 {
+        self.lock_chunks().iter().map(|c| c.len as u64).sum()
+    }
+
+    /// Bytes of VRAM that hold data: mapped extents and the map.
+    pub fn used_bytes(&self) -> u64 {
+        (u64::from(self.extents.mapped()) + 1) * EXTENT
+    }
+
+    /// Bytes of VRAM the whole device takes when it holds all it may.
+    pub fn full_bytes(&self) -> u64 {
+        u64::from(self.slots) * EXTENT
     }
 
     /// Loads the copy kernel unless the copy engines alone were asked for;
@@ -191,7 +287,9 @@ impl CudaStore {
                 device,
                 base: 0,
                 size: 0,
-                chunks: Vec::new(),
+                slots: 0,
+                chunks: Mutex::new(Vec::new()),
+                extents: Arc::new(ExtentMap::new(0, 0, 0)),
                 name,
                 erase_on_drop: AtomicBool::new(true),
                 kernel: None,
@@ -211,23 +309,40 @@ impl CudaStore {
         prop
     }
 
+    /// Free VRAM on the GPU now, bytes.
+    fn free_vram(&self) -> Result<u64, StoreError> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers.
+        check(
+            unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) },
+            "cuMemGetInfo",
+        )?;
+        Ok(free as u64)
+    }
+
     fn allocate(&mut self, opts: &CudaStoreOptions) -> Result<(), StoreError> {
         let prop = self.prop();
-        let (mut free, mut total, mut gran) = (0usize, 0usize, 0usize);
+        let mut gran = 0usize;
         // SAFETY: valid out-pointers.
-        unsafe {
-            check(sys::cuMemGetInfo_v2(&mut free, &mut total), "cuMemGetInfo")?;
-            check(
+        check(
+            unsafe {
                 sys::cuMemGetAllocationGranularity(
                     &mut gran,
                     &prop,
                     sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-                ),
-                "cuMemGetAllocationGranularity",
-            )?;
+                )
+            },
+            "cuMemGetAllocationGranularity",
+        )?;
+        if gran as u64 > EXTENT || EXTENT % gran.max(1) as u64 != 0 {
+            return Err(StoreError::Unavailable(format!(
+                "{}: VRAM allocation granularity {gran} bytes does not divide the 2 MiB extent",
+                self.name
+            )));
         }
-        let gran = gran.max(1) as u64;
-        let target = granted_target(opts.size, free as u64, opts.reserve);
+        let free = self.free_vram()?;
+        // The map's slot comes on top of the device.
+        let target = granted_target(opts.size, free.saturating_sub(EXTENT), opts.reserve);
         if target == 0 {
             return Err(StoreError::TooLarge(format!(
                 "VRAM short on {}: {} MiB free, {} MiB kept in reserve, not even {} MiB left for the device",
@@ -237,30 +352,32 @@ impl CudaStore {
                 BACKOFF_STEP >> 20
             )));
         }
-        // Whole steps, the last rounded up to the granularity: a failure
-        // stops on a step boundary, so what was got is itself a back-off.
-        let mut got = 0u64;
-        while got < target {
-            let len = (target - got).min(BACKOFF_STEP).div_ceil(gran) * gran;
-            match self.create_chunk(len as usize, &prop) {
-                Ok(c) => {
-                    got += c.len as u64;
-                    self.chunks.push(c);
-                }
-                Err(e) if got > 0 => {
-                    log::warn!("VRAM allocation stopped at {} MiB: {e}", got >> 20);
+        // A failure stops on a chunk boundary: the device shrinks to what
+        // the chunks got hold, less the map's slot.
+        let mut size = target;
+        let mut chunks = Vec::new();
+        let mut i = 0;
+        while i < slots_for(size).div_ceil(CHUNK_SLOTS) {
+            match self.create_chunk(chunk_len(i, slots_for(size)), &prop) {
+                Ok(c) => chunks.push(c),
+                Err(e) if i > 0 => {
+                    size = u64::from(i) * BACKOFF_STEP - EXTENT;
+                    log::warn!("VRAM allocation stopped at {} MiB: {e}", size >> 20);
                     break;
                 }
                 Err(e) => return Err(e),
             }
+            i += 1;
         }
-        let size = got.min(target);
-        self.map(size)?;
+        self.size = size;
+        self.slots = slots_for(size);
+        *self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = chunks;
+        self.map_range()?;
         log::info!(
             "cuda store: {} MiB on {} in {} chunks ({} MiB free before, {} MiB reserve)",
             self.size >> 20,
             self.name,
-            self.chunks.len(),
+            self.lock_chunks().len(),
             free >> 20,
             opts.reserve >> 20
         );
@@ -298,35 +415,98 @@ impl CudaStore {
         }
     }
 
-    /// Reserves one address range, maps every chunk into it and exposes
-    /// the first `size` bytes.
-    fn map(&mut self, size: u64) -> Result<(), StoreError> {
-        let va_len = self.mapped_len();
-        // SAFETY: valid out-pointers; ranges come from the reservation.
-        unsafe {
-            check(
-                sys::cuMemAddressReserve(&mut self.base, va_len, 0, 0, 0),
-                "cuMemAddressReserve",
-            )?;
-            let mut off = 0usize;
-            for c in &self.chunks {
-                check(
-                    sys::cuMemMap(self.base + off as u64, c.len, 0, c.handle, 0),
-                    "cuMemMap",
-                )?;
-                off += c.len;
+    /// Reserves the whole layout's address range and maps the chunks held
+    /// at its start.
+    fn map_range(&mut self) -> Result<(), StoreError> {
+        let va_len = self.full_bytes() as usize;
+        // SAFETY: valid out-pointer.
+        check(
+            unsafe { sys::cuMemAddressReserve(&mut self.base, va_len, 0, 0, 0) },
+            "cuMemAddressReserve",
+        )?;
+        let chunks = std::mem::take(self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let mut mapped = Vec::new();
+        let mut result = Ok(());
+        for c in chunks {
+            if result.is_ok() {
+                result = self.map_chunk(mapped.len() as u32, &c);
             }
+            mapped.push(c);
+        }
+        *self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = mapped;
+        result
+    }
+
+    /// Maps chunk `i` at its place in the range, readable and writable.
+    fn map_chunk(&self, i: u32, c: &Chunk) -> Result<(), StoreError> {
+        let at = self.base + u64::from(i) * BACKOFF_STEP;
+        // SAFETY: the range lies inside our reservation and holds no other
+        // mapping; the handle is ours.
+        unsafe {
+            check(sys::cuMemMap(at, c.len, 0, c.handle, 0), "cuMemMap")?;
             let mut access: sys::CUmemAccessDesc = std::mem::zeroed();
             access.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
             access.location.id = self.device;
             access.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+            check(sys::cuMemSetAccess(at, c.len, &access, 1), "cuMemSetAccess")
+        }
+    }
+
+    /// A fresh device: every extent unmapped, all slots held usable.
+    fn write_empty_map(&mut self) -> Result<(), StoreError> {
+        let extents = self.size.div_ceil(EXTENT) as u32;
+        let mut header = [0u8; MAP_HEADER as usize];
+        header[..8].copy_from_slice(&MAP_MAGIC);
+        header[8..16].copy_from_slice(&u64::from(extents).to_le_bytes());
+        // SAFETY: slot 0 is mapped (the first chunk always is); the header
+        // is a live local array.
+        unsafe {
             check(
-                sys::cuMemSetAccess(self.base, va_len, &access, 1),
-                "cuMemSetAccess",
+                sys::cuMemsetD8_v2(self.base, 0, EXTENT as usize),
+                "clearing the extent map",
+            )?;
+            check(
+                sys::cuMemcpyHtoD_v2(self.base, header.as_ptr().cast(), header.len()),
+                "writing the extent map",
             )?;
         }
-        self.size = size;
+        let held = self.held_slots();
+        self.extents = Arc::new(ExtentMap::new(extents, self.slots, held));
         Ok(())
+    }
+
+    /// Reads back the map a previous server left in slot 0.
+    fn read_map(&mut self) -> Result<(), StoreError> {
+        let extents = self.size.div_ceil(EXTENT) as u32;
+        let mut bytes = vec![0u8; (MAP_HEADER + 4 * u64::from(extents)) as usize];
+        // SAFETY: slot 0 is mapped and at least this long (create checked
+        // the extent count against it); the buffer is ours.
+        check(
+            unsafe { sys::cuMemcpyDtoH_v2(bytes.as_mut_ptr().cast(), self.base, bytes.len()) },
+            "reading the extent map",
+        )?;
+        let recorded = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
+        if bytes[..8] != MAP_MAGIC || recorded != u64::from(extents) {
+            return Err(StoreError::Invalid(format!(
+                "the imported VRAM holds no extent map for a {} MiB device (left by an older vramblk?)",
+                self.size >> 20
+            )));
+        }
+        let entries: Vec<u32> = bytes[MAP_HEADER as usize..]
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        let held = self.held_slots();
+        self.extents = Arc::new(
+            ExtentMap::from_entries(&entries, self.slots, held)
+                .map_err(|e| StoreError::Invalid(format!("the imported extent map: {e}")))?,
+        );
+        Ok(())
+    }
+
+    /// Slots the chunks held cover.
+    fn held_slots(&self) -> u32 {
+        (self.held_bytes() / EXTENT) as u32
     }
 
     /// Makes this store's context current on the calling thread (for
@@ -340,26 +520,254 @@ impl CudaStore {
         &self.name
     }
 
-    /// Bytes of VRAM the chunks hold (the reserved range's length).
-    fn mapped_len(&self) -> usize {
-        self.chunks.iter().map(|c| c.len).sum()
-    }
-
-    /// Zeroes the whole device (swap pages can hold secrets).
+    /// Zeroes every data slot held (swap pages can hold secrets); the map
+    /// stays, so what it names reads as zeros.
     pub fn erase(&self) -> Result<(), StoreError> {
         if self.base == 0 {
             // Never mapped (creation failed): nothing readable to erase.
             return Ok(());
         }
-        // SAFETY: the range is ours and mapped.
+        let data = self.held_bytes().saturating_sub(EXTENT) as usize;
+        // SAFETY: the held bytes from the start of the range are ours and
+        // mapped; the data slots follow the map's.
         unsafe {
             check(sys::cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")?;
             check(
-                sys::cuMemsetD8_v2(self.base, 0, self.mapped_len()),
+                sys::cuMemsetD8_v2(self.slot_addr(MAP_SLOT + 1), 0, data),
                 "erasing VRAM",
             )?;
             check(sys::cuCtxSynchronize(), "erasing VRAM")
         }
+    }
+
+    /// Gives VRAM back while the device stays up: moves the data of the
+    /// last chunks into free slots of the first ones, then frees those
+    /// chunks, down to `target` bytes held or to what the data needs,
+    /// whichever is more. The caller tells the fds' other holders to let
+    /// the freed chunks go.
+    pub fn give_back(&self, target: u64) -> Result<Resized, StoreError> {
+        let mut chunks = self.lock_chunks();
+        self.make_current()?;
+        let before: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        let held_slots = (before / EXTENT) as u32;
+        let needed = target
+            .div_ceil(EXTENT)
+            .max(u64::from(self.extents.mapped()) + 1) as u32;
+        let keep_chunks = needed.div_ceil(CHUNK_SLOTS).max(1);
+        if keep_chunks as usize >= chunks.len() {
+            return Ok(Resized {
+                before,
+                after: before,
+                moved: 0,
+            });
+        }
+        let keep_slots = keep_chunks * CHUNK_SLOTS;
+        self.extents.set_capacity(keep_slots);
+        let moved = match self.empty_slots_from(keep_slots) {
+            Ok(n) => n,
+            Err(e) => {
+                self.extents.set_capacity(held_slots);
+                return Err(e);
+            }
+        };
+        for (i, c) in chunks.drain(keep_chunks as usize..).enumerate() {
+            let at = self.base + u64::from(keep_chunks + i as u32) * BACKOFF_STEP;
+            // SAFETY: no extent lives in this chunk any more and no slot in
+            // it can be handed out (capacity), so no copy touches it.
+            unsafe {
+                check(sys::cuMemUnmap(at, c.len), "cuMemUnmap")?;
+                check(sys::cuMemRelease(c.handle), "cuMemRelease")?;
+            }
+        }
+        let after = chunks.iter().map(|c| c.len as u64).sum();
+        log::info!(
+            "cuda store: gave back {} MiB of VRAM ({} MiB held, {} extents moved)",
+            (before - after) >> 20,
+            after >> 20,
+            moved
+        );
+        Ok(Resized {
+            before,
+            after,
+            moved,
+        })
+    }
+
+    /// Moves every extent living in slot `from` or above below it; waits
+    /// for slots a writer took there before the capacity fell.
+    fn empty_slots_from(&self, from: u32) -> Result<u32, StoreError> {
+        let stream = ControlStream::new()?;
+        let deadline = Instant::now() + MOVE_WAIT;
+        let mut moved = 0;
+        loop {
+            for e in self.extents.mapped_at_or_above(from) {
+                if self.move_extent(e, from, &stream)? {
+                    moved += 1;
+                }
+            }
+            if self.extents.mapped_at_or_above(from).is_empty()
+                && !self.extents.any_taken_from(from)
+            {
+                return Ok(moved);
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(
+                    "requests kept the last chunks busy; nothing was given back".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Moves extent `e` into a free slot under `below`; false when it needs
+    /// no move any more (unmapped or below meanwhile).
+    fn move_extent(&self, e: u32, below: u32, stream: &ControlStream) -> Result<bool, StoreError> {
+        let deadline = Instant::now() + MOVE_WAIT;
+        let from = loop {
+            if self.extents.slot_of(e).is_none_or(|s| s < below) {
+                return Ok(false);
+            }
+            if let Some(s) = self.extents.begin_move(e) {
+                break s;
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "extent {e} stayed in use; nothing was given back"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let Some(to) = self.extents.take_below(below) else {
+            self.extents.abort_move(e);
+            return Err(StoreError::Unavailable(
+                "no free slot to move data into; nothing was given back".into(),
+            ));
+        };
+        let copied = stream.copy_and_record(
+            self.slot_addr(to),
+            self.slot_addr(from),
+            self.entry_addr(e),
+            to + 1,
+        );
+        if let Err(err) = copied {
+            self.extents.free(to);
+            self.extents.abort_move(e);
+            return Err(err);
+        }
+        self.extents.end_move(e, to);
+        Ok(true)
+    }
+
+    /// Takes VRAM back up to `target` bytes held (at most the whole
+    /// device), chunk by chunk, while the GPU keeps `floor` bytes free.
+    /// The new chunks are not used until [`open_held`]: the caller first
+    /// hands their fds to the other holders, so no data lands in VRAM that
+    /// a crash would lose. Returns the bytes held now.
+    ///
+    /// [`open_held`]: CudaStore::open_held
+    pub fn take_back(&self, target: u64, floor: u64) -> Result<u64, StoreError> {
+        let mut chunks = self.lock_chunks();
+        self.make_current()?;
+        let want = (target.div_ceil(EXTENT).min(u64::from(self.slots)) as u32)
+            .div_ceil(CHUNK_SLOTS);
+        let prop = self.prop();
+        while (chunks.len() as u32) < want {
+            let i = chunks.len() as u32;
+            let len = chunk_len(i, self.slots);
+            let free = self.free_vram()?;
+            if free < len as u64 + floor {
+                log::info!(
+                    "cuda store: {} MiB free on {}; not taking {} MiB more (keeping {} MiB free)",
+                    free >> 20,
+                    self.name,
+                    len >> 20,
+                    floor >> 20
+                );
+                break;
+            }
+            let c = self.create_chunk(len, &prop)?;
+            if let Err(e) = self.map_chunk(i, &c) {
+                // SAFETY: the handle is ours and maps nowhere.
+                unsafe { sys::cuMemRelease(c.handle) };
+                return Err(e);
+            }
+            chunks.push(c);
+        }
+        Ok(chunks.iter().map(|c| c.len as u64).sum())
+    }
+
+    /// Lets writes use every slot held (after [`take_back`]).
+    ///
+    /// [`take_back`]: CudaStore::take_back
+    pub fn open_held(&self) {
+        let held = self.held_slots();
+        self.extents.set_capacity(held);
+    }
+
+    /// Room for new data, bytes: free slots under the capacity.
+    pub fn room_bytes(&self) -> u64 {
+        u64::from(self.extents.free_slots()) * EXTENT
+    }
+
+    pub(crate) fn slot_addr(&self, slot: u32) -> u64 {
+        slot_addr(self.base, slot)
+    }
+
+    fn entry_addr(&self, e: u32) -> u64 {
+        entry_addr(self.base, e)
+    }
+}
+
+/// Where slot `slot` starts.
+pub(crate) fn slot_addr(base: u64, slot: u32) -> u64 {
+    base + u64::from(slot) * EXTENT
+}
+
+/// Where extent `e`'s map entry lives (in slot 0).
+pub(crate) fn entry_addr(base: u64, e: u32) -> u64 {
+    slot_addr(base, MAP_SLOT) + MAP_HEADER + 4 * u64::from(e)
+}
+
+/// A stream of the thread giving VRAM back, for its moves.
+struct ControlStream(sys::CUstream);
+
+impl ControlStream {
+    fn new() -> Result<ControlStream, StoreError> {
+        let mut s = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the caller made the context current.
+        check(
+            unsafe {
+                sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            },
+            "cuStreamCreate",
+        )?;
+        Ok(ControlStream(s))
+    }
+
+    /// Copies one extent from `src` to `dst`, then records `entry` at
+    /// `entry_at`, and waits for both: the map names the new slot only
+    /// once the data is there.
+    fn copy_and_record(&self, dst: u64, src: u64, entry_at: u64, entry: u32) -> Result<(), StoreError> {
+        // SAFETY: both slots are mapped and nobody else touches them (the
+        // extent is moving, the target slot is freshly taken).
+        unsafe {
+            check(
+                sys::cuMemcpyDtoDAsync_v2(dst, src, EXTENT as usize, self.0),
+                "moving an extent",
+            )?;
+            check(
+                sys::cuMemsetD32Async(entry_at, entry, 1, self.0),
+                "recording a moved extent",
+            )?;
+            check(sys::cuStreamSynchronize(self.0), "moving an extent")
+        }
+    }
+}
+
+impl Drop for ControlStream {
+    fn drop(&mut self) {
+        // SAFETY: our stream; its work was waited for.
+        unsafe { sys::cuStreamDestroy_v2(self.0) };
     }
 }
 
@@ -382,22 +790,23 @@ impl Drop for CudaStore {
                 log::error!("could not erase VRAM before release: {e}");
             }
         }
-        let len = self.mapped_len();
+        let held = self.held_bytes();
         // The module goes while its context is still retained.
         drop(self.kernel.take());
+        let chunks = std::mem::take(self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()));
         // SAFETY: unmapping and releasing what this store mapped; no queue is
         // left (they hold an Arc to the store).
         unsafe {
             if self.base != 0 {
-                sys::cuMemUnmap(self.base, len);
-                sys::cuMemAddressFree(self.base, len);
+                sys::cuMemUnmap(self.base, held as usize);
+                sys::cuMemAddressFree(self.base, self.full_bytes() as usize);
             }
-            for c in &self.chunks {
+            for c in &chunks {
                 sys::cuMemRelease(c.handle);
             }
             sys::cuDevicePrimaryCtxRelease_v2(self.device);
         }
-        log::info!("cuda store: {} MiB unmapped and released", len >> 20);
+        log::info!("cuda store: {} MiB unmapped and released", held >> 20);
     }
 }
 
@@ -417,15 +826,11 @@ impl Store for CudaStore {
             kernel: self.kernel.as_ref().map(|k| k.function),
             policy: self.copy,
         };
-        CudaQueue::open(self.ctx, self.base, buffers, path)
-    }
-
-    fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
-        self.chunks.iter().map(|c| c.fd.as_fd()).collect()
+        CudaQueue::open(self.ctx, self.base, self.extents.clone(), buffers, path)
     }
 
     fn backing_layout(&self) -> Vec<u64> {
-        self.chunks.iter().map(|c| c.len as u64).collect()
+        self.lock_chunks().iter().map(|c| c.len as u64).collect()
     }
 }
 

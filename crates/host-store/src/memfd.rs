@@ -101,6 +101,11 @@ impl HostStore {
         })?;
         check_fits(opts, &meminfo)
     }
+
+    /// The memfd that keeps the data alive.
+    pub fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.fd.as_fd()]
+    }
 }
 
 /// hugetlb memfds must be sized in whole huge pages.
@@ -228,10 +233,6 @@ impl Store for HostStore {
         Ok(HostQueue {
             mapping: self.mapping.clone(),
         })
-    }
-
-    fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
-        vec![self.fd.as_fd()]
     }
 }
 

@@ -8,8 +8,8 @@
 //! completes everything inside `submit`.
 //!
 //! The memory behind a store is an object referenced by file descriptors
-//! ([`Store::backing_fds`]): a memfd for host RAM, exported CUDA allocations
-//! for VRAM. Whoever holds those fds keeps the data alive, which is what lets
+//! (see [`Store::backing_layout`]): a memfd for host RAM, exported CUDA
+//! allocations for VRAM. Whoever holds those fds keeps the data alive, which is what lets
 //! a restarted daemon recover a device with its contents.
 
 mod buffers;
@@ -20,8 +20,6 @@ mod request;
 pub use buffers::{BufferRegion, IoBuf};
 pub use error::StoreError;
 pub use request::{Completion, Op, Request};
-
-use std::os::fd::BorrowedFd;
 
 /// A block store: fixed size, byte addressed, shared by every queue.
 pub trait Store: Send + Sync + 'static {
@@ -39,13 +37,10 @@ pub trait Store: Send + Sync + 'static {
     /// request.
     fn open_queue(&self, qid: u16, buffers: &BufferRegion) -> Result<Self::Queue, StoreError>;
 
-    /// The file descriptors that keep the data alive.
-    fn backing_fds(&self) -> Vec<BorrowedFd<'_>>;
-
-    /// The length in bytes of what each of [`backing_fds`] holds, in
-    /// order (what a restarted server needs to map them again).
-    ///
-    /// [`backing_fds`]: Store::backing_fds
+    /// The length in bytes of what each file descriptor that keeps the
+    /// data alive holds, in order (what a restarted server needs to map
+    /// them again). The fds themselves come from each store's own method,
+    /// as their number may change while a store lives.
     fn backing_layout(&self) -> Vec<u64> {
         vec![self.size()]
     }

@@ -203,6 +203,14 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void *s) {
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
     fill(dst, v, n); return OK;
 }
+CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void *s) {
+    (void)s;
+    for (size_t i = 0; i < n; i++) ((unsigned *)(uintptr_t)dst)[i] = v;
+    return OK;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void *s) {
+    (void)s; memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n); return OK;
+}
 
 /* The copy kernel: copy_list(descs, n), each descriptor {src, dst, len}. */
 static int module_token, function_token;

@@ -1,0 +1,293 @@
+//! A cuda server's control socket (/run/vramblk/ublkbN.ctl): say how much
+//! VRAM the device holds and uses, give the unused part back while the
+//! device stays up, take it back. One line in, one JSON line out.
+//!
+//! The same thread takes VRAM back by itself when writes are about to run
+//! out of room (after a give-back), as long as the GPU keeps the floor the
+//! last give-back named free: the kernel may swap out more at any time, and
+//! a write with no room fails.
+
+use crate::memory::hand_over;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use vramblk_config::{format_size, DeviceRecord};
+use vramblk_cuda_store::CudaStore;
+use vramblk_store::Store;
+
+/// Take VRAM back by itself when room for new data falls under this.
+const LOW_ROOM: u64 = 64 << 20;
+
+/// How often the room is looked at.
+const ROOM_POLL: Duration = Duration::from_millis(100);
+
+/// Longest a give-back may take (moves wait up to 2 s per busy extent).
+const REPLY_WAIT: Duration = Duration::from_secs(60);
+
+pub fn socket_path(run_dir: &Path, id: u32) -> PathBuf {
+    run_dir.join(format!("ublkb{id}.ctl"))
+}
+
+/// What one line asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Usage,
+    /// Hold at most `to` bytes (or what the data needs); take back later
+    /// only while `floor` bytes stay free on the GPU.
+    GiveBack { to: u64, floor: u64 },
+    /// Hold up to `to` bytes again, keeping `floor` free on the GPU.
+    TakeBack { to: u64, floor: u64 },
+}
+
+impl Command {
+    fn line(&self) -> String {
+        match self {
+            Command::Usage => "usage".into(),
+            Command::GiveBack { to, floor } => format!("give-back {to} {floor}"),
+            Command::TakeBack { to, floor } => format!("take-back {to} {floor}"),
+        }
+    }
+
+    fn parse(line: &str) -> Result<Command, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> Result<u64, String> {
+            words
+                .get(i)
+                .and_then(|w| w.parse().ok())
+                .ok_or_else(|| format!("{line:?}: expected a byte count as word {}", i + 1))
+        };
+        match words.first() {
+            Some(&"usage") if words.len() == 1 => Ok(Command::Usage),
+            Some(&"give-back") if words.len() == 3 => Ok(Command::GiveBack {
+                to: num(1)?,
+                floor: num(2)?,
+            }),
+            Some(&"take-back") if words.len() == 3 => Ok(Command::TakeBack {
+                to: num(1)?,
+                floor: num(2)?,
+            }),
+            _ => Err(format!("{line:?}: not a command")),
+        }
+    }
+}
+
+/// The answer: the VRAM held now, how much of it holds data, what the
+/// whole device takes, and for a give-back what it did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VramReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub held: u64,
+    pub used: u64,
+    pub full: u64,
+    #[serde(default)]
+    pub moved: u32,
+}
+
+/// Serves the socket from a thread of its own until the process ends.
+/// `servers_end` is where the VRAM is handed to the supervisor after
+/// every change; `reserve` the device's VRAM reserve, the least free VRAM
+/// taking back ever leaves (a command may name more).
+pub fn serve(
+    run_dir: &Path,
+    id: u32,
+    store: Arc<CudaStore>,
+    servers_end: OwnedFd,
+    reserve: u64,
+) -> std::io::Result<()> {
+    let path = socket_path(run_dir, id);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    listener.set_nonblocking(true)?;
+    let mut ctl = Control {
+        run_dir: run_dir.to_path_buf(),
+        id,
+        store,
+        servers_end,
+        reserve,
+        floor: reserve,
+    };
+    std::thread::Builder::new()
+        .name("vram-control".into())
+        .spawn(move || {
+            if let Err(e) = ctl.store.make_current() {
+                log::warn!("server: VRAM control off: {e}");
+                return;
+            }
+            loop {
+                match listener.accept() {
+                    Ok((conn, _)) => ctl.answer(conn),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(ROOM_POLL)
+                    }
+                    Err(e) => log::warn!("server: VRAM control socket: {e}"),
+                }
+                ctl.keep_room();
+            }
+        })?;
+    Ok(())
+}
+
+struct Control {
+    run_dir: PathBuf,
+    id: u32,
+    store: Arc<CudaStore>,
+    servers_end: OwnedFd,
+    reserve: u64,
+    /// Free VRAM that taking back leaves on the GPU.
+    floor: u64,
+}
+
+impl Control {
+    fn answer(&mut self, conn: UnixStream) {
+        let _ = conn.set_nonblocking(false);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&conn);
+        let reply = match reader.read_line(&mut line) {
+            Ok(_) => match Command::parse(line.trim()) {
+                Ok(cmd) => self.run(cmd),
+                Err(e) => self.reply(Err(e), 0),
+            },
+            Err(e) => self.reply(Err(format!("reading the command: {e}")), 0),
+        };
+        let mut conn = conn;
+        if let Ok(mut text) = serde_json::to_vec(&reply) {
+            text.push(b'\n');
+            let _ = conn.write_all(&text);
+        }
+    }
+
+    fn reply(&self, result: Result<(), String>, moved: u32) -> VramReply {
+        VramReply {
+            ok: result.is_ok(),
+            error: result.err(),
+            held: self.store.held_bytes(),
+            used: self.store.used_bytes(),
+            full: self.store.full_bytes(),
+            moved,
+        }
+    }
+
+    fn run(&mut self, cmd: Command) -> VramReply {
+        match cmd {
+            Command::Usage => self.reply(Ok(()), 0),
+            Command::GiveBack { to, floor } => {
+                self.floor = floor.max(self.reserve);
+                match self.store.give_back(to) {
+                    Ok(r) => {
+                        if r.after < r.before {
+                            self.publish();
+                        }
+                        self.reply(Ok(()), r.moved)
+                    }
+                    Err(e) => self.reply(Err(e.to_string()), 0),
+                }
+            }
+            Command::TakeBack { to, floor } => {
+                self.floor = floor.max(self.reserve);
+                let r = self.take_back(to);
+                self.reply(r, 0)
+            }
+        }
+    }
+
+    /// Takes VRAM back up to `to` bytes: the new chunks go to the
+    /// supervisor before any data may land in them.
+    fn take_back(&mut self, to: u64) -> Result<(), String> {
+        let before = self.store.held_bytes();
+        let held = self
+            .store
+            .take_back(to, self.floor)
+            .map_err(|e| e.to_string())?;
+        if held > before {
+            if let Err(e) = hand_over(&self.store, self.servers_end.as_fd()) {
+                // Unheld VRAM would not survive a crash: give it back.
+                let _ = self.store.give_back(before);
+                return Err(format!("handing the new VRAM to the supervisor: {e:#}"));
+            }
+            self.store.open_held();
+            self.write_record();
+            log::info!(
+                "server: took back {} of VRAM ({} held)",
+                format_size(held - before),
+                format_size(held)
+            );
+        }
+        Ok(())
+    }
+
+    /// Tells the supervisor (and through it the service) which chunks
+    /// hold the data now, and writes them in the device record.
+    fn publish(&self) {
+        if let Err(e) = hand_over(&self.store, self.servers_end.as_fd()) {
+            log::warn!("server: the supervisor still holds the VRAM given back: {e:#}");
+        }
+        self.write_record();
+    }
+
+    fn write_record(&self) {
+        let Some(mut record) = DeviceRecord::load(&self.run_dir, self.id) else {
+            return;
+        };
+        record.backing = self.store.backing_layout();
+        if let Err(e) = record.store(&self.run_dir) {
+            log::warn!("could not update the device record: {e}");
+        }
+    }
+
+    /// After a give-back: takes one more chunk when writes are about to
+    /// find no room.
+    fn keep_room(&mut self) {
+        let held = self.store.held_bytes();
+        if held >= self.store.full_bytes() || self.store.room_bytes() >= LOW_ROOM {
+            return;
+        }
+        if let Err(e) = self.take_back(held + 1) {
+            log::warn!("server: could not take VRAM back for new data: {e}");
+        }
+    }
+}
+
+/// Sends `cmd` to the server of device `id` and returns its answer.
+pub fn request(run_dir: &Path, id: u32, cmd: Command) -> Result<VramReply> {
+    let path = socket_path(run_dir, id);
+    let mut s = UnixStream::connect(&path)
+        .with_context(|| format!("{} (is the device's server running?)", path.display()))?;
+    s.set_read_timeout(Some(REPLY_WAIT))?;
+    s.write_all(format!("{}\n", cmd.line()).as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    if line.is_empty() {
+        bail!("{}: no answer", path.display());
+    }
+    Ok(serde_json::from_str(line.trim())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_bad_lines_are_refused() {
+        for cmd in [
+            Command::Usage,
+            Command::GiveBack { to: 0, floor: 1 << 30 },
+            Command::TakeBack {
+                to: 7 << 30,
+                floor: 512 << 20,
+            },
+        ] {
+            assert_eq!(Command::parse(&cmd.line()), Ok(cmd));
+        }
+        for bad in ["", "give-back", "give-back 1", "give-back x 1", "usage 1", "drop 1 2"] {
+            assert!(Command::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The extent map: which 2 MiB slot of VRAM holds each 2 MiB extent of the
+//! device, so VRAM that holds no data can be given back while the device
+//! stays up.
+//!
+//! The kernel's swap allocator spreads live pages over the whole area, so
+//! whole 512 MiB chunks are practically never free at their own address.
+//! With a map, discarded extents lose their slot, and releasing VRAM moves
+//! the live extents of the last chunks into free slots of the first ones,
+//! then frees those chunks. An unmapped extent reads as zeros.
+//!
+//! Each extent is one atomic word shared by every queue: the slot (+1; 0 is
+//! unmapped), a count of in-flight requests using it ("pins"), and a
+//! "moving" bit. A request pins only while the bit is clear, and a move sets
+//! the bit only while nothing is pinned, both by compare-and-swap on the
+//! same word, so data never moves under a request.
+
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Mutex;
+
+/// Bytes per extent and per slot (the VRAM allocation granularity).
+pub const EXTENT: u64 = 2 << 20;
+
+const SLOT_MASK: u64 = 0xffff_ffff;
+const PIN: u64 = 1 << 32;
+const PINS_MASK: u64 = 0x7fff_ffff << 32;
+const MOVING: u64 = 1 << 63;
+
+/// Slot 0 holds the map itself in VRAM (see [`crate::store`]).
+pub const MAP_SLOT: u32 = 0;
+
+/// What pinning an extent found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pinned {
+    /// The extent lives in this slot.
+    Mapped(u32),
+    /// The extent holds no data (reads are zeros).
+    Unmapped,
+    /// A write took this fresh slot for it: the caller zeroes the slot and
+    /// records the mapping before its data lands.
+    Allocated(u32),
+}
+
+/// Why an extent could not be pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinRefused {
+    /// Its data is being moved: try again shortly.
+    Moving,
+    /// A write needs a slot and every slot under the capacity is taken.
+    NoRoom,
+}
+
+/// Which slots are taken, and how many may be used (the VRAM held now).
+#[derive(Debug)]
+struct SlotPool {
+    used: Vec<bool>,
+    /// Slots [0, capacity) may be handed out.
+    capacity: u32,
+    /// Where the search for a free slot starts (no free slot below it).
+    hint: u32,
+}
+
+impl SlotPool {
+    fn take(&mut self) -> Option<u32> {
+        let from = self.hint.max(MAP_SLOT + 1);
+        let found = (from..self.capacity).find(|&s| !self.used[s as usize])?;
+        self.used[found as usize] = true;
+        self.hint = found + 1;
+        Some(found)
+    }
+
+    fn give(&mut self, slot: u32) {
+        if let Some(u) = self.used.get_mut(slot as usize) {
+            *u = false;
+            self.hint = self.hint.min(slot);
+        }
+    }
+
+    fn free_below_capacity(&self) -> u32 {
+        (MAP_SLOT + 1..self.capacity)
+            .filter(|&s| !self.used[s as usize])
+            .count() as u32
+    }
+}
+
+pub struct ExtentMap {
+    words: Box<[AtomicU64]>,
+    pool: Mutex<SlotPool>,
+}
+
+impl ExtentMap {
+    /// `extents` extents, all unmapped, over `slots` slots of which the
+    /// first `capacity` may be used.
+    pub fn new(extents: u32, slots: u32, capacity: u32) -> ExtentMap {
+        let mut used = vec![false; slots as usize];
+        if let Some(u) = used.get_mut(MAP_SLOT as usize) {
+            *u = true;
+        }
+        ExtentMap {
+            words: (0..extents).map(|_| AtomicU64::new(0)).collect(),
+            pool: Mutex::new(SlotPool {
+                used,
+                capacity: capacity.min(slots),
+                hint: 0,
+            }),
+        }
+    }
+
+    /// Rebuilds the map from recorded entries (slot + 1, 0 unmapped), as a
+    /// recovering server reads them back. Entries naming a slot outside the
+    /// first `capacity`, the map's own slot, or a slot already named are
+    /// refused: such a map would serve one extent's data as another's.
+    pub fn from_entries(entries: &[u32], slots: u32, capacity: u32) -> Result<ExtentMap, String> {
+        let map = ExtentMap::new(entries.len() as u32, slots, capacity);
+        {
+            let mut pool = map.lock();
+            for (e, &entry) in entries.iter().enumerate() {
+                if entry == 0 {
+                    continue;
+                }
+                let slot = entry - 1;
+                if slot == MAP_SLOT || slot >= pool.capacity {
+                    return Err(format!(
+                        "extent {e} names slot {slot}, outside the {} slots held",
+                        pool.capacity
+                    ));
+                }
+                if pool.used[slot as usize] {
+                    return Err(format!("extent {e} names slot {slot}, named already"));
+                }
+                pool.used[slot as usize] = true;
+                map.words[e].store(u64::from(entry), SeqCst);
+            }
+        }
+        Ok(map)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotPool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn extents(&self) -> u32 {
+        self.words.len() as u32
+    }
+
+    /// Pins extent `e` for one request; `write` asks for a slot when it has
+    /// none. Every successful pin is matched by one [`unpin`].
+    ///
+    /// [`unpin`]: ExtentMap::unpin
+    pub fn pin(&self, e: u32, write: bool) -> Result<Pinned, PinRefused> {
+        let Some(word) = self.words.get(e as usize) else {
+            return Err(PinRefused::NoRoom);
+        };
+        let mut cur = word.load(SeqCst);
+        loop {
+            if cur & MOVING != 0 {
+                return Err(PinRefused::Moving);
+            }
+            let slot = (cur & SLOT_MASK) as u32;
+            if slot == 0 && write {
+                return self.allocate(word, cur);
+            }
+            match word.compare_exchange(cur, cur + PIN, SeqCst, SeqCst) {
+                Ok(_) if slot == 0 => return Ok(Pinned::Unmapped),
+                Ok(_) => return Ok(Pinned::Mapped(slot - 1)),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Maps the unmapped extent behind `word` (seen as `seen`) to a fresh
+    /// slot, pinned; a racing writer that mapped it first wins.
+    fn allocate(&self, word: &AtomicU64, seen: u64) -> Result<Pinned, PinRefused> {
+        let slot = self.lock().take().ok_or(PinRefused::NoRoom)?;
+        let mut cur = seen;
+        loop {
+            if cur & MOVING != 0 {
+                self.lock().give(slot);
+                return Err(PinRefused::Moving);
+            }
+            let theirs = (cur & SLOT_MASK) as u32;
+            let new = match theirs {
+                0 => (cur & PINS_MASK) + PIN + u64::from(slot) + 1,
+                _ => cur + PIN,
+            };
+            match word.compare_exchange(cur, new, SeqCst, SeqCst) {
+                Ok(_) if theirs == 0 => return Ok(Pinned::Allocated(slot)),
+                Ok(_) => {
+                    self.lock().give(slot);
+                    return Ok(Pinned::Mapped(theirs - 1));
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    pub fn unpin(&self, e: u32) {
+        if let Some(word) = self.words.get(e as usize) {
+            word.fetch_sub(PIN, SeqCst);
+        }
+    }
+
+    /// For a discard covering all of extent `e`: unmaps it unless a request
+    /// is using it or it is moving (a discard may be ignored). Returns the
+    /// slot it had, which the caller gives back with [`free`] once the
+    /// unmapping is recorded.
+    ///
+    /// [`free`]: ExtentMap::free
+    pub fn unmap_if_idle(&self, e: u32) -> Option<u32> {
+        let word = self.words.get(e as usize)?;
+        let cur = word.load(SeqCst);
+        let slot = (cur & SLOT_MASK) as u32;
+        if slot == 0 || cur & (MOVING | PINS_MASK) != 0 {
+            return None;
+        }
+        word.compare_exchange(cur, 0, SeqCst, SeqCst).ok()?;
+        Some(slot - 1)
+    }
+
+    pub fn free(&self, slot: u32) {
+        self.lock().give(slot);
+    }
+
+    /// Starts moving extent `e`: Some(its slot) once no request uses it,
+    /// with new pins refused until [`end_move`] or [`abort_move`]. None
+    /// when it is unmapped, already moving, or in use (try again).
+    ///
+    /// [`end_move`]: ExtentMap::end_move
+    /// [`abort_move`]: ExtentMap::abort_move
+    pub fn begin_move(&self, e: u32) -> Option<u32> {
+        let word = self.words.get(e as usize)?;
+        let cur = word.load(SeqCst);
+        let slot = (cur & SLOT_MASK) as u32;
+        if slot == 0 || cur & (MOVING | PINS_MASK) != 0 {
+            return None;
+        }
+        word.compare_exchange(cur, cur | MOVING, SeqCst, SeqCst)
+            .ok()?;
+        Some(slot - 1)
+    }
+
+    /// Finishes a move: the extent lives in `slot` now; its old slot is
+    /// free again.
+    pub fn end_move(&self, e: u32, slot: u32) {
+        if let Some(word) = self.words.get(e as usize) {
+            let old = word.swap(u64::from(slot) + 1, SeqCst);
+            let old_slot = (old & SLOT_MASK) as u32;
+            if old_slot > 0 {
+                self.free(old_slot - 1);
+            }
+        }
+    }
+
+    pub fn abort_move(&self, e: u32) {
+        if let Some(word) = self.words.get(e as usize) {
+            word.fetch_and(!MOVING, SeqCst);
+        }
+    }
+
+    /// The slot extent `e` lives in, if any.
+    pub fn slot_of(&self, e: u32) -> Option<u32> {
+        let w = self.words.get(e as usize)?.load(SeqCst);
+        match (w & SLOT_MASK) as u32 {
+            0 => None,
+            s => Some(s - 1),
+        }
+    }
+
+    /// A free slot under `below`, taken (for a move target).
+    pub fn take_below(&self, below: u32) -> Option<u32> {
+        let mut pool = self.lock();
+        let cap = pool.capacity;
+        pool.capacity = cap.min(below);
+        let slot = pool.take();
+        pool.capacity = cap;
+        slot
+    }
+
+    /// Sets how many slots may be used (the VRAM held, in slots).
+    pub fn set_capacity(&self, capacity: u32) {
+        let mut pool = self.lock();
+        pool.capacity = capacity.min(pool.used.len() as u32);
+        pool.hint = 0;
+    }
+
+    /// Free slots under the capacity: room for that many more extents.
+    pub fn free_slots(&self) -> u32 {
+        self.lock().free_below_capacity()
+    }
+
+    /// Whether any slot `from` or above is taken (mapped, or taken by a
+    /// writer about to map it, or freed but not given back yet).
+    pub fn any_taken_from(&self, from: u32) -> bool {
+        let pool = self.lock();
+        pool.used.iter().skip(from as usize).any(|&u| u)
+    }
+
+    /// Extents that hold data.
+    pub fn mapped(&self) -> u32 {
+        self.words
+            .iter()
+            .filter(|w| w.load(SeqCst) & SLOT_MASK != 0)
+            .count() as u32
+    }
+
+    /// Extents whose slot is `from` or above, in order.
+    pub fn mapped_at_or_above(&self, from: u32) -> Vec<u32> {
+        (0..self.extents())
+            .filter(|&e| self.slot_of(e).is_some_and(|s| s >= from))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_maps_an_extent_and_a_read_of_an_unmapped_one_does_not() {
+        let m = ExtentMap::new(4, 8, 8);
+        assert_eq!(m.pin(0, false), Ok(Pinned::Unmapped));
+        m.unpin(0);
+        assert_eq!(m.mapped(), 0);
+        assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.pin(0, true), Ok(Pinned::Mapped(1)));
+        assert_eq!(m.pin(0, false), Ok(Pinned::Mapped(1)));
+        assert_eq!(m.pin(2, true), Ok(Pinned::Allocated(2)));
+        assert_eq!(m.mapped(), 2);
+        assert_eq!(m.free_slots(), 5);
+    }
+
+    #[test]
+    fn discard_unmaps_only_idle_extents_and_frees_the_slot() {
+        let m = ExtentMap::new(4, 8, 8);
+        assert_eq!(m.pin(1, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.unmap_if_idle(1), None, "pinned by a write in flight");
+        m.unpin(1);
+        assert_eq!(m.unmap_if_idle(1), Some(1));
+        assert_eq!(m.unmap_if_idle(1), None, "already unmapped");
+        // The slot is not reused until it is given back.
+        assert_eq!(m.pin(2, true), Ok(Pinned::Allocated(2)));
+        m.free(1);
+        assert_eq!(m.pin(3, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.pin(1, false), Ok(Pinned::Unmapped));
+    }
+
+    #[test]
+    fn a_full_pool_refuses_writes_to_new_extents_but_serves_mapped_ones() {
+        let m = ExtentMap::new(4, 3, 3);
+        assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.pin(1, true), Ok(Pinned::Allocated(2)));
+        assert_eq!(m.pin(2, true), Err(PinRefused::NoRoom));
+        assert_eq!(m.pin(0, true), Ok(Pinned::Mapped(1)));
+        assert_eq!(m.pin(9, false), Err(PinRefused::NoRoom), "out of range");
+    }
+
+    #[test]
+    fn a_move_waits_for_pins_and_blocks_new_ones() {
+        let m = ExtentMap::new(2, 8, 8);
+        assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.begin_move(0), None, "in use");
+        m.unpin(0);
+        assert_eq!(m.begin_move(0), Some(1));
+        assert_eq!(m.pin(0, false), Err(PinRefused::Moving));
+        assert_eq!(m.pin(0, true), Err(PinRefused::Moving));
+        assert_eq!(m.unmap_if_idle(0), None, "a discard skips a moving extent");
+        let to = m.take_below(8).unwrap();
+        m.end_move(0, to);
+        assert_eq!(m.pin(0, false), Ok(Pinned::Mapped(to)));
+        m.unpin(0);
+        // The old slot is free again.
+        assert_eq!(m.pin(1, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.begin_move(1), None);
+        m.unpin(1);
+        assert_eq!(m.begin_move(1), Some(1));
+        m.abort_move(1);
+        assert_eq!(m.pin(1, false), Ok(Pinned::Mapped(1)));
+    }
+
+    #[test]
+    fn lowering_the_capacity_keeps_new_slots_below_it() {
+        let m = ExtentMap::new(8, 8, 8);
+        for e in 0..6 {
+            assert!(matches!(m.pin(e, true), Ok(Pinned::Allocated(_))));
+            m.unpin(e);
+        }
+        for e in 0..4 {
+            m.unmap_if_idle(e).map(|s| m.free(s));
+        }
+        // Slots 1-4 free, 5 and 6 hold extents 4 and 5.
+        m.set_capacity(4);
+        assert_eq!(m.mapped_at_or_above(4), vec![4, 5]);
+        assert_eq!(m.free_slots(), 3);
+        assert_eq!(m.take_below(4), Some(1));
+        assert_eq!(m.pin(7, true), Ok(Pinned::Allocated(2)));
+        assert_eq!(m.pin(6, true), Ok(Pinned::Allocated(3)));
+        assert_eq!(m.pin(0, true), Err(PinRefused::NoRoom));
+    }
+
+    #[test]
+    fn recorded_entries_rebuild_the_map_and_bad_ones_are_refused() {
+        let m = ExtentMap::from_entries(&[0, 3, 0, 2], 8, 4).unwrap();
+        assert_eq!(m.slot_of(1), Some(2));
+        assert_eq!(m.slot_of(3), Some(1));
+        assert_eq!(m.mapped(), 2);
+        assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(3)));
+        assert!(ExtentMap::from_entries(&[3, 3], 8, 8).is_err(), "a slot twice");
+        assert!(ExtentMap::from_entries(&[1], 8, 8).is_err(), "the map's slot");
+        assert!(ExtentMap::from_entries(&[6], 8, 4).is_err(), "beyond what is held");
+    }
+}
