@@ -216,11 +216,9 @@ fn vram_control_on_live(
     let run_dir = run_dir.to_path_buf();
     let servers_end = servers_end.try_clone_to_owned();
     Box::new(move |id| {
-        let started = servers_end
-            .map_err(|e| e.to_string())
-            .and_then(|end| {
-                vram_control::serve(&run_dir, id, store, end, floor).map_err(|e| e.to_string())
-            });
+        let started = servers_end.map_err(|e| e.to_string()).and_then(|end| {
+            vram_control::serve(&run_dir, id, store, end, floor).map_err(|e| e.to_string())
+        });
         if let Err(e) = started {
             log::warn!("server: no VRAM control socket ({e}); VRAM cannot be given back");
         }

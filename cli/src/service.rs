@@ -10,15 +10,17 @@ use crate::gpu::Gpus;
 use crate::holder::Holder;
 use crate::host::{require_driver, require_root};
 use crate::notify::{listen_fds, notify};
+use crate::release;
 use crate::signals;
 use crate::up::{bring_up, configured_devices, take_down};
+use crate::vram_control::{self, Command, VramReply};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vramblk_config::{format_size, parse_size, store_json, Backend, Config, RUN_DIR};
-use vramblk_policy::{PowerGate, PowerReading, PressureAction, PressureGate};
+use vramblk_policy::{PowerGate, PowerReading, PressureAction, PressureGate, VramReading};
 
 /// How often VRAM pressure is looked at (NVML reads are cheap).
 const PRESSURE_POLL: Duration = Duration::from_secs(2);
@@ -165,6 +167,30 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
     result
 }
 
+/// The configured entries of `entries` that are live now, by device id,
+/// with what each holds (from its server; a server that does not answer
+/// is left out).
+fn live_vram(entries: &[usize]) -> Vec<(u32, VramReply)> {
+    let run_dir = Path::new(RUN_DIR);
+    crate::del::vramblk_records(run_dir)
+        .into_iter()
+        .filter(|r| r.backend == Backend::Cuda && r.origin.is_some_and(|o| entries.contains(&o)))
+        .filter_map(|r| {
+            vram_control::request(run_dir, r.id, Command::Usage)
+                .ok()
+                .map(|u| (r.id, u))
+        })
+        .collect()
+}
+
+/// What a give-back would free: the VRAM held beyond the whole chunks the
+/// data (and the map) needs, the first chunk always kept.
+fn unused_bytes(u: &VramReply) -> u64 {
+    let step = vramblk_cuda_store::BACKOFF_STEP;
+    let kept = u.used.div_ceil(step).max(1) * step;
+    u.held.saturating_sub(kept)
+}
+
 struct Service {
     config: Config,
     sysfs: PathBuf,
@@ -298,12 +324,63 @@ impl Service {
                 .filter(|(_, d)| d.backend == Backend::Cuda && d.gpu == gpu)
                 .map(|(i, _)| i)
                 .collect();
-            let held: u64 = on_gpu.iter().map(|&i| self.config.devices[i].size).sum();
+            let sizes: u64 = on_gpu.iter().map(|&i| self.config.devices[i].size).sum();
+            let live = live_vram(&on_gpu);
             let Some(gate) = self.pressure.get_mut(&gpu) else {
                 continue;
             };
-            match gate.step(free, held, now) {
+            let reading = VramReading {
+                free,
+                unused: live.iter().map(|(_, u)| unused_bytes(u)).sum(),
+                to_take: if gate.released() {
+                    sizes
+                } else {
+                    live.iter()
+                        .map(|(_, u)| u.full.saturating_sub(u.held))
+                        .sum()
+                },
+            };
+            let floor = self.config.pressure.min_free_vram;
+            match gate.step(reading, now) {
                 PressureAction::Nothing => {}
+                PressureAction::Trim => {
+                    log::warn!(
+                        "service: GPU {gpu} has {} free, under the {} threshold: its devices give back the VRAM that holds no data ({})",
+                        format_size(free),
+                        format_size(floor),
+                        format_size(reading.unused)
+                    );
+                    for (id, _) in &live {
+                        match release::give_back(Path::new(RUN_DIR), *id, 0, floor) {
+                            Ok(r) => log::info!(
+                                "service: /dev/ublkb{id} {}",
+                                release::describe_give_back(&r)
+                            ),
+                            Err(e) => log::error!("service: /dev/ublkb{id}: {e:#}"),
+                        }
+                    }
+                }
+                PressureAction::TakeBack => {
+                    log::info!(
+                        "service: GPU {gpu} has {} free for {} s: its devices take their VRAM back",
+                        format_size(free),
+                        self.config.pressure.calm_secs
+                    );
+                    for (id, u) in &live {
+                        let cmd = Command::TakeBack { to: u.full, floor };
+                        match vram_control::request(Path::new(RUN_DIR), *id, cmd) {
+                            Ok(r) if r.ok => log::info!(
+                                "service: /dev/ublkb{id} holds {} of VRAM again",
+                                format_size(r.held)
+                            ),
+                            Ok(r) => log::error!(
+                                "service: /dev/ublkb{id}: {}",
+                                r.error.unwrap_or_default()
+                            ),
+                            Err(e) => log::error!("service: /dev/ublkb{id}: {e:#}"),
+                        }
+                    }
+                }
                 PressureAction::Release => {
                     log::warn!(
                         "service: GPU {gpu} has {} free, under the {} threshold: giving its VRAM back (swapoff, then remove)",

@@ -7,6 +7,7 @@ use crate::host::pid_alive;
 use crate::service::ServiceState;
 use crate::stats::{self, StatsReply};
 use crate::swap;
+use crate::vram_control;
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -46,6 +47,15 @@ pub struct DeviceStatus {
     pub block: Option<BlockStat>,
     /// The server's own counters; None when it does not answer.
     pub server: Option<StatsReply>,
+    /// A cuda device's VRAM: held now, holding data, held when whole.
+    pub vram: Option<VramUse>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VramUse {
+    pub held: u64,
+    pub used: u64,
+    pub full: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -132,6 +142,13 @@ pub fn collect() -> Result<Status> {
                 .ok()
                 .and_then(|t| parse_block_stat(&t)),
             server: stats::query(&stats::socket_path(run_dir, id)),
+            vram: vram_control::request(run_dir, id, vram_control::Command::Usage)
+                .ok()
+                .map(|u| VramUse {
+                    held: u.held,
+                    used: u.used,
+                    full: u.full,
+                }),
             path,
             ..DeviceStatus::default()
         };
@@ -206,6 +223,14 @@ fn print_device(d: &DeviceStatus) {
             _ => String::new(),
         };
         println!("  store: {store}{gpu}");
+        if let Some(v) = &d.vram {
+            println!(
+                "  VRAM: holds {} ({} of it data; {} when whole)",
+                human_size(v.held),
+                human_size(v.used),
+                human_size(v.full)
+            );
+        }
     } else {
         println!("  store: (not a vramblk device)");
     }

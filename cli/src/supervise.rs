@@ -336,7 +336,10 @@ impl Supervisor<'_> {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(s.pid, libc::SIGKILL) };
             let _ = wait_exit(s.pid, Duration::from_secs(5));
-            log::info!("supervisor: standby server {} retired (the VRAM changed)", s.pid);
+            log::info!(
+                "supervisor: standby server {} retired (the VRAM changed)",
+                s.pid
+            );
         }
         self.standby_forked = None;
     }

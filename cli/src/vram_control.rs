@@ -39,9 +39,15 @@ pub enum Command {
     Usage,
     /// Hold at most `to` bytes (or what the data needs); take back later
     /// only while `floor` bytes stay free on the GPU.
-    GiveBack { to: u64, floor: u64 },
+    GiveBack {
+        to: u64,
+        floor: u64,
+    },
     /// Hold up to `to` bytes again, keeping `floor` free on the GPU.
-    TakeBack { to: u64, floor: u64 },
+    TakeBack {
+        to: u64,
+        floor: u64,
+    },
 }
 
 impl Command {
@@ -278,7 +284,10 @@ mod tests {
     fn commands_round_trip_and_bad_lines_are_refused() {
         for cmd in [
             Command::Usage,
-            Command::GiveBack { to: 0, floor: 1 << 30 },
+            Command::GiveBack {
+                to: 0,
+                floor: 1 << 30,
+            },
             Command::TakeBack {
                 to: 7 << 30,
                 floor: 512 << 20,
@@ -286,7 +295,14 @@ mod tests {
         ] {
             assert_eq!(Command::parse(&cmd.line()), Ok(cmd));
         }
-        for bad in ["", "give-back", "give-back 1", "give-back x 1", "usage 1", "drop 1 2"] {
+        for bad in [
+            "",
+            "give-back",
+            "give-back 1",
+            "give-back x 1",
+            "usage 1",
+            "drop 1 2",
+        ] {
             assert!(Command::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -384,7 +384,9 @@ mod tests {
             m.unpin(e);
         }
         for e in 0..4 {
-            m.unmap_if_idle(e).map(|s| m.free(s));
+            if let Some(s) = m.unmap_if_idle(e) {
+                m.free(s);
+            }
         }
         // Slots 1-4 free, 5 and 6 hold extents 4 and 5.
         m.set_capacity(4);
@@ -403,8 +405,17 @@ mod tests {
         assert_eq!(m.slot_of(3), Some(1));
         assert_eq!(m.mapped(), 2);
         assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(3)));
-        assert!(ExtentMap::from_entries(&[3, 3], 8, 8).is_err(), "a slot twice");
-        assert!(ExtentMap::from_entries(&[1], 8, 8).is_err(), "the map's slot");
-        assert!(ExtentMap::from_entries(&[6], 8, 4).is_err(), "beyond what is held");
+        assert!(
+            ExtentMap::from_entries(&[3, 3], 8, 8).is_err(),
+            "a slot twice"
+        );
+        assert!(
+            ExtentMap::from_entries(&[1], 8, 8).is_err(),
+            "the map's slot"
+        );
+        assert!(
+            ExtentMap::from_entries(&[6], 8, 4).is_err(),
+            "beyond what is held"
+        );
     }
 }

@@ -317,13 +317,11 @@ impl CudaQueue {
         // SAFETY: the slot lies in a mapped chunk (under the capacity) and
         // is this extent's alone; the entry lies in the map's slot.
         let r = unsafe {
-            match sys::cuMemsetD8Async(slot_addr(self.base, slot), 0, EXTENT as usize, self.stream) {
-                sys::CUresult::CUDA_SUCCESS => sys::cuMemsetD32Async(
-                    entry_addr(self.base, e),
-                    slot + 1,
-                    1,
-                    self.stream,
-                ),
+            match sys::cuMemsetD8Async(slot_addr(self.base, slot), 0, EXTENT as usize, self.stream)
+            {
+                sys::CUresult::CUDA_SUCCESS => {
+                    sys::cuMemsetD32Async(entry_addr(self.base, e), slot + 1, 1, self.stream)
+                }
                 err => err,
             }
         };
@@ -525,14 +523,16 @@ impl QueueStore for CudaQueue {
         self.pieces = pieces;
         // A round that skipped the kernel left its table as it was: no launch.
         let launched = !use_kernel || self.launch(&round.descs);
-        round.completions.extend(self.jobs.iter().map(|j| Completion {
-            tag: j.tag,
-            result: if j.failed || (j.via_kernel && !launched) {
-                -libc::EIO
-            } else {
-                j.len as i32
-            },
-        }));
+        round
+            .completions
+            .extend(self.jobs.iter().map(|j| Completion {
+                tag: j.tag,
+                result: if j.failed || (j.via_kernel && !launched) {
+                    -libc::EIO
+                } else {
+                    j.len as i32
+                },
+            }));
         // SAFETY: event and stream are ours.
         match check(
             unsafe { sys::cuEventRecord(round.event, self.stream) },

@@ -334,7 +334,7 @@ impl CudaStore {
             },
             "cuMemGetAllocationGranularity",
         )?;
-        if gran as u64 > EXTENT || EXTENT % gran.max(1) as u64 != 0 {
+        if gran as u64 > EXTENT || !EXTENT.is_multiple_of(gran.max(1) as u64) {
             return Err(StoreError::Unavailable(format!(
                 "{}: VRAM allocation granularity {gran} bytes does not divide the 2 MiB extent",
                 self.name
@@ -668,8 +668,8 @@ impl CudaStore {
     pub fn take_back(&self, target: u64, floor: u64) -> Result<u64, StoreError> {
         let mut chunks = self.lock_chunks();
         self.make_current()?;
-        let want = (target.div_ceil(EXTENT).min(u64::from(self.slots)) as u32)
-            .div_ceil(CHUNK_SLOTS);
+        let want =
+            (target.div_ceil(EXTENT).min(u64::from(self.slots)) as u32).div_ceil(CHUNK_SLOTS);
         let prop = self.prop();
         while (chunks.len() as u32) < want {
             let i = chunks.len() as u32;
@@ -747,7 +747,13 @@ impl ControlStream {
     /// Copies one extent from `src` to `dst`, then records `entry` at
     /// `entry_at`, and waits for both: the map names the new slot only
     /// once the data is there.
-    fn copy_and_record(&self, dst: u64, src: u64, entry_at: u64, entry: u32) -> Result<(), StoreError> {
+    fn copy_and_record(
+        &self,
+        dst: u64,
+        src: u64,
+        entry_at: u64,
+        entry: u32,
+    ) -> Result<(), StoreError> {
         // SAFETY: both slots are mapped and nobody else touches them (the
         // extent is moving, the target slot is freshly taken).
         unsafe {

@@ -6,4 +6,4 @@ pub mod power;
 pub mod pressure;
 
 pub use power::{PowerGate, PowerReading};
-pub use pressure::{PressureAction, PressureGate};
+pub use pressure::{PressureAction, PressureGate, VramReading};
