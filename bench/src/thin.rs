@@ -52,8 +52,58 @@ fn free_vram(store: &CudaStore) -> u64 {
     free as u64
 }
 
+/// Queues `0..4` write interleaved 4 KiB blocks into the same fresh
+/// extents at once (each first write of an extent races the others for
+/// its mapping), then every block is read back.
+fn shared_first_writes(store: &CudaStore) -> bool {
+    let extents = 64u64;
+    let queues = 4u64;
+    let stamp = |q: u64, e: u64, k: u64| ((q * 131 + e * 7 + k) as u8) | 1;
+    let wrote = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..queues)
+            .map(|q| {
+                s.spawn(move || {
+                    let mut sq = SynthQueue::open(store, 10 + q as u16, 1);
+                    let mut ok = true;
+                    for e in 0..extents {
+                        for k in 0..8 {
+                            let off = e * EXTENT + (k * queues + q) * 4096;
+                            slice(sq.bufs.slot(0).expect("a buffer"))[..4096].fill(stamp(q, e, k));
+                            ok &= one(&mut sq, Op::Write, off, 4096) == 4096;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        hs.into_iter().all(|h| h.join().unwrap_or(false))
+    });
+    let mut sq = SynthQueue::open(store, 20, 1);
+    let mut same = true;
+    for e in 0..extents {
+        for k in 0..8 {
+            for q in 0..queues {
+                let off = e * EXTENT + (k * queues + q) * 4096;
+                slice(sq.bufs.slot(0).expect("a buffer"))[..4096].fill(0xA5);
+                same &= one(&mut sq, Op::Read, off, 4096) == 4096
+                    && slice(sq.bufs.slot(0).expect("a buffer"))[..4096]
+                        .iter()
+                        .all(|&b| b == stamp(q, e, k));
+            }
+        }
+    }
+    wrote && same
+}
+
 pub fn give_back_checks(gpu: u32) -> Vec<(String, bool)> {
     let mut out = Vec::new();
+    match CudaStore::create(&CudaStoreOptions::new(256 << 20, gpu)) {
+        Ok(s) => out.push((
+            "4 queues writing into the same fresh extents at once: every block lands".into(),
+            shared_first_writes(&s),
+        )),
+        Err(e) => out.push((format!("shared first writes: no store: {e}"), false)),
+    }
     let size = 2u64 << 30;
     let store = match CudaStore::create(&CudaStoreOptions::new(size, gpu)) {
         Ok(s) => s,
@@ -133,8 +183,10 @@ pub fn give_back_checks(gpu: u32) -> Vec<(String, bool)> {
         .all(|e| reads(&mut sq, e, pattern(e)));
     out.push(("every kept extent reads back what was written".into(), kept));
 
-    // New data beyond what is held: refused (ENOSPC) once the room is
-    // gone, never written somewhere else.
+    // New data beyond what is held, with no VRAM to take back (as the
+    // keeper answers when the GPU has none): refused (ENOSPC) once the
+    // room is gone, never written somewhere else.
+    store.room_answer(false);
     let room = store.room_bytes() / EXTENT;
     let mut refused = 0;
     let mut e = 1;
@@ -190,16 +242,30 @@ pub fn give_back_checks(gpu: u32) -> Vec<(String, bool)> {
         ok,
     ));
 
-    // Taking back: the whole layout again, and new data fits.
-    let held = store.take_back(store.full_bytes(), 0);
-    store.open_held();
-    let more = write_extent_head(&mut sq, e) && reads(&mut sq, e, pattern(e));
+    // A write with no room while VRAM can be had waits for the keeper,
+    // which takes VRAM back (here: all of it), then lands.
+    store.room_answer(true);
+    let (result, held) = std::thread::scope(|s| {
+        let keeper = s.spawn(|| {
+            if !store.wait_room_wanted(std::time::Duration::from_secs(10)) {
+                return None;
+            }
+            let held = store.take_back(store.full_bytes(), 0).ok();
+            store.open_held();
+            store.room_answer(held.is_some());
+            held
+        });
+        slice(sq.bufs.slot(0).expect("a buffer"))[..BLOCK as usize].fill(pattern(e));
+        let r = one(&mut sq, Op::Write, e * EXTENT, BLOCK);
+        (r, keeper.join().ok().flatten())
+    });
+    let more = result == BLOCK as i32 && reads(&mut sq, e, pattern(e));
     out.push((
         format!(
-            "take back: {} MiB held again, a new extent written and read",
-            held.as_ref().map(|h| h >> 20).unwrap_or(0)
+            "a write with no room waited while {} MiB were taken back, then landed and reads back",
+            held.map(|h| h >> 20).unwrap_or(0)
         ),
-        held.ok() == Some(store.full_bytes()) && more,
+        held == Some(store.full_bytes()) && more,
     ));
     drop(sq);
     out

@@ -61,9 +61,16 @@ pub fn main(
             serve_store(ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
-            .and_then(|store| {
+            .and_then(|mut store| {
                 if !standby_ready(go, &mut launch, plan) {
                     return Ok(());
+                }
+                if vram.is_some() {
+                    // Where every extent lives now (a standby imported the
+                    // VRAM long before), with free slots zeroed.
+                    Arc::get_mut(&mut store)
+                        .context("the store is shared before serving")?
+                        .take_over()?;
                 }
                 let ctx = ServeWith {
                     on_live: Some(vram_control_on_live(
@@ -329,6 +336,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         if let Some(id) = *id_cell.lock().unwrap_or_else(|p| p.into_inner()) {
             DeviceRecord::remove(run_dir, id);
             let _ = std::fs::remove_file(stats::socket_path(run_dir, id));
+            let _ = std::fs::remove_file(vram_control::socket_path(run_dir, id));
             log::info!("server: {} removed; exiting", bdev_path(id));
         }
     }

@@ -431,3 +431,31 @@ impl Service {
         self.state.store();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn usage(held: u64, used: u64) -> VramReply {
+        VramReply {
+            ok: true,
+            held: held * MIB,
+            used: used * MIB,
+            full: 2050 * MIB,
+            ..VramReply::default()
+        }
+    }
+
+    #[test]
+    fn unused_vram_counts_whole_chunks_beyond_what_the_data_needs() {
+        // 258 MiB of data keeps one chunk: 1538 MiB could go.
+        assert_eq!(unused_bytes(&usage(2050, 258)), 1538 * MIB);
+        // 600 MiB keeps two.
+        assert_eq!(unused_bytes(&usage(2050, 600)), 1026 * MIB);
+        // Nothing beyond the first chunk, or nearly full: nothing.
+        assert_eq!(unused_bytes(&usage(512, 2)), 0);
+        assert_eq!(unused_bytes(&usage(2050, 2049)), 0);
+    }
+}

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vramblk_config::{format_size, DeviceRecord};
 use vramblk_cuda_store::CudaStore;
 use vramblk_store::Store;
@@ -25,6 +25,9 @@ const LOW_ROOM: u64 = 64 << 20;
 
 /// How often the room is looked at.
 const ROOM_POLL: Duration = Duration::from_millis(100);
+
+/// How long after a take-back that got nothing the next unasked try waits.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Longest a give-back may take (moves wait up to 2 s per busy extent).
 const REPLY_WAIT: Duration = Duration::from_secs(60);
@@ -118,6 +121,7 @@ pub fn serve(
         servers_end,
         reserve,
         floor: reserve,
+        failed_at: None,
     };
     std::thread::Builder::new()
         .name("vram-control".into())
@@ -127,14 +131,16 @@ pub fn serve(
                 return;
             }
             loop {
+                let wanted = ctl.store.wait_room_wanted(ROOM_POLL);
                 match listener.accept() {
                     Ok((conn, _)) => ctl.answer(conn),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(ROOM_POLL)
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        log::warn!("server: VRAM control socket: {e}");
+                        std::thread::sleep(ROOM_POLL);
                     }
-                    Err(e) => log::warn!("server: VRAM control socket: {e}"),
                 }
-                ctl.keep_room();
+                ctl.keep_room(wanted);
             }
         })?;
     Ok(())
@@ -148,6 +154,8 @@ struct Control {
     reserve: u64,
     /// Free VRAM that taking back leaves on the GPU.
     floor: u64,
+    /// When taking back by itself last got nothing.
+    failed_at: Option<Instant>,
 }
 
 impl Control {
@@ -248,15 +256,44 @@ impl Control {
         }
     }
 
-    /// After a give-back: takes one more chunk when writes are about to
-    /// find no room.
-    fn keep_room(&mut self) {
-        let held = self.store.held_bytes();
-        if held >= self.store.full_bytes() || self.store.room_bytes() >= LOW_ROOM {
+    /// After a give-back: takes one more chunk when writes wait for room
+    /// (`wanted`) or are about to, and answers the waiting writes. After a
+    /// try that got nothing, waits a second before trying again unasked,
+    /// and meanwhile answers waiting writes with no.
+    fn keep_room(&mut self, wanted: bool) {
+        let room = self.store.room_bytes();
+        let refused = self.store.room_refused();
+        if !wanted && room >= LOW_ROOM && !refused {
             return;
         }
-        if let Err(e) = self.take_back(held + 1) {
-            log::warn!("server: could not take VRAM back for new data: {e}");
+        let recent_failure = self.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER);
+        let held = self.store.held_bytes();
+        let grew = if held >= self.store.full_bytes() || recent_failure {
+            false
+        } else {
+            match self.take_back(held + 1) {
+                Ok(()) => self.store.held_bytes() > held,
+                Err(e) => {
+                    log::warn!("server: could not take VRAM back for new data: {e}");
+                    false
+                }
+            }
+        };
+        if !grew && !recent_failure {
+            self.failed_at = Some(Instant::now());
+        }
+        if grew {
+            self.failed_at = None;
+        }
+        if wanted || refused || grew {
+            let room_now = self.store.room_bytes() > 0;
+            if wanted && !room_now && !grew {
+                log::warn!(
+                    "server: writes found no VRAM left to take back; they fail (ENOSPC) and the \
+                     kernel keeps their data"
+                );
+            }
+            self.store.room_answer(grew || room_now);
         }
     }
 }

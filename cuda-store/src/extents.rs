@@ -10,12 +10,19 @@
 //!
 //! Each extent is one atomic word shared by every queue: the slot (+1; 0 is
 //! unmapped), a count of in-flight requests using it ("pins"), and a
-//! "moving" bit. A request pins only while the bit is clear, and a move sets
-//! the bit only while nothing is pinned, both by compare-and-swap on the
-//! same word, so data never moves under a request.
+//! "moving" bit. A request pins only while the bit is clear, and a move (or
+//! an unmapping) sets the bit only while nothing is pinned, both by
+//! compare-and-swap on the same word, so data never moves under a request.
+//!
+//! What a crash must find: a mapping is recorded (the caller's `persist`)
+//! before it is published, so no write lands in an extent whose slot the
+//! record does not name; an unmapping is recorded, and its slot zeroed,
+//! while the extent is held "moving", before the slot is free again. Free
+//! slots are therefore zero, and a fresh mapping needs no zeroing.
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 /// Bytes per extent and per slot (the VRAM allocation granularity).
 pub const EXTENT: u64 = 2 << 20;
@@ -35,8 +42,7 @@ pub enum Pinned {
     Mapped(u32),
     /// The extent holds no data (reads are zeros).
     Unmapped,
-    /// A write took this fresh slot for it: the caller zeroes the slot and
-    /// records the mapping before its data lands.
+    /// A write took this fresh (zeroed, recorded) slot for it.
     Allocated(u32),
 }
 
@@ -47,6 +53,8 @@ pub enum PinRefused {
     Moving,
     /// A write needs a slot and every slot under the capacity is taken.
     NoRoom,
+    /// Recording a new mapping failed.
+    NotRecorded,
 }
 
 /// Which slots are taken, and how many may be used (the VRAM held now).
@@ -82,9 +90,20 @@ impl SlotPool {
     }
 }
 
+/// Whether writes wait for VRAM to be taken back.
+#[derive(Debug, Default)]
+struct Room {
+    /// A write found no free slot and waits (deferred) for more VRAM.
+    wanted: bool,
+    /// More VRAM could not be had: writes without a slot fail.
+    refused: bool,
+}
+
 pub struct ExtentMap {
     words: Box<[AtomicU64]>,
     pool: Mutex<SlotPool>,
+    room: Mutex<Room>,
+    room_wanted: Condvar,
 }
 
 impl ExtentMap {
@@ -102,6 +121,8 @@ impl ExtentMap {
                 capacity: capacity.min(slots),
                 hint: 0,
             }),
+            room: Mutex::new(Room::default()),
+            room_wanted: Condvar::new(),
         }
     }
 
@@ -143,10 +164,26 @@ impl ExtentMap {
     }
 
     /// Pins extent `e` for one request; `write` asks for a slot when it has
-    /// none. Every successful pin is matched by one [`unpin`].
+    /// none. Every successful pin is matched by one [`unpin`]. For tests,
+    /// with nothing to record; queues use [`pin_recorded`].
     ///
     /// [`unpin`]: ExtentMap::unpin
+    /// [`pin_recorded`]: ExtentMap::pin_recorded
+    #[cfg(test)]
     pub fn pin(&self, e: u32, write: bool) -> Result<Pinned, PinRefused> {
+        self.pin_recorded(e, write, &mut |_| true)
+    }
+
+    /// As [`pin`], with `persist(slot)` called to record a new mapping
+    /// before any other request can see it (false: not recorded).
+    ///
+    /// [`pin`]: ExtentMap::pin
+    pub fn pin_recorded(
+        &self,
+        e: u32,
+        write: bool,
+        persist: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Pinned, PinRefused> {
         let Some(word) = self.words.get(e as usize) else {
             return Err(PinRefused::NoRoom);
         };
@@ -157,7 +194,14 @@ impl ExtentMap {
             }
             let slot = (cur & SLOT_MASK) as u32;
             if slot == 0 && write {
-                return self.allocate(word, cur);
+                match self.allocate(word, persist)? {
+                    Some(p) => return Ok(p),
+                    // Mapped meanwhile by another writer: pin theirs.
+                    None => {
+                        cur = word.load(SeqCst);
+                        continue;
+                    }
+                }
             }
             match word.compare_exchange(cur, cur + PIN, SeqCst, SeqCst) {
                 Ok(_) if slot == 0 => return Ok(Pinned::Unmapped),
@@ -167,27 +211,32 @@ impl ExtentMap {
         }
     }
 
-    /// Maps the unmapped extent behind `word` (seen as `seen`) to a fresh
-    /// slot, pinned; a racing writer that mapped it first wins.
-    fn allocate(&self, word: &AtomicU64, seen: u64) -> Result<Pinned, PinRefused> {
-        let slot = self.lock().take().ok_or(PinRefused::NoRoom)?;
-        let mut cur = seen;
+    /// Maps the extent behind `word` to a fresh slot, recorded, pinned;
+    /// None when another writer mapped it first. Unmapped extents are
+    /// mapped only here, under the pool lock, so between the check and the
+    /// swap below only pins can change.
+    fn allocate(
+        &self,
+        word: &AtomicU64,
+        persist: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Option<Pinned>, PinRefused> {
+        let mut pool = self.lock();
+        let mut cur = word.load(SeqCst);
+        if cur & MOVING != 0 {
+            return Err(PinRefused::Moving);
+        }
+        if cur & SLOT_MASK != 0 {
+            return Ok(None);
+        }
+        let slot = pool.take().ok_or(PinRefused::NoRoom)?;
+        if !persist(slot) {
+            pool.give(slot);
+            return Err(PinRefused::NotRecorded);
+        }
         loop {
-            if cur & MOVING != 0 {
-                self.lock().give(slot);
-                return Err(PinRefused::Moving);
-            }
-            let theirs = (cur & SLOT_MASK) as u32;
-            let new = match theirs {
-                0 => (cur & PINS_MASK) + PIN + u64::from(slot) + 1,
-                _ => cur + PIN,
-            };
+            let new = (cur & PINS_MASK) + PIN + u64::from(slot) + 1;
             match word.compare_exchange(cur, new, SeqCst, SeqCst) {
-                Ok(_) if theirs == 0 => return Ok(Pinned::Allocated(slot)),
-                Ok(_) => {
-                    self.lock().give(slot);
-                    return Ok(Pinned::Mapped(theirs - 1));
-                }
+                Ok(_) => return Ok(Some(Pinned::Allocated(slot))),
                 Err(now) => cur = now,
             }
         }
@@ -199,28 +248,71 @@ impl ExtentMap {
         }
     }
 
-    /// For a discard covering all of extent `e`: unmaps it unless a request
-    /// is using it or it is moving (a discard may be ignored). Returns the
-    /// slot it had, which the caller gives back with [`free`] once the
-    /// unmapping is recorded.
+    /// Finishes an unmapping begun with [`begin_move`] (for a discard
+    /// covering the whole extent), once the caller has recorded it and
+    /// zeroed the slot: the extent reads as zeros, the slot is free.
     ///
-    /// [`free`]: ExtentMap::free
-    pub fn unmap_if_idle(&self, e: u32) -> Option<u32> {
-        let word = self.words.get(e as usize)?;
-        let cur = word.load(SeqCst);
-        let slot = (cur & SLOT_MASK) as u32;
-        if slot == 0 || cur & (MOVING | PINS_MASK) != 0 {
-            return None;
+    /// [`begin_move`]: ExtentMap::begin_move
+    pub fn end_unmap(&self, e: u32) {
+        if let Some(word) = self.words.get(e as usize) {
+            let old = word.swap(0, SeqCst);
+            let old_slot = (old & SLOT_MASK) as u32;
+            if old_slot > 0 {
+                self.free(old_slot - 1);
+            }
         }
-        word.compare_exchange(cur, 0, SeqCst, SeqCst).ok()?;
-        Some(slot - 1)
     }
 
     pub fn free(&self, slot: u32) {
         self.lock().give(slot);
+        self.lock_room().refused = false;
     }
 
-    /// Starts moving extent `e`: Some(its slot) once no request uses it,
+    fn lock_room(&self) -> std::sync::MutexGuard<'_, Room> {
+        self.room.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For a write that found no free slot: true when it should wait (the
+    /// keeper is asked for more VRAM), false when more cannot be had.
+    pub fn want_room(&self) -> bool {
+        let mut room = self.lock_room();
+        if room.refused {
+            return false;
+        }
+        room.wanted = true;
+        self.room_wanted.notify_all();
+        true
+    }
+
+    /// For the keeper: waits up to `limit` for a write to want room;
+    /// whether one does.
+    pub fn wait_room_wanted(&self, limit: Duration) -> bool {
+        let room = self.lock_room();
+        if room.wanted {
+            return true;
+        }
+        let (room, _) = self
+            .room_wanted
+            .wait_timeout(room, limit)
+            .unwrap_or_else(|p| p.into_inner());
+        room.wanted
+    }
+
+    /// For the keeper: whether more VRAM was had. Either way the waiting
+    /// writes go on: into the new room, or failing.
+    pub fn room_answer(&self, grew: bool) {
+        let mut room = self.lock_room();
+        room.wanted = false;
+        room.refused = !grew;
+    }
+
+    /// Whether writes without a slot fail now.
+    pub fn room_refused(&self) -> bool {
+        self.lock_room().refused
+    }
+
+    /// Starts moving (or unmapping) extent `e`: Some(its slot) once no
+    /// request uses it,
     /// with new pins refused until [`end_move`] or [`abort_move`]. None
     /// when it is unmapped, already moving, or in use (try again).
     ///
@@ -287,6 +379,15 @@ impl ExtentMap {
         self.lock().free_below_capacity()
     }
 
+    /// Whether slot `slot` is taken.
+    pub fn slot_taken(&self, slot: u32) -> bool {
+        self.lock()
+            .used
+            .get(slot as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+
     /// Whether any slot `from` or above is taken (mapped, or taken by a
     /// writer about to map it, or freed but not given back yet).
     pub fn any_taken_from(&self, from: u32) -> bool {
@@ -328,19 +429,52 @@ mod tests {
         assert_eq!(m.free_slots(), 5);
     }
 
+    /// A discard's unmapping, as the queue does it (recording between).
+    fn unmap(m: &ExtentMap, e: u32) -> Option<u32> {
+        let slot = m.begin_move(e)?;
+        m.end_unmap(e);
+        Some(slot)
+    }
+
     #[test]
     fn discard_unmaps_only_idle_extents_and_frees_the_slot() {
         let m = ExtentMap::new(4, 8, 8);
         assert_eq!(m.pin(1, true), Ok(Pinned::Allocated(1)));
-        assert_eq!(m.unmap_if_idle(1), None, "pinned by a write in flight");
+        assert_eq!(unmap(&m, 1), None, "pinned by a write in flight");
         m.unpin(1);
-        assert_eq!(m.unmap_if_idle(1), Some(1));
-        assert_eq!(m.unmap_if_idle(1), None, "already unmapped");
-        // The slot is not reused until it is given back.
-        assert_eq!(m.pin(2, true), Ok(Pinned::Allocated(2)));
-        m.free(1);
-        assert_eq!(m.pin(3, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.begin_move(1), Some(1));
+        assert_eq!(m.pin(1, false), Err(PinRefused::Moving), "while recorded");
+        m.end_unmap(1);
+        assert_eq!(unmap(&m, 1), None, "already unmapped");
         assert_eq!(m.pin(1, false), Ok(Pinned::Unmapped));
+        assert_eq!(
+            m.pin(3, true),
+            Ok(Pinned::Allocated(1)),
+            "the slot is free again"
+        );
+    }
+
+    #[test]
+    fn a_mapping_is_recorded_before_it_is_seen_and_a_failed_record_maps_nothing() {
+        let m = ExtentMap::new(4, 8, 8);
+        let mut seen = Vec::new();
+        let got = m.pin_recorded(2, true, &mut |s| {
+            // Not visible yet while it is being recorded.
+            seen.push((s, m.slot_of(2)));
+            true
+        });
+        assert_eq!(got, Ok(Pinned::Allocated(1)));
+        assert_eq!(seen, vec![(1, None)]);
+        assert_eq!(
+            m.pin_recorded(3, true, &mut |_| false),
+            Err(PinRefused::NotRecorded)
+        );
+        assert_eq!(m.slot_of(3), None);
+        assert_eq!(
+            m.pin(3, true),
+            Ok(Pinned::Allocated(2)),
+            "the slot went back"
+        );
     }
 
     #[test]
@@ -362,7 +496,7 @@ mod tests {
         assert_eq!(m.begin_move(0), Some(1));
         assert_eq!(m.pin(0, false), Err(PinRefused::Moving));
         assert_eq!(m.pin(0, true), Err(PinRefused::Moving));
-        assert_eq!(m.unmap_if_idle(0), None, "a discard skips a moving extent");
+        assert_eq!(unmap(&m, 0), None, "a discard skips a moving extent");
         let to = m.take_below(8).unwrap();
         m.end_move(0, to);
         assert_eq!(m.pin(0, false), Ok(Pinned::Mapped(to)));
@@ -384,9 +518,7 @@ mod tests {
             m.unpin(e);
         }
         for e in 0..4 {
-            if let Some(s) = m.unmap_if_idle(e) {
-                m.free(s);
-            }
+            unmap(&m, e);
         }
         // Slots 1-4 free, 5 and 6 hold extents 4 and 5.
         m.set_capacity(4);
@@ -396,6 +528,26 @@ mod tests {
         assert_eq!(m.pin(7, true), Ok(Pinned::Allocated(2)));
         assert_eq!(m.pin(6, true), Ok(Pinned::Allocated(3)));
         assert_eq!(m.pin(0, true), Err(PinRefused::NoRoom));
+    }
+
+    #[test]
+    fn a_write_without_room_waits_for_the_keeper_and_fails_once_refused() {
+        let m = ExtentMap::new(4, 2, 2);
+        assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(1)));
+        assert_eq!(m.pin(1, true), Err(PinRefused::NoRoom));
+        assert!(!m.wait_room_wanted(Duration::from_millis(1)));
+        assert!(m.want_room(), "the first asks and waits");
+        assert!(m.wait_room_wanted(Duration::from_secs(5)));
+        m.room_answer(false);
+        assert!(m.room_refused());
+        assert!(!m.want_room(), "refused: the write fails");
+        // A slot freed by a discard is room again.
+        m.unpin(0);
+        unmap(&m, 0).unwrap();
+        assert!(!m.room_refused());
+        assert!(m.want_room());
+        m.room_answer(true);
+        assert!(!m.room_refused());
     }
 
     #[test]

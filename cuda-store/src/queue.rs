@@ -105,8 +105,6 @@ struct Round {
     descs: DescTable,
     /// Extents the round's requests pinned, let go when it finishes.
     pins: Vec<u32>,
-    /// Slots its discards unmapped, free once their unmapping is recorded.
-    freed: Vec<u32>,
 }
 
 /// One request's piece inside one extent, translated to VRAM.
@@ -142,6 +140,9 @@ pub struct CudaQueue {
     base: sys::CUdeviceptr,
     extents: Arc<ExtentMap>,
     stream: sys::CUstream,
+    /// Where mappings are recorded, waited for at once (rarely: a write to
+    /// an extent with no slot, a discard of a whole extent).
+    map_stream: sys::CUstream,
     pinned: *mut std::ffi::c_void,
     /// The io buffers' address as the GPU sees them.
     pinned_dev: sys::CUdeviceptr,
@@ -152,7 +153,8 @@ pub struct CudaQueue {
     /// Scratch for a round's pieces and requests (kept for capacity).
     pieces: Vec<Piece>,
     jobs: Vec<Job>,
-    /// Requests that found an extent moving: tried again at the next poll.
+    /// Requests that found an extent moving, or no room while the keeper
+    /// takes VRAM back: tried again at the next poll.
     deferred: Vec<Request>,
     in_flight: usize,
 }
@@ -170,6 +172,7 @@ impl CudaQueue {
             base,
             extents,
             stream: std::ptr::null_mut(),
+            map_stream: std::ptr::null_mut(),
             pinned: std::ptr::null_mut(),
             pinned_dev: 0,
             pinned_len: buffers.len(),
@@ -191,6 +194,13 @@ impl CudaQueue {
             check(
                 sys::cuStreamCreate(
                     &mut q.stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                ),
+                "cuStreamCreate",
+            )?;
+            check(
+                sys::cuStreamCreate(
+                    &mut q.map_stream,
                     sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
                 ),
                 "cuStreamCreate",
@@ -233,7 +243,6 @@ impl CudaQueue {
             completions: Vec::new(),
             descs: DescTable::empty(),
             pins: Vec::new(),
-            freed: Vec::new(),
         })
     }
 
@@ -310,45 +319,54 @@ impl CudaQueue {
         res == sys::CUresult::CUDA_SUCCESS
     }
 
-    /// Zeroes a freshly taken slot and records it as extent `e`'s, both
-    /// on the stream ahead of the round's copies: the map names the slot
-    /// only after it reads as zeros, and before the write is answered.
-    fn prepare_slot(&self, e: u32, slot: u32) -> bool {
-        // SAFETY: the slot lies in a mapped chunk (under the capacity) and
-        // is this extent's alone; the entry lies in the map's slot.
+    /// Records extent `e`'s map entry as `entry` (slot + 1, or 0), after
+    /// zeroing `zero` (a slot being freed) if given, and waits for both.
+    fn record(&self, e: u32, entry: u32, zero: Option<u32>) -> bool {
+        // SAFETY: the entry lies in the map's slot; a slot to zero is this
+        // extent's, held "moving" by the caller, so nothing else touches it.
         let r = unsafe {
-            match sys::cuMemsetD8Async(slot_addr(self.base, slot), 0, EXTENT as usize, self.stream)
-            {
+            let zeroed = match zero {
+                Some(s) => sys::cuMemsetD8Async(
+                    slot_addr(self.base, s),
+                    0,
+                    EXTENT as usize,
+                    self.map_stream,
+                ),
+                None => sys::CUresult::CUDA_SUCCESS,
+            };
+            match zeroed {
                 sys::CUresult::CUDA_SUCCESS => {
-                    sys::cuMemsetD32Async(entry_addr(self.base, e), slot + 1, 1, self.stream)
+                    match sys::cuMemsetD32Async(entry_addr(self.base, e), entry, 1, self.map_stream)
+                    {
+                        sys::CUresult::CUDA_SUCCESS => sys::cuStreamSynchronize(self.map_stream),
+                        err => err,
+                    }
                 }
                 err => err,
             }
         };
         if r != sys::CUresult::CUDA_SUCCESS {
-            log::error!("preparing a slot for extent {e}: {}", describe(r));
+            log::error!("recording extent {e} in the map: {}", describe(r));
         }
         r == sys::CUresult::CUDA_SUCCESS
     }
 
-    /// Unmaps the extents a discard covers whole, recording each on the
-    /// stream; their slots are freed when the round ends.
-    fn discard(&self, r: &Request, round: &mut Round) {
+    /// Unmaps the extents a discard covers whole and nobody uses: each is
+    /// held "moving" while its slot is zeroed and the unmapping recorded,
+    /// then its slot is free. A discard may be ignored, so a busy extent
+    /// simply keeps its data.
+    fn discard(&self, r: &Request) {
         let first = r.offset.div_ceil(EXTENT);
         let end = (r.offset + u64::from(r.len)) / EXTENT;
         for e in first..end {
             let e = e as u32;
-            let Some(slot) = self.extents.unmap_if_idle(e) else {
+            let Some(slot) = self.extents.begin_move(e) else {
                 continue;
             };
-            // SAFETY: the entry lies in the map's slot.
-            let res = unsafe { sys::cuMemsetD32Async(entry_addr(self.base, e), 0, 1, self.stream) };
-            if res == sys::CUresult::CUDA_SUCCESS {
-                round.freed.push(slot);
+            if self.record(e, 0, Some(slot)) {
+                self.extents.end_unmap(e);
             } else {
-                // Not recorded: a crash would find the slot still named, so
-                // it must never serve another extent. It stays taken.
-                log::error!("unmapping extent {e}: {}", describe(res));
+                self.extents.abort_move(e);
             }
         }
     }
@@ -357,13 +375,6 @@ impl CudaQueue {
     fn finish(&mut self, mut round: Round, failed: bool, done: &mut Vec<Completion>) {
         for e in round.pins.drain(..) {
             self.extents.unpin(e);
-        }
-        // A failed round may not have recorded its unmappings: those slots
-        // stay taken rather than risk serving two extents.
-        for s in round.freed.drain(..) {
-            if !failed {
-                self.extents.free(s);
-            }
         }
         done.extend(round.completions.drain(..).map(|c| Completion {
             tag: c.tag,
@@ -380,7 +391,6 @@ impl CudaQueue {
         let pieces_before = self.pieces.len();
         let mut at = r.offset;
         let end = r.offset + u64::from(r.len);
-        let mut failed = false;
         while at < end {
             let e = (at / EXTENT) as u32;
             let within = at % EXTENT;
@@ -389,15 +399,16 @@ impl CudaQueue {
             // within the request, whose length the engine checked against
             // its buffer.
             let buf = unsafe { r.buf.as_ptr().add((at - r.offset) as usize) };
-            match self.extents.pin(e, r.op == Op::Write) {
+            let pinned = {
+                let q = &*self;
+                q.extents
+                    .pin_recorded(e, r.op == Op::Write, &mut |s| q.record(e, s + 1, None))
+            };
+            match pinned {
                 Ok(pinned) => {
                     round.pins.push(e);
                     let slot = match pinned {
-                        Pinned::Mapped(s) => Some(s),
-                        Pinned::Allocated(s) => {
-                            failed |= !self.prepare_slot(e, s);
-                            Some(s)
-                        }
+                        Pinned::Mapped(s) | Pinned::Allocated(s) => Some(s),
                         Pinned::Unmapped => None,
                     };
                     match slot {
@@ -426,9 +437,6 @@ impl CudaQueue {
                 }
             }
             at += u64::from(len);
-        }
-        if failed {
-            self.jobs[job].failed = true;
         }
         Ok(())
     }
@@ -462,7 +470,7 @@ impl QueueStore for CudaQueue {
             match r.op {
                 Op::Flush => continue,
                 Op::Discard => {
-                    self.discard(&r, &mut round);
+                    self.discard(&r);
                     continue;
                 }
                 _ => {}
@@ -473,13 +481,25 @@ impl QueueStore for CudaQueue {
                     self.jobs.pop();
                     self.deferred.push(r);
                 }
+                Err(PinRefused::NoRoom) if self.extents.want_room() => {
+                    self.jobs.pop();
+                    self.deferred.push(r);
+                }
+                Err(PinRefused::NotRecorded) => {
+                    self.jobs.pop();
+                    done.push(Completion {
+                        tag: r.tag,
+                        result: -libc::EIO,
+                    });
+                }
                 Err(PinRefused::NoRoom) => {
                     self.jobs.pop();
                     let n = NO_ROOM.fetch_add(1, Relaxed);
                     if n.is_power_of_two() || n == 0 {
                         log::warn!(
                             "a write found no free VRAM slot ({} so far): the device gave VRAM \
-                             back and could not take it again; the kernel keeps the data",
+                             back and the GPU has none to take back; it fails with ENOSPC (swap \
+                             keeps the page in RAM)",
                             n + 1
                         );
                     }
@@ -606,6 +626,10 @@ impl Drop for CudaQueue {
             }
             if !self.stream.is_null() {
                 sys::cuStreamDestroy_v2(self.stream);
+            }
+            if !self.map_stream.is_null() {
+                sys::cuStreamSynchronize(self.map_stream);
+                sys::cuStreamDestroy_v2(self.map_stream);
             }
         }
     }

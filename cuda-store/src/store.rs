@@ -452,27 +452,62 @@ impl CudaStore {
         }
     }
 
-    /// A fresh device: every extent unmapped, all slots held usable.
+    /// A fresh device: every slot zero (a free slot always is), every
+    /// extent unmapped, all slots held usable.
     fn write_empty_map(&mut self) -> Result<(), StoreError> {
         let extents = self.size.div_ceil(EXTENT) as u32;
         let mut header = [0u8; MAP_HEADER as usize];
         header[..8].copy_from_slice(&MAP_MAGIC);
         header[8..16].copy_from_slice(&u64::from(extents).to_le_bytes());
-        // SAFETY: slot 0 is mapped (the first chunk always is); the header
-        // is a live local array.
+        let held = self.held_bytes() as usize;
+        // SAFETY: the held bytes from the start of the range are mapped
+        // (slot 0 among them); the header is a live local array.
         unsafe {
             check(
-                sys::cuMemsetD8_v2(self.base, 0, EXTENT as usize),
-                "clearing the extent map",
+                sys::cuMemsetD8_v2(self.base, 0, held),
+                "zeroing the new VRAM",
             )?;
             check(
                 sys::cuMemcpyHtoD_v2(self.base, header.as_ptr().cast(), header.len()),
                 "writing the extent map",
             )?;
+            check(sys::cuCtxSynchronize(), "writing the extent map")?;
         }
         let held = self.held_slots();
         self.extents = Arc::new(ExtentMap::new(extents, self.slots, held));
         Ok(())
+    }
+
+    /// For a server taking over imported VRAM, once the server that used
+    /// it before is gone: reads the map again (a standby imported it long
+    /// before; the old server has mapped and unmapped extents since) and
+    /// zeroes every slot it does not name, which the old server may have
+    /// been freeing or moving from when it died (free slots must be zero).
+    pub fn take_over(&mut self) -> Result<(), StoreError> {
+        self.make_current()?;
+        self.read_map()?;
+        let held = self.held_slots();
+        let mut s = MAP_SLOT + 1;
+        while s < held {
+            if self.extents.slot_taken(s) {
+                s += 1;
+                continue;
+            }
+            let run = (s..held)
+                .take_while(|&t| !self.extents.slot_taken(t))
+                .count() as u32;
+            // SAFETY: free slots of held chunks: mapped, named by no extent,
+            // and no other server runs on this VRAM any more.
+            check(
+                unsafe {
+                    sys::cuMemsetD8_v2(self.slot_addr(s), 0, (u64::from(run) * EXTENT) as usize)
+                },
+                "zeroing free VRAM",
+            )?;
+            s += run;
+        }
+        // SAFETY: waits for this context's work; no arguments.
+        check(unsafe { sys::cuCtxSynchronize() }, "zeroing free VRAM")
     }
 
     /// Reads back the map a previous server left in slot 0.
@@ -686,9 +721,24 @@ impl CudaStore {
                 break;
             }
             let c = self.create_chunk(len, &prop)?;
-            if let Err(e) = self.map_chunk(i, &c) {
-                // SAFETY: the handle is ours and maps nowhere.
-                unsafe { sys::cuMemRelease(c.handle) };
+            let at = self.base + u64::from(i) * BACKOFF_STEP;
+            let mapped = self.map_chunk(i, &c).and_then(|()| {
+                // SAFETY: just mapped, ours; free slots must be zero before
+                // any queue's stream (which does not wait for this one)
+                // writes there.
+                check(
+                    unsafe { sys::cuMemsetD8_v2(at, 0, len) },
+                    "zeroing new VRAM",
+                )?;
+                // SAFETY: waits for this context's work; no arguments.
+                check(unsafe { sys::cuCtxSynchronize() }, "zeroing new VRAM")
+            });
+            if let Err(e) = mapped {
+                // SAFETY: the handle is ours; unmapping what may be mapped.
+                unsafe {
+                    sys::cuMemUnmap(at, len);
+                    sys::cuMemRelease(c.handle);
+                }
                 return Err(e);
             }
             chunks.push(c);
@@ -707,6 +757,24 @@ impl CudaStore {
     /// Room for new data, bytes: free slots under the capacity.
     pub fn room_bytes(&self) -> u64 {
         u64::from(self.extents.free_slots()) * EXTENT
+    }
+
+    /// Waits up to `limit` for a write that found no room (it waits, its
+    /// queue retrying, until [`room_answer`]); whether one came.
+    ///
+    /// [`room_answer`]: CudaStore::room_answer
+    pub fn wait_room_wanted(&self, limit: Duration) -> bool {
+        self.extents.wait_room_wanted(limit)
+    }
+
+    /// Whether VRAM was taken back for waiting writes; false makes writes
+    /// with no room fail (ENOSPC) until a slot frees or VRAM is had.
+    pub fn room_answer(&self, grew: bool) {
+        self.extents.room_answer(grew)
+    }
+
+    pub fn room_refused(&self) -> bool {
+        self.extents.room_refused()
     }
 
     pub(crate) fn slot_addr(&self, slot: u32) -> u64 {
@@ -744,9 +812,10 @@ impl ControlStream {
         Ok(ControlStream(s))
     }
 
-    /// Copies one extent from `src` to `dst`, then records `entry` at
-    /// `entry_at`, and waits for both: the map names the new slot only
-    /// once the data is there.
+    /// Copies one extent from `src` to `dst`, records `entry` at
+    /// `entry_at`, zeroes `src`, and waits for all three: the map names the
+    /// new slot only once the data is there, and the old slot is zero
+    /// before it is free.
     fn copy_and_record(
         &self,
         dst: u64,
@@ -764,6 +833,10 @@ impl ControlStream {
             check(
                 sys::cuMemsetD32Async(entry_at, entry, 1, self.0),
                 "recording a moved extent",
+            )?;
+            check(
+                sys::cuMemsetD8Async(src, 0, EXTENT as usize, self.0),
+                "zeroing a moved extent's old slot",
             )?;
             check(sys::cuStreamSynchronize(self.0), "moving an extent")
         }

@@ -125,5 +125,47 @@ dev=$(vramblk add --size 64M --backend host)
 echo hello | dd of=$dev bs=4096 conv=sync oflag=direct 2>/dev/null
 check "a new device works after the crash" sh -c "dd if=$dev bs=4096 count=1 iflag=direct 2>/dev/null | grep -q hello"
 vramblk del 0 > /dev/null
+
+# --- giving VRAM back while the device stays up (issue 5): the cuda
+# backend on the stand-in libcuda, here on plain memory (this boot has no
+# swap pressure); 1 GiB is 3 chunks (512 + 512 + 2 MiB for the map).
+GB_ENV="LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_VRAM_MIB=2048"
+held() { vramblk status --json > /tmp/gb.json 2>&1 && jsonq /tmp/gb.json devices.0.vram.held; }
+dev=$(env $GB_ENV vramblk add --size 1G --backend cuda --reserve 0)
+check "give-back: a 1 GiB cuda device (stub) comes up" [ "$dev" = /dev/ublkb0 ] || show_logs
+check "give-back: a fresh device holds its whole layout (1026 MiB)" [ "$(held)" = $((1026 << 20)) ]
+GB_OLD="--name=gb --filename=$dev --rw=write --bs=64k --iodepth=16 --offset=768M --size=256M"
+$FIO $GB_OLD --verify=crc32c --do_verify=0 --output=/tmp/fio-gb.txt
+check "give-back: 256 MiB with checksums written at 768 MiB" [ $? -eq 0 ]
+$FIO --name=fill --filename=$dev --rw=write --bs=1M --iodepth=8 --size=768M --output=/tmp/fio-gf.txt
+check "give-back: the first 768 MiB written, then discarded" /sbin/blkdiscard -o 0 -l $((768 << 20)) $dev
+out=$(vramblk release 0 --to 0 2>&1)
+info "release 0 --to 0: $out"
+check "give-back: release --to 0 says what the device holds" has "$out" "holds 512M of VRAM"
+check "give-back: it holds 512 MiB now (status --json)" [ "$(held)" = $((512 << 20)) ]
+check "give-back: the device is still live" sh -c "vramblk list | grep -q '^0 .* live '"
+fio_verified "give-back: every block written before reads back intact" /tmp/fio-gv.txt $GB_OLD
+check "give-back: the discarded range reads as zeros" cmp -s -n $((64 << 20)) $dev /dev/zero
+# New data beyond what it holds: it takes VRAM back by itself.
+GB_NEW="--name=gb2 --filename=$dev --rw=randwrite --bs=16k --iodepth=16 --size=512M"
+$FIO $GB_NEW --verify=crc32c --do_verify=0 --output=/tmp/fio-gb2.txt
+check "give-back: 512 MiB of new data written without an error" [ $? -eq 0 ] || tail -5 /tmp/fio-gb2.txt
+check "give-back: it took VRAM back for them" [ "$(held)" -gt $((512 << 20)) ]
+info "give-back: holds $(( $(held) >> 20 )) MiB after the new data"
+# A crash after the changes: the new server imports what is held now.
+p=$(daemon_pid 0)
+kill -9 "$p"
+check "give-back: a killed server is recovered" wait_recovered 0 "$p"
+fio_verified "give-back: after the crash the old data is intact" /tmp/fio-gv2.txt $GB_OLD
+fio_verified "give-back: after the crash the new data is intact" /tmp/fio-gv3.txt $GB_NEW
+vramblk add --size 64M --backend host > /dev/null
+expect_err "give-back: --to on a host device is refused" "is not a vramblk cuda device" \
+    vramblk release 1 --to 0
+expect_err "give-back: a bad --to is refused" "--to 1x" vramblk release 0 --to 1x
+vramblk del 1 > /dev/null
+vramblk del 0 > /dev/null
+check "give-back: del removes the device" wait_for 30 nodes_gone 0
+grep -h "gave back\|took back\|standby.*retired" /run/vramblk/*.log 2>/dev/null | tail -6 | while read -r l; do info "log: $l"; done
+
 check "no kernel oops or hung task" no_oops
 dmesg | grep -E 'ublk|Oops|BUG' | tail -20 | while read -r l; do info "dmesg: $l"; done

@@ -10,6 +10,10 @@ use toml::Spanned;
 
 pub const CONFIG_PATH: &str = "/etc/vramblk.toml";
 
+fn discard_by_default() -> bool {
+    true
+}
+
 /// How a device moves data (issue 3): `auto` batches small pages through a
 /// kernel on the GPU's SMs, `dma` uses the copy engines only (for GPUs busy
 /// with other work).
@@ -42,7 +46,9 @@ struct RawDevice {
     gpu: u32,
     #[serde(default)]
     priority: Option<Spanned<i32>>,
-    #[serde(default)]
+    /// On unless turned off: freed swap is discarded, which lets a cuda
+    /// device give its VRAM back (release --to, the pressure policy).
+    #[serde(default = "discard_by_default")]
     discard: bool,
     #[serde(default)]
     reserve: Option<Spanned<String>>,
@@ -298,6 +304,7 @@ calm_secs = 60
             (d.reserve, d.depth, d.queues, d.copy_mode),
             (512 << 20, 128, None, CopyMode::Auto)
         );
+        assert!(d.discard, "discard is on unless turned off");
         let h = &c.devices[1];
         assert_eq!(
             (h.backend, h.hugepages, h.priority, h.queues, h.depth),
