@@ -134,14 +134,16 @@ held() { vramblk status --json > /tmp/gb.json 2>&1 && jsonq /tmp/gb.json devices
 dev=$(env $GB_ENV vramblk add --size 1G --backend cuda --reserve 0)
 check "give-back: a 1 GiB cuda device (stub) comes up" [ "$dev" = /dev/ublkb0 ] || show_logs
 check "give-back: a fresh device holds its whole layout (1026 MiB)" [ "$(held)" = $((1026 << 20)) ]
+# The first 768 MiB are written first, so the data written after them
+# lives in the last chunks and must move when they go.
+$FIO --name=fill --filename=$dev --rw=write --bs=1M --iodepth=8 --size=768M --output=/tmp/fio-gf.txt
 GB_OLD="--name=gb --filename=$dev --rw=write --bs=64k --iodepth=16 --offset=768M --size=256M"
 $FIO $GB_OLD --verify=crc32c --do_verify=0 --output=/tmp/fio-gb.txt
-check "give-back: 256 MiB with checksums written at 768 MiB" [ $? -eq 0 ]
-$FIO --name=fill --filename=$dev --rw=write --bs=1M --iodepth=8 --size=768M --output=/tmp/fio-gf.txt
-check "give-back: the first 768 MiB written, then discarded" /sbin/blkdiscard -o 0 -l $((768 << 20)) $dev
+check "give-back: 768 MiB written, then 256 MiB with checksums" [ $? -eq 0 ]
+check "give-back: the first 768 MiB discarded" /sbin/blkdiscard -o 0 -l $((768 << 20)) $dev
 out=$(vramblk release 0 --to 0 2>&1)
 info "release 0 --to 0: $out"
-check "give-back: release --to 0 says what the device holds" has "$out" "holds 512M of VRAM"
+check "give-back: release --to 0 moved the data out of the last chunks" has "$out" "holds 512M of VRAM (258M of it data, 1026M when whole; 128 extents moved)"
 check "give-back: it holds 512 MiB now (status --json)" [ "$(held)" = $((512 << 20)) ]
 check "give-back: the device is still live" sh -c "vramblk list | grep -q '^0 .* live '"
 fio_verified "give-back: every block written before reads back intact" /tmp/fio-gv.txt $GB_OLD
@@ -166,6 +168,40 @@ vramblk del 1 > /dev/null
 vramblk del 0 > /dev/null
 check "give-back: del removes the device" wait_for 30 nodes_gone 0
 grep -h "gave back\|took back\|standby.*retired" /run/vramblk/*.log 2>/dev/null | tail -6 | while read -r l; do info "log: $l"; done
+
+# The service's pressure steps on such a device: first the unused part
+# (the device stays swap), then, still short, the whole device; back
+# after calm_secs. Free VRAM comes from a file instead of NVML.
+mkdir -p /tmp/vram
+echo 8G > /tmp/vram/0
+cat > /etc/vramblk-trim.toml <<'CFG'
+[[device]]
+size = "1G"
+backend = "cuda"
+reserve = "0"
+queues = 2
+
+[pressure]
+enabled = true
+min_free_vram = "1G"
+calm_secs = 4
+CFG
+env $GB_ENV vramblk service --config /etc/vramblk-trim.toml --free-vram-from /tmp/vram > /tmp/svct.log 2>&1 &
+st=$!
+check "trim: the 1 GiB cuda device (stub) comes up as swap" wait_for 60 swap_on /dev/ublkb0 || cat /tmp/svct.log
+check "trim: swapon --discard left it holding little data" [ "$(vramblk status --json > /tmp/st.json; jsonq /tmp/st.json devices.0.vram.used)" -le $((8 << 20)) ]
+echo 100M > /tmp/vram/0
+check "trim: under the threshold it first gives back the unused VRAM" wait_for 30 grep -q "give back the VRAM that holds no data" /tmp/svct.log
+check "trim: the device said it holds 512 MiB, still swap at that point" wait_for 10 grep -q "service: /dev/ublkb0 holds 512M of VRAM" /tmp/svct.log
+check "trim: still short with nothing unused: the device is swapped off and removed" wait_for 30 nodes_gone 0
+vramblk status --json > /tmp/st.json 2>&1
+check "trim: status --json says GPU 0 is released" has "$(jsonq /tmp/st.json service.pressure.0)" released
+echo 8G > /tmp/vram/0
+check "trim: pressure gone for calm_secs: the device comes back as swap" wait_for 60 swap_on /dev/ublkb0
+kill -TERM $st
+wait $st
+while read -r l; do info "trim service: $l"; done < /tmp/svct.log
+check "trim: SIGTERM takes the device down" wait_for 30 nodes_gone 0
 
 check "no kernel oops or hung task" no_oops
 dmesg | grep -E 'ublk|Oops|BUG' | tail -20 | while read -r l; do info "dmesg: $l"; done
