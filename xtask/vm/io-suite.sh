@@ -172,22 +172,8 @@ grep -h "gave back\|took back\|standby.*retired" /run/vramblk/*.log 2>/dev/null 
 # The service's pressure steps on such a device: first the unused part
 # (the device stays swap), then, still short, the whole device; back
 # after calm_secs. Free VRAM comes from a file instead of NVML.
-mkdir -p /tmp/vram
-echo 8G > /tmp/vram/0
-cat > /etc/vramblk-trim.toml <<'CFG'
-[[device]]
-size = "1G"
-backend = "cuda"
-reserve = "0"
-queues = 2
-
-[pressure]
-enabled = true
-min_free_vram = "1G"
-calm_secs = 4
-CFG
-env $GB_ENV vramblk service --config /etc/vramblk-trim.toml --free-vram-from /tmp/vram > /tmp/svct.log 2>&1 &
-st=$!
+start_pressure_service 1G /tmp/svct.log "$GB_ENV"
+st=$psvc
 check "trim: the 1 GiB cuda device (stub) comes up as swap" wait_for 60 swap_on /dev/ublkb0 || cat /tmp/svct.log
 check "trim: swapon --discard left it holding little data" [ "$(vramblk status --json > /tmp/st.json; jsonq /tmp/st.json devices.0.vram.used)" -le $((8 << 20)) ]
 echo 100M > /tmp/vram/0

@@ -171,3 +171,27 @@ hold_in_swap() {
     mc=$!
     wait_for 300 grep -q holding "$2"
 }
+
+# start_pressure_service SIZE LOG ENV: `vramblk service` with one cuda
+# device of SIZE (reserve 0, 2 queues) and [pressure] on (threshold 1G,
+# calm_secs 4), free VRAM read from /tmp/vram/0 (8G to begin) instead of
+# NVML, run with the environment ENV (the stand-in libcuda); its output
+# goes to LOG, its pid is $psvc.
+start_pressure_service() {
+    mkdir -p /tmp/vram
+    echo 8G > /tmp/vram/0
+    cat > /etc/vramblk-press.toml <<CFG
+[[device]]
+size = "$1"
+backend = "cuda"
+reserve = "0"
+queues = 2
+
+[pressure]
+enabled = true
+min_free_vram = "1G"
+calm_secs = 4
+CFG
+    env $3 vramblk service --config /etc/vramblk-press.toml --free-vram-from /tmp/vram > "$2" 2>&1 &
+    psvc=$!
+}

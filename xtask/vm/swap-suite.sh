@@ -112,22 +112,8 @@ check "no kernel oops or hung task (service part)" no_oops
 
 # --- the service's VRAM-pressure policy on the cuda backend (stand-in
 # libcuda; free VRAM read from files the suite writes instead of NVML).
-mkdir -p /tmp/vram
-echo 8G > /tmp/vram/0
-cat > /etc/vramblk-press.toml <<'CFG'
-[[device]]
-size = "192M"
-backend = "cuda"
-reserve = "0"
-queues = 2
-
-[pressure]
-enabled = true
-min_free_vram = "1G"
-calm_secs = 4
-CFG
-env $STUB_ENV vramblk service --config /etc/vramblk-press.toml --free-vram-from /tmp/vram > /tmp/svcp.log 2>&1 &
-sp=$!
+start_pressure_service 192M /tmp/svcp.log "$STUB_ENV"
+sp=$psvc
 check "pressure: the cuda device (stub) comes up as swap" wait_for 60 swap_on /dev/ublkb0 || cat /tmp/svcp.log
 hold_in_swap 100 /tmp/mcp
 info "pressure: $(awk '$1 == "/dev/ublkb0" {print int($4 / 1024)}' /proc/swaps) MiB in swap, MemAvailable $(mem MemAvailable) MiB"
