@@ -52,6 +52,10 @@ fn main() -> Result<()> {
         .cloned();
     // First, while this process has not touched CUDA (the check forks).
     let recovery = recovery::kill_and_recover(gpu, size.min(1 << 30), 3);
+    let mid_give_back: Vec<(String, bool)> = [300u64, 1500, 6000]
+        .into_iter()
+        .map(|us| recovery::kill_during_give_back(gpu, std::time::Duration::from_micros(us)))
+        .collect();
     // Every copy mode gets its own store: auto (the default: the copy
     // kernel for rounds of 4 requests or more), dma (copy engines only)
     // and, to show why auto leaves small rounds to the copy engines, the
@@ -104,6 +108,7 @@ fn main() -> Result<()> {
     let recovery = recovery
         .unwrap_or_else(|e| vec![(format!("kill-and-recover could not start: {e}"), false)]);
     let mut results = recovery;
+    results.extend(mid_give_back);
     for (mode, s) in &stores {
         if s.copy_policy() == CopyPolicy::DMA && *mode != "dma" {
             results.push((format!("{mode}: the copy kernel loaded"), false));

@@ -224,3 +224,153 @@ fn fd_store_keeps(chunks: &[(usize, OwnedFd)]) -> (String, bool) {
         kept,
     )
 }
+
+/// Bytes per extent of the cuda store's map.
+const EXTENT: u64 = 2 << 20;
+
+/// Whether extent `e` keeps its data in the give-back check (1 in 4).
+fn kept(e: u64) -> bool {
+    e % 4 == 0
+}
+
+/// Reads the whole store: kept extents must hold round `seed`'s pattern,
+/// the others zeros. Returns the bytes that differ.
+fn check_kept(store: &CudaStore, seed: u64) -> u64 {
+    let mut sq = SynthQueue::open(store, 1, 1);
+    let mut bad = 0u64;
+    let mut off = 0;
+    while off < store.size() {
+        let len = REQ.min(store.size() - off);
+        let buf = sq.bufs.slot(0).expect("slot");
+        slice(buf)[..len as usize].fill(0xA5);
+        sq.engine.enqueue(Request {
+            tag: 0,
+            op: Op::Read,
+            offset: off,
+            len: len as u32,
+            buf,
+        });
+        let mut failed = false;
+        sq.finish(|c| failed |= c.result < 0);
+        let b = &slice(buf)[..len as usize];
+        bad += if failed {
+            len
+        } else {
+            b.iter()
+                .enumerate()
+                .filter(|(k, x)| {
+                    let at = off + *k as u64;
+                    let want = if kept(at / EXTENT) {
+                        pattern_byte(seed, at)
+                    } else {
+                        0
+                    };
+                    **x != want
+                })
+                .count() as u64
+        };
+        off += len;
+    }
+    bad
+}
+
+/// Discards every extent that is not kept.
+fn discard_unkept(store: &CudaStore) -> bool {
+    let mut sq = SynthQueue::open(store, 2, 1);
+    let mut ok = true;
+    for e in (0..store.size() / EXTENT).filter(|&e| !kept(e)) {
+        sq.engine.enqueue(Request {
+            tag: 0,
+            op: Op::Discard,
+            offset: e * EXTENT,
+            len: EXTENT as u32,
+            buf: sq.bufs.slot(0).expect("slot"),
+        });
+        sq.finish(|c| ok &= c.result >= 0);
+    }
+    ok
+}
+
+/// A server killed while it gives VRAM back (moving extents out of the
+/// last chunks) loses nothing: a child writes a pattern over a 1 GiB
+/// store, discards 3 extents in 4 and is SIGKILLed `after` into giving
+/// everything unused back; a second child imports what the first handed
+/// over, takes over (re-reads the map, zeroes free slots) and must find
+/// every kept byte and zeros elsewhere, then gives back for real and
+/// checks again.
+pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
+    let name = format!(
+        "killed {} us into a give-back, then imported by a new process: every kept byte, zeros elsewhere, and the give-back then completes",
+        after.as_micros()
+    );
+    let Ok((holder, child_end)) = handoff::socket_pair() else {
+        return (format!("{name}: no socket pair"), false);
+    };
+    let first = in_child(|| {
+        let Ok(store) = CudaStore::create(&CudaStoreOptions::new(1 << 30, gpu)) else {
+            return 2;
+        };
+        store.set_erase_on_drop(false);
+        let Ok(chunks) = store.exported_chunks() else {
+            return 4;
+        };
+        let mut text = format!("VRAM {}", store.size());
+        for (len, _) in &chunks {
+            text.push_str(&format!(" {len}"));
+        }
+        let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| f.as_fd()).collect();
+        if handoff::send(child_end.as_fd(), &text, &fds).is_err() {
+            return 4;
+        }
+        sweep(&store, 11, true);
+        if !discard_unkept(&store) {
+            return 7;
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            die()
+        });
+        let _ = store.give_back(0);
+        std::thread::sleep(Duration::from_secs(5));
+        die()
+    });
+    let Ok((text, fds)) = handoff::recv(holder.as_fd()) else {
+        return (format!("{name}: no handoff (first child {first:?})"), false);
+    };
+    let mut words = text.split_whitespace().skip(1);
+    let size: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let lens: Vec<usize> = words.filter_map(|w| w.parse().ok()).collect();
+    let chunks: Vec<(usize, OwnedFd)> = lens.into_iter().zip(fds).collect();
+    let second = in_child(|| {
+        let borrowed: Vec<(usize, BorrowedFd)> =
+            chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect();
+        let Ok(mut store) = CudaStore::import(gpu, size, &borrowed, CopyPolicy::AUTO) else {
+            return 5;
+        };
+        if store.take_over().is_err() {
+            return 8;
+        }
+        if check_kept(&store, 11) != 0 {
+            return 6;
+        }
+        match store.give_back(0) {
+            Ok(r) if r.after < r.before => {}
+            _ => return 9,
+        }
+        if check_kept(&store, 11) != 0 {
+            return 10;
+        }
+        0
+    });
+    let code = second
+        .filter(|s| libc::WIFEXITED(*s))
+        .map(|s| libc::WEXITSTATUS(s));
+    (
+        if code == Some(0) {
+            name
+        } else {
+            format!("{name} (second child: {second:?})")
+        },
+        killed(first) && code == Some(0),
+    )
+}
