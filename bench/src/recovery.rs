@@ -230,7 +230,7 @@ const EXTENT: u64 = 2 << 20;
 
 /// Whether extent `e` keeps its data in the give-back check (1 in 4).
 fn kept(e: u64) -> bool {
-    e % 4 == 0
+    e.is_multiple_of(4)
 }
 
 /// Reads the whole store: kept extents must hold round `seed`'s pattern,
