@@ -76,6 +76,39 @@ fn sweep(store: &CudaStore, seed: u64, write: bool) -> u64 {
     bad
 }
 
+/// In a child: creates a store of `size` bytes whose VRAM outlives it and
+/// hands its chunks to the parent over `end` (or says why it could not).
+fn create_and_hand_over(gpu: u32, size: u64, end: BorrowedFd) -> Result<CudaStore, i32> {
+    let store = match CudaStore::create(&CudaStoreOptions::new(size, gpu)) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = handoff::send(end, &format!("ERR {e}"), &[]);
+            return Err(2);
+        }
+    };
+    store.set_erase_on_drop(false);
+    let chunks = store.exported_chunks().map_err(|_| 4)?;
+    let mut text = format!("VRAM {}", store.size());
+    for (len, _) in &chunks {
+        text.push_str(&format!(" {len}"));
+    }
+    let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| f.as_fd()).collect();
+    handoff::send(end, &text, &fds).map_err(|_| 4)?;
+    Ok(store)
+}
+
+/// In the parent: the store size and chunks a child handed over.
+fn receive_chunks(holder: BorrowedFd) -> Result<(u64, Vec<(usize, OwnedFd)>), String> {
+    let (text, fds) = handoff::recv(holder).map_err(|e| e.to_string())?;
+    if let Some(why) = text.strip_prefix("ERR ") {
+        return Err(why.to_string());
+    }
+    let mut words = text.split_whitespace().skip(1);
+    let size: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let lens: Vec<usize> = words.filter_map(|w| w.parse().ok()).collect();
+    Ok((size, lens.into_iter().zip(fds).collect()))
+}
+
 /// Runs `body` in a forked child; returns how it ended.
 fn in_child(body: impl FnOnce() -> i32) -> Option<libc::c_int> {
     // SAFETY: this process has not initialised CUDA or started threads
@@ -112,37 +145,16 @@ fn exited_ok(status: Option<libc::c_int>) -> bool {
 /// first child could not allocate (no GPU).
 pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, bool)>, String> {
     let (holder, child_end) = handoff::socket_pair().map_err(|e| e.to_string())?;
-    let first = in_child(|| {
-        let store = match CudaStore::create(&CudaStoreOptions::new(size, gpu)) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = handoff::send(child_end.as_fd(), &format!("ERR {e}"), &[]);
-                return 2;
+    let first = in_child(
+        || match create_and_hand_over(gpu, size, child_end.as_fd()) {
+            Ok(store) => {
+                sweep(&store, 1, true);
+                die()
             }
-        };
-        store.set_erase_on_drop(false);
-        let Ok(chunks) = store.exported_chunks() else {
-            return 4;
-        };
-        let mut text = format!("VRAM {}", store.size());
-        for (len, _) in &chunks {
-            text.push_str(&format!(" {len}"));
-        }
-        let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| f.as_fd()).collect();
-        if handoff::send(child_end.as_fd(), &text, &fds).is_err() {
-            return 4;
-        }
-        sweep(&store, 1, true);
-        die()
-    });
-    let (text, fds) = handoff::recv(holder.as_fd()).map_err(|e| e.to_string())?;
-    if let Some(why) = text.strip_prefix("ERR ") {
-        return Err(why.to_string());
-    }
-    let mut words = text.split_whitespace().skip(1);
-    let got_size: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-    let lens: Vec<usize> = words.filter_map(|w| w.parse().ok()).collect();
-    let chunks: Vec<(usize, OwnedFd)> = lens.into_iter().zip(fds).collect();
+            Err(code) => code,
+        },
+    );
+    let (got_size, chunks) = receive_chunks(holder.as_fd())?;
     let mut out = vec![(
         format!(
             "kill-and-recover: a child allocated {} MiB in {} chunks, handed them over, wrote a pattern and was SIGKILLed",
@@ -307,21 +319,10 @@ pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
         return (format!("{name}: no socket pair"), false);
     };
     let first = in_child(|| {
-        let Ok(store) = CudaStore::create(&CudaStoreOptions::new(1 << 30, gpu)) else {
-            return 2;
+        let store = match create_and_hand_over(gpu, 1 << 30, child_end.as_fd()) {
+            Ok(s) => s,
+            Err(code) => return code,
         };
-        store.set_erase_on_drop(false);
-        let Ok(chunks) = store.exported_chunks() else {
-            return 4;
-        };
-        let mut text = format!("VRAM {}", store.size());
-        for (len, _) in &chunks {
-            text.push_str(&format!(" {len}"));
-        }
-        let fds: Vec<BorrowedFd> = chunks.iter().map(|(_, f)| f.as_fd()).collect();
-        if handoff::send(child_end.as_fd(), &text, &fds).is_err() {
-            return 4;
-        }
         sweep(&store, 11, true);
         if !discard_unkept(&store) {
             return 7;
@@ -334,13 +335,15 @@ pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
         std::thread::sleep(Duration::from_secs(5));
         die()
     });
-    let Ok((text, fds)) = handoff::recv(holder.as_fd()) else {
-        return (format!("{name}: no handoff (first child {first:?})"), false);
+    let (size, chunks) = match receive_chunks(holder.as_fd()) {
+        Ok(got) => got,
+        Err(e) => {
+            return (
+                format!("{name}: no handoff ({e}; first child {first:?})"),
+                false,
+            )
+        }
     };
-    let mut words = text.split_whitespace().skip(1);
-    let size: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-    let lens: Vec<usize> = words.filter_map(|w| w.parse().ok()).collect();
-    let chunks: Vec<(usize, OwnedFd)> = lens.into_iter().zip(fds).collect();
     let second = in_child(|| {
         let borrowed: Vec<(usize, BorrowedFd)> =
             chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect();
