@@ -183,14 +183,6 @@ fn live_vram(entries: &[usize]) -> Vec<(u32, VramReply)> {
         .collect()
 }
 
-/// What a give-back would free: the VRAM held beyond the whole chunks the
-/// data (and the map) needs, the first chunk always kept.
-fn unused_bytes(u: &VramReply) -> u64 {
-    let step = vramblk_cuda_store::BACKOFF_STEP;
-    let kept = u.used.div_ceil(step).max(1) * step;
-    u.held.saturating_sub(kept)
-}
-
 struct Service {
     config: Config,
     sysfs: PathBuf,
@@ -331,7 +323,7 @@ impl Service {
             };
             let reading = VramReading {
                 free,
-                unused: live.iter().map(|(_, u)| unused_bytes(u)).sum(),
+                unused: live.iter().map(|(_, u)| u.unused).sum(),
                 to_take: if gate.released() {
                     sizes
                 } else {
@@ -429,33 +421,5 @@ impl Service {
         self.state.held_down = held.into_iter().collect();
         self.state.holding = self.holder.held();
         self.state.store();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MIB: u64 = 1 << 20;
-
-    fn usage(held: u64, used: u64) -> VramReply {
-        VramReply {
-            ok: true,
-            held: held * MIB,
-            used: used * MIB,
-            full: 2050 * MIB,
-            ..VramReply::default()
-        }
-    }
-
-    #[test]
-    fn unused_vram_counts_whole_chunks_beyond_what_the_data_needs() {
-        // 258 MiB of data keeps one chunk: 1538 MiB could go.
-        assert_eq!(unused_bytes(&usage(2050, 258)), 1538 * MIB);
-        // 600 MiB keeps two.
-        assert_eq!(unused_bytes(&usage(2050, 600)), 1026 * MIB);
-        // Nothing beyond the first chunk, or nearly full: nothing.
-        assert_eq!(unused_bytes(&usage(512, 2)), 0);
-        assert_eq!(unused_bytes(&usage(2050, 2049)), 0);
     }
 }

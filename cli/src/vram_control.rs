@@ -86,7 +86,8 @@ impl Command {
 }
 
 /// The answer: the VRAM held now, how much of it holds data, what the
-/// whole device takes, and for a give-back what it did.
+/// whole device takes, what a give-back would free, and for a give-back
+/// what it did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VramReply {
     pub ok: bool,
@@ -95,6 +96,9 @@ pub struct VramReply {
     pub held: u64,
     pub used: u64,
     pub full: u64,
+    /// What a give-back to nothing would free now.
+    #[serde(default)]
+    pub unused: u64,
     #[serde(default)]
     pub moved: u32,
 }
@@ -185,6 +189,7 @@ impl Control {
             held: self.store.held_bytes(),
             used: self.store.used_bytes(),
             full: self.store.full_bytes(),
+            unused: self.store.unused_bytes(),
             moved,
         }
     }

@@ -55,3 +55,82 @@ pub(crate) fn init() -> Result<i32, StoreError> {
         Ok(version)
     }
 }
+
+/// A stream whose work its owner waits for at once: the map's records
+/// (a queue's first write to an extent, a discard) and the moves of a
+/// give-back. Destroyed, after its work, when dropped.
+pub(crate) struct SyncStream(sys::CUstream);
+
+impl SyncStream {
+    /// On the context current on this thread.
+    pub(crate) fn new() -> Result<SyncStream, StoreError> {
+        let mut s = std::ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        check(
+            unsafe {
+                sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            },
+            "cuStreamCreate",
+        )?;
+        Ok(SyncStream(s))
+    }
+
+    /// Queues a copy of `len` bytes of VRAM from `src` to `dst`.
+    ///
+    /// # Safety
+    /// Both ranges are mapped, and nothing else uses them until [`wait`].
+    ///
+    /// [`wait`]: SyncStream::wait
+    pub(crate) unsafe fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), StoreError> {
+        // SAFETY: as the caller promised.
+        check(
+            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, len, self.0) },
+            "copying VRAM",
+        )
+    }
+
+    /// Queues zeroing `len` bytes of VRAM at `at`.
+    ///
+    /// # Safety
+    /// The range is mapped, and nothing else uses it until [`wait`].
+    ///
+    /// [`wait`]: SyncStream::wait
+    pub(crate) unsafe fn zero(&self, at: u64, len: usize) -> Result<(), StoreError> {
+        // SAFETY: as the caller promised.
+        check(
+            unsafe { sys::cuMemsetD8Async(at, 0, len, self.0) },
+            "zeroing VRAM",
+        )
+    }
+
+    /// Queues writing the 32-bit `value` at `at` (a map entry).
+    ///
+    /// # Safety
+    /// `at` is a mapped, 4-byte-aligned word nobody else writes meanwhile.
+    pub(crate) unsafe fn put_u32(&self, at: u64, value: u32) -> Result<(), StoreError> {
+        // SAFETY: as the caller promised.
+        check(
+            unsafe { sys::cuMemsetD32Async(at, value, 1, self.0) },
+            "writing the extent map",
+        )
+    }
+
+    /// Waits for everything queued.
+    pub(crate) fn wait(&self) -> Result<(), StoreError> {
+        // SAFETY: our own stream.
+        check(
+            unsafe { sys::cuStreamSynchronize(self.0) },
+            "waiting for VRAM work",
+        )
+    }
+}
+
+impl Drop for SyncStream {
+    fn drop(&mut self) {
+        // SAFETY: our stream; what it still runs is waited for first.
+        unsafe {
+            sys::cuStreamSynchronize(self.0);
+            sys::cuStreamDestroy_v2(self.0);
+        }
+    }
+}

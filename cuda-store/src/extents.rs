@@ -254,9 +254,14 @@ impl ExtentMap {
     ///
     /// [`begin_move`]: ExtentMap::begin_move
     pub fn end_unmap(&self, e: u32) {
-        if let Some(word) = self.words.get(e as usize) {
-            let old = word.swap(0, SeqCst);
-            let old_slot = (old & SLOT_MASK) as u32;
+        self.settle(e, 0);
+    }
+
+    /// Ends a move or an unmapping: extent `e`'s word becomes `word` (no
+    /// pins, not moving) and the slot it had is free again.
+    fn settle(&self, e: u32, word: u64) {
+        if let Some(w) = self.words.get(e as usize) {
+            let old_slot = (w.swap(word, SeqCst) & SLOT_MASK) as u32;
             if old_slot > 0 {
                 self.free(old_slot - 1);
             }
@@ -312,11 +317,12 @@ impl ExtentMap {
     }
 
     /// Starts moving (or unmapping) extent `e`: Some(its slot) once no
-    /// request uses it,
-    /// with new pins refused until [`end_move`] or [`abort_move`]. None
-    /// when it is unmapped, already moving, or in use (try again).
+    /// request uses it, with new pins refused until [`end_move`] (or
+    /// [`end_unmap`]) or [`abort_move`]. None when it is unmapped, already
+    /// moving, or in use (try again).
     ///
     /// [`end_move`]: ExtentMap::end_move
+    /// [`end_unmap`]: ExtentMap::end_unmap
     /// [`abort_move`]: ExtentMap::abort_move
     pub fn begin_move(&self, e: u32) -> Option<u32> {
         let word = self.words.get(e as usize)?;
@@ -333,13 +339,7 @@ impl ExtentMap {
     /// Finishes a move: the extent lives in `slot` now; its old slot is
     /// free again.
     pub fn end_move(&self, e: u32, slot: u32) {
-        if let Some(word) = self.words.get(e as usize) {
-            let old = word.swap(u64::from(slot) + 1, SeqCst);
-            let old_slot = (old & SLOT_MASK) as u32;
-            if old_slot > 0 {
-                self.free(old_slot - 1);
-            }
-        }
+        self.settle(e, u64::from(slot) + 1);
     }
 
     pub fn abort_move(&self, e: u32) {
@@ -379,17 +379,21 @@ impl ExtentMap {
         self.lock().free_below_capacity()
     }
 
-    /// Whether slot `slot` is taken.
-    pub fn slot_taken(&self, slot: u32) -> bool {
-        self.lock()
-            .used
-            .get(slot as usize)
-            .copied()
-            .unwrap_or(false)
+    /// The free slots under the capacity, as runs (first, count).
+    pub fn free_runs(&self) -> Vec<(u32, u32)> {
+        let pool = self.lock();
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for s in (MAP_SLOT + 1..pool.capacity).filter(|&s| !pool.used[s as usize]) {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == s => *count += 1,
+                _ => runs.push((s, 1)),
+            }
+        }
+        runs
     }
 
     /// Whether any slot `from` or above is taken (mapped, or taken by a
-    /// writer about to map it, or freed but not given back yet).
+    /// writer still recording its mapping).
     pub fn any_taken_from(&self, from: u32) -> bool {
         let pool = self.lock();
         pool.used.iter().skip(from as usize).any(|&u| u)
@@ -548,6 +552,14 @@ mod tests {
         assert!(m.want_room());
         m.room_answer(true);
         assert!(!m.room_refused());
+    }
+
+    #[test]
+    fn free_slots_come_as_runs_under_the_capacity() {
+        let m = ExtentMap::from_entries(&[0, 3, 0, 6], 10, 8).unwrap();
+        assert_eq!(m.free_runs(), vec![(1, 1), (3, 2), (6, 2)]);
+        m.set_capacity(5);
+        assert_eq!(m.free_runs(), vec![(1, 1), (3, 2)]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! through one launch of the copy kernel; larger ones (and all of them in
 //! DMA mode) as one async copy each on the copy engines.
 
-use crate::driver::{check, describe};
+use crate::driver::{check, describe, SyncStream};
 use crate::extents::{ExtentMap, PinRefused, Pinned, EXTENT};
 use crate::kernel::{self, Desc, THREADS};
 use crate::store::{entry_addr, slot_addr};
@@ -141,8 +141,9 @@ pub struct CudaQueue {
     extents: Arc<ExtentMap>,
     stream: sys::CUstream,
     /// Where mappings are recorded, waited for at once (rarely: a write to
-    /// an extent with no slot, a discard of a whole extent).
-    map_stream: sys::CUstream,
+    /// an extent with no slot, a discard of a whole extent). Made after the
+    /// context is current, hence the Option.
+    map_stream: Option<SyncStream>,
     pinned: *mut std::ffi::c_void,
     /// The io buffers' address as the GPU sees them.
     pinned_dev: sys::CUdeviceptr,
@@ -172,7 +173,7 @@ impl CudaQueue {
             base,
             extents,
             stream: std::ptr::null_mut(),
-            map_stream: std::ptr::null_mut(),
+            map_stream: None,
             pinned: std::ptr::null_mut(),
             pinned_dev: 0,
             pinned_len: buffers.len(),
@@ -199,13 +200,6 @@ impl CudaQueue {
                 "cuStreamCreate",
             )?;
             check(
-                sys::cuStreamCreate(
-                    &mut q.map_stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                ),
-                "cuStreamCreate",
-            )?;
-            check(
                 sys::cuMemHostRegister_v2(
                     buffers.base().cast(),
                     buffers.len(),
@@ -215,6 +209,7 @@ impl CudaQueue {
             )?;
         }
         q.pinned = buffers.base().cast();
+        q.map_stream = Some(SyncStream::new()?);
         if q.path.kernel.is_some() {
             // SAFETY: the range was registered with DEVICEMAP just above.
             let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut q.pinned_dev, q.pinned, 0) };
@@ -322,33 +317,22 @@ impl CudaQueue {
     /// Records extent `e`'s map entry as `entry` (slot + 1, or 0), after
     /// zeroing `zero` (a slot being freed) if given, and waits for both.
     fn record(&self, e: u32, entry: u32, zero: Option<u32>) -> bool {
+        let Some(stream) = &self.map_stream else {
+            return false;
+        };
         // SAFETY: the entry lies in the map's slot; a slot to zero is this
         // extent's, held "moving" by the caller, so nothing else touches it.
-        let r = unsafe {
-            let zeroed = match zero {
-                Some(s) => sys::cuMemsetD8Async(
-                    slot_addr(self.base, s),
-                    0,
-                    EXTENT as usize,
-                    self.map_stream,
-                ),
-                None => sys::CUresult::CUDA_SUCCESS,
-            };
-            match zeroed {
-                sys::CUresult::CUDA_SUCCESS => {
-                    match sys::cuMemsetD32Async(entry_addr(self.base, e), entry, 1, self.map_stream)
-                    {
-                        sys::CUresult::CUDA_SUCCESS => sys::cuStreamSynchronize(self.map_stream),
-                        err => err,
-                    }
-                }
-                err => err,
-            }
+        let recorded = unsafe {
+            zero.map_or(Ok(()), |s| {
+                stream.zero(slot_addr(self.base, s), EXTENT as usize)
+            })
+            .and_then(|()| stream.put_u32(entry_addr(self.base, e), entry))
+            .and_then(|()| stream.wait())
         };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            log::error!("recording extent {e} in the map: {}", describe(r));
+        if let Err(err) = &recorded {
+            log::error!("recording extent {e} in the map: {err}");
         }
-        r == sys::CUresult::CUDA_SUCCESS
+        recorded.is_ok()
     }
 
     /// Unmaps the extents a discard covers whole and nobody uses: each is
@@ -457,8 +441,8 @@ impl QueueStore for CudaQueue {
         };
         self.pieces.clear();
         self.jobs.clear();
-        // Lookups first: slots a write takes are zeroed and recorded on
-        // the stream before any copy of the round.
+        // Lookups first: a write that takes a slot has its mapping
+        // recorded (and waited for) before any copy of the round is queued.
         for r in batch.drain(..) {
             let job = self.jobs.len();
             self.jobs.push(Job {
@@ -509,6 +493,12 @@ impl QueueStore for CudaQueue {
                     });
                 }
             }
+        }
+        if self.jobs.is_empty() {
+            // Every request waits (deferred) or has its answer: no event
+            // to record while the queue retries at each poll.
+            self.spare.push(round);
+            return;
         }
         // Small pieces into the kernel's table, the rest straight onto the
         // copy engines; the launch goes after them on the stream.
@@ -626,10 +616,6 @@ impl Drop for CudaQueue {
             }
             if !self.stream.is_null() {
                 sys::cuStreamDestroy_v2(self.stream);
-            }
-            if !self.map_stream.is_null() {
-                sys::cuStreamSynchronize(self.map_stream);
-                sys::cuStreamDestroy_v2(self.map_stream);
             }
         }
     }

@@ -5,17 +5,17 @@
 //! `cuMemCreate` chunks of [`BACKOFF_STEP`] (the last one shorter) mapped
 //! in order from its start; the chunks held are always a prefix, so giving
 //! VRAM back frees the last ones. Slot 0 holds the extent map (a header,
-//! then one u32 per extent: slot + 1, 0 unmapped), written on the queues'
-//! streams before the data it maps, so a recovering server reads back
-//! where every extent lives.
+//! then one u32 per extent: slot + 1, 0 unmapped), each entry written and
+//! waited for before the mapping is used, so a recovering server reads
+//! back where every extent lives. Free slots are always zero.
 
-use crate::driver::{check, describe, init};
+use crate::driver::{check, describe, init, SyncStream};
 use crate::extents::{ExtentMap, EXTENT, MAP_SLOT};
 use crate::kernel::CopyKernel;
 use crate::queue::{CopyPath, CudaQueue};
 use crate::{CopyPolicy, BACKOFF_STEP};
 use cudarc::driver::sys;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -152,10 +152,7 @@ impl CudaStore {
         }
         let mut held = Vec::new();
         for (len, fd) in chunks {
-            let own = fd.try_clone_to_owned().map_err(|e| StoreError::Os {
-                what: "duplicating a VRAM fd".into(),
-                source: e,
-            })?;
+            let own = duplicate(*fd)?;
             let mut handle = 0;
             // SAFETY: valid out-pointer; for POSIX-fd handles the driver
             // takes the fd number itself in place of the pointer.
@@ -197,13 +194,7 @@ impl CudaStore {
     pub fn exported_chunks(&self) -> Result<Vec<(usize, OwnedFd)>, StoreError> {
         self.lock_chunks()
             .iter()
-            .map(|c| {
-                let fd = c.fd.try_clone().map_err(|e| StoreError::Os {
-                    what: "duplicating a VRAM fd".into(),
-                    source: e,
-                })?;
-                Ok((c.len, fd))
-            })
+            .map(|c| Ok((c.len, duplicate(c.fd.as_fd())?)))
             .collect()
     }
 
@@ -219,6 +210,13 @@ impl CudaStore {
     /// Bytes of VRAM that hold data: mapped extents and the map.
     pub fn used_bytes(&self) -> u64 {
         (u64::from(self.extents.mapped()) + 1) * EXTENT
+    }
+
+    /// Bytes a give-back to nothing would free now: what is held beyond
+    /// the whole chunks the data needs.
+    pub fn unused_bytes(&self) -> u64 {
+        let lens: Vec<u64> = self.lock_chunks().iter().map(|c| c.len as u64).collect();
+        unused_of(&lens, self.extents.mapped())
     }
 
     /// Bytes of VRAM the whole device takes when it holds all it may.
@@ -461,12 +459,10 @@ impl CudaStore {
         header[8..16].copy_from_slice(&u64::from(extents).to_le_bytes());
         let held = self.held_bytes() as usize;
         // SAFETY: the held bytes from the start of the range are mapped
-        // (slot 0 among them); the header is a live local array.
+        // (slot 0 among them) and no queue runs yet; the header is a live
+        // local array.
         unsafe {
-            check(
-                sys::cuMemsetD8_v2(self.base, 0, held),
-                "zeroing the new VRAM",
-            )?;
+            self.zero_now(self.base, held, "zeroing the new VRAM")?;
             check(
                 sys::cuMemcpyHtoD_v2(self.base, header.as_ptr().cast(), header.len()),
                 "writing the extent map",
@@ -486,28 +482,32 @@ impl CudaStore {
     pub fn take_over(&mut self) -> Result<(), StoreError> {
         self.make_current()?;
         self.read_map()?;
-        let held = self.held_slots();
-        let mut s = MAP_SLOT + 1;
-        while s < held {
-            if self.extents.slot_taken(s) {
-                s += 1;
-                continue;
-            }
-            let run = (s..held)
-                .take_while(|&t| !self.extents.slot_taken(t))
-                .count() as u32;
-            // SAFETY: free slots of held chunks: mapped, named by no extent,
-            // and no other server runs on this VRAM any more.
-            check(
-                unsafe {
-                    sys::cuMemsetD8_v2(self.slot_addr(s), 0, (u64::from(run) * EXTENT) as usize)
-                },
-                "zeroing free VRAM",
-            )?;
-            s += run;
+        for (first, count) in self.extents.free_runs() {
+            // SAFETY: free slots of held chunks (under the capacity read
+            // with the map): mapped, named by no extent, and no other
+            // server runs on this VRAM any more.
+            unsafe {
+                self.zero_now(
+                    self.slot_addr(first),
+                    (u64::from(count) * EXTENT) as usize,
+                    "zeroing free VRAM",
+                )?
+            };
         }
-        // SAFETY: waits for this context's work; no arguments.
-        check(unsafe { sys::cuCtxSynchronize() }, "zeroing free VRAM")
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes of VRAM at `at` and waits for it: the queues'
+    /// streams do not wait for the default one.
+    ///
+    /// # Safety
+    /// The range is mapped and no stream uses it meanwhile.
+    unsafe fn zero_now(&self, at: u64, len: usize, what: &str) -> Result<(), StoreError> {
+        // SAFETY: as the caller promised; then a wait on this context.
+        unsafe {
+            check(sys::cuMemsetD8_v2(at, 0, len), what)?;
+            check(sys::cuCtxSynchronize(), what)
+        }
     }
 
     /// Reads back the map a previous server left in slot 0.
@@ -563,16 +563,10 @@ impl CudaStore {
             return Ok(());
         }
         let data = self.held_bytes().saturating_sub(EXTENT) as usize;
+        self.make_current()?;
         // SAFETY: the held bytes from the start of the range are ours and
-        // mapped; the data slots follow the map's.
-        unsafe {
-            check(sys::cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")?;
-            check(
-                sys::cuMemsetD8_v2(self.slot_addr(MAP_SLOT + 1), 0, data),
-                "erasing VRAM",
-            )?;
-            check(sys::cuCtxSynchronize(), "erasing VRAM")
-        }
+        // mapped, the data slots after the map's; no queue is left.
+        unsafe { self.zero_now(self.slot_addr(MAP_SLOT + 1), data, "erasing VRAM") }
     }
 
     /// Gives VRAM back while the device stays up: moves the data of the
@@ -585,10 +579,7 @@ impl CudaStore {
         self.make_current()?;
         let before: u64 = chunks.iter().map(|c| c.len as u64).sum();
         let held_slots = (before / EXTENT) as u32;
-        let needed = target
-            .div_ceil(EXTENT)
-            .max(u64::from(self.extents.mapped()) + 1) as u32;
-        let keep_chunks = needed.div_ceil(CHUNK_SLOTS).max(1);
+        let keep_chunks = chunks_kept(target, self.extents.mapped());
         if keep_chunks as usize >= chunks.len() {
             return Ok(Resized {
                 before,
@@ -631,7 +622,7 @@ impl CudaStore {
     /// Moves every extent living in slot `from` or above below it; waits
     /// for slots a writer took there before the capacity fell.
     fn empty_slots_from(&self, from: u32) -> Result<u32, StoreError> {
-        let stream = ControlStream::new()?;
+        let stream = SyncStream::new()?;
         let deadline = Instant::now() + MOVE_WAIT;
         let mut moved = 0;
         loop {
@@ -656,7 +647,7 @@ impl CudaStore {
 
     /// Moves extent `e` into a free slot under `below`; false when it needs
     /// no move any more (unmapped or below meanwhile).
-    fn move_extent(&self, e: u32, below: u32, stream: &ControlStream) -> Result<bool, StoreError> {
+    fn move_extent(&self, e: u32, below: u32, stream: &SyncStream) -> Result<bool, StoreError> {
         let deadline = Instant::now() + MOVE_WAIT;
         let from = loop {
             if self.extents.slot_of(e).is_none_or(|s| s < below) {
@@ -678,12 +669,17 @@ impl CudaStore {
                 "no free slot to move data into; nothing was given back".into(),
             ));
         };
-        let copied = stream.copy_and_record(
-            self.slot_addr(to),
-            self.slot_addr(from),
-            self.entry_addr(e),
-            to + 1,
-        );
+        // SAFETY: both slots are mapped and nobody else touches them (the
+        // extent is moving, the target slot is freshly taken); the entry
+        // lies in the map's slot. The map names the new slot only once the
+        // data is there, and the old slot is zero before it is free.
+        let copied = unsafe {
+            stream
+                .copy(self.slot_addr(to), self.slot_addr(from), EXTENT as usize)
+                .and_then(|()| stream.put_u32(self.entry_addr(e), to + 1))
+                .and_then(|()| stream.zero(self.slot_addr(from), EXTENT as usize))
+                .and_then(|()| stream.wait())
+        };
         if let Err(err) = copied {
             self.extents.free(to);
             self.extents.abort_move(e);
@@ -723,15 +719,9 @@ impl CudaStore {
             let c = self.create_chunk(len, &prop)?;
             let at = self.base + u64::from(i) * BACKOFF_STEP;
             let mapped = self.map_chunk(i, &c).and_then(|()| {
-                // SAFETY: just mapped, ours; free slots must be zero before
-                // any queue's stream (which does not wait for this one)
-                // writes there.
-                check(
-                    unsafe { sys::cuMemsetD8_v2(at, 0, len) },
-                    "zeroing new VRAM",
-                )?;
-                // SAFETY: waits for this context's work; no arguments.
-                check(unsafe { sys::cuCtxSynchronize() }, "zeroing new VRAM")
+                // SAFETY: just mapped, ours, beyond the capacity (no queue
+                // writes there yet); free slots must be zero.
+                unsafe { self.zero_now(at, len, "zeroing new VRAM") }
             });
             if let Err(e) = mapped {
                 // SAFETY: the handle is ours; unmapping what may be mapped.
@@ -786,6 +776,27 @@ impl CudaStore {
     }
 }
 
+/// Chunks a give-back down to `target` bytes keeps while `mapped` extents
+/// hold data: room for them and the map, at least the first chunk.
+fn chunks_kept(target: u64, mapped: u32) -> u32 {
+    let needed = target.div_ceil(EXTENT).max(u64::from(mapped) + 1) as u32;
+    needed.div_ceil(CHUNK_SLOTS).max(1)
+}
+
+/// What a give-back to nothing would free from chunks of `lens` bytes
+/// while `mapped` extents hold data.
+fn unused_of(lens: &[u64], mapped: u32) -> u64 {
+    lens.iter().skip(chunks_kept(0, mapped) as usize).sum()
+}
+
+/// A copy of a VRAM chunk's fd.
+fn duplicate(fd: BorrowedFd) -> Result<OwnedFd, StoreError> {
+    fd.try_clone_to_owned().map_err(|e| StoreError::Os {
+        what: "duplicating a VRAM fd".into(),
+        source: e,
+    })
+}
+
 /// Where slot `slot` starts.
 pub(crate) fn slot_addr(base: u64, slot: u32) -> u64 {
     base + u64::from(slot) * EXTENT
@@ -794,60 +805,6 @@ pub(crate) fn slot_addr(base: u64, slot: u32) -> u64 {
 /// Where extent `e`'s map entry lives (in slot 0).
 pub(crate) fn entry_addr(base: u64, e: u32) -> u64 {
     slot_addr(base, MAP_SLOT) + MAP_HEADER + 4 * u64::from(e)
-}
-
-/// A stream of the thread giving VRAM back, for its moves.
-struct ControlStream(sys::CUstream);
-
-impl ControlStream {
-    fn new() -> Result<ControlStream, StoreError> {
-        let mut s = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; the caller made the context current.
-        check(
-            unsafe {
-                sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
-            },
-            "cuStreamCreate",
-        )?;
-        Ok(ControlStream(s))
-    }
-
-    /// Copies one extent from `src` to `dst`, records `entry` at
-    /// `entry_at`, zeroes `src`, and waits for all three: the map names the
-    /// new slot only once the data is there, and the old slot is zero
-    /// before it is free.
-    fn copy_and_record(
-        &self,
-        dst: u64,
-        src: u64,
-        entry_at: u64,
-        entry: u32,
-    ) -> Result<(), StoreError> {
-        // SAFETY: both slots are mapped and nobody else touches them (the
-        // extent is moving, the target slot is freshly taken).
-        unsafe {
-            check(
-                sys::cuMemcpyDtoDAsync_v2(dst, src, EXTENT as usize, self.0),
-                "moving an extent",
-            )?;
-            check(
-                sys::cuMemsetD32Async(entry_at, entry, 1, self.0),
-                "recording a moved extent",
-            )?;
-            check(
-                sys::cuMemsetD8Async(src, 0, EXTENT as usize, self.0),
-                "zeroing a moved extent's old slot",
-            )?;
-            check(sys::cuStreamSynchronize(self.0), "moving an extent")
-        }
-    }
-}
-
-impl Drop for ControlStream {
-    fn drop(&mut self) {
-        // SAFETY: our stream; its work was waited for.
-        unsafe { sys::cuStreamDestroy_v2(self.0) };
-    }
 }
 
 /// Bytes to allocate: all of `asked` when free VRAM beyond `reserve` holds
@@ -915,7 +872,7 @@ impl Store for CudaStore {
 
 #[cfg(test)]
 mod tests {
-    use super::granted_target;
+    use super::{granted_target, unused_of};
 
     const MIB: u64 = 1 << 20;
 
@@ -933,6 +890,20 @@ mod tests {
         // Not one step left.
         assert_eq!(granted_target(7 << 30, 1000 * MIB, 512 * MIB), 0);
         assert_eq!(granted_target(7 << 30, 100 * MIB, 512 * MIB), 0);
+    }
+
+    #[test]
+    fn unused_vram_counts_whole_chunks_beyond_what_the_data_needs() {
+        // A 2 GiB device held whole: 4 chunks of 512 MiB and 2 MiB.
+        let whole = [512 * MIB, 512 * MIB, 512 * MIB, 512 * MIB, 2 * MIB];
+        // 258 MiB of data (128 extents and the map) keeps one chunk: 1538
+        // MiB could go.
+        assert_eq!(unused_of(&whole, 128), 1538 * MIB);
+        // 600 MiB keeps two.
+        assert_eq!(unused_of(&whole, 299), 1026 * MIB);
+        // Nothing beyond the first chunk, or nearly full: nothing.
+        assert_eq!(unused_of(&[512 * MIB], 0), 0);
+        assert_eq!(unused_of(&whole, 1024), 0);
     }
 }
 
