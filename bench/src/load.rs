@@ -196,7 +196,8 @@ impl Drop for HeldVram {
     }
 }
 
-fn free_vram(store: &CudaStore) -> u64 {
+/// Free VRAM on the store's GPU now.
+pub(crate) fn free_vram(store: &CudaStore) -> u64 {
     let (mut free, mut total) = (0usize, 0usize);
     let _ = store.make_current();
     // SAFETY: valid out-pointers.

@@ -12,7 +12,7 @@
 use crate::load::{slice, SynthQueue};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
-use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
+use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions, EXTENT};
 use vramblk_store::{handoff, Op, Request, Store};
 
 const DEPTH: usize = 16;
@@ -29,6 +29,12 @@ fn pattern_byte(seed: u64, i: u64) -> u8 {
 /// Writes round `seed`'s pattern over the whole store, or (write=false)
 /// reads it all back and counts the bytes that differ.
 fn sweep(store: &CudaStore, seed: u64, write: bool) -> u64 {
+    sweep_bytes(store, write, |at| pattern_byte(seed, at))
+}
+
+/// Writes `byte(offset)` over the whole store, or (write=false) reads it
+/// all back and counts the bytes that differ from it.
+fn sweep_bytes(store: &CudaStore, write: bool, byte: impl Fn(u64) -> u8) -> u64 {
     let mut sq = SynthQueue::open(store, 0, DEPTH);
     let size = store.size();
     let mut bad = 0u64;
@@ -44,7 +50,7 @@ fn sweep(store: &CudaStore, seed: u64, write: bool) -> u64 {
             let b = &mut slice(buf)[..len as usize];
             if write {
                 for (k, x) in b.iter_mut().enumerate() {
-                    *x = pattern_byte(seed, off + k as u64);
+                    *x = byte(off + k as u64);
                 }
             } else {
                 b.fill(0xA5);
@@ -68,7 +74,7 @@ fn sweep(store: &CudaStore, seed: u64, write: bool) -> u64 {
                 bad += b
                     .iter()
                     .enumerate()
-                    .filter(|(k, x)| **x != pattern_byte(seed, at + *k as u64))
+                    .filter(|(k, x)| **x != byte(at + *k as u64))
                     .count() as u64;
             }
         }
@@ -237,9 +243,6 @@ fn fd_store_keeps(chunks: &[(usize, OwnedFd)]) -> (String, bool) {
     )
 }
 
-/// Bytes per extent of the cuda store's map.
-const EXTENT: u64 = 2 << 20;
-
 /// Whether extent `e` keeps its data in the give-back check (1 in 4).
 fn kept(e: u64) -> bool {
     e.is_multiple_of(4)
@@ -248,42 +251,13 @@ fn kept(e: u64) -> bool {
 /// Reads the whole store: kept extents must hold round `seed`'s pattern,
 /// the others zeros. Returns the bytes that differ.
 fn check_kept(store: &CudaStore, seed: u64) -> u64 {
-    let mut sq = SynthQueue::open(store, 1, 1);
-    let mut bad = 0u64;
-    let mut off = 0;
-    while off < store.size() {
-        let len = REQ.min(store.size() - off);
-        let buf = sq.bufs.slot(0).expect("slot");
-        slice(buf)[..len as usize].fill(0xA5);
-        sq.engine.enqueue(Request {
-            tag: 0,
-            op: Op::Read,
-            offset: off,
-            len: len as u32,
-            buf,
-        });
-        let mut failed = false;
-        sq.finish(|c| failed |= c.result < 0);
-        let b = &slice(buf)[..len as usize];
-        bad += if failed {
-            len
+    sweep_bytes(store, false, |at| {
+        if kept(at / EXTENT) {
+            pattern_byte(seed, at)
         } else {
-            b.iter()
-                .enumerate()
-                .filter(|(k, x)| {
-                    let at = off + *k as u64;
-                    let want = if kept(at / EXTENT) {
-                        pattern_byte(seed, at)
-                    } else {
-                        0
-                    };
-                    **x != want
-                })
-                .count() as u64
-        };
-        off += len;
-    }
-    bad
+            0
+        }
+    })
 }
 
 /// Discards every extent that is not kept.

@@ -5,11 +5,10 @@
 //! hand a later server exactly the chunks it holds; all while another
 //! queue reads and writes against a shadow.
 
-use crate::load::{shadow_check, slice, SynthQueue};
-use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions, BACKOFF_STEP};
+use crate::load::{free_vram, shadow_check, slice, SynthQueue};
+use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions, BACKOFF_STEP, EXTENT};
 use vramblk_store::{Completion, Op, Request, Store};
 
-const EXTENT: u64 = 2 << 20;
 const BLOCK: u64 = 64 << 10;
 
 /// The byte every block of extent `e` is filled with.
@@ -42,14 +41,6 @@ fn reads(sq: &mut SynthQueue, e: u64, want: u8) -> bool {
         && slice(sq.bufs.slot(0).expect("a buffer"))[..BLOCK as usize]
             .iter()
             .all(|&b| b == want)
-}
-
-fn free_vram(store: &CudaStore) -> u64 {
-    let (mut free, mut total) = (0usize, 0usize);
-    let _ = store.make_current();
-    // SAFETY: valid out-pointers.
-    unsafe { cudarc::driver::sys::cuMemGetInfo_v2(&mut free, &mut total) };
-    free as u64
 }
 
 /// Queues `0..4` write interleaved 4 KiB blocks into the same fresh
