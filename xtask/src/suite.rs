@@ -204,6 +204,7 @@ pub fn run_all(root: &Path) -> Result<()> {
     let kernel = kernel::fetch(&vm_dir.join("kernel"))?;
 
     let (mut passed, mut failed) = (0usize, 0usize);
+    let mut failures: Vec<String> = Vec::new();
     let only = std::env::var("VRAMBLK_VM_SUITE").ok();
     for s in SUITES {
         let chosen = match only.as_deref() {
@@ -263,6 +264,7 @@ pub fn run_all(root: &Path) -> Result<()> {
         );
         passed += p;
         failed += f;
+        failures.extend(failures_with_context(s.name, &r.lines));
         if !finished {
             failed += 1;
             println!(
@@ -276,9 +278,62 @@ pub fn run_all(root: &Path) -> Result<()> {
             );
         }
     }
+    if !failures.is_empty() {
+        // Repeated last, so that a log cut to its tail (CI keeps only that) still says what failed.
+        println!("== failed checks, each after the lines the guest printed before it");
+        for f in &failures {
+            println!("{f}");
+        }
+    }
     println!("vm suite: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} VM check(s) failed");
     }
     Ok(())
+}
+
+/// Lines the guest printed before a failed check: what it was doing when the check failed.
+const FAILURE_CONTEXT_LINES: usize = 12;
+
+/// Each FAIL line of one suite with the lines before it (from the previous PASS/FAIL on,
+/// at most FAILURE_CONTEXT_LINES), prefixed with the suite's name.
+fn failures_with_context(suite: &str, lines: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.starts_with("FAIL ") {
+            continue;
+        }
+        let first = lines[..i]
+            .iter()
+            .rposition(|l| l.starts_with("PASS ") || l.starts_with("FAIL "))
+            .map_or(0, |p| p + 1)
+            .max(i.saturating_sub(FAILURE_CONTEXT_LINES));
+        let block: Vec<String> = lines[first..=i]
+            .iter()
+            .map(|l| format!("[{suite}] {l}"))
+            .collect();
+        out.push(block.join("\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_comes_with_the_lines_since_the_last_check() {
+        let lines: Vec<String> = ["PASS a", "INFO x", "INFO y", "FAIL b", "FAIL c", "PASS d"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let got = failures_with_context("io", &lines);
+        assert_eq!(
+            got,
+            vec![
+                "[io] INFO x\n[io] INFO y\n[io] FAIL b".to_string(),
+                "[io] FAIL c".to_string()
+            ]
+        );
+    }
 }
