@@ -333,7 +333,13 @@ impl Service {
                 },
             };
             let floor = self.config.pressure.min_free_vram;
-            match gate.step(reading, now) {
+            let action = gate.step(reading, now);
+            if action != PressureAction::Nothing {
+                // Said before acting: whoever sees the device change (swap
+                // off, nodes gone, swap back on) reads the state that caused it.
+                self.publish();
+            }
+            match action {
                 PressureAction::Nothing => {}
                 PressureAction::Trim => {
                     log::warn!(
@@ -381,7 +387,9 @@ impl Service {
                     );
                     if let Err(e) = take_down(|i| on_gpu.contains(&i)) {
                         log::error!("service: {e:#}; keeping GPU {gpu}'s devices and trying again");
-                        gate.release_refused();
+                        if let Some(gate) = self.pressure.get_mut(&gpu) {
+                            gate.release_refused();
+                        }
                     }
                 }
                 PressureAction::Restore => {

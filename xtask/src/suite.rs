@@ -205,6 +205,7 @@ pub fn run_all(root: &Path) -> Result<()> {
 
     let (mut passed, mut failed) = (0usize, 0usize);
     let mut failures: Vec<String> = Vec::new();
+    let mut per_suite: Vec<String> = Vec::new();
     let only = std::env::var("VRAMBLK_VM_SUITE").ok();
     for s in SUITES {
         let chosen = match only.as_deref() {
@@ -262,6 +263,7 @@ pub fn run_all(root: &Path) -> Result<()> {
             r.boot_secs,
             log.display()
         );
+        per_suite.push(format!("{} {p}/{f}", s.name));
         passed += p;
         failed += f;
         failures.extend(failures_with_context(s.name, &r.lines));
@@ -285,18 +287,27 @@ pub fn run_all(root: &Path) -> Result<()> {
             println!("{f}");
         }
     }
-    println!("vm suite: {passed} passed, {failed} failed");
+    println!(
+        "vm suite: {passed} passed, {failed} failed (passed/failed: {})",
+        per_suite.join(", ")
+    );
     if failed > 0 {
         bail!("{failed} VM check(s) failed");
     }
     Ok(())
 }
 
-/// Lines the guest printed before a failed check: what it was doing when the check failed.
-const FAILURE_CONTEXT_LINES: usize = 12;
+/// Lines the guest printed before a failed check (what it was doing) and
+/// after it (what the check showed about the failure), at most.
+const FAILURE_CONTEXT_BEFORE: usize = 12;
+const FAILURE_CONTEXT_AFTER: usize = 30;
 
-/// Each FAIL line of one suite with the lines before it (from the previous PASS/FAIL on,
-/// at most FAILURE_CONTEXT_LINES), prefixed with the suite's name.
+fn is_check(line: &str) -> bool {
+    line.starts_with("PASS ") || line.starts_with("FAIL ")
+}
+
+/// Each FAIL line of one suite with the lines around it, up to the checks
+/// before and after it, prefixed with the suite's name.
 fn failures_with_context(suite: &str, lines: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, line) in lines.iter().enumerate() {
@@ -305,10 +316,15 @@ fn failures_with_context(suite: &str, lines: &[String]) -> Vec<String> {
         }
         let first = lines[..i]
             .iter()
-            .rposition(|l| l.starts_with("PASS ") || l.starts_with("FAIL "))
+            .rposition(|l| is_check(l))
             .map_or(0, |p| p + 1)
-            .max(i.saturating_sub(FAILURE_CONTEXT_LINES));
-        let block: Vec<String> = lines[first..=i]
+            .max(i.saturating_sub(FAILURE_CONTEXT_BEFORE));
+        let end = lines[i + 1..]
+            .iter()
+            .position(|l| is_check(l) || l.contains("SUITE-DONE"))
+            .map_or(lines.len(), |p| i + 1 + p)
+            .min(i + 1 + FAILURE_CONTEXT_AFTER);
+        let block: Vec<String> = lines[first..end]
             .iter()
             .map(|l| format!("[{suite}] {l}"))
             .collect();
@@ -322,17 +338,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failure_comes_with_the_lines_since_the_last_check() {
-        let lines: Vec<String> = ["PASS a", "INFO x", "INFO y", "FAIL b", "FAIL c", "PASS d"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    fn a_failure_comes_with_the_lines_between_its_neighbouring_checks() {
+        let lines: Vec<String> = [
+            "PASS a", "INFO x", "INFO y", "FAIL b", "FAIL c", "why c", "PASS d",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let got = failures_with_context("io", &lines);
         assert_eq!(
             got,
             vec![
                 "[io] INFO x\n[io] INFO y\n[io] FAIL b".to_string(),
-                "[io] FAIL c".to_string()
+                "[io] FAIL c\n[io] why c".to_string()
             ]
         );
     }

@@ -34,11 +34,17 @@ no_oops() {
     dmesg | no_faults_in
 }
 
+# On a fault it prints the first one (a few lines before it, the stack
+# after) as INFO lines, so that the failed check shows what it was.
 no_faults_in() {
-    awk '/Oops|BUG:|blocked for more than|hung_task/ {bad = 1}
+    awk '{ring[NR % 6] = $0}
+         /Oops|BUG:|blocked for more than|hung_task/ {hit = 1}
          /NMI backtrace for cpu|\] task:/ {asked = 1}
-         /Call Trace/ && !asked {bad = 1}
+         /Call Trace/ && !asked {hit = 1}
          /<\/TASK>/ {asked = 0}
+         hit && !bad {bad = 1; for (i = NR - 5; i < NR; i++) if (i > 0) print "INFO kernel: " ring[i % 6]; left = 20}
+         left > 0 {print "INFO kernel: " $0; left--}
+         {hit = 0}
          END {exit bad}'
 }
 
