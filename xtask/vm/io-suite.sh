@@ -167,6 +167,9 @@ expect_err "give-back: a bad --to is refused" "--to 1x" vramblk release 0 --to 1
 vramblk del 1 > /dev/null
 vramblk del 0 > /dev/null
 check "give-back: del removes the device" wait_for 30 nodes_gone 0
+# Its server erases and frees 1 GiB after the device is gone; the next
+# device needs as much again, and this guest has 2 GiB.
+check "give-back: every vramblk process exits after the del" wait_for 60 daemon_gone
 grep -h "gave back\|took back\|standby.*retired" /run/vramblk/*.log 2>/dev/null | tail -6 | while read -r l; do info "log: $l"; done
 
 # The service's pressure steps on such a device: first the unused part

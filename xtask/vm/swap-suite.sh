@@ -109,6 +109,7 @@ check "service: SIGTERM takes the device down and exits 0" [ $rc -eq 0 ]
 check "service: no swap left" no_swap
 check "service: the device is gone" wait_for 30 nodes_gone 0
 check "no kernel oops or hung task (service part)" no_oops
+check "service: every vramblk process exits after the stop" wait_for 60 daemon_gone
 
 # --- the service's VRAM-pressure policy on the cuda backend (stand-in
 # libcuda; free VRAM read from files the suite writes instead of NVML).
