@@ -25,7 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Create a device and leave a daemon serving it; prints /dev/ublkbN.
     Add(AddArgs),
-    /// Remove devices (swapping them off first).
+    /// Remove devices (swapping them off first); returns once their
+    /// memory is free again.
     Del(DelArgs),
     /// Show every ublk device with vramblk's view of it.
     List,

@@ -1,12 +1,13 @@
 //! `vramblk del`.
 
 use crate::args::DelArgs;
-use crate::host::{require_driver, require_root};
+use crate::host::{pid_alive, require_driver, require_root};
 use crate::swap;
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 use vramblk_config::{DeviceRecord, RUN_DIR};
 use vramblk_ublk_target::control::{self, bdev_path, device_ids};
 
@@ -59,10 +60,46 @@ pub(crate) fn delete_one(run_dir: &Path, id: u32) -> Result<()> {
     if swap::find(&path).is_some() {
         swap::disable(&path)?;
     }
+    let record = DeviceRecord::load(run_dir, id);
     control::delete_device(id)?;
     DeviceRecord::remove(run_dir, id);
+    if let Some(r) = record {
+        wait_memory_freed(&path, &r);
+    }
     println!("removed {path}");
     Ok(())
+}
+
+/// Longest `del` waits for the device's processes to free its memory.
+const FREE_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until the device's server and supervisor have exited: they hold
+/// its memory (huge pages, VRAM) until then, and a device added right
+/// after `del` (`down` then `up`) would otherwise find it still taken.
+/// The server erases VRAM first, which is why this can take a moment.
+fn wait_memory_freed(path: &str, r: &DeviceRecord) {
+    let me = std::process::id();
+    let holders: Vec<u32> = [Some(r.pid), r.holder_pid]
+        .into_iter()
+        .flatten()
+        .filter(|&p| p != me)
+        .collect();
+    let start = Instant::now();
+    while holders.iter().any(|&p| pid_alive(p)) {
+        if start.elapsed() > FREE_WAIT {
+            log::warn!(
+                "{path}: removed, but its server or supervisor ({holders:?}) has not exited after {} s; \
+                 its memory is freed when they do",
+                FREE_WAIT.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    log::debug!(
+        "{path}: its processes exited {} ms after the removal",
+        start.elapsed().as_millis()
+    );
 }
 
 pub(crate) fn lock(run_dir: &Path) -> Result<File> {

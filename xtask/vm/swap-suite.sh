@@ -26,6 +26,9 @@ check "no kernel oops or hung task" no_oops
 out=$(vramblk del 0 2>&1)
 check "swapoff and del after the pressure" [ "$out" = "removed /dev/ublkb0" ]
 check "nodes gone" nodes_gone 0
+# del returns once the server and supervisor exited: the next device
+# (up, just below) needs the same huge pages.
+check "del returned with every huge page free again" [ "$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)" = 256 ]
 
 # --- the service side (issue 5): up/down from a config file, status --json,
 # --- down refusing while RAM cannot take the pages back, the power policy.
