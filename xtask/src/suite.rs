@@ -282,7 +282,7 @@ pub fn run_all(root: &Path) -> Result<()> {
     }
     if !failures.is_empty() {
         // Repeated last, so that a log cut to its tail (CI keeps only that) still says what failed.
-        println!("== failed checks, each after the lines the guest printed before it");
+        println!("== failed checks, each with the lines the guest printed around it");
         for f in &failures {
             println!("{f}");
         }

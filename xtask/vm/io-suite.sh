@@ -75,7 +75,8 @@ out=$(vramblk del 0 2>&1)
 check "del removes the device" [ "$out" = "removed /dev/ublkb0" ]
 check "block and char nodes are gone" nodes_gone 0
 check "device record is gone" [ ! -e /run/vramblk/ublkb0.json ]
-# The daemon unmaps and frees its store after the device is gone; give it time.
+# del returns once the daemon has exited (its memory freed); the loop
+# only says how long it took, should that ever come after del.
 i=0
 while daemon_alive && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
 info "daemon gone ${i}s after del"
