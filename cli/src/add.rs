@@ -1,6 +1,7 @@
 //! `vramblk add`.
 
 use crate::args::{AddArgs, BackendArg, CopyModeArg};
+use crate::budget;
 use crate::daemon::{self, Reporter};
 use crate::host::{cpu_count, require_driver, require_root};
 use crate::supervise::{self, Mode};
@@ -11,7 +12,7 @@ use vramblk_config::{
     defaults, parse_size, parse_size_or_zero, Backend, CopyMode, DeviceConfig, DeviceRecord,
     RUN_DIR,
 };
-use vramblk_host_store::{HostStore, HostStoreOptions};
+use vramblk_host_store::{HostStore, HostStoreOptions, MemInfo};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
 use vramblk_ublk_target::DeviceOptions;
 
@@ -100,11 +101,8 @@ pub fn run(a: &AddArgs) -> Result<()> {
             bail!("ublk device {id} already exists");
         }
     }
-    if plan.backend == Backend::Host && a.foreground {
-        HostStore::preflight(&HostStoreOptions {
-            size: plan.size,
-            hugetlb: plan.hugetlb,
-        })?;
+    if a.foreground {
+        preflight(&plan)?;
     }
     let run_dir = Path::new(RUN_DIR);
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {RUN_DIR}"))?;
@@ -127,12 +125,7 @@ pub fn run(a: &AddArgs) -> Result<()> {
 /// (priority, discard) when asked; the device id. A device whose swap
 /// cannot be set up is removed again.
 pub fn launch(plan: &mut Plan, run_dir: &Path, swap_on: Option<(i32, bool)>) -> Result<u32> {
-    if plan.backend == Backend::Host {
-        HostStore::preflight(&HostStoreOptions {
-            size: plan.size,
-            hugetlb: plan.hugetlb,
-        })?;
-    }
+    preflight(plan)?;
     let log = daemon::log_path(run_dir);
     plan.log = log.clone();
     let plan = &*plan;
@@ -148,4 +141,17 @@ pub fn launch(plan: &mut Plan, run_dir: &Path, swap_on: Option<(i32, bool)>) -> 
         }
     }
     Ok(id)
+}
+
+/// Refuses, before anything is allocated, a device this machine cannot
+/// hold: its host store, and everything it would lock in RAM.
+fn preflight(plan: &Plan) -> Result<()> {
+    if plan.backend == Backend::Host {
+        HostStore::preflight(&HostStoreOptions {
+            size: plan.size,
+            hugetlb: plan.hugetlb,
+        })?;
+    }
+    let mem = MemInfo::read().context("reading /proc/meminfo")?;
+    budget::check(plan, &mem)
 }

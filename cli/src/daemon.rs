@@ -106,7 +106,9 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
             drop(rd);
             crate::holder::close_held_fds();
             detach(&log_file);
-            crate::init_logging(env_logger::Target::Pipe(Box::new(log_file)));
+            crate::init_logging(env_logger::Target::Pipe(Box::new(
+                crate::held_log::HeldLog::new(log_file),
+            )));
             let code = match serve(reporter.clone()) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -218,15 +220,22 @@ pub fn prepare_server_process() -> Result<()> {
             );
         }
         libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_KEPT as libc::c_int);
+        // Every time the heap grows it grows HEAP_KEPT more than asked,
+        // and it is never trimmed below that: the spare top is mapped,
+        // locked (mlockall's MCL_FUTURE populates it) and ready for the
+        // allocations a recovery makes while memory is short.
+        libc::mallopt(libc::M_TOP_PAD, HEAP_KEPT as libc::c_int);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * HEAP_KEPT as libc::c_int);
         libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_KEPT as libc::c_int);
     }
     // Queue threads need little stack; mlockall would lock 2 MiB each.
     std::env::set_var("RUST_MIN_STACK", QUEUE_STACK.to_string());
     harden_for_swap()?;
-    // Grow the heap now, while memory is plentiful; freed, it stays ours
-    // (and locked) for the allocations a recovery makes.
-    drop(std::hint::black_box(vec![1u8; HEAP_KEPT]));
+    // Grow the heap now, while memory is plentiful. The block is below the
+    // mmap threshold, so it comes from the heap (a block at the threshold
+    // would be mapped on its own and unmapped on free, growing nothing);
+    // freed, it and the pad stay at the heap's top.
+    drop(std::hint::black_box(vec![1u8; HEAP_KEPT / 2]));
     Ok(())
 }
 
@@ -291,9 +300,9 @@ impl Drop for Cushion {
 /// PR_SET_IO_FLUSHER (Linux 5.6), not in every libc crate version.
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 /// Heap kept by a server for its own allocations.
-const HEAP_KEPT: usize = 8 << 20;
+pub const HEAP_KEPT: usize = 8 << 20;
 /// Stack of each queue thread.
-const QUEUE_STACK: usize = 512 << 10;
+pub const QUEUE_STACK: usize = 512 << 10;
 
 /// Where a daemon with this pid logs.
 pub fn log_path(dir: &Path) -> PathBuf {

@@ -4,10 +4,12 @@
 mod add;
 mod adopt;
 mod args;
+mod budget;
 mod config;
 mod daemon;
 mod del;
 mod gpu;
+mod held_log;
 mod holder;
 mod host;
 mod list;

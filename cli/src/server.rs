@@ -4,6 +4,7 @@
 
 use crate::add::Plan;
 use crate::daemon::{self, Reporter};
+use crate::held_log;
 use crate::memory::{hand_over, Held, HeldVram, Memory};
 use crate::stats;
 use crate::swap;
@@ -41,9 +42,14 @@ pub fn main(
     go: Option<OwnedFd>,
 ) -> i32 {
     crate::signals::reset_for_server();
+    if launch.start != Start::Add && go.is_none() {
+        // A server forked to recover: the device waits on it.
+        held_log::hold();
+    }
     if let Err(e) = daemon::prepare_server_process() {
         log::error!("server: {e:#}");
         reporter.fail(&format!("{e:#}"));
+        held_log::release();
         return 1;
     }
     let ctx = ServeWith {
@@ -89,14 +95,16 @@ pub fn main(
                 Ok(())
             }),
     };
-    match result {
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             log::error!("server: {e:#}");
             reporter.fail(&format!("{e:#}"));
             1
         }
-    }
+    };
+    held_log::release();
+    code
 }
 
 /// The store's copy policy for the plan's copy mode.
@@ -159,6 +167,8 @@ fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch, plan: &Plan) -> bool 
     let Some(restarts) = wait_for_go(go) else {
         return false;
     };
+    // Taking over: the device waits on this server.
+    held_log::hold();
     launch.restarts = restarts;
     drop(cushion);
     true
@@ -170,6 +180,20 @@ const SPARE_THREADS: usize = 4;
 
 /// Memory a standby sets aside for its takeover.
 const CUSHION_BYTES: usize = 16 << 20;
+
+/// The program's own pages (text, libraries, page tables, the private
+/// pages each forked process copies when it locks itself), per process.
+const IMAGE_BYTES: u64 = 4 << 20;
+
+/// RAM the processes of a device with `queues` queues lock: the
+/// supervisor, and the server and its standby, each with its kept heap
+/// and thread stacks; the standby's cushion.
+pub fn locked_by_processes(queues: u16) -> u64 {
+    let stacks = (queues as u64 + SPARE_THREADS as u64) * daemon::QUEUE_STACK as u64;
+    let heap = daemon::HEAP_KEPT as u64 * 3 / 2;
+    let server = heap + stacks + IMAGE_BYTES;
+    IMAGE_BYTES + 2 * server + CUSHION_BYTES as u64
+}
 
 /// Blocks until the supervisor writes the restart count (+1) to the
 /// eventfd (Some), or dies (None: the standby was set to get SIGKILL then,
@@ -285,6 +309,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
     let foreground_swap = launch.foreground_swap;
     let print_path = launch.print_path;
     let on_live = move |ctrl: &libublk::ctrl::UblkCtrl| {
+        held_log::release();
         let id = ctrl.dev_info().dev_id;
         *id_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
         // A recovering server keeps the first server's start time.

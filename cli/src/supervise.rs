@@ -7,13 +7,14 @@
 //! left to allocate, since the machine may be short of memory exactly
 //! then: swap I/O is waiting on the dead server. A crash loop ends after
 //! MAX_FAILURES tries: the device is removed so its I/O fails instead of
-//! waiting forever.
+//! waiting forever. A server SIGKILLed from outside is always recovered:
+//! that is no crash loop, and giving up would lose every page.
 
 use crate::add::Plan;
 use crate::daemon::{self, Reporter};
 use crate::memory::{Held, Memory};
 use crate::server::{self, Launch};
-use crate::{holder, signals, swap};
+use crate::{held_log, holder, signals, swap};
 use anyhow::{anyhow, bail, Result};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -22,8 +23,9 @@ use vramblk_config::DeviceRecord;
 use vramblk_ublk_target::control::{bdev_path, delete_device, delete_device_nowait, device_ids};
 use vramblk_ublk_target::Start;
 
-/// Restarts in a row that may fail (the server dying before it served
-/// for STABLE) before the supervisor gives up.
+/// Restarts in a row that may fail (the server crashing or exiting with an
+/// error before it served for STABLE; a SIGKILL does not count) before the
+/// supervisor gives up.
 pub const MAX_FAILURES: u32 = 5;
 /// A server that served this long counts as healthy: the failure count
 /// starts again.
@@ -88,6 +90,14 @@ fn next_step(run: &Run, device_exists: bool, memory_survives: bool, failures: &m
     }
     if run.live_for.is_some_and(|t| t >= STABLE) {
         *failures = 0;
+    }
+    if run.status.killed_by(libc::SIGKILL) {
+        // Killed from outside (an administrator, a script; never the OOM
+        // killer, which the server is exempt from), not a fault of the
+        // server: however often it comes, giving up would throw away
+        // every page the device holds, so recover at once and count
+        // nothing.
+        return Next::Restart(Duration::ZERO);
     }
     *failures += 1;
     if *failures > MAX_FAILURES {
@@ -185,6 +195,11 @@ impl Supervisor<'_> {
         let mut failures = 0u32;
         loop {
             let run = self.watch(&mut active);
+            if !run.status.success() {
+                // Until a server serves again, log lines wait in memory
+                // set aside for them (held_log: a line could need a page).
+                held_log::hold();
+            }
             // A crash with a standby ready: wake it before anything here
             // allocates, since swap I/O may be waiting on the dead server
             // and memory be short until the standby serves.
@@ -214,6 +229,7 @@ impl Supervisor<'_> {
             let survives = self.held.memory.survives_server();
             match next_step(&run, exists, survives, &mut failures) {
                 Next::Done => {
+                    held_log::release();
                     if let Some(w) = woken {
                         self.standby = Some(w);
                     }
@@ -222,6 +238,7 @@ impl Supervisor<'_> {
                     return Ok(());
                 }
                 Next::GiveUp(why) => {
+                    held_log::release();
                     if let Some(w) = woken {
                         self.standby = Some(w);
                     }
@@ -253,8 +270,14 @@ impl Supervisor<'_> {
 
     /// Tells a live standby to take over as restart number `restarts`;
     /// None if there is none. Allocates nothing (waitpid, an eventfd write).
+    /// The next standby is forked as soon as the device is live again: the
+    /// respawn limit is for standbys that die on their own, not for one
+    /// that did its job (kills a few seconds apart would otherwise find
+    /// none ready, and a server forked then must allocate while memory is
+    /// short).
     fn wake_standby(&mut self, restarts: u32) -> Option<Child> {
         let s = self.standby.take()?;
+        self.standby_forked = None;
         if reap(s.pid).is_some() {
             return None;
         }
@@ -304,6 +327,7 @@ impl Supervisor<'_> {
         match unsafe { libc::fork() } {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
             0 => {
+                held_log::forget_parents_lines();
                 drop(report);
                 // Only the supervisor talks to `add` and to the standby.
                 if let Some(p) = &self.parent {
@@ -389,6 +413,7 @@ impl Supervisor<'_> {
                 if daemon::readable_within(&fd, TICK_MS) {
                     match daemon::read_report(fd, &self.plan.log) {
                         Ok(dev) => {
+                            held_log::release();
                             if self.id.is_some() {
                                 log::info!("supervisor: {} recovered", bdev_path(dev));
                             }
@@ -398,7 +423,10 @@ impl Supervisor<'_> {
                                 p.live(dev);
                             }
                         }
-                        Err(e) => failure = Some(format!("{e:#}")),
+                        Err(e) => {
+                            held_log::release();
+                            failure = Some(format!("{e:#}"))
+                        }
                     }
                 } else {
                     server.report = Some(fd);
@@ -501,6 +529,10 @@ impl ExitStatus {
     fn success(self) -> bool {
         libc::WIFEXITED(self.0) && libc::WEXITSTATUS(self.0) == 0
     }
+
+    fn killed_by(self, signal: libc::c_int) -> bool {
+        libc::WIFSIGNALED(self.0) && libc::WTERMSIG(self.0) == signal
+    }
 }
 
 impl std::fmt::Display for ExitStatus {
@@ -550,6 +582,7 @@ mod tests {
     }
 
     const KILLED: libc::c_int = libc::SIGKILL;
+    const CRASHED: libc::c_int = libc::SIGABRT;
     const EXIT_0: libc::c_int = 0;
 
     #[test]
@@ -568,13 +601,44 @@ mod tests {
 
     #[test]
     fn crashes_restart_with_growing_waits_then_give_up() {
+        for failing in [CRASHED, 1 << 8] {
+            let mut f = 0;
+            let waits: Vec<Next> = (0..MAX_FAILURES)
+                .map(|_| next_step(&run(failing, None), true, true, &mut f))
+                .collect();
+            assert_eq!(waits[0], Next::Restart(Duration::ZERO));
+            assert_eq!(waits[4], Next::Restart(Duration::from_secs(4)));
+            match next_step(&run(failing, Some(2)), true, true, &mut f) {
+                Next::GiveUp(why) => assert!(why.contains("died 5 times in a row"), "{why}"),
+                other => panic!("expected to give up, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sigkills_are_always_recovered_at_once_and_never_counted() {
+        let mut f = 3;
+        for live_for in [None, Some(0), Some(2)].into_iter().cycle().take(100) {
+            assert_eq!(
+                next_step(&run(KILLED, live_for), true, true, &mut f),
+                Next::Restart(Duration::ZERO)
+            );
+        }
+        assert_eq!(f, 3, "SIGKILLs leave the count of crashes as it was");
+        assert_eq!(
+            next_step(&run(CRASHED, None), true, true, &mut f),
+            Next::Restart(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn a_crash_loop_still_gives_up_between_sigkills() {
         let mut f = 0;
-        let waits: Vec<Next> = (0..MAX_FAILURES)
-            .map(|_| next_step(&run(KILLED, None), true, true, &mut f))
-            .collect();
-        assert_eq!(waits[0], Next::Restart(Duration::ZERO));
-        assert_eq!(waits[4], Next::Restart(Duration::from_secs(4)));
-        match next_step(&run(KILLED, None), true, true, &mut f) {
+        for _ in 0..MAX_FAILURES {
+            next_step(&run(CRASHED, None), true, true, &mut f);
+            next_step(&run(KILLED, None), true, true, &mut f);
+        }
+        match next_step(&run(CRASHED, None), true, true, &mut f) {
             Next::GiveUp(why) => assert!(why.contains("died 5 times in a row"), "{why}"),
             other => panic!("expected to give up, got {other:?}"),
         }
@@ -584,7 +648,7 @@ mod tests {
     fn a_server_that_served_a_while_resets_the_count() {
         let mut f = 4;
         assert_eq!(
-            next_step(&run(KILLED, Some(31)), true, true, &mut f),
+            next_step(&run(CRASHED, Some(31)), true, true, &mut f),
             Next::Restart(Duration::ZERO)
         );
         assert_eq!(f, 1);

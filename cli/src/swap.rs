@@ -75,9 +75,13 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// RAM that must stay free after a swapoff: 64 MiB plus 2% of RAM.
+/// RAM that must stay free after a swapoff.
 fn swapoff_margin(mem_total: u64) -> u64 {
-    (64 << 20) + mem_total / 50
+    vramblk_host_store::MemInfo {
+        mem_total,
+        ..Default::default()
+    }
+    .margin()
 }
 
 /// Why a swapoff of `used` bytes would not fit, if it would not: its pages

@@ -11,6 +11,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("/usr/bin/fio", "fio"),
     ("/bin/busybox", "busybox-static"),
     ("/usr/bin/cpio", "cpio"),
+    ("/usr/bin/strip", "binutils"),
     ("/usr/bin/xz", "xz-utils"),
     ("/sbin/mkswap", "util-linux"),
     ("/usr/bin/setpriv", "util-linux"),

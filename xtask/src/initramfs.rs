@@ -57,8 +57,11 @@ pub fn build(stage: &Path, out: &Path, spec: &Spec) -> Result<()> {
     }
     for bin in spec.built_bins {
         let name = bin.file_name().context("binary without a name")?;
-        let guest = Path::new("/usr/local/bin").join(name);
-        copy_into(stage, bin, &guest)?;
+        // Stripped: the guest's RAM is small (the swap boots leave a few
+        // hundred MiB outside the huge page pool), and the line tables
+        // would take tens of MiB of it in the ramfs root.
+        let dst = stage.join("usr/local/bin").join(name);
+        sh(Command::new("strip").arg("-o").arg(&dst).arg(bin))?;
         libs.extend(shared_libs(bin)?);
     }
     for lib in libs {

@@ -85,7 +85,12 @@ const SUITES: &[Suite] = &[
         script: SWAP_SUITE,
         memory: "1G",
         cmdline: "hugepages=256",
-        host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
+        host_bins: &[
+            "/sbin/mkswap",
+            "/sbin/swapon",
+            "/sbin/swapoff",
+            "/sbin/blkdiscard",
+        ],
         timeout: Duration::from_secs(15 * 60),
         files: &[],
         default: true,
@@ -96,14 +101,15 @@ const SUITES: &[Suite] = &[
         memory: "1G",
         cmdline: "hugepages=256",
         // The service part brings a device up as swap (then off again
-        // for fio); the swap-pressure kills are in crash-stress.
+        // for fio), and the last part kills the server of the only swap
+        // under pressure; crash-stress repeats that with more shapes.
         host_bins: &[
             "/usr/bin/fio",
             "/sbin/mkswap",
             "/sbin/swapon",
             "/sbin/swapoff",
         ],
-        timeout: Duration::from_secs(20 * 60),
+        timeout: Duration::from_secs(35 * 60),
         files: &[],
         default: true,
     },
@@ -118,7 +124,7 @@ const SUITES: &[Suite] = &[
             "/sbin/swapon",
             "/sbin/swapoff",
         ],
-        timeout: Duration::from_secs(10 * 60),
+        timeout: Duration::from_secs(150 * 60),
         files: &[],
         default: false,
     },

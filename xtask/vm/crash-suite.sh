@@ -1,8 +1,9 @@
 # Kernel-path suite, boot 3 (1 GiB RAM, 256 huge pages reserved): crash
 # recovery. The server is SIGKILLed under a verifying fio load; its
 # supervisor (holding the memory) has a standby take over, the kernel holds
-# the I/O meanwhile, and no byte is lost. (Kills under
-# swap pressure and a crash loop: crash-stress-suite.sh, an opt-in boot.)
+# the I/O meanwhile, and no byte is lost. Last, 20 kills at random moments
+# while the device is the only swap under pressure. (More shapes of that,
+# and a crash loop: crash-stress-suite.sh, an opt-in boot.)
 . /lib/vm/lib.sh
 insmod /lib/modules/ublk_drv.ko || fail "insmod ublk_drv"
 # --- 1. fio random writes with crc32c headers while the server is killed
@@ -164,3 +165,12 @@ check "plain service: SIGTERM takes both devices down" wait_for 30 sh -c "! [ -e
 
 check "no kernel oops or hung task" no_oops
 dmesg | grep -E 'ublk|Oops|BUG|hung' | tail -20 | while read -r l; do info "dmesg: $l"; done
+
+# --- 5. the promise under its hardest load: the device (defaults) is the
+# only swap under pressure and its server is SIGKILLed 20 times at random
+# moments, during take-overs too (crash-stress repeats it with more shapes)
+echo 20 > /proc/sys/kernel/hung_task_timeout_secs
+rm -f /tmp/pswatch.stop
+pswatch 15 &
+swap_kill_run "swap kills" 512M "" 200 3 20
+touch /tmp/pswatch.stop

@@ -212,3 +212,85 @@ CFG
     env $3 vramblk service --config /etc/vramblk-press.toml --free-vram-from /tmp/vram > "$2" 2>&1 &
     psvc=$!
 }
+
+# locked_memory NAME: what the device's processes hold, as INFO lines.
+locked_memory() {
+    local p
+    info "$1: meminfo: $(grep -E '^(MemAvailable|Mlocked|Shmem|Unevictable):' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
+    for p in $(pidof vramblk); do
+        info "$1: vramblk $p: $(grep -E '^(VmRSS|VmLck|RssAnon|RssFile|RssShmem):' /proc/$p/status | tr -s ' \t' ' ' | tr '\n' ' ')"
+    done
+}
+
+# supervisor_children HOLDER: the pids of HOLDER's live children (its
+# server, a standby, a server taking over).
+supervisor_children() {
+    for s in /proc/[0-9]*/stat; do
+        set -- $(cat "$s" 2>/dev/null)
+        [ "$3" != Z ] && [ "$4" = "$HOLDER_FOR_CHILDREN" ] && echo "$1"
+    done
+}
+
+# rand N: a number in 0..N-1
+rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
+
+# swap_kill_run NAME SIZE ADD_ARGS EXTRA PASSES KILLS: the promise under
+# its hardest load: a hugetlb host device of SIZE (ADD_ARGS on top of the
+# defaults) is the only swap, memcheck fills MemAvailable + EXTRA MiB
+# with checked data over PASSES passes, and meanwhile the serving process
+# is SIGKILLed KILLS times at random moments 0.2-4 s apart, without
+# waiting for the last take-over to finish: every other kill takes the
+# server named by `vramblk list` (as a user would), the others every
+# child of the supervisor (the server, its standby, or a server in the
+# middle of taking over). Every byte must come back, nothing may be
+# OOM-killed or hang: memcheck must end within 15 minutes, or the check
+# fails and the stacks of the blocked tasks are printed.
+swap_kill_run() {
+    local run=$1 size=$2 args=$3 extra=$4 passes=$5 kills=$6
+    local dev avail fill mpid k victim waited rc out0 out1 pages
+    dmesg -c > /dev/null
+    dev=$(vramblk add --size "$size" --backend host --hugepages --swap $args)
+    check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] || { show_logs; return 1; }
+    locked_memory "$run"
+    HOLDER_FOR_CHILDREN=$(holder_pid 0)
+    avail=$(mem MemAvailable)
+    fill=$((avail + extra))
+    info "$run: MemAvailable $avail MiB; memcheck fills $fill MiB over $passes passes; $kills kills"
+    out0=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
+    memcheck $fill "$passes" > /tmp/mc 2>&1 &
+    mpid=$!
+    k=1
+    while [ $k -le "$kills" ] && kill -0 $mpid 2>/dev/null; do
+        sleep "$(( $(rand 38) / 10 )).$(rand 10)" 2>/dev/null || sleep 1
+        if [ $((k % 2)) -eq 1 ]; then
+            victim=$(vramblk list 2>/dev/null | awk '$1 == 0 {print $NF}')
+        else
+            victim=$(supervisor_children)
+        fi
+        [ -n "$victim" ] && kill -9 $victim 2>/dev/null
+        info "$run: kill $k: SIGKILLed $(echo $victim)"
+        k=$((k + 1))
+    done
+    waited=0
+    while kill -0 $mpid 2>/dev/null && [ $waited -lt 900 ]; do sleep 1; waited=$((waited + 1)); done
+    if kill -0 $mpid 2>/dev/null; then
+        fail "$run: memcheck ended within 15 minutes (no hang)"
+        vramblk list | while read -r l; do info "list: $l"; done
+        echo w > /proc/sysrq-trigger
+        dmesg | tail -150 | while read -r l; do info "dmesg: $l"; done
+        show_logs
+        return 1
+    fi
+    wait $mpid
+    rc=$?
+    while read -r l; do info "$run: $l"; done < /tmp/mc
+    out1=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
+    pages=$((out1 - out0))
+    info "$run: pswpout $pages pages, $((k - 1)) kills"
+    check "$run: every byte read back intact through $((k - 1)) kills" [ $rc -eq 0 ] || show_logs
+    check "$run: swap was really used (pswpout grew by > 32 MiB)" [ $pages -gt 8192 ]
+    check "$run: nothing was OOM-killed" no_oom
+    check "$run: no kernel oops or hung task" no_oops
+    out=$(vramblk del 0 2>&1)
+    check "$run: swapoff and del" [ "$out" = "removed /dev/ublkb0" ] || info "$out"
+}

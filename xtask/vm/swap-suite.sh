@@ -30,6 +30,27 @@ check "nodes gone" nodes_gone 0
 # (up, just below) needs the same huge pages.
 check "del returned with every huge page free again" [ "$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)" = 256 ]
 
+# --- a discard gives huge pages back and reads back as zeros
+dev=$(vramblk add --size 32M --backend host --hugepages --queues 1 --depth 16)
+hfree() { awk '/HugePages_Free/ {print $2}' /proc/meminfo; }
+M=1048576
+dd if=/dev/urandom of=/tmp/rand bs=1M count=32 2>/dev/null
+dd if=/tmp/rand of=$dev bs=1M oflag=direct 2>/dev/null
+before=$(hfree)
+blkdiscard -o $((8 * M)) -l $((16 * M)) $dev
+after=$(hfree)
+info "HugePages_Free $before -> $after after discarding 16 MiB"
+check "a discard of 16 MiB gives its 8 huge pages back" [ $((after - before)) -eq 8 ]
+dd if=$dev of=/tmp/back bs=1M iflag=direct 2>/dev/null
+check "the discarded range reads back as zeros" cmp -s -n $((16 * M)) /tmp/back /dev/zero $((8 * M)) 0
+check "the rest is intact" sh -c "cmp -s -n $((8 * M)) /tmp/back /tmp/rand && cmp -s /tmp/back /tmp/rand $((24 * M)) $((24 * M))"
+dd if=/tmp/rand of=$dev bs=1M skip=8 seek=8 count=16 oflag=direct 2>/dev/null
+dd if=$dev of=/tmp/back bs=1M iflag=direct 2>/dev/null
+check "writes into the hole land again" cmp -s /tmp/back /tmp/rand
+rm -f /tmp/rand /tmp/back
+out=$(vramblk del 0 2>&1)
+check "del of the discard device" [ "$out" = "removed /dev/ublkb0" ]
+
 # --- the service side (issue 5): up/down from a config file, status --json,
 # --- down refusing while RAM cannot take the pages back, the power policy.
 cat > /etc/vramblk.toml <<'CFG'

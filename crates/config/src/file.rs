@@ -302,7 +302,7 @@ calm_secs = 60
         );
         assert_eq!(
             (d.reserve, d.depth, d.queues, d.copy_mode),
-            (512 << 20, 128, None, CopyMode::Auto)
+            (512 << 20, 64, None, CopyMode::Auto)
         );
         assert!(d.discard, "discard is on unless turned off");
         let h = &c.devices[1];

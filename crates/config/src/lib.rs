@@ -34,7 +34,7 @@ impl std::fmt::Display for Backend {
 /// Defaults a device gets when the user names none.
 pub mod defaults {
     /// Requests in flight per queue.
-    pub const QUEUE_DEPTH: u16 = 128;
+    pub const QUEUE_DEPTH: u16 = 64;
     /// Largest single request, and the size of each tag's io buffer.
     pub const MAX_IO_BYTES: u32 = 512 << 10;
     /// Above zram's usual 100, so VRAM fills before compressed RAM.

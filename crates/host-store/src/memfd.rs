@@ -17,8 +17,16 @@ pub struct HostStoreOptions {
 /// A store in host RAM, shared by every queue of a device.
 pub struct HostStore {
     mapping: Arc<Mapping>,
-    fd: OwnedFd,
     hugetlb: bool,
+}
+
+/// The memfd's page size: what a punched hole frees in whole units.
+fn page_size(hugetlb: bool) -> u64 {
+    if hugetlb {
+        HUGE_PAGE
+    } else {
+        4096
+    }
 }
 
 impl HostStore {
@@ -35,7 +43,7 @@ impl HostStore {
                 "sizing the memfd to {len} bytes"
             )));
         }
-        let mapping = Mapping::new(&fd, len as usize, opts.size)?;
+        let mapping = Mapping::new(fd, len as usize, opts.size, opts.hugetlb)?;
         log::info!(
             "host store: {} MiB in a {} memfd",
             opts.size >> 20,
@@ -43,7 +51,6 @@ impl HostStore {
         );
         Ok(HostStore {
             mapping: Arc::new(mapping),
-            fd,
             hugetlb: opts.hugetlb,
         })
     }
@@ -75,7 +82,7 @@ impl HostStore {
         // f_type's integer type differs between architectures.
         #[allow(clippy::unnecessary_cast)]
         let hugetlb = sfs.f_type as i64 == HUGETLBFS_MAGIC;
-        let mapping = Mapping::new(&fd, mapped as usize, size)?;
+        let mapping = Mapping::new(fd, mapped as usize, size, hugetlb)?;
         log::info!(
             "host store: {} MiB adopted from a held {} memfd",
             size >> 20,
@@ -83,7 +90,6 @@ impl HostStore {
         );
         Ok(HostStore {
             mapping: Arc::new(mapping),
-            fd,
             hugetlb,
         })
     }
@@ -104,7 +110,7 @@ impl HostStore {
 
     /// The memfd that keeps the data alive.
     pub fn backing_fds(&self) -> Vec<BorrowedFd<'_>> {
-        vec![self.fd.as_fd()]
+        vec![self.mapping.fd.as_fd()]
     }
 }
 
@@ -165,11 +171,14 @@ fn create_memfd(hugetlb: bool) -> Result<OwnedFd, StoreError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The shared mapping of the memfd.
+/// The shared mapping of the memfd, and the memfd itself (a discard
+/// punches holes in it).
 struct Mapping {
     base: *mut u8,
     mapped: usize,
     size: u64,
+    fd: OwnedFd,
+    page: u64,
 }
 
 // SAFETY: the mapping is plain shared memory; the block layer never has two
@@ -180,7 +189,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(fd: &OwnedFd, mapped: usize, size: u64) -> Result<Mapping, StoreError> {
+    fn new(fd: OwnedFd, mapped: usize, size: u64, hugetlb: bool) -> Result<Mapping, StoreError> {
         // SAFETY: mapping `mapped` bytes of a memfd we sized to at least that.
         let ptr = unsafe {
             libc::mmap(
@@ -202,7 +211,50 @@ impl Mapping {
             base: ptr.cast(),
             mapped,
             size,
+            fd,
+            page: page_size(hugetlb),
         })
+    }
+
+    /// Frees the memory behind `len` bytes at `offset` (inside the device),
+    /// which then read as zeros: the whole pages of the range go back to
+    /// the kernel (a hole punched in the memfd: to the huge page pool for
+    /// hugetlb), the partial pages at its ends are zeroed in place.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), std::io::Error> {
+        let end = offset + len;
+        let first = offset.div_ceil(self.page) * self.page;
+        let last = end / self.page * self.page;
+        let (zero_head, zero_tail) = if first < last {
+            // SAFETY: fallocate on our memfd; [first, last) is inside it.
+            let r = unsafe {
+                libc::fallocate(
+                    self.fd.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    first as libc::off_t,
+                    (last - first) as libc::off_t,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            (offset..first, last..end)
+        } else {
+            (offset..end, end..end)
+        };
+        for r in [zero_head, zero_tail] {
+            if !r.is_empty() {
+                // SAFETY: the range is inside the mapping (the caller checked
+                // offset + len against the device size).
+                unsafe {
+                    std::ptr::write_bytes(
+                        self.base.add(r.start as usize),
+                        0,
+                        (r.end - r.start) as usize,
+                    )
+                };
+            }
+        }
+        Ok(())
     }
 }
 
@@ -261,9 +313,20 @@ impl HostQueue {
             Op::Write => unsafe { std::ptr::copy_nonoverlapping(r.buf.as_ptr(), at, len) },
             // SAFETY: the range is inside the mapping (checked above).
             Op::WriteZeroes => unsafe { std::ptr::write_bytes(at, 0, len) },
-            // Writes land synchronously, so there is nothing to wait for; a
-            // discard keeps the pages (they are locked and reused).
-            Op::Flush | Op::Discard => {}
+            // Writes land synchronously, so there is nothing to wait for.
+            Op::Flush => {}
+            // Freed swap slots and trimmed blocks give their memory back;
+            // the next write there takes a fresh page.
+            Op::Discard => {
+                if let Err(e) = self.mapping.discard(r.offset, r.len as u64) {
+                    log::warn!(
+                        "host store: discarding {} bytes at {}: {e}",
+                        r.len,
+                        r.offset
+                    );
+                    return -e.raw_os_error().unwrap_or(libc::EIO);
+                }
+            }
         }
         r.len as i32
     }

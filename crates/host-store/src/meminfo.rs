@@ -36,6 +36,15 @@ impl MemInfo {
         m
     }
 
+    /// RAM that must stay available for the rest of the machine, after a
+    /// device locked its memory or a swapoff took its pages back: 64 MiB
+    /// plus 2% of RAM. Below that, reclaim stalls the machine (and with
+    /// the device's processes exempt from the OOM killer, the kernel can
+    /// panic "deadlocked on memory").
+    pub fn margin(&self) -> u64 {
+        (64 << 20) + self.mem_total / 50
+    }
+
     /// Bytes of free huge pages.
     pub fn huge_bytes_free(&self) -> u64 {
         self.huge_pages_free * self.huge_page_size

@@ -169,3 +169,119 @@ fn an_adopted_memfd_has_the_bytes_its_creator_wrote() {
     let e = HostStore::adopt(again, 8 << 20).err().unwrap().to_string();
     assert!(e.contains("fewer than the device's"), "{e}");
 }
+
+/// Bytes of memory the memfd holds now.
+fn allocated(store: &HostStore) -> u64 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstat into a zeroed struct on the store's live memfd.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        assert_eq!(libc::fstat(store.backing_fds()[0].as_raw_fd(), &mut st), 0);
+        st
+    };
+    st.st_blocks as u64 * 512
+}
+
+#[test]
+fn a_discard_frees_its_whole_pages_and_reads_back_as_zeros() {
+    let store = HostStore::create(&HostStoreOptions {
+        size: 4 << 20,
+        hugetlb: false,
+    })
+    .unwrap();
+    let bufs = BufferRegion::new(1, 1 << 20).unwrap();
+    let slot = bufs.slot(0).unwrap();
+    // SAFETY: the test owns the slot exclusively.
+    let b = unsafe { std::slice::from_raw_parts_mut(slot.as_ptr(), slot.len()) };
+    let mut q = store.open_queue(0, &bufs).unwrap();
+    let req = |op, offset, len| Request {
+        tag: 0,
+        op,
+        offset,
+        len,
+        buf: slot,
+    };
+    for mib in 0..4u64 {
+        b.fill(0xa0 + mib as u8);
+        run(&mut q, vec![req(Op::Write, mib << 20, 1 << 20)]);
+    }
+    let before = allocated(&store);
+    assert_eq!(before, 4 << 20, "populated at creation");
+    // 1 MiB + 512 bytes .. 3 MiB - 512 bytes: whole pages freed, the
+    // partial pages at both ends zeroed in place.
+    let (start, end) = ((1 << 20) + 512, (3 << 20) - 512);
+    let done = run(&mut q, vec![req(Op::Discard, start, (end - start) as u32)]);
+    assert_eq!(done[0].result, (end - start) as i32);
+    let freed = before - allocated(&store);
+    assert_eq!(
+        freed,
+        (2 << 20) - 8192,
+        "every whole page of the range freed"
+    );
+    for mib in 0..4u64 {
+        run(&mut q, vec![req(Op::Read, mib << 20, 1 << 20)]);
+        for (i, &x) in b.iter().enumerate() {
+            let at = (mib << 20) + i as u64;
+            let want = if (start..end).contains(&at) {
+                0
+            } else {
+                0xa0 + mib as u8
+            };
+            assert_eq!(x, want, "byte {at}");
+        }
+    }
+    // A write into the hole lands (on a fresh page) and reads back.
+    b.fill(0x77);
+    run(&mut q, vec![req(Op::Write, 2 << 20, 4096)]);
+    run(&mut q, vec![req(Op::Read, 2 << 20, 4096)]);
+    assert!(b[..4096].iter().all(|&x| x == 0x77));
+}
+
+#[test]
+fn a_hugetlb_discard_gives_huge_pages_back_and_the_hole_takes_writes() {
+    let free = || MemInfo::read().unwrap().huge_pages_free;
+    if free() < 4 {
+        eprintln!(
+            "SKIPPED: fewer than 4 free 2 MiB huge pages (echo 4 > /proc/sys/vm/nr_hugepages)"
+        );
+        return;
+    }
+    let store = HostStore::create(&HostStoreOptions {
+        size: 8 << 20,
+        hugetlb: true,
+    })
+    .unwrap();
+    let bufs = BufferRegion::new(1, 2 << 20).unwrap();
+    let slot = bufs.slot(0).unwrap();
+    // SAFETY: the test owns the slot exclusively.
+    let b = unsafe { std::slice::from_raw_parts_mut(slot.as_ptr(), slot.len()) };
+    let mut q = store.open_queue(0, &bufs).unwrap();
+    let req = |op, offset, len| Request {
+        tag: 0,
+        op,
+        offset,
+        len,
+        buf: slot,
+    };
+    for i in 0..4u64 {
+        b.fill(0x10 + i as u8);
+        run(&mut q, vec![req(Op::Write, i << 21, 2 << 20)]);
+    }
+    let before = free();
+    run(&mut q, vec![req(Op::Discard, 2 << 20, 4 << 20)]);
+    assert_eq!(free(), before + 2, "two huge pages back in the pool");
+    run(&mut q, vec![req(Op::Read, 2 << 20, 2 << 20)]);
+    assert!(b.iter().all(|&x| x == 0), "the hole reads as zeros");
+    b.fill(0x99);
+    let done = run(&mut q, vec![req(Op::Write, 2 << 20, 4096)]);
+    assert_eq!(done[0].result, 4096);
+    b.fill(0);
+    run(&mut q, vec![req(Op::Read, 2 << 20, 8192)]);
+    assert!(
+        b[..4096].iter().all(|&x| x == 0x99),
+        "the write into the hole landed"
+    );
+    assert!(b[4096..8192].iter().all(|&x| x == 0));
+    run(&mut q, vec![req(Op::Read, 6 << 20, 2 << 20)]);
+    assert!(b.iter().all(|&x| x == 0x13), "past the hole: intact");
+}

@@ -1,0 +1,148 @@
+//! The daemon's log while a device recovers. Swap I/O then waits on the
+//! device and memory may be exhausted; appending a line that needs a new
+//! page of the log file (on tmpfs that page is RAM) could wait for memory
+//! only the recovered device can free. From a server's death until a new
+//! server serves, the supervisor and the server hold their lines in a
+//! buffer set aside in advance, and write them once the device is live.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Bytes of lines held at most; a recovery logs a few hundred. Lines past
+/// it are counted, not kept: holding must never allocate.
+const HELD_BYTES: usize = 64 << 10;
+
+struct State {
+    file: File,
+    held: Vec<u8>,
+    holding: bool,
+    dropped: usize,
+}
+
+static STATE: OnceLock<Arc<Mutex<State>>> = OnceLock::new();
+
+fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> Option<T> {
+    let state = STATE.get()?;
+    let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+    Some(f(&mut guard))
+}
+
+/// The log writer env_logger writes through (one per process image).
+pub struct HeldLog(Arc<Mutex<State>>);
+
+impl HeldLog {
+    /// The writer for `file`; the first call in a process sets it up.
+    pub fn new(file: File) -> HeldLog {
+        let state = STATE.get_or_init(|| {
+            Arc::new(Mutex::new(State {
+                file,
+                held: Vec::with_capacity(HELD_BYTES),
+                holding: false,
+                dropped: 0,
+            }))
+        });
+        HeldLog(state.clone())
+    }
+}
+
+impl Write for HeldLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.holding {
+            return s.file.write(buf);
+        }
+        if s.held.len() + buf.len() <= s.held.capacity() {
+            s.held.extend_from_slice(buf);
+        } else {
+            s.dropped += 1;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if s.holding {
+            return Ok(());
+        }
+        s.file.flush()
+    }
+}
+
+/// From now on, lines are held (a recovery begins).
+pub fn hold() {
+    with_state(|s| s.holding = true);
+}
+
+/// Writes the held lines and stops holding (the device serves again).
+pub fn release() {
+    with_state(|s| {
+        s.holding = false;
+        let held = std::mem::take(&mut s.held);
+        let _ = s.file.write_all(&held);
+        if s.dropped > 0 {
+            let _ = writeln!(
+                s.file,
+                "({} log lines written during the recovery were dropped: the held buffer was full)",
+                s.dropped
+            );
+            s.dropped = 0;
+        }
+        // The buffer's memory is kept for the next recovery.
+        s.held = held;
+        s.held.clear();
+    });
+}
+
+/// In a forked child: forget the lines the parent held (the parent writes
+/// them), keep holding if it did.
+pub fn forget_parents_lines() {
+    with_state(|s| {
+        s.held.clear();
+        s.dropped = 0;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn lines_are_held_without_allocating_then_written_in_order() {
+        let path = std::env::temp_dir().join(format!("held-log-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        let mut log = HeldLog::new(file);
+        log.write_all(b"before\n").unwrap();
+        hold();
+        let cap = log.0.lock().unwrap().held.capacity();
+        log.write_all(b"during 1\n").unwrap();
+        log.write_all(b"during 2\n").unwrap();
+        let big = vec![b'x'; HELD_BYTES];
+        log.write_all(&big).unwrap();
+        assert_eq!(
+            log.0.lock().unwrap().held.capacity(),
+            cap,
+            "no allocation while holding"
+        );
+        let mut text = String::new();
+        File::open(&path)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "before\n", "nothing written while holding");
+        release();
+        log.write_all(b"after\n").unwrap();
+        text.clear();
+        File::open(&path)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(
+            text,
+            "before\nduring 1\nduring 2\n(1 log lines written during the recovery were dropped: \
+             the held buffer was full)\nafter\n"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+}
