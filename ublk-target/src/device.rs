@@ -1,6 +1,7 @@
 //! Adding a ublk device and serving it until it is stopped.
 
 use crate::counters::DeviceCounters;
+use crate::gate::StartGate;
 use crate::params::device_params;
 use crate::queue::serve_queue;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -125,17 +126,23 @@ where
         .name("vramblk")
         .io_buf_bytes(opts.max_io_bytes)
         .ctrl_flags(RECOVERY_FLAGS);
-    let ctrl = match start {
-        Start::Add => builder
-            .id(opts.id)
-            .nr_queues(opts.queues)
-            .depth(opts.depth)
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-            .build()
-            .map_err(DeviceError::Create)?,
-        Start::Recover(id) => {
-            let (queues, depth) = begin_recovery(id)?;
+    let (ctrl, queues) = match start {
+        Start::Add => (
             builder
+                .id(opts.id)
+                .nr_queues(opts.queues)
+                .depth(opts.depth)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .build()
+                .map_err(DeviceError::Create)?,
+            opts.queues,
+        ),
+        Start::Recover(id) => {
+            let (queues, depth) = wait_quiesced(id)?;
+            // Everything that can be done before START_USER_RECOVERY is:
+            // from there until every queue fetched, a death of this server
+            // can break the device (gate.rs).
+            let ctrl = builder
                 .id(id as i32)
                 .nr_queues(queues)
                 .depth(depth)
@@ -144,7 +151,9 @@ where
                 .map_err(|e| DeviceError::Recover {
                     id,
                     why: e.to_string(),
-                })?
+                })?;
+            start_recovery(&ctrl, id)?;
+            (ctrl, queues)
         }
     };
     let max_io = opts.max_io_bytes;
@@ -154,6 +163,7 @@ where
         Ok(())
     };
     let q_store = store.clone();
+    let gate = Arc::new(StartGate::new(queues as usize));
     let q_fn = move |qid: u16, dev: &UblkDev| {
         serve_queue(
             qid,
@@ -161,6 +171,7 @@ where
             q_store.as_ref(),
             buffers.queue(qid),
             counters.clone(),
+            &gate,
         )
     };
     ctrl.run_target(tgt_init, q_fn, on_live)
@@ -168,9 +179,9 @@ where
     Ok(())
 }
 
-/// Waits until the kernel has quiesced device `id` (its old server gone),
-/// then starts user recovery; returns the device's queue shape.
-fn begin_recovery(id: u32) -> Result<(u16, u16), DeviceError> {
+/// Waits until the kernel has quiesced device `id` (its old server gone);
+/// returns the device's queue shape.
+fn wait_quiesced(id: u32) -> Result<(u16, u16), DeviceError> {
     let fail = |why: String| DeviceError::Recover { id, why };
     let deadline = Instant::now() + QUIESCE_WAIT;
     loop {
@@ -181,11 +192,7 @@ fn begin_recovery(id: u32) -> Result<(u16, u16), DeviceError> {
             return Err(fail("it was added without user recovery".into()));
         }
         match info.state as u32 {
-            sys::UBLK_S_DEV_QUIESCED => {
-                ctrl.start_user_recover()
-                    .map_err(|e| fail(format!("START_USER_RECOVERY failed ({e})")))?;
-                return Ok((info.nr_hw_queues, info.queue_depth));
-            }
+            sys::UBLK_S_DEV_QUIESCED => return Ok((info.nr_hw_queues, info.queue_depth)),
             sys::UBLK_S_DEV_LIVE if Instant::now() < deadline => {
                 // The kernel has not yet seen the old server die.
                 std::thread::sleep(Duration::from_millis(100));
@@ -198,5 +205,29 @@ fn begin_recovery(id: u32) -> Result<(u16, u16), DeviceError> {
             }
             state => return Err(fail(format!("it is in state {state}, not quiesced"))),
         }
+    }
+}
+
+/// START_USER_RECOVERY on a quiesced device. Kernels before ublk's recovery
+/// rework refuse it (EINVAL) when the last server died after its own START
+/// and before any of its queues was ready: the kernel has already reset the
+/// queues for a new server then, so this one goes on from there (the
+/// command buffer mapping tells: if the dead server had mapped it, the
+/// queues fail to map it and the device cannot be recovered on that
+/// kernel; gate.rs).
+fn start_recovery(ctrl: &UblkCtrl, id: u32) -> Result<(), DeviceError> {
+    match ctrl.start_user_recover() {
+        Ok(_) => Ok(()),
+        Err(libublk::UblkError::UringIOError(e)) if e == -libc::EINVAL => {
+            log::warn!(
+                "ublk device {id}: START_USER_RECOVERY refused (EINVAL): its last server died in \
+                 the middle of its own recovery; resuming that recovery"
+            );
+            Ok(())
+        }
+        Err(e) => Err(DeviceError::Recover {
+            id,
+            why: format!("START_USER_RECOVERY failed ({e})"),
+        }),
     }
 }

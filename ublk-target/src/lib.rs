@@ -11,6 +11,7 @@ pub mod control;
 pub mod counters;
 pub mod device;
 pub mod engine;
+mod gate;
 mod params;
 mod queue;
 mod slots;

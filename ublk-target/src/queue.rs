@@ -4,6 +4,7 @@
 
 use crate::counters::DeviceCounters;
 use crate::engine::QueueEngine;
+use crate::gate::StartGate;
 use crate::slots::TagSlots;
 use libublk::io::{with_task_io_ring_mut, UblkDev, UblkQueue};
 use libublk::uring_async::{
@@ -33,12 +34,10 @@ pub(crate) fn serve_queue<S: Store>(
     store: &S,
     buffers: Option<&BufferRegion>,
     counters: Arc<DeviceCounters>,
+    gate: &StartGate,
 ) {
     let mut announced = false;
-    let result = match buffers {
-        Some(b) => try_serve_queue(qid, dev, store, b, counters, &mut announced),
-        None => Err(format!("no io buffers were set aside for queue {qid}")),
-    };
+    let result = try_serve_queue(qid, dev, store, buffers, counters, gate, &mut announced);
     if let Err(e) = result {
         log::error!("queue {qid}: {e}");
         if !announced {
@@ -50,38 +49,96 @@ pub(crate) fn serve_queue<S: Store>(
     log::debug!("queue {qid}: stopped");
 }
 
+/// How long a queue keeps retrying its ring and store handle when the
+/// kernel or the store refuses them (memory short while a recovery waits),
+/// and how often.
+const SETUP_PATIENCE: Duration = Duration::from_secs(3);
+const SETUP_RETRY: Duration = Duration::from_millis(50);
+
+/// Runs `make` until it succeeds or SETUP_PATIENCE has passed, logging the
+/// first failure: a recovering server that gave up here would leave the
+/// device to a successor that may find it broken (gate.rs says why).
+fn with_patience<T>(
+    what: &str,
+    qid: u16,
+    mut make: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let until = Instant::now() + SETUP_PATIENCE;
+    let mut logged = false;
+    loop {
+        match make() {
+            Ok(t) => return Ok(t),
+            Err(e) if Instant::now() < until => {
+                if !logged {
+                    log::warn!(
+                        "queue {qid}: {what}: {e}; trying again for up to {} s",
+                        SETUP_PATIENCE.as_secs()
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(SETUP_RETRY);
+            }
+            Err(e) => return Err(format!("{what}: {e}")),
+        }
+    }
+}
+
 fn try_serve_queue<S: Store>(
     qid: u16,
     dev: &UblkDev,
     store: &S,
-    buffers: &BufferRegion,
+    buffers: Option<&BufferRegion>,
     counters: Arc<DeviceCounters>,
+    gate: &StartGate,
     announced: &mut bool,
 ) -> Result<(), String> {
-    let depth = dev.dev_info.queue_depth as usize;
-    let max_io = dev.dev_info.max_io_buf_bytes as usize;
-    if buffers.count() < depth || buffers.slot_len() < max_io {
-        return Err(format!(
-            "the io buffers ({} x {} bytes) do not fit the device ({depth} x {max_io})",
-            buffers.count(),
-            buffers.slot_len()
-        ));
-    }
-    let qstore = store
-        .open_queue(qid, buffers)
-        .map_err(|e| format!("opening the store: {e}"))?;
-    let q = Rc::new(UblkQueue::new(qid, dev).map_err(|e| format!("creating the queue: {e}"))?);
+    // Everything that can fail happens before the gate; a queue that
+    // fails still arrives there, so that no queue fetches.
+    let setup = (|| {
+        let buffers =
+            buffers.ok_or_else(|| format!("no io buffers were set aside for queue {qid}"))?;
+        let depth = dev.dev_info.queue_depth as usize;
+        let max_io = dev.dev_info.max_io_buf_bytes as usize;
+        if buffers.count() < depth || buffers.slot_len() < max_io {
+            return Err(format!(
+                "the io buffers ({} x {} bytes) do not fit the device ({depth} x {max_io})",
+                buffers.count(),
+                buffers.slot_len()
+            ));
+        }
+        let bufs = (0..depth)
+            .map(|tag| {
+                buffers
+                    .slot(tag)
+                    .ok_or_else(|| format!("no io buffer for tag {tag}"))
+            })
+            .collect::<Result<Vec<IoBuf>, String>>()?;
+        let qstore = with_patience("opening the store", qid, || {
+            store.open_queue(qid, buffers).map_err(|e| e.to_string())
+        })?;
+        let q = with_patience("creating the queue", qid, || {
+            UblkQueue::new(qid, dev).map_err(|e| e.to_string())
+        })?;
+        Ok((buffers, bufs, qstore, Rc::new(q)))
+    })();
+    let (buffers, bufs, qstore, q) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            gate.arrive(false);
+            return Err(e);
+        }
+    };
+    let depth = bufs.len();
     let engine = Rc::new(RefCell::new(
         QueueEngine::new(qstore, store.size(), depth).with_counters(counters, qid),
     ));
     let slots = TagSlots::new(depth);
     let exe = Rc::new(smol::LocalExecutor::new());
 
+    // The tasks submit their FETCH commands when the executor first runs
+    // them, below, after the gate.
     let mut tasks = Vec::with_capacity(depth);
-    for tag in q.tags() {
-        let buf = buffers
-            .slot(tag as usize)
-            .ok_or_else(|| format!("no io buffer for tag {tag}"))?;
+    for (tag, buf) in q.tags().zip(bufs) {
         let (q, engine, slots) = (q.clone(), engine.clone(), slots.clone());
         tasks.push(exe.spawn(async move {
             match serve_tag(&q, &engine, &slots, tag, buf).await {
@@ -89,6 +146,9 @@ fn try_serve_queue<S: Store>(
                 Err(e) => log::error!("queue {qid} tag {tag}: {e}"),
             }
         }));
+    }
+    if !gate.arrive(true) {
+        return Err("another queue of this server could not start, so none fetches".into());
     }
     // Our io buffers are one region, mapped and locked above, rather than
     // libublk IoBufs, so we tell libublk this queue's buffers are ready.
@@ -170,6 +230,9 @@ fn request_from_iod(tag: u16, iod: &sys::ublksrv_io_desc, buf: IoBuf) -> Result<
     })
 }
 
+/// Drives the ring and the store together: tick every ready tag task, send
+/// what they queued as one batch, deliver completions, repeat; block in
+/// io_uring only when the store has nothing in flight.
 async fn event_loop<Q: QueueStore, T>(
     exe: &smol::LocalExecutor<'_>,
     q: &UblkQueue<'_>,
@@ -230,9 +293,6 @@ async fn event_loop<Q: QueueStore, T>(
     run_uring_tasks(poll_uring, reap, run_ops, is_done).await
 }
 
-/// Drives the ring and the store together: tick every ready tag task, send
-/// what they queued as one batch, deliver completions, repeat; block in
-/// io_uring only when the store has nothing in flight.
 #[cfg(test)]
 mod tests {
     use super::*;

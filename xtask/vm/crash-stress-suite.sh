@@ -6,9 +6,10 @@ insmod /lib/modules/ublk_drv.ko || fail "insmod ublk_drv"
 echo 20 > /proc/sys/kernel/hung_task_timeout_secs
 rm -f /tmp/pswatch.stop
 pswatch 15 &
-# Each shape twice: the defaults (512M, one queue per CPU, depth 64),
-# one deep queue, many shallow ones, a smaller device with more pressure.
-for round in 1 2; do
+# Five rounds of four shapes (20 runs of 20 kills): the defaults (512M,
+# one queue per CPU, depth 64), one deep queue, many shallow ones, a
+# smaller device with more pressure.
+for round in 1 2 3 4 5; do
     swap_kill_run "defaults, round $round" 512M "" 200 6 20
     swap_kill_run "1 queue x 128, round $round" 512M "--queues 1 --depth 128" 200 6 20
     swap_kill_run "4 queues x 16, round $round" 512M "--queues 4 --depth 16" 200 6 20
