@@ -31,8 +31,8 @@ pub struct Launch {
 
 /// Runs in a forked server; returns its exit code. A standby (`go` is
 /// Some) prepares everything it can, then waits until the supervisor tells
-/// it to take over (the restart count follows "GO"), or exits when the
-/// supervisor closes the pipe.
+/// it to take over (the restart count, written to its eventfd); it dies
+/// with the supervisor meanwhile (PR_SET_PDEATHSIG).
 pub fn main(
     plan: &Plan,
     held: &Held,

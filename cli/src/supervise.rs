@@ -314,7 +314,8 @@ impl Supervisor<'_> {
         self.fork_server(launch, false)
     }
 
-    /// Forks a server (or, with `standby`, one that waits for "GO").
+    /// Forks a server (or, with `standby`, one that waits on an eventfd for
+    /// the word to take over).
     fn fork_server(&self, launch: Launch, standby: bool) -> Result<Child> {
         let (report, reporter) = daemon::report_pipe()?;
         let go = if standby {

@@ -4,9 +4,11 @@
 //!   store's checks on a stand-in libcuda, then the VM suite (the README's
 //!   test command).
 //! - `unit-test`: `cargo test` for the workspace.
-//! - `vm-test`: the VM suite alone: boots Debian's 6.12 cloud kernel under
+//! - `vm-test`: the VM suite alone: boots Debian's cloud kernel (the newest
+//!   build of the series `VRAMBLK_VM_KERNEL` names, 6.12 by default) under
 //!   qemu TCG with a busybox initramfs holding the release binaries and
 //!   runs the kernel-path checks.
+//! - `vm-kernel`: fetches that kernel (if not cached) and prints its release.
 //! - `bench`: vramblk beside NBD, zram and rublk in one VM boot, and each
 //!   as swap under memory pressure; rewrites docs/benchmarks.md's VM part.
 //! - `bench-engine`: the CUDA store's GPU checks and benchmark (engine-bench)
@@ -49,13 +51,18 @@ fn run() -> Result<()> {
             suite::run_all(&root()?)
         }
         "unit-test" => unit_test(),
+        "vm-kernel" => {
+            let k = kernel::fetch(&root()?.join("target/vm"))?;
+            println!("{} {}", k.release, k.vmlinuz.display());
+            Ok(())
+        }
         "vm-test" => suite::run_all(&root()?),
         "bench" => bench::run(&root()?, &bench::Options::parse(&args[1..])?),
         "install" => install::install(&root()?, &install::Options::parse(&args[1..])?),
         "uninstall" => install::uninstall(&install::Options::parse(&args[1..])?),
         "bench-engine" => bench_engine::run(&root()?, &bench_engine::Options::parse(&args[1..])?),
         _ => {
-            eprintln!("usage: cargo xtask <test|unit-test|vm-test|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]|install [--dry-run] [--root DIR] [--no-build]|uninstall [--dry-run] [--root DIR]>");
+            eprintln!("usage: cargo xtask <test|unit-test|vm-test|vm-kernel|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]|install [--dry-run] [--root DIR] [--no-build]|uninstall [--dry-run] [--root DIR]>");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {

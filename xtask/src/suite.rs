@@ -207,7 +207,8 @@ pub fn run_all(root: &Path) -> Result<()> {
     let built = build_guest_bins(root)?;
     let stub = build_cuda_stub(root)?;
     let vm_dir = root.join("target/vm");
-    let kernel = kernel::fetch(&vm_dir.join("kernel"))?;
+    let kernel = kernel::fetch(&vm_dir)?;
+    println!("== guest kernel: Debian's {}", kernel.release);
 
     let (mut passed, mut failed) = (0usize, 0usize);
     let mut failures: Vec<String> = Vec::new();

@@ -10,10 +10,10 @@ pswatch 15 &
 # one queue per CPU, depth 64), one deep queue, many shallow ones, a
 # smaller device with more pressure.
 for round in 1 2 3 4 5; do
-    swap_kill_run "defaults, round $round" 512M "" 200 6 20
-    swap_kill_run "1 queue x 128, round $round" 512M "--queues 1 --depth 128" 200 6 20
-    swap_kill_run "4 queues x 16, round $round" 512M "--queues 4 --depth 16" 200 6 20
-    swap_kill_run "256M, round $round" 256M "" 150 6 20
+    swap_kill_run "defaults, round $round" 512M "" 200 1 20
+    swap_kill_run "1 queue x 128, round $round" 512M "--queues 1 --depth 128" 200 1 20
+    swap_kill_run "4 queues x 16, round $round" 512M "--queues 4 --depth 16" 200 1 20
+    swap_kill_run "256M, round $round" 256M "" 150 1 20
 done
 
 # --- 3. a crash loop: every new server is killed at once

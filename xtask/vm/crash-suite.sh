@@ -172,5 +172,5 @@ dmesg | grep -E 'ublk|Oops|BUG|hung' | tail -20 | while read -r l; do info "dmes
 echo 20 > /proc/sys/kernel/hung_task_timeout_secs
 rm -f /tmp/pswatch.stop
 pswatch 15 &
-swap_kill_run "swap kills" 512M "" 200 3 20
+swap_kill_run "swap kills" 512M "" 200 2 20
 touch /tmp/pswatch.stop

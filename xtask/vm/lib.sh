@@ -237,17 +237,18 @@ rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 # swap_kill_run NAME SIZE ADD_ARGS EXTRA PASSES KILLS: the promise under
 # its hardest load: a hugetlb host device of SIZE (ADD_ARGS on top of the
 # defaults) is the only swap, memcheck fills MemAvailable + EXTRA MiB
-# with checked data over PASSES passes, and meanwhile the serving process
-# is SIGKILLed KILLS times at random moments 0.2-4 s apart, without
-# waiting for the last take-over to finish: every other kill takes the
-# server named by `vramblk list` (as a user would), the others every
-# child of the supervisor (the server, its standby, or a server in the
-# middle of taking over). Every byte must come back, nothing may be
-# OOM-killed or hang: memcheck must end within 15 minutes, or the check
-# fails and the stacks of the blocked tasks are printed.
+# with checked data and re-checks it, pass after pass (at least PASSES),
+# while the serving process is SIGKILLed KILLS times at random moments
+# 0.2-4 s apart, without waiting for the last take-over to finish: every
+# other kill takes the server named by `vramblk list` (as a user would),
+# the others every child of the supervisor (the server, its standby, or a
+# server in the middle of taking over). After the last kill memcheck
+# finishes the pass it is in. Every byte must come back, nothing may be
+# OOM-killed or hang: memcheck must end within 15 minutes of the last
+# kill, or the check fails and the stacks of the blocked tasks are printed.
 swap_kill_run() {
     local run=$1 size=$2 args=$3 extra=$4 passes=$5 kills=$6
-    local dev avail fill mpid k victim waited rc out0 out1 pages
+    local dev avail fill mpid k victim waited rc out0 out1 pages t0
     dmesg -c > /dev/null
     dev=$(vramblk add --size "$size" --backend host --hugepages --swap $args)
     check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] || { show_logs; return 1; }
@@ -257,7 +258,9 @@ swap_kill_run() {
     fill=$((avail + extra))
     info "$run: MemAvailable $avail MiB; memcheck fills $fill MiB over $passes passes; $kills kills"
     out0=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
-    memcheck $fill "$passes" > /tmp/mc 2>&1 &
+    rm -f /tmp/mc.until
+    t0=$(cut -d. -f1 /proc/uptime)
+    memcheck $fill "$passes" --until /tmp/mc.until > /tmp/mc 2>&1 &
     mpid=$!
     k=1
     while [ $k -le "$kills" ] && kill -0 $mpid 2>/dev/null; do
@@ -271,6 +274,7 @@ swap_kill_run() {
         info "$run: kill $k: SIGKILLed $(echo $victim)"
         k=$((k + 1))
     done
+    touch /tmp/mc.until
     waited=0
     while kill -0 $mpid 2>/dev/null && [ $waited -lt 900 ]; do sleep 1; waited=$((waited + 1)); done
     if kill -0 $mpid 2>/dev/null; then
@@ -286,7 +290,7 @@ swap_kill_run() {
     while read -r l; do info "$run: $l"; done < /tmp/mc
     out1=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
     pages=$((out1 - out0))
-    info "$run: pswpout $pages pages, $((k - 1)) kills"
+    info "$run: pswpout $pages pages, $((k - 1)) kills in $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
     check "$run: every byte read back intact through $((k - 1)) kills" [ $rc -eq 0 ] || show_logs
     check "$run: swap was really used (pswpout grew by > 32 MiB)" [ $pages -gt 8192 ]
     check "$run: nothing was OOM-killed" no_oom

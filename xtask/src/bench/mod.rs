@@ -89,7 +89,8 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     let mut guest_bins = suite::build_guest_bins(root)?;
     guest_bins.push(rublk);
     let vm_dir = root.join("target/vm");
-    let kernel = kernel::fetch(&vm_dir.join("kernel"))?;
+    let kernel = kernel::fetch(&vm_dir)?;
+    println!("== guest kernel: Debian's {}", kernel.release);
     let stage = vm_dir.join("stage-bench");
     let initrd = vm_dir.join("initrd-bench.cpio");
     let io_script = format!(

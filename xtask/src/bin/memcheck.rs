@@ -6,7 +6,11 @@
 //! exists before reading back (its pages meanwhile sit in swap, for tests
 //! that act on the swap device while they do).
 //!
-//! usage: memcheck MIB [PASSES] [--hold FILE]
+//! With `--until FILE`, it goes on with more passes after PASSES until FILE
+//! exists (for tests that act on the swap device as long as they need),
+//! finishing the pass it is in.
+//!
+//! usage: memcheck MIB [PASSES] [--hold FILE] [--until FILE]
 
 use std::process::ExitCode;
 
@@ -32,11 +36,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let passes: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1);
-    let hold = args
-        .iter()
-        .position(|a| a == "--hold")
-        .and_then(|i| args.get(i + 1))
-        .map(std::path::PathBuf::from);
+    let file_after = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(std::path::PathBuf::from)
+    };
+    let hold = file_after("--hold");
+    let until = file_after("--until");
     let pages = mib * 256;
     let words_per_page = PAGE / 8;
     let mut mem: Vec<u64> = Vec::new();
@@ -47,7 +54,8 @@ fn main() -> ExitCode {
     mem.resize(pages * words_per_page, 0);
     let mut want = vec![0u64; words_per_page];
     let mut bad_pages = 0usize;
-    for pass in 0..passes {
+    let mut pass = 0;
+    while pass < passes || until.as_ref().is_some_and(|f| !f.exists()) {
         for (i, page) in mem.chunks_exact_mut(words_per_page).enumerate() {
             page_words(i, pass, page);
         }
@@ -68,7 +76,9 @@ fn main() -> ExitCode {
             }
         }
         println!("memcheck: pass {pass}: verified {pages} pages, {bad_pages} differ so far");
+        pass += 1;
     }
+    let passes = pass;
     if bad_pages == 0 {
         println!("memcheck: ok, {mib} MiB x {passes} passes, 0 pages differ");
         ExitCode::SUCCESS
