@@ -3,7 +3,7 @@
 use crate::args::{AddArgs, BackendArg, CopyModeArg};
 use crate::budget;
 use crate::daemon::{self, Reporter};
-use crate::host::{cpu_count, require_driver, require_root};
+use crate::host::{cpu_count, require_root, require_ublk_features};
 use crate::supervise::{self, Mode};
 use crate::swap;
 use anyhow::{anyhow, bail, Context, Result};
@@ -95,7 +95,7 @@ fn plan(a: &AddArgs) -> Result<Plan> {
 pub fn run(a: &AddArgs) -> Result<()> {
     let mut plan = plan(a)?;
     require_root("add")?;
-    require_driver()?;
+    require_ublk_features()?;
     if let Some(id) = a.id {
         if device_ids().contains(&id) {
             bail!("ublk device {id} already exists");

@@ -15,6 +15,13 @@ pub fn require_driver() -> Result<()> {
     Ok(())
 }
 
+/// The driver, with every feature a device needs.
+pub fn require_ublk_features() -> Result<()> {
+    require_driver()?;
+    vramblk_ublk_target::control::require_features()?;
+    Ok(())
+}
+
 pub fn cpu_count() -> u16 {
     std::thread::available_parallelism()
         .map(|n| n.get().min(u16::MAX as usize) as u16)

@@ -79,25 +79,14 @@ pub fn features() -> Result<()> {
     match libublk::ctrl::UblkCtrl::get_features() {
         Some(f) => {
             println!("ublk driver features: {f:#x}");
-            for (bit, name) in FEATURE_NAMES {
-                if f & bit != 0 {
-                    println!("  {name}");
-                }
+            for line in vramblk_ublk_target::features::describe(f) {
+                println!("  {line}");
+            }
+            if let Err(e) = control::require_features() {
+                println!("{e}");
             }
         }
         None => println!("this kernel's ublk driver does not report features (older than 6.5)"),
     }
     Ok(())
 }
-
-const FEATURE_NAMES: [(u64, &str); 9] = [
-    (1 << 0, "SUPPORT_ZERO_COPY"),
-    (1 << 1, "URING_CMD_COMP_IN_TASK"),
-    (1 << 2, "NEED_GET_DATA"),
-    (1 << 3, "USER_RECOVERY"),
-    (1 << 4, "USER_RECOVERY_REISSUE"),
-    (1 << 5, "UNPRIVILEGED_DEV"),
-    (1 << 6, "CMD_IOCTL_ENCODE"),
-    (1 << 7, "USER_COPY"),
-    (1 << 8, "ZONED"),
-];

@@ -11,6 +11,21 @@ pub const CONTROL_NODE: &str = "/dev/ublk-control";
 pub enum ControlError {
     #[error("ublk_drv is not loaded ({CONTROL_NODE} is missing): run `modprobe ublk_drv`")]
     NoDriver,
+    #[error(
+        "this kernel ({0}) has no ublk driver: it was built without CONFIG_BLK_DEV_UBLK \
+         (Debian 12's own 6.1 kernel is; its bookworm-backports 6.12 kernel has it). vramblk \
+         needs a kernel with ublk; tested on 6.12 and 7.3"
+    )]
+    NotBuilt(String),
+    #[error(
+        "this kernel's ublk driver lacks {name} (features {features:#x}), which vramblk needs: \
+         {why}; run a newer kernel"
+    )]
+    MissingFeature {
+        name: &'static str,
+        why: &'static str,
+        features: u64,
+    },
     #[error("there is no ublk device {0}")]
     NoDevice(u32),
     #[error("deleting ublk device {id}: {why}")]
@@ -51,9 +66,45 @@ pub struct DeviceInfo {
 
 pub fn require_driver() -> Result<(), ControlError> {
     if Path::new(CONTROL_NODE).exists() {
-        Ok(())
-    } else {
-        Err(ControlError::NoDriver)
+        return Ok(());
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    match kernel_has_ublk(release.trim(), Path::new("/")) {
+        Some(false) => Err(ControlError::NotBuilt(release.trim().to_string())),
+        _ => Err(ControlError::NoDriver),
+    }
+}
+
+/// Whether kernel `release`, as installed under `root`, has the ublk driver
+/// (built in or as a module); None when nothing there tells (no module
+/// tree and no config, as in a bare initramfs).
+fn kernel_has_ublk(release: &str, root: &Path) -> Option<bool> {
+    let config = root.join(format!("boot/config-{release}"));
+    if let Ok(text) = std::fs::read_to_string(config) {
+        return Some(text.lines().any(|l| {
+            l.starts_with("CONFIG_BLK_DEV_UBLK=y") || l.starts_with("CONFIG_BLK_DEV_UBLK=m")
+        }));
+    }
+    let modules = root.join(format!("lib/modules/{release}"));
+    let dep = std::fs::read_to_string(modules.join("modules.dep")).ok()?;
+    let builtin = std::fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
+    Some(dep.contains("/ublk_drv.ko") || builtin.contains("/ublk_drv.ko"))
+}
+
+/// Refuses a kernel whose ublk driver lacks a feature every device needs
+/// (kernels before 6.5 do not report features: nothing is checked there,
+/// and adding the device says what fails).
+pub fn require_features() -> Result<(), ControlError> {
+    let Some(features) = UblkCtrl::get_features() else {
+        return Ok(());
+    };
+    match crate::features::missing(features).first() {
+        Some(&(name, why)) => Err(ControlError::MissingFeature {
+            name,
+            why,
+            features,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -210,4 +261,46 @@ pub fn bdev_path(id: u32) -> String {
 /// The char node of device `id`.
 pub fn cdev_path(id: u32) -> String {
     format!("/dev/ublkc{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_built_without_ublk_is_told_from_one_not_loaded() {
+        let root = std::env::temp_dir().join(format!("ublk-kernel-{}", std::process::id()));
+        let rel = "6.1.0-57-cloud-amd64";
+        std::fs::create_dir_all(root.join(format!("lib/modules/{rel}"))).unwrap();
+        std::fs::create_dir_all(root.join("boot")).unwrap();
+        assert_eq!(kernel_has_ublk(rel, &root), None, "nothing tells");
+        std::fs::write(
+            root.join(format!("lib/modules/{rel}/modules.dep")),
+            "kernel/drivers/block/nbd.ko.xz:\n",
+        )
+        .unwrap();
+        assert_eq!(kernel_has_ublk(rel, &root), Some(false));
+        std::fs::write(
+            root.join(format!("lib/modules/{rel}/modules.dep")),
+            "kernel/drivers/block/ublk_drv.ko.xz:\n",
+        )
+        .unwrap();
+        assert_eq!(kernel_has_ublk(rel, &root), Some(true));
+        // The config, when there, decides.
+        std::fs::write(
+            root.join(format!("boot/config-{rel}")),
+            "# CONFIG_BLK_DEV_UBLK is not set\n",
+        )
+        .unwrap();
+        assert_eq!(kernel_has_ublk(rel, &root), Some(false));
+        std::fs::write(
+            root.join(format!("boot/config-{rel}")),
+            "CONFIG_BLK_DEV_UBLK=m\n",
+        )
+        .unwrap();
+        assert_eq!(kernel_has_ublk(rel, &root), Some(true));
+        let _ = std::fs::remove_dir_all(&root);
+        let e = ControlError::NotBuilt(rel.into()).to_string();
+        assert!(e.contains("built without CONFIG_BLK_DEV_UBLK"), "{e}");
+    }
 }

@@ -6,11 +6,13 @@
 //! - [`queue`]: the one queue loop every backend runs (libublk + smol).
 //! - [`device`]: adding and serving a device.
 //! - [`control`]: finding, inspecting and deleting devices.
+//! - [`features`]: the kernel's ublk feature flags and which vramblk needs.
 
 pub mod control;
 pub mod counters;
 pub mod device;
 pub mod engine;
+pub mod features;
 mod gate;
 mod params;
 mod queue;

@@ -130,6 +130,10 @@ pub struct Kernel {
     /// e.g. "6.12.107+deb12-cloud-amd64"
     pub release: String,
     pub vmlinuz: PathBuf,
+    /// The build's /boot/config-RELEASE, where the packages ship one (a
+    /// guest gets it where a Debian system has it: vramblk reads it to tell
+    /// a kernel built without ublk from a module not loaded).
+    pub config: Option<PathBuf>,
     /// Decompressed modules the initramfs loads, by file name.
     pub modules: Vec<PathBuf>,
 }
@@ -189,9 +193,11 @@ pub fn fetch(vm_dir: &Path) -> Result<Kernel> {
         }
         modules.push(ko);
     }
+    let config = Some(tree.join(format!("boot/config-{release}"))).filter(|c| c.exists());
     Ok(Kernel {
         release,
         vmlinuz,
+        config,
         modules,
     })
 }

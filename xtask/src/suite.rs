@@ -14,6 +14,7 @@ const SWAP_SUITE: &str = include_str!("../vm/swap-suite.sh");
 const CRASH_SUITE: &str = include_str!("../vm/crash-suite.sh");
 const CRASH_STRESS_SUITE: &str = include_str!("../vm/crash-stress-suite.sh");
 const SYSTEMD_SUITE: &str = include_str!("../vm/systemd-suite.sh");
+const REFUSE_SUITE: &str = include_str!("../vm/refuse-suite.sh");
 
 /// The systemd guest's units: the shipped vramblk.service, a drop-in that
 /// only sends its output to a file, and the few units a boot needs.
@@ -146,6 +147,16 @@ const SUITES: &[Suite] = &[
         files: SYSTEMD_UNITS,
         default: true,
     },
+    Suite {
+        name: "refuse",
+        script: REFUSE_SUITE,
+        memory: "512M",
+        cmdline: "",
+        host_bins: &[],
+        timeout: Duration::from_secs(5 * 60),
+        files: &[],
+        default: false,
+    },
 ];
 
 /// Where the guests find the stand-in libcuda (used through
@@ -210,6 +221,15 @@ pub fn run_all(root: &Path) -> Result<()> {
     let kernel = kernel::fetch(&vm_dir)?;
     println!("== guest kernel: Debian's {}", kernel.release);
 
+    let boot_config = kernel
+        .config
+        .as_ref()
+        .map(|_| format!("/boot/config-{}", kernel.release));
+    let mut copies = vec![(stub.clone(), STUB_GUEST_PATH)];
+    if let (Some(c), Some(guest)) = (&kernel.config, &boot_config) {
+        copies.push((c.clone(), guest.as_str()));
+    }
+
     let (mut passed, mut failed) = (0usize, 0usize);
     let mut failures: Vec<String> = Vec::new();
     let mut per_suite: Vec<String> = Vec::new();
@@ -230,7 +250,7 @@ pub fn run_all(root: &Path) -> Result<()> {
             &initramfs::Spec {
                 host_bins: s.host_bins,
                 built_bins: &built,
-                copies: &[(stub.clone(), STUB_GUEST_PATH)],
+                copies: &copies,
                 modules: &kernel.modules,
                 files: &[
                     &[
