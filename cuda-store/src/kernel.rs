@@ -117,9 +117,9 @@ impl Drop for CopyKernel {
 }
 
 /// Cuts `len` bytes at `src`/`dst` into pieces of at most [`PIECE`].
-pub(crate) fn pieces(src: u64, dst: u64, len: u32, out: &mut impl Extend<Desc>) {
+pub(crate) fn pieces(src: u64, dst: u64, len: u32) -> impl Iterator<Item = Desc> {
     let mut done = 0u32;
-    out.extend(std::iter::from_fn(|| {
+    std::iter::from_fn(move || {
         if done >= len {
             return None;
         }
@@ -131,7 +131,7 @@ pub(crate) fn pieces(src: u64, dst: u64, len: u32, out: &mut impl Extend<Desc>) 
         };
         done += n;
         Some(d)
-    }));
+    })
 }
 
 /// How many pieces [`pieces`] makes of `len` bytes.
@@ -152,8 +152,7 @@ mod tests {
     #[test]
     fn pieces_cover_the_request_exactly() {
         for len in [16u32, 4096, PIECE - 16, PIECE, PIECE + 4096, 512 << 10] {
-            let mut v: Vec<Desc> = Vec::new();
-            pieces(1 << 20, 1 << 40, len, &mut v);
+            let v: Vec<Desc> = pieces(1 << 20, 1 << 40, len).collect();
             assert_eq!(v.len(), piece_count(len), "len {len}");
             assert_eq!(v.iter().map(|d| d.len).sum::<u64>(), len as u64);
             let mut at = 0u64;
@@ -164,9 +163,7 @@ mod tests {
                 at += d.len;
             }
         }
-        let mut v: Vec<Desc> = Vec::new();
-        pieces(0, 0, 0, &mut v);
-        assert!(v.is_empty());
+        assert_eq!(pieces(0, 0, 0).count(), 0);
     }
 
     #[test]

@@ -69,13 +69,19 @@ impl DescTable {
         Ok(())
     }
 
-    fn push(&mut self, d: Desc) {
-        if self.len < self.cap {
-            // SAFETY: len < cap, inside the allocation; the GPU does not
-            // read this table until the launch that follows.
-            unsafe { self.host.add(self.len).write(d) };
-            self.len += 1;
+    /// Adds `d`; false, adding nothing, when the table is full (the
+    /// request it belongs to must then fail: a dropped descriptor would be
+    /// a lost write or an unfilled read reported as done).
+    #[must_use]
+    fn push(&mut self, d: Desc) -> bool {
+        if self.len >= self.cap {
+            return false;
         }
+        // SAFETY: len < cap, inside the allocation; the GPU does not read
+        // this table until the launch that follows.
+        unsafe { self.host.add(self.len).write(d) };
+        self.len += 1;
+        true
     }
 
     fn free(&mut self) {
@@ -85,14 +91,6 @@ impl DescTable {
             unsafe { sys::cuMemFreeHost(self.host.cast()) };
         }
         *self = DescTable::empty();
-    }
-}
-
-impl Extend<Desc> for DescTable {
-    fn extend<I: IntoIterator<Item = Desc>>(&mut self, iter: I) {
-        for d in iter {
-            self.push(d);
-        }
     }
 }
 
@@ -522,8 +520,13 @@ impl QueueStore for CudaQueue {
                     Op::Write => (buf, p.vram),
                     _ => (p.vram, buf),
                 };
-                kernel::pieces(src, dst, p.len, &mut round.descs);
                 self.jobs[p.job].via_kernel = true;
+                if !kernel::pieces(src, dst, p.len).all(|d| round.descs.push(d)) {
+                    // Sized for every piece above, so this is a bug; the
+                    // request fails rather than lose a piece.
+                    log::error!("the copy kernel's descriptor table is full; failing the request");
+                    self.jobs[p.job].failed = true;
+                }
                 continue;
             }
             if !self.issue(&p) {
@@ -618,5 +621,31 @@ impl Drop for CudaQueue {
                 sys::cuStreamDestroy_v2(self.stream);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_descriptor_table_refuses_instead_of_dropping() {
+        let mut backing = [Desc::default(); 2];
+        let mut t = DescTable {
+            host: backing.as_mut_ptr(),
+            dev: 0,
+            cap: 2,
+            len: 0,
+        };
+        let d = |n| Desc {
+            src: n,
+            dst: n,
+            len: 16,
+        };
+        assert!(t.push(d(1)));
+        assert!(t.push(d(2)));
+        assert!(!t.push(d(3)), "a third descriptor does not fit");
+        assert_eq!(t.len, 2);
+        assert_eq!(backing[1], d(2), "what was there is untouched");
     }
 }
