@@ -26,6 +26,65 @@ pub(crate) fn describe(r: sys::CUresult) -> String {
     }
 }
 
+/// Whether `r` means the context is lost: every later call in it fails the
+/// same way (an illegal address or instruction in a kernel, a failed or
+/// timed-out launch, an uncorrectable ECC error, a GPU that stopped). Any
+/// other error is a refusal of that one call.
+pub(crate) fn is_context_fatal(r: sys::CUresult) -> bool {
+    use sys::CUresult::*;
+    matches!(
+        r,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+            | CUDA_ERROR_ECC_UNCORRECTABLE
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_CONTEXT_IS_DESTROYED
+            | CUDA_ERROR_DEVICE_UNAVAILABLE
+            | CUDA_ERROR_DEVICE_NOT_LICENSED
+            | CUDA_ERROR_NOT_PERMITTED
+            | CUDA_ERROR_SYSTEM_NOT_READY
+            | CUDA_ERROR_UNKNOWN
+    )
+}
+
+/// Exit status of a server whose CUDA context was lost (EX_TEMPFAIL): its
+/// supervisor starts the next server, on a fresh context.
+pub const CONTEXT_LOST_EXIT: i32 = 75;
+
+/// The context is lost: ends the process at once, answering none of the
+/// requests in flight. The kernel issues them again to the next server
+/// (ublk's USER_RECOVERY_REISSUE), which imports the VRAM the supervisor
+/// holds into a fresh context; no request sees an error.
+pub(crate) fn context_lost(what: &str, r: sys::CUresult) -> ! {
+    log::error!(
+        "the GPU's context is lost ({what}: {}); this server stops without answering its \
+         requests in flight, the next one takes them over on a fresh context",
+        describe(r)
+    );
+    // SAFETY: _exit ends the process at once: no destructor runs, so no
+    // queue answers anything and nothing touches the lost context again.
+    unsafe { libc::_exit(CONTEXT_LOST_EXIT) }
+}
+
+/// Runs a driver call; a refused call (not context-fatal) is tried once
+/// more. A context-fatal result ends the process (`context_lost`).
+pub(crate) fn retried_once(what: &str, mut call: impl FnMut() -> sys::CUresult) -> sys::CUresult {
+    let mut r = call();
+    if r != sys::CUresult::CUDA_SUCCESS && !is_context_fatal(r) {
+        log::warn!("{what}: {}; trying once more", describe(r));
+        r = call();
+    }
+    if is_context_fatal(r) {
+        context_lost(what, r);
+    }
+    r
+}
+
 /// Loads libcuda and initialises the driver, or says in one sentence why not.
 pub(crate) fn init() -> Result<i32, StoreError> {
     // SAFETY: only probes whether the shared library can be opened.

@@ -6,7 +6,7 @@
 //! through one launch of the copy kernel; larger ones (and all of them in
 //! DMA mode) as one async copy each on the copy engines.
 
-use crate::driver::{check, describe, SyncStream};
+use crate::driver::{check, context_lost, describe, is_context_fatal, retried_once, SyncStream};
 use crate::extents::{ExtentMap, PinRefused, Pinned, EXTENT};
 use crate::kernel::{self, Desc, THREADS};
 use crate::store::{entry_addr, slot_addr};
@@ -270,7 +270,7 @@ impl CudaQueue {
         ];
         // SAFETY: the parameters match copy_list(u64, u32); the table and
         // every address in it stay valid until the round's event completes.
-        let r = unsafe {
+        let r = retried_once("copy kernel launch", || unsafe {
             sys::cuLaunchKernel(
                 function,
                 n,
@@ -284,7 +284,7 @@ impl CudaQueue {
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
-        };
+        });
         if r != sys::CUresult::CUDA_SUCCESS {
             log::error!("copy kernel launch ({n} pieces): {}", describe(r));
             return false;
@@ -298,14 +298,14 @@ impl CudaQueue {
         // SAFETY: the piece lies inside a mapped slot its request pinned,
         // and inside the request's pinned buffer, both alive until the
         // round's event completes.
-        let res = unsafe {
+        let res = retried_once("a copy", || unsafe {
             match p.op {
                 Op::Write => sys::cuMemcpyHtoDAsync_v2(p.vram, p.buf.cast(), len, self.stream),
                 Op::Read => sys::cuMemcpyDtoHAsync_v2(p.buf.cast(), p.vram, len, self.stream),
                 Op::WriteZeroes => sys::cuMemsetD8Async(p.vram, 0, len, self.stream),
                 Op::Flush | Op::Discard => sys::CUresult::CUDA_SUCCESS,
             }
-        };
+        });
         if res != sys::CUresult::CUDA_SUCCESS {
             log::error!("{:?} of {} bytes: {}", p.op, p.len, describe(res));
         }
@@ -351,6 +351,31 @@ impl CudaQueue {
                 self.extents.abort_move(e);
             }
         }
+    }
+
+    /// Whether a round whose event answered `r` (not "not ready") did its
+    /// work. A lost context ends the server (`context_lost`); an event
+    /// query refused by itself is settled by waiting for the stream.
+    fn round_succeeded(&self, r: sys::CUresult) -> bool {
+        if r == sys::CUresult::CUDA_SUCCESS {
+            return true;
+        }
+        if is_context_fatal(r) {
+            context_lost("a round of copies", r);
+        }
+        log::warn!(
+            "a round's event query failed: {}; waiting for its stream",
+            describe(r)
+        );
+        // SAFETY: waiting on our own stream.
+        let synced = unsafe { sys::cuStreamSynchronize(self.stream) };
+        if is_context_fatal(synced) {
+            context_lost("a round of copies", synced);
+        }
+        if synced != sys::CUresult::CUDA_SUCCESS {
+            log::error!("a round of copies failed: {}", describe(synced));
+        }
+        synced == sys::CUresult::CUDA_SUCCESS
     }
 
     /// Answers a finished round's requests and lets go of what it held.
@@ -547,10 +572,11 @@ impl QueueStore for CudaQueue {
                 },
             }));
         // SAFETY: event and stream are ours.
-        match check(
-            unsafe { sys::cuEventRecord(round.event, self.stream) },
-            "cuEventRecord",
-        ) {
+        let recorded = unsafe { sys::cuEventRecord(round.event, self.stream) };
+        if is_context_fatal(recorded) {
+            context_lost("cuEventRecord", recorded);
+        }
+        match check(recorded, "cuEventRecord") {
             Ok(()) => {
                 self.in_flight += round.completions.len();
                 self.rounds.push_back(round);
@@ -576,10 +602,7 @@ impl QueueStore for CudaQueue {
                 break;
             };
             self.in_flight -= round.completions.len();
-            let failed = r != sys::CUresult::CUDA_SUCCESS;
-            if failed {
-                log::error!("a round of copies failed: {}", crate::driver::describe(r));
-            }
+            let failed = !self.round_succeeded(r);
             self.finish(round, failed, done);
         }
         if !self.deferred.is_empty() {

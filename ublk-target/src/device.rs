@@ -126,17 +126,14 @@ where
         .name("vramblk")
         .io_buf_bytes(opts.max_io_bytes)
         .ctrl_flags(RECOVERY_FLAGS);
-    let (ctrl, queues) = match start {
-        Start::Add => (
-            builder
-                .id(opts.id)
-                .nr_queues(opts.queues)
-                .depth(opts.depth)
-                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-                .build()
-                .map_err(DeviceError::Create)?,
-            opts.queues,
-        ),
+    let ctrl = match start {
+        Start::Add => builder
+            .id(opts.id)
+            .nr_queues(opts.queues)
+            .depth(opts.depth)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+            .map_err(DeviceError::Create)?,
         Start::Recover(id) => {
             let (queues, depth) = wait_quiesced(id)?;
             // Everything that can be done before START_USER_RECOVERY is:
@@ -153,9 +150,12 @@ where
                     why: e.to_string(),
                 })?;
             start_recovery(&ctrl, id)?;
-            (ctrl, queues)
+            ctrl
         }
     };
+    // The kernel's count, not the one asked for: it gives a device at most
+    // one queue per CPU, and libublk starts a thread per queue it has.
+    let queues = ctrl.dev_info().nr_hw_queues;
     let max_io = opts.max_io_bytes;
     let tgt_init = move |dev: &mut UblkDev| {
         dev.tgt.dev_size = size;

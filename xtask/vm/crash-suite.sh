@@ -65,6 +65,51 @@ check "cuda (stub) --copy-mode dma: fio write + verify" [ $rc -eq 0 ] || tail -1
 check "cuda (stub) --copy-mode dma: the store says so" grep -q "copy engines only" /run/vramblk/*.log
 vramblk del 0 > /dev/null 2>&1
 
+# --- 2b. when the GPU fails: the stand-in libcuda's fault injection
+# (VRAMBLK_STUB_FAIL, documented in the stub's header).
+# gpu_fault NAME FAIL ONCE ADD_ARGS: a 128M cuda device whose servers see
+# the fault FAIL (fired by the first process that reaches it when ONCE is
+# 1), under fio random writes of 4-64 KiB with crc32c headers over its
+# first 32 MiB, then a verify-only pass.
+gpu_fault() {
+    rm -f /tmp/fault-fired /run/vramblk/*.log
+    once=""
+    [ "$3" = 1 ] && once="VRAMBLK_STUB_FAIL_ONCE=/tmp/fault-fired"
+    dev=$(env $STUB_ENV VRAMBLK_STUB_FAIL=$2 $once vramblk add --size 128M --reserve 0 --queues 2 $4 2>/tmp/add-f.txt)
+    check "$1: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-f.txt; show_logs; return 1; }
+    $FIO --name=f --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=16 --size=32M \
+        --verify=crc32c --do_verify=0 --output=/tmp/fio-f.txt
+    rc=$?
+    check "$1: fio saw no I/O error" [ $rc -eq 0 ] || { tail -5 /tmp/fio-f.txt; show_logs; }
+    fio_verified "$1: verify-only pass: every block intact" /tmp/fio-fv.txt \
+        --name=f --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=16 --size=32M
+}
+gpu_fault "per-call copy error" cuMemcpyHtoDAsync_v2:40 0 "--copy-mode dma"
+check "per-call copy error: the copy was tried once more" grep -q "a copy: .*trying once more" /run/vramblk/*.log
+vramblk del 0 > /dev/null 2>&1
+gpu_fault "per-call launch error" cuLaunchKernel:20 0
+check "per-call launch error: the launch was tried once more" grep -q "copy kernel launch: .*trying once more" /run/vramblk/*.log
+vramblk del 0 > /dev/null 2>&1
+gpu_fault "sticky context error" cuEventQuery:300:sticky 1
+check "sticky context error: the fault fired" [ -e /tmp/fault-fired ]
+check "sticky context error: the server said its context is lost" grep -q "context is lost" /run/vramblk/*.log
+check "sticky context error: a new server took over" grep -q "recovered" /run/vramblk/*.log
+vramblk del 0 > /dev/null 2>&1
+# A GPU that fails every context: every server dies, the supervisor gives
+# up and removes the device, and the I/O fails instead of waiting.
+rm -f /run/vramblk/*.log
+dev=$(env $STUB_ENV VRAMBLK_STUB_FAIL=cuEventQuery:300:sticky vramblk add --size 128M --reserve 0 --queues 2)
+check "permanent context error: add" [ "$dev" = /dev/ublkb0 ]
+$FIO --name=p --filename=$dev --rw=randwrite --bs=4k --iodepth=4 --runtime=120 --time_based \
+    --output=/tmp/fio-p.txt &
+fpid=$!
+sleep 1
+fio_ends_failing $fpid 30 "a GPU that loses every context"
+check "permanent context error: the supervisor gave up" grep -q "giving up on /dev/ublkb0" /run/vramblk/*.log
+vramblk del 0 > /dev/null 2>&1
+check "permanent context error: the device is gone" wait_for 10 nodes_gone 0
+check "no kernel oops or hung task after the GPU faults" no_oops
+
 # --- 3. under the service, a device outlives its supervisor and the
 # service itself: the service's main process holds the memory fds too, and
 # puts them in systemd's fd store. No systemd boots here: fdstore (xtask's

@@ -10,10 +10,27 @@
  * It lets the --backend cuda path run through the real kernel path where
  * there is no GPU. It is never GPU evidence: no figure from it counts.
  *
+ * Fault injection, for the tests of what vramblk does when the GPU fails:
+ *   VRAMBLK_STUB_FAIL=ENTRY:N[:sticky]
+ *     the N-th call (1-based, counted per process) of driver entry point
+ *     ENTRY (its C name: cuLaunchKernel, cuEventQuery,
+ *     cuMemcpyHtoDAsync_v2, ...) fails: cuLaunchKernel with
+ *     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, cuEventQuery with
+ *     CUDA_ERROR_INVALID_HANDLE, any other with CUDA_ERROR_INVALID_VALUE:
+ *     one refused call, the context still good. With ":sticky" that call
+ *     and every later driver call of the process fail with
+ *     CUDA_ERROR_ILLEGAL_ADDRESS, as after a lost context.
+ *   VRAMBLK_STUB_FAIL_ONCE=PATH
+ *     only the first process that reaches the fault fires it, creating
+ *     PATH; a process that finds PATH there runs clean (so a restarted
+ *     server can serve).
+ * cuGetErrorString never fails.
+ *
  * Build: cc -shared -fPIC -O2 -o libcuda.so.1 libcuda_stub.c
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +52,64 @@ enum {
 
 #define GRANULARITY (2ull << 20)
 #define MAX_HANDLES 4096
+
+enum {
+    ERR_INVALID_HANDLE = 400,
+    ERR_ILLEGAL_ADDRESS = 700,
+    ERR_LAUNCH_OUT_OF_RESOURCES = 701,
+};
+
+/* Fault injection state (see the header). */
+static int fault_parsed, fault_sticky, fault_lost, fault_clean;
+static char fault_entry[64];
+static unsigned long fault_at, fault_calls;
+
+static void fault_parse(void) {
+    const char *spec = getenv("VRAMBLK_STUB_FAIL");
+    fault_parsed = 1;
+    if (!spec)
+        return;
+    const char *colon = strchr(spec, ':');
+    if (!colon || (size_t)(colon - spec) >= sizeof fault_entry)
+        return;
+    memcpy(fault_entry, spec, colon - spec);
+    fault_entry[colon - spec] = 0;
+    char *end;
+    fault_at = strtoul(colon + 1, &end, 10);
+    fault_sticky = strcmp(end, ":sticky") == 0;
+}
+
+/* What entry point `name` returns instead of running: 0 to run. */
+static CUresult fault_check(const char *name) {
+    if (!fault_parsed)
+        fault_parse();
+    if (fault_lost)
+        return ERR_ILLEGAL_ADDRESS;
+    if (fault_clean || !fault_at || strcmp(name, fault_entry) != 0)
+        return OK;
+    if (__atomic_add_fetch(&fault_calls, 1, __ATOMIC_SEQ_CST) != fault_at)
+        return OK;
+    const char *once = getenv("VRAMBLK_STUB_FAIL_ONCE");
+    if (once) {
+        int fd = open(once, O_CREAT | O_EXCL | O_WRONLY, 0644);
+        if (fd < 0) {
+            fault_clean = 1;
+            return OK;
+        }
+        close(fd);
+    }
+    if (fault_sticky) {
+        fault_lost = 1;
+        return ERR_ILLEGAL_ADDRESS;
+    }
+    if (strcmp(name, "cuLaunchKernel") == 0)
+        return ERR_LAUNCH_OUT_OF_RESOURCES;
+    if (strcmp(name, "cuEventQuery") == 0)
+        return ERR_INVALID_HANDLE;
+    return ERR_INVALID_VALUE;
+}
+
+#define FAULT(name) do { CUresult f_ = fault_check(name); if (f_) return f_; } while (0)
 
 /* Handle h (1-based) is the memfd fds[h - 1]; 0: free slot. */
 static int fds[MAX_HANDLES];
@@ -62,37 +137,37 @@ static int fd_of(CUhandle h) {
     return (h >= 1 && h <= MAX_HANDLES && fds[h - 1]) ? fds[h - 1] - 1 : -1;
 }
 
-CUresult cuInit(unsigned flags) { (void)flags; return OK; }
-CUresult cuDriverGetVersion(int *v) { *v = 12080; return OK; }
-CUresult cuDeviceGetCount(int *n) { *n = 1; return OK; }
-CUresult cuDeviceGet(int *d, int ordinal) { if (ordinal != 0) return ERR_INVALID_VALUE; *d = 0; return OK; }
-CUresult cuDeviceGetName(char *name, int len, int dev) {
+CUresult cuInit(unsigned flags) { FAULT("cuInit"); (void)flags; return OK; }
+CUresult cuDriverGetVersion(int *v) { FAULT("cuDriverGetVersion"); *v = 12080; return OK; }
+CUresult cuDeviceGetCount(int *n) { FAULT("cuDeviceGetCount"); *n = 1; return OK; }
+CUresult cuDeviceGet(int *d, int ordinal) { FAULT("cuDeviceGet"); if (ordinal != 0) return ERR_INVALID_VALUE; *d = 0; return OK; }
+CUresult cuDeviceGetName(char *name, int len, int dev) { FAULT("cuDeviceGetName");
     (void)dev;
     snprintf(name, (size_t)len, "vramblk stub GPU (host memory, not a GPU)");
     return OK;
 }
-CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx = &dummy; return OK; }
-CUresult cuDevicePrimaryCtxRelease_v2(int dev) { (void)dev; return OK; }
-CUresult cuCtxSetCurrent(void *ctx) { (void)ctx; return OK; }
-CUresult cuCtxSynchronize(void) { return OK; }
+CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { FAULT("cuDevicePrimaryCtxRetain"); (void)dev; *ctx = &dummy; return OK; }
+CUresult cuDevicePrimaryCtxRelease_v2(int dev) { FAULT("cuDevicePrimaryCtxRelease_v2"); (void)dev; return OK; }
+CUresult cuCtxSetCurrent(void *ctx) { FAULT("cuCtxSetCurrent"); (void)ctx; return OK; }
+CUresult cuCtxSynchronize(void) { FAULT("cuCtxSynchronize"); return OK; }
 CUresult cuGetErrorString(CUresult r, const char **s) {
     *s = r == OK ? "no error" : r == ERR_OUT_OF_MEMORY ? "out of memory (stub)" : "error (stub)";
     return OK;
 }
 
-CUresult cuMemGetInfo_v2(size_t *free_, size_t *total) {
+CUresult cuMemGetInfo_v2(size_t *free_, size_t *total) { FAULT("cuMemGetInfo_v2");
     size_t t = vram_total();
     *total = t;
     *free_ = allocated < t ? t - allocated : 0;
     return OK;
 }
-CUresult cuMemGetAllocationGranularity(size_t *g, const void *prop, int option) {
+CUresult cuMemGetAllocationGranularity(size_t *g, const void *prop, int option) { FAULT("cuMemGetAllocationGranularity");
     (void)prop; (void)option;
     *g = GRANULARITY;
     return OK;
 }
 
-CUresult cuMemCreate(CUhandle *h, size_t size, const void *prop, unsigned long long flags) {
+CUresult cuMemCreate(CUhandle *h, size_t size, const void *prop, unsigned long long flags) { FAULT("cuMemCreate");
     (void)prop; (void)flags;
     if (allocated + size > vram_total()) return ERR_OUT_OF_MEMORY;
     const char *huge = getenv("VRAMBLK_STUB_HUGETLB");
@@ -104,7 +179,7 @@ CUresult cuMemCreate(CUhandle *h, size_t size, const void *prop, unsigned long l
     if (!*h) { close(fd); return ERR_OUT_OF_MEMORY; }
     return OK;
 }
-CUresult cuMemExportToShareableHandle(void *out, CUhandle h, int type, unsigned long long flags) {
+CUresult cuMemExportToShareableHandle(void *out, CUhandle h, int type, unsigned long long flags) { FAULT("cuMemExportToShareableHandle");
     (void)type; (void)flags;
     int fd = fd_of(h);
     if (fd < 0) return ERR_INVALID_VALUE;
@@ -113,7 +188,7 @@ CUresult cuMemExportToShareableHandle(void *out, CUhandle h, int type, unsigned 
     *(int *)out = d;
     return OK;
 }
-CUresult cuMemImportFromShareableHandle(CUhandle *h, void *os_handle, int type) {
+CUresult cuMemImportFromShareableHandle(CUhandle *h, void *os_handle, int type) { FAULT("cuMemImportFromShareableHandle");
     (void)type;
     int d = dup((int)(intptr_t)os_handle);
     struct stat st;
@@ -121,7 +196,7 @@ CUresult cuMemImportFromShareableHandle(CUhandle *h, void *os_handle, int type) 
     *h = put(d, (size_t)st.st_size);
     return *h ? OK : ERR_OUT_OF_MEMORY;
 }
-CUresult cuMemRelease(CUhandle h) {
+CUresult cuMemRelease(CUhandle h) { FAULT("cuMemRelease");
     int fd = fd_of(h);
     if (fd < 0) return ERR_INVALID_VALUE;
     close(fd);
@@ -129,7 +204,7 @@ CUresult cuMemRelease(CUhandle h) {
     fds[h - 1] = 0;
     return OK;
 }
-CUresult cuMemAddressReserve(CUdeviceptr *p, size_t size, size_t align, CUdeviceptr addr, unsigned long long flags) {
+CUresult cuMemAddressReserve(CUdeviceptr *p, size_t size, size_t align, CUdeviceptr addr, unsigned long long flags) { FAULT("cuMemAddressReserve");
     (void)align; (void)addr; (void)flags;
     /* Huge-page alignment, so hugetlb chunks can be mapped into it. */
     size_t pad = GRANULARITY;
@@ -139,49 +214,49 @@ CUresult cuMemAddressReserve(CUdeviceptr *p, size_t size, size_t align, CUdevice
     *p = (CUdeviceptr)a;
     return OK;
 }
-CUresult cuMemAddressFree(CUdeviceptr p, size_t size) { munmap((void *)(uintptr_t)p, size); return OK; }
-CUresult cuMemMap(CUdeviceptr p, size_t size, size_t offset, CUhandle h, unsigned long long flags) {
+CUresult cuMemAddressFree(CUdeviceptr p, size_t size) { FAULT("cuMemAddressFree"); munmap((void *)(uintptr_t)p, size); return OK; }
+CUresult cuMemMap(CUdeviceptr p, size_t size, size_t offset, CUhandle h, unsigned long long flags) { FAULT("cuMemMap");
     (void)flags;
     int fd = fd_of(h);
     if (fd < 0) return ERR_INVALID_VALUE;
     void *m = mmap((void *)(uintptr_t)p, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (off_t)offset);
     return m == MAP_FAILED ? ERR_OUT_OF_MEMORY : OK;
 }
-CUresult cuMemUnmap(CUdeviceptr p, size_t size) {
+CUresult cuMemUnmap(CUdeviceptr p, size_t size) { FAULT("cuMemUnmap");
     mmap((void *)(uintptr_t)p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
     return OK;
 }
-CUresult cuMemSetAccess(CUdeviceptr p, size_t size, const void *desc, size_t count) {
+CUresult cuMemSetAccess(CUdeviceptr p, size_t size, const void *desc, size_t count) { FAULT("cuMemSetAccess");
     (void)p; (void)size; (void)desc; (void)count;
     return OK;
 }
 
-CUresult cuStreamCreate(void **s, unsigned flags) { (void)flags; *s = &dummy; return OK; }
-CUresult cuStreamDestroy_v2(void *s) { (void)s; return OK; }
-CUresult cuStreamSynchronize(void *s) { (void)s; return OK; }
-CUresult cuEventCreate(void **e, unsigned flags) { (void)flags; *e = &dummy; return OK; }
-CUresult cuEventDestroy_v2(void *e) { (void)e; return OK; }
-CUresult cuEventRecord(void *e, void *s) { (void)e; (void)s; return OK; }
-CUresult cuEventQuery(void *e) { (void)e; return OK; }
+CUresult cuStreamCreate(void **s, unsigned flags) { FAULT("cuStreamCreate"); (void)flags; *s = &dummy; return OK; }
+CUresult cuStreamDestroy_v2(void *s) { FAULT("cuStreamDestroy_v2"); (void)s; return OK; }
+CUresult cuStreamSynchronize(void *s) { FAULT("cuStreamSynchronize"); (void)s; return OK; }
+CUresult cuEventCreate(void **e, unsigned flags) { FAULT("cuEventCreate"); (void)flags; *e = &dummy; return OK; }
+CUresult cuEventDestroy_v2(void *e) { FAULT("cuEventDestroy_v2"); (void)e; return OK; }
+CUresult cuEventRecord(void *e, void *s) { FAULT("cuEventRecord"); (void)e; (void)s; return OK; }
+CUresult cuEventQuery(void *e) { FAULT("cuEventQuery"); (void)e; return OK; }
 
-CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned flags) { (void)p; (void)size; (void)flags; return OK; }
-CUresult cuMemHostUnregister(void *p) { (void)p; return OK; }
-CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *d, void *p, unsigned flags) {
+CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned flags) { FAULT("cuMemHostRegister_v2"); (void)p; (void)size; (void)flags; return OK; }
+CUresult cuMemHostUnregister(void *p) { FAULT("cuMemHostUnregister"); (void)p; return OK; }
+CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *d, void *p, unsigned flags) { FAULT("cuMemHostGetDevicePointer_v2");
     (void)flags;
     *d = (CUdeviceptr)(uintptr_t)p;
     return OK;
 }
-CUresult cuMemHostAlloc(void **p, size_t size, unsigned flags) {
+CUresult cuMemHostAlloc(void **p, size_t size, unsigned flags) { FAULT("cuMemHostAlloc");
     (void)flags;
     *p = calloc(1, size);
     return *p ? OK : ERR_OUT_OF_MEMORY;
 }
-CUresult cuMemFreeHost(void *p) { free(p); return OK; }
+CUresult cuMemFreeHost(void *p) { FAULT("cuMemFreeHost"); free(p); return OK; }
 
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *s) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *s) { FAULT("cuMemcpyHtoDAsync_v2");
     (void)s; memcpy((void *)(uintptr_t)dst, src, n); return OK;
 }
-CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *s) {
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *s) { FAULT("cuMemcpyDtoHAsync_v2");
     (void)s; memcpy(dst, (const void *)(uintptr_t)src, n); return OK;
 }
 /* Zeroing whole pages of a memfd mapping punches them out (they read back
@@ -197,37 +272,37 @@ static void fill(CUdeviceptr dst, unsigned char v, size_t n) {
     }
     memset((void *)a, v, n);
 }
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void *s) {
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void *s) { FAULT("cuMemsetD8Async");
     (void)s; fill(dst, v, n); return OK;
 }
-CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) { FAULT("cuMemsetD8_v2");
     fill(dst, v, n); return OK;
 }
-CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void *s) {
+CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void *s) { FAULT("cuMemsetD32Async");
     (void)s;
     for (size_t i = 0; i < n; i++) ((unsigned *)(uintptr_t)dst)[i] = v;
     return OK;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void *s) {
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void *s) { FAULT("cuMemcpyDtoDAsync_v2");
     (void)s; memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n); return OK;
 }
 
 /* The copy kernel: copy_list(descs, n), each descriptor {src, dst, len}. */
 static int module_token, function_token;
-CUresult cuModuleLoadData(void **m, const void *image) {
+CUresult cuModuleLoadData(void **m, const void *image) { FAULT("cuModuleLoadData");
     if (!strstr((const char *)image, ".entry copy_list")) return ERR_INVALID_VALUE;
     *m = &module_token;
     return OK;
 }
-CUresult cuModuleUnload(void *m) { (void)m; return OK; }
-CUresult cuModuleGetFunction(void **f, void *m, const char *name) {
+CUresult cuModuleUnload(void *m) { FAULT("cuModuleUnload"); (void)m; return OK; }
+CUresult cuModuleGetFunction(void **f, void *m, const char *name) { FAULT("cuModuleGetFunction");
     (void)m;
     if (strcmp(name, "copy_list") != 0) return ERR_NOT_FOUND;
     *f = &function_token;
     return OK;
 }
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared, void *stream, void **params, void **extra) {
+                        unsigned shared, void *stream, void **params, void **extra) { FAULT("cuLaunchKernel");
     (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shared; (void)stream; (void)extra;
     if (f != &function_token || !params) return ERR_INVALID_VALUE;
     const unsigned long long *d = (const unsigned long long *)(uintptr_t)*(CUdeviceptr *)params[0];
@@ -240,7 +315,7 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
 
 /* Plain allocations and synchronous copies (engine-bench's baseline and
  * its "another program holds VRAM" check). */
-CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t size) {
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t size) { FAULT("cuMemAlloc_v2");
     if (allocated + size > vram_total()) return ERR_OUT_OF_MEMORY;
     void *m = calloc(1, size + sizeof(size_t));
     if (!m) return ERR_OUT_OF_MEMORY;
@@ -249,15 +324,15 @@ CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t size) {
     *p = (CUdeviceptr)(uintptr_t)((char *)m + sizeof(size_t));
     return OK;
 }
-CUresult cuMemFree_v2(CUdeviceptr p) {
+CUresult cuMemFree_v2(CUdeviceptr p) { FAULT("cuMemFree_v2");
     char *m = (char *)(uintptr_t)p - sizeof(size_t);
     allocated -= *(size_t *)m;
     free(m);
     return OK;
 }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) { FAULT("cuMemcpyHtoD_v2");
     memcpy((void *)(uintptr_t)dst, src, n); return OK;
 }
-CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { FAULT("cuMemcpyDtoH_v2");
     memcpy(dst, (const void *)(uintptr_t)src, n); return OK;
 }
