@@ -108,6 +108,23 @@ fio_ends_failing $fpid 30 "a GPU that loses every context"
 check "permanent context error: the supervisor gave up" grep -q "giving up on /dev/ublkb0" /run/vramblk/*.log
 vramblk del 0 > /dev/null 2>&1
 check "permanent context error: the device is gone" wait_for 10 nodes_gone 0
+# The sticky fault again while the device is the only swap under memory
+# pressure: the server that loses its context leaves its requests to the
+# next one, and no process loses a page.
+rm -f /tmp/fault-fired /run/vramblk/*.log
+dev=$(env $STUB_ENV VRAMBLK_STUB_FAIL=cuEventQuery:3000:sticky VRAMBLK_STUB_FAIL_ONCE=/tmp/fault-fired \
+    vramblk add --size 256M --reserve 0 --queues 2 --swap)
+check "sticky fault under swap pressure: add --swap" [ "$dev" = /dev/ublkb0 ]
+avail=$(mem MemAvailable)
+memcheck $((avail + 150)) 2 > /tmp/mc-f 2>&1
+rc=$?
+while read -r l; do info "$l"; done < /tmp/mc-f
+check "sticky fault under swap pressure: every byte of $((avail + 150)) MiB intact" [ $rc -eq 0 ]
+check "sticky fault under swap pressure: the fault fired" [ -e /tmp/fault-fired ]
+check "sticky fault under swap pressure: a new server took over" grep -q "context is lost" /run/vramblk/*.log
+check "sticky fault under swap pressure: nothing was OOM-killed" no_oom
+out=$(vramblk del 0 2>&1)
+check "sticky fault under swap pressure: swapoff and del" [ "$out" = "removed /dev/ublkb0" ] || info "$out"
 check "no kernel oops or hung task after the GPU faults" no_oops
 
 # --- 3. under the service, a device outlives its supervisor and the
