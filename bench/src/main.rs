@@ -52,10 +52,11 @@ fn main() -> Result<()> {
         .cloned();
     // First, while this process has not touched CUDA (the check forks).
     let recovery = recovery::kill_and_recover(gpu, size.min(1 << 30), 3);
-    let mid_give_back: Vec<(String, bool)> = [300u64, 1500, 6000]
+    let mut mid_give_back: Vec<(String, bool)> = [300u64, 1500, 6000]
         .into_iter()
         .map(|us| recovery::kill_during_give_back(gpu, std::time::Duration::from_micros(us)))
         .collect();
+    mid_give_back.push(recovery::context_lost(gpu, 64 << 20));
     // Every copy mode gets its own store: auto (the default: the copy
     // kernel for rounds of 4 requests or more), dma (copy engines only)
     // and, to show why auto leaves small rounds to the copy engines, the

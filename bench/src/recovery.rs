@@ -35,17 +35,47 @@ fn sweep(store: &CudaStore, seed: u64, write: bool) -> u64 {
 /// Writes `byte(offset)` over the whole store, or (write=false) reads it
 /// all back and counts the bytes that differ from it.
 fn sweep_bytes(store: &CudaStore, write: bool, byte: impl Fn(u64) -> u8) -> u64 {
+    sweep_in(store, 0, store.size(), write, &byte, |at, x| x == byte(at))
+}
+
+/// Writes pattern `byte` over [lo, hi).
+fn sweep_range(store: &CudaStore, lo: u64, hi: u64, byte: impl Fn(u64) -> u8) {
+    sweep_in(store, lo, hi, true, byte, |_, _| true);
+}
+
+/// Bytes of [lo, hi) that differ from pattern `seed`.
+fn count_range(store: &CudaStore, lo: u64, hi: u64, seed: u64) -> u64 {
+    let byte = |at| pattern_byte(seed, at);
+    sweep_in(store, lo, hi, false, byte, |at, x| x == byte(at))
+}
+
+/// Whether every byte of [lo, hi) is pattern `a`'s or pattern `b`'s.
+fn either_pattern(store: &CudaStore, lo: u64, hi: u64, a: u64, b: u64) -> bool {
+    let fits = |at, x| x == pattern_byte(a, at) || x == pattern_byte(b, at);
+    sweep_in(store, lo, hi, false, |_| 0, fits) == 0
+}
+
+/// Writes `byte(offset)` over [lo, hi), or (write=false) reads it back and
+/// counts the bytes `fits(offset, byte)` refuses; a failed request counts
+/// as REQ bad bytes.
+fn sweep_in(
+    store: &CudaStore,
+    lo: u64,
+    hi: u64,
+    write: bool,
+    byte: impl Fn(u64) -> u8,
+    fits: impl Fn(u64, u8) -> bool,
+) -> u64 {
     let mut sq = SynthQueue::open(store, 0, DEPTH);
-    let size = store.size();
     let mut bad = 0u64;
-    let mut off = 0u64;
-    while off < size {
+    let mut off = lo;
+    while off < hi {
         let mut batch = Vec::new();
         for tag in 0..DEPTH {
-            if off >= size {
+            if off >= hi {
                 break;
             }
-            let len = REQ.min(size - off);
+            let len = REQ.min(hi - off);
             let buf = sq.bufs.slot(tag).expect("slot");
             let b = &mut slice(buf)[..len as usize];
             if write {
@@ -74,7 +104,7 @@ fn sweep_bytes(store: &CudaStore, write: bool, byte: impl Fn(u64) -> u8) -> u64 
                 bad += b
                     .iter()
                     .enumerate()
-                    .filter(|(k, x)| **x != byte(at + *k as u64))
+                    .filter(|(k, x)| !fits(at + *k as u64, **x))
                     .count() as u64;
             }
         }
@@ -350,4 +380,135 @@ pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
         },
         killed(first) && code == Some(0),
     )
+}
+
+/// A kernel that stores to address 0: an illegal address, which breaks the
+/// context it runs in for good, as a faulting kernel or an Xid does.
+const POISON_PTX: &str = r#"
+.version 7.0
+.target sm_70
+.address_size 64
+
+.visible .entry poison()
+{
+    .reg .u64 %rd<2>;
+    mov.u64 %rd1, 0;
+    st.global.u32 [%rd1], 1;
+    ret;
+}
+"#;
+
+/// Breaks the current context: launches `poison` and waits for it; true
+/// when the context reports the illegal address, as it should.
+fn poison_context() -> bool {
+    use cudarc::driver::sys;
+    let Ok(src) = std::ffi::CString::new(POISON_PTX) else {
+        return false;
+    };
+    let (mut module, mut function) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: valid out-pointers, a NUL-terminated image, a kernel with no
+    // parameters launched on the current context's null stream.
+    unsafe {
+        if sys::cuModuleLoadData(&mut module, src.as_ptr().cast()) != sys::CUresult::CUDA_SUCCESS
+            || sys::cuModuleGetFunction(&mut function, module, c"poison".as_ptr())
+                != sys::CUresult::CUDA_SUCCESS
+        {
+            return false;
+        }
+        let mut none: [*mut std::ffi::c_void; 0] = [];
+        let launched = sys::cuLaunchKernel(
+            function,
+            1,
+            1,
+            1,
+            1,
+            1,
+            1,
+            0,
+            std::ptr::null_mut(),
+            none.as_mut_ptr(),
+            std::ptr::null_mut(),
+        );
+        launched == sys::CUresult::CUDA_SUCCESS
+            && sys::cuCtxSynchronize() == sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+    }
+}
+
+/// The context-fatal check (issue 15): a child creates a store, hands its
+/// VRAM over and writes a pattern; then a kernel faults in its context
+/// (an illegal address, for real) and the child writes the next pattern
+/// over the first half: the store must end the process (exit 75) without
+/// answering those writes. A new process imports the VRAM on a fresh
+/// context: the second half holds the first pattern exactly, the first
+/// half either pattern byte for byte (the writes were never answered, so
+/// the kernel would issue them again); it issues them again and then every
+/// byte is what was written last.
+pub fn context_lost(gpu: u32, size: u64) -> (String, bool) {
+    let name = "a real illegal-address fault in the store's context mid-load: the server ends \
+                (exit 75) without answering; a new process on a fresh context finds the first \
+                pattern intact, re-issues the unanswered writes, and every byte is right";
+    let (holder, child_end) = match handoff::socket_pair() {
+        Ok(p) => p,
+        Err(e) => return (format!("{name}: {e}"), false),
+    };
+    // The writes lost with the context: DEPTH requests of REQ bytes.
+    let half = (DEPTH as u64 * REQ).min(size / 2);
+    let first = in_child(|| match create_and_hand_over(gpu, size, child_end.as_fd()) {
+        Ok(store) => {
+            if store.gpu_name().contains("stub") {
+                return 9;
+            }
+            sweep(&store, 1, true);
+            // The queue is open before the fault, as a serving one is.
+            let mut sq = SynthQueue::open(&store, 1, DEPTH);
+            if !poison_context() {
+                return 7;
+            }
+            // Writes of pattern 2 over the first half: the driver reports
+            // the lost context, and the store ends this process.
+            for (tag, at) in (0..half).step_by(REQ as usize).take(DEPTH).enumerate() {
+                let buf = sq.bufs.slot(tag).expect("slot");
+                for (k, x) in slice(buf)[..REQ as usize].iter_mut().enumerate() {
+                    *x = pattern_byte(2, at + k as u64);
+                }
+                sq.engine.enqueue(Request {
+                    tag: tag as u16,
+                    op: Op::Write,
+                    offset: at,
+                    len: REQ as u32,
+                    buf,
+                });
+            }
+            sq.finish(|_| {});
+            8
+        }
+        Err(code) => code,
+    });
+    let (got_size, chunks) = match receive_chunks(holder.as_fd()) {
+        Ok(c) => c,
+        Err(e) => return (format!("{name}: {e}"), false),
+    };
+    let exited = |code| first.is_some_and(|s| libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == code);
+    if exited(9) {
+        return (
+            format!("SKIPPED on the stand-in libcuda (its copy kernel runs on the CPU; the VM suite injects this fault with VRAMBLK_STUB_FAIL): {name}"),
+            true,
+        );
+    }
+    if !exited(vramblk_cuda_store::CONTEXT_LOST_EXIT) {
+        return (format!("{name}: the first process ended with {first:?}"), false);
+    }
+    let borrowed: Vec<(usize, BorrowedFd)> = chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect();
+    let next = in_child(|| {
+        let Ok(store) = CudaStore::import(gpu, got_size, &borrowed, CopyPolicy::AUTO) else {
+            return 5;
+        };
+        if !either_pattern(&store, 0, half, 1, 2) || count_range(&store, half, size, 1) != 0 {
+            return 6;
+        }
+        sweep_range(&store, 0, half, |at| pattern_byte(2, at));
+        let bad = count_range(&store, 0, half, 2) + count_range(&store, half, size, 1);
+        i32::from(bad != 0) * 6
+    });
+    (name.to_string(), exited_ok(next))
 }

@@ -4,10 +4,16 @@ use cudarc::driver::sys;
 use std::ffi::CStr;
 use vramblk_store::StoreError;
 
-/// Turns a CUresult into a StoreError naming what was being done.
+/// Turns a CUresult into a StoreError naming what was being done. A
+/// context-fatal result ends the process instead (`context_lost`): after
+/// it every call in the context fails, and a request answered with an
+/// error would reach the process whose page it holds.
 pub(crate) fn check(r: sys::CUresult, what: &str) -> Result<(), StoreError> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
+    }
+    if is_context_fatal(r) {
+        context_lost(what, r);
     }
     Err(StoreError::Unavailable(format!("{what}: {}", describe(r))))
 }

@@ -15,6 +15,7 @@ mod kernel;
 mod queue;
 mod store;
 
+pub use driver::CONTEXT_LOST_EXIT;
 pub use extents::EXTENT;
 pub use queue::CudaQueue;
 pub use store::{CudaStore, CudaStoreOptions};

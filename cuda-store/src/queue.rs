@@ -573,9 +573,6 @@ impl QueueStore for CudaQueue {
             }));
         // SAFETY: event and stream are ours.
         let recorded = unsafe { sys::cuEventRecord(round.event, self.stream) };
-        if is_context_fatal(recorded) {
-            context_lost("cuEventRecord", recorded);
-        }
         match check(recorded, "cuEventRecord") {
             Ok(()) => {
                 self.in_flight += round.completions.len();
