@@ -453,37 +453,39 @@ pub fn context_lost(gpu: u32, size: u64) -> (String, bool) {
     };
     // The writes lost with the context: DEPTH requests of REQ bytes.
     let half = (DEPTH as u64 * REQ).min(size / 2);
-    let first = in_child(|| match create_and_hand_over(gpu, size, child_end.as_fd()) {
-        Ok(store) => {
-            if store.gpu_name().contains("stub") {
-                return 9;
-            }
-            sweep(&store, 1, true);
-            // The queue is open before the fault, as a serving one is.
-            let mut sq = SynthQueue::open(&store, 1, DEPTH);
-            if !poison_context() {
-                return 7;
-            }
-            // Writes of pattern 2 over the first half: the driver reports
-            // the lost context, and the store ends this process.
-            for (tag, at) in (0..half).step_by(REQ as usize).take(DEPTH).enumerate() {
-                let buf = sq.bufs.slot(tag).expect("slot");
-                for (k, x) in slice(buf)[..REQ as usize].iter_mut().enumerate() {
-                    *x = pattern_byte(2, at + k as u64);
+    let first = in_child(
+        || match create_and_hand_over(gpu, size, child_end.as_fd()) {
+            Ok(store) => {
+                if store.gpu_name().contains("stub") {
+                    return 9;
                 }
-                sq.engine.enqueue(Request {
-                    tag: tag as u16,
-                    op: Op::Write,
-                    offset: at,
-                    len: REQ as u32,
-                    buf,
-                });
+                sweep(&store, 1, true);
+                // The queue is open before the fault, as a serving one is.
+                let mut sq = SynthQueue::open(&store, 1, DEPTH);
+                if !poison_context() {
+                    return 7;
+                }
+                // Writes of pattern 2 over the first half: the driver reports
+                // the lost context, and the store ends this process.
+                for (tag, at) in (0..half).step_by(REQ as usize).take(DEPTH).enumerate() {
+                    let buf = sq.bufs.slot(tag).expect("slot");
+                    for (k, x) in slice(buf)[..REQ as usize].iter_mut().enumerate() {
+                        *x = pattern_byte(2, at + k as u64);
+                    }
+                    sq.engine.enqueue(Request {
+                        tag: tag as u16,
+                        op: Op::Write,
+                        offset: at,
+                        len: REQ as u32,
+                        buf,
+                    });
+                }
+                sq.finish(|_| {});
+                8
             }
-            sq.finish(|_| {});
-            8
-        }
-        Err(code) => code,
-    });
+            Err(code) => code,
+        },
+    );
     let (got_size, chunks) = match receive_chunks(holder.as_fd()) {
         Ok(c) => c,
         Err(e) => return (format!("{name}: {e}"), false),
@@ -496,7 +498,10 @@ pub fn context_lost(gpu: u32, size: u64) -> (String, bool) {
         );
     }
     if !exited(vramblk_cuda_store::CONTEXT_LOST_EXIT) {
-        return (format!("{name}: the first process ended with {first:?}"), false);
+        return (
+            format!("{name}: the first process ended with {first:?}"),
+            false,
+        );
     }
     let borrowed: Vec<(usize, BorrowedFd)> = chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect();
     let next = in_child(|| {

@@ -4,57 +4,17 @@ use crate::args::{AddArgs, BackendArg, CopyModeArg};
 use crate::budget;
 use crate::daemon::{self, Reporter};
 use crate::host::{cpu_count, require_root, require_ublk_features};
+use crate::plan::Plan;
 use crate::supervise::{self, Mode};
 use crate::swap;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vramblk_config::{
-    defaults, parse_size, parse_size_or_zero, Backend, CopyMode, DeviceConfig, DeviceRecord,
-    RUN_DIR,
+    defaults, parse_size, parse_size_or_zero, Backend, CopyMode, DeviceRecord, RUN_DIR,
 };
 use vramblk_host_store::{HostStore, HostStoreOptions, MemInfo};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
 use vramblk_ublk_target::DeviceOptions;
-
-/// Everything `add` decided before touching the kernel.
-pub struct Plan {
-    pub size: u64,
-    pub backend: Backend,
-    pub hugetlb: bool,
-    pub gpu: u32,
-    pub reserve: u64,
-    pub copy_mode: CopyMode,
-    pub device: DeviceOptions,
-    /// Where the supervisor and its servers log ("-": the terminal).
-    pub log: PathBuf,
-    /// The `[[device]]` entry of the config file it comes from (`up`), or
-    /// None for a device added by hand.
-    pub origin: Option<usize>,
-}
-
-impl Plan {
-    /// The plan for entry `index` of the config file.
-    pub fn from_config(d: &DeviceConfig, index: usize) -> Result<Plan> {
-        let device = DeviceOptions {
-            id: -1,
-            queues: d.queues.unwrap_or_else(cpu_count),
-            depth: d.depth,
-            max_io_bytes: defaults::MAX_IO_BYTES,
-        };
-        device.validate()?;
-        Ok(Plan {
-            size: d.size,
-            backend: d.backend,
-            hugetlb: d.hugepages,
-            gpu: d.gpu,
-            reserve: d.reserve,
-            copy_mode: d.copy_mode,
-            device,
-            log: PathBuf::from("-"),
-            origin: Some(index),
-        })
-    }
-}
 
 fn plan(a: &AddArgs) -> Result<Plan> {
     let size = parse_size(&a.size).map_err(|e| anyhow!("--size: {e}"))?;

@@ -2,9 +2,9 @@
 //! service holds: what is left of the old server goes, and a new
 //! supervisor recovers the device through ublk's user recovery.
 
-use crate::add::Plan;
 use crate::host::pid_alive;
 use crate::memory::{HeldVram, Memory};
+use crate::plan::Plan;
 use crate::{daemon, supervise};
 use anyhow::{anyhow, bail, Context, Result};
 use std::os::fd::OwnedFd;

@@ -5,7 +5,7 @@
 //! that leaves the machine short stalls it, or the kernel panics
 //! "deadlocked on memory"; `add` refuses such a device instead.
 
-use crate::add::Plan;
+use crate::plan::Plan;
 use crate::server;
 use anyhow::{bail, Result};
 use vramblk_config::Backend;

@@ -15,6 +15,7 @@ mod host;
 mod list;
 mod memory;
 mod notify;
+mod plan;
 mod recover;
 mod release;
 mod server;

@@ -1,7 +1,7 @@
 //! What a supervisor holds for its servers, so a device's data outlives
 //! any one server: the device's memory and the queues' io buffers.
 
-use crate::add::Plan;
+use crate::plan::Plan;
 use anyhow::{bail, Result};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;

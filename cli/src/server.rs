@@ -2,10 +2,10 @@
 //! queues. The supervisor forks one per start; a server that dies is
 //! replaced by a new one that recovers the device.
 
-use crate::add::Plan;
 use crate::daemon::{self, Reporter};
 use crate::held_log;
 use crate::memory::{hand_over, Held, HeldVram, Memory};
+use crate::plan::Plan;
 use crate::stats;
 use crate::swap;
 use crate::vram_control;

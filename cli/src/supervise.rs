@@ -10,9 +10,9 @@
 //! waiting forever. A server SIGKILLed from outside is always recovered:
 //! that is no crash loop, and giving up would lose every page.
 
-use crate::add::Plan;
 use crate::daemon::{self, Reporter};
 use crate::memory::{Held, Memory};
+use crate::plan::Plan;
 use crate::server::{self, Launch};
 use crate::{held_log, holder, signals, swap};
 use anyhow::{anyhow, bail, Result};

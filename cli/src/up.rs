@@ -1,8 +1,9 @@
 //! `vramblk up` and `vramblk down`: the devices of the config file, as swap.
 
-use crate::add::{launch, Plan};
+use crate::add::launch;
 use crate::del::{delete_one, lock, vramblk_records};
 use crate::host::{pid_alive, require_driver, require_root};
+use crate::plan::Plan;
 use anyhow::{bail, Result};
 use std::path::Path;
 use vramblk_config::{format_size, Config, RUN_DIR};

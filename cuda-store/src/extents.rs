@@ -35,6 +35,20 @@ const MOVING: u64 = 1 << 63;
 /// Slot 0 holds the map itself in VRAM (see [`crate::store`]).
 pub const MAP_SLOT: u32 = 0;
 
+/// Bytes of the map's header (magic, extent count, padding) before its
+/// entries.
+pub(crate) const MAP_HEADER: u64 = 64;
+
+/// Where slot `slot` starts, in VRAM mapped at `base`.
+pub(crate) fn slot_addr(base: u64, slot: u32) -> u64 {
+    base + u64::from(slot) * EXTENT
+}
+
+/// Where extent `e`'s map entry lives (in the map's slot).
+pub(crate) fn entry_addr(base: u64, e: u32) -> u64 {
+    slot_addr(base, MAP_SLOT) + MAP_HEADER + 4 * u64::from(e)
+}
+
 /// What pinning an extent found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pinned {

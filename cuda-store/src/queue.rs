@@ -7,9 +7,8 @@
 //! DMA mode) as one async copy each on the copy engines.
 
 use crate::driver::{check, context_lost, describe, is_context_fatal, retried_once, SyncStream};
-use crate::extents::{ExtentMap, PinRefused, Pinned, EXTENT};
+use crate::extents::{entry_addr, slot_addr, ExtentMap, PinRefused, Pinned, EXTENT};
 use crate::kernel::{self, Desc, THREADS};
-use crate::store::{entry_addr, slot_addr};
 use crate::CopyPolicy;
 use cudarc::driver::sys;
 use std::collections::VecDeque;

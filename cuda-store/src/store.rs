@@ -10,7 +10,7 @@
 //! back where every extent lives. Free slots are always zero.
 
 use crate::driver::{check, describe, init, SyncStream};
-use crate::extents::{ExtentMap, EXTENT, MAP_SLOT};
+use crate::extents::{entry_addr, slot_addr, ExtentMap, EXTENT, MAP_HEADER, MAP_SLOT};
 use crate::kernel::CopyKernel;
 use crate::queue::{CopyPath, CudaQueue};
 use crate::{CopyPolicy, BACKOFF_STEP};
@@ -23,7 +23,6 @@ use vramblk_store::{BufferRegion, Store, StoreError};
 
 /// The map's header: magic, then the extent count (u64), then padding.
 const MAP_MAGIC: [u8; 8] = *b"VRAMBLK\x01";
-pub(crate) const MAP_HEADER: u64 = 64;
 
 /// Largest device: as many extents as the map's slot has entries for.
 const MAX_EXTENTS: u64 = (EXTENT - MAP_HEADER) / 4;
@@ -795,16 +794,6 @@ fn duplicate(fd: BorrowedFd) -> Result<OwnedFd, StoreError> {
         what: "duplicating a VRAM fd".into(),
         source: e,
     })
-}
-
-/// Where slot `slot` starts.
-pub(crate) fn slot_addr(base: u64, slot: u32) -> u64 {
-    base + u64::from(slot) * EXTENT
-}
-
-/// Where extent `e`'s map entry lives (in slot 0).
-pub(crate) fn entry_addr(base: u64, e: u32) -> u64 {
-    slot_addr(base, MAP_SLOT) + MAP_HEADER + 4 * u64::from(e)
 }
 
 /// Bytes to allocate: all of `asked` when free VRAM beyond `reserve` holds
