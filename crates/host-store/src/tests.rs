@@ -182,45 +182,71 @@ fn allocated(store: &HostStore) -> u64 {
     st.st_blocks as u64 * 512
 }
 
+/// A store with one queue and one io buffer, for the discard tests.
+struct OneQueue {
+    store: HostStore,
+    bufs: BufferRegion,
+    q: crate::memfd::HostQueue,
+}
+
+impl OneQueue {
+    /// A store of `size` bytes filled in `step`-byte blocks, block i with
+    /// the byte `first + i`.
+    fn filled(size: u64, hugetlb: bool, step: u64, first: u8) -> OneQueue {
+        let store = HostStore::create(&HostStoreOptions { size, hugetlb }).unwrap();
+        let bufs = BufferRegion::new(1, step as usize).unwrap();
+        let q = store.open_queue(0, &bufs).unwrap();
+        let mut t = OneQueue { store, bufs, q };
+        for i in 0..size / step {
+            t.buf().fill(first + i as u8);
+            t.run(Op::Write, i * step, step as u32);
+        }
+        t
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        let slot = self.bufs.slot(0).unwrap();
+        // SAFETY: the test owns the slot exclusively.
+        unsafe { std::slice::from_raw_parts_mut(slot.as_ptr(), slot.len()) }
+    }
+
+    fn run(&mut self, op: Op, offset: u64, len: u32) -> i32 {
+        let buf = self.bufs.slot(0).unwrap();
+        let done = run(
+            &mut self.q,
+            vec![Request {
+                tag: 0,
+                op,
+                offset,
+                len,
+                buf,
+            }],
+        );
+        done[0].result
+    }
+}
+
 #[test]
 fn a_discard_frees_its_whole_pages_and_reads_back_as_zeros() {
-    let store = HostStore::create(&HostStoreOptions {
-        size: 4 << 20,
-        hugetlb: false,
-    })
-    .unwrap();
-    let bufs = BufferRegion::new(1, 1 << 20).unwrap();
-    let slot = bufs.slot(0).unwrap();
-    // SAFETY: the test owns the slot exclusively.
-    let b = unsafe { std::slice::from_raw_parts_mut(slot.as_ptr(), slot.len()) };
-    let mut q = store.open_queue(0, &bufs).unwrap();
-    let req = |op, offset, len| Request {
-        tag: 0,
-        op,
-        offset,
-        len,
-        buf: slot,
-    };
-    for mib in 0..4u64 {
-        b.fill(0xa0 + mib as u8);
-        run(&mut q, vec![req(Op::Write, mib << 20, 1 << 20)]);
-    }
-    let before = allocated(&store);
+    let mut t = OneQueue::filled(4 << 20, false, 1 << 20, 0xa0);
+    let before = allocated(&t.store);
     assert_eq!(before, 4 << 20, "populated at creation");
     // 1 MiB + 512 bytes .. 3 MiB - 512 bytes: whole pages freed, the
     // partial pages at both ends zeroed in place.
     let (start, end) = ((1 << 20) + 512, (3 << 20) - 512);
-    let done = run(&mut q, vec![req(Op::Discard, start, (end - start) as u32)]);
-    assert_eq!(done[0].result, (end - start) as i32);
-    let freed = before - allocated(&store);
+    assert_eq!(
+        t.run(Op::Discard, start, (end - start) as u32),
+        (end - start) as i32
+    );
+    let freed = before - allocated(&t.store);
     assert_eq!(
         freed,
         (2 << 20) - 8192,
         "every whole page of the range freed"
     );
     for mib in 0..4u64 {
-        run(&mut q, vec![req(Op::Read, mib << 20, 1 << 20)]);
-        for (i, &x) in b.iter().enumerate() {
+        t.run(Op::Read, mib << 20, 1 << 20);
+        for (i, &x) in t.buf().iter().enumerate() {
             let at = (mib << 20) + i as u64;
             let want = if (start..end).contains(&at) {
                 0
@@ -231,10 +257,10 @@ fn a_discard_frees_its_whole_pages_and_reads_back_as_zeros() {
         }
     }
     // A write into the hole lands (on a fresh page) and reads back.
-    b.fill(0x77);
-    run(&mut q, vec![req(Op::Write, 2 << 20, 4096)]);
-    run(&mut q, vec![req(Op::Read, 2 << 20, 4096)]);
-    assert!(b[..4096].iter().all(|&x| x == 0x77));
+    t.buf().fill(0x77);
+    t.run(Op::Write, 2 << 20, 4096);
+    t.run(Op::Read, 2 << 20, 4096);
+    assert!(t.buf()[..4096].iter().all(|&x| x == 0x77));
 }
 
 #[test]
@@ -246,42 +272,21 @@ fn a_hugetlb_discard_gives_huge_pages_back_and_the_hole_takes_writes() {
         );
         return;
     }
-    let store = HostStore::create(&HostStoreOptions {
-        size: 8 << 20,
-        hugetlb: true,
-    })
-    .unwrap();
-    let bufs = BufferRegion::new(1, 2 << 20).unwrap();
-    let slot = bufs.slot(0).unwrap();
-    // SAFETY: the test owns the slot exclusively.
-    let b = unsafe { std::slice::from_raw_parts_mut(slot.as_ptr(), slot.len()) };
-    let mut q = store.open_queue(0, &bufs).unwrap();
-    let req = |op, offset, len| Request {
-        tag: 0,
-        op,
-        offset,
-        len,
-        buf: slot,
-    };
-    for i in 0..4u64 {
-        b.fill(0x10 + i as u8);
-        run(&mut q, vec![req(Op::Write, i << 21, 2 << 20)]);
-    }
+    let mut t = OneQueue::filled(8 << 20, true, 2 << 20, 0x10);
     let before = free();
-    run(&mut q, vec![req(Op::Discard, 2 << 20, 4 << 20)]);
+    t.run(Op::Discard, 2 << 20, 4 << 20);
     assert_eq!(free(), before + 2, "two huge pages back in the pool");
-    run(&mut q, vec![req(Op::Read, 2 << 20, 2 << 20)]);
-    assert!(b.iter().all(|&x| x == 0), "the hole reads as zeros");
-    b.fill(0x99);
-    let done = run(&mut q, vec![req(Op::Write, 2 << 20, 4096)]);
-    assert_eq!(done[0].result, 4096);
-    b.fill(0);
-    run(&mut q, vec![req(Op::Read, 2 << 20, 8192)]);
+    t.run(Op::Read, 2 << 20, 2 << 20);
+    assert!(t.buf().iter().all(|&x| x == 0), "the hole reads as zeros");
+    t.buf().fill(0x99);
+    assert_eq!(t.run(Op::Write, 2 << 20, 4096), 4096);
+    t.buf().fill(0);
+    t.run(Op::Read, 2 << 20, 8192);
     assert!(
-        b[..4096].iter().all(|&x| x == 0x99),
+        t.buf()[..4096].iter().all(|&x| x == 0x99),
         "the write into the hole landed"
     );
-    assert!(b[4096..8192].iter().all(|&x| x == 0));
-    run(&mut q, vec![req(Op::Read, 6 << 20, 2 << 20)]);
-    assert!(b.iter().all(|&x| x == 0x13), "past the hole: intact");
+    assert!(t.buf()[4096..8192].iter().all(|&x| x == 0));
+    t.run(Op::Read, 6 << 20, 2 << 20);
+    assert!(t.buf().iter().all(|&x| x == 0x13), "past the hole: intact");
 }
