@@ -204,12 +204,14 @@ pub fn harden_for_swap() -> Result<()> {
     Ok(())
 }
 
-/// Readies a freshly forked server to serve swap, and to be started while
-/// memory is short (its predecessor died with swap I/O pending): marks it
-/// an I/O flusher (its allocations do not wait on the I/O it serves),
-/// keeps the heap it grows (one arena, never trimmed) and small thread
-/// stacks, then locks everything.
-pub fn prepare_server_process() -> Result<()> {
+/// Readies a freshly forked server to serve swap: marks it an I/O flusher
+/// (its allocations do not wait on the I/O it serves), one malloc arena,
+/// small thread stacks, then locks everything. With `grow_heap` (memory is
+/// plentiful: a first server, a standby) the heap is also grown now and
+/// keeps HEAP_KEPT spare for the allocations a later takeover makes; a
+/// server forked to recover, while memory may be exhausted, asks for
+/// nothing it does not need.
+pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
     // SAFETY: prctl and mallopt with constant arguments; failures are
     // reported and harmless.
     unsafe {
@@ -220,22 +222,26 @@ pub fn prepare_server_process() -> Result<()> {
             );
         }
         libc::mallopt(libc::M_ARENA_MAX, 1);
-        // Every time the heap grows it grows HEAP_KEPT more than asked,
-        // and it is never trimmed below that: the spare top is mapped,
-        // locked (mlockall's MCL_FUTURE populates it) and ready for the
-        // allocations a recovery makes while memory is short.
-        libc::mallopt(libc::M_TOP_PAD, HEAP_KEPT as libc::c_int);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * HEAP_KEPT as libc::c_int);
         libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_KEPT as libc::c_int);
+        if grow_heap {
+            // Every time the heap grows it grows HEAP_KEPT more than
+            // asked, and it is never trimmed below that: the spare top is
+            // mapped, locked (mlockall's MCL_FUTURE populates it) and ready
+            // for the allocations a takeover makes while memory is short.
+            libc::mallopt(libc::M_TOP_PAD, HEAP_KEPT as libc::c_int);
+        }
     }
     // Queue threads need little stack; mlockall would lock 2 MiB each.
     std::env::set_var("RUST_MIN_STACK", QUEUE_STACK.to_string());
     harden_for_swap()?;
-    // Grow the heap now, while memory is plentiful. The block is below the
-    // mmap threshold, so it comes from the heap (a block at the threshold
-    // would be mapped on its own and unmapped on free, growing nothing);
-    // freed, it and the pad stay at the heap's top.
-    drop(std::hint::black_box(vec![1u8; HEAP_KEPT / 2]));
+    if grow_heap {
+        // The block is below the mmap threshold, so it comes from the heap
+        // (a block at the threshold would be mapped on its own and
+        // unmapped on free, growing nothing); freed, it and the pad stay
+        // at the heap's top.
+        drop(std::hint::black_box(vec![1u8; HEAP_KEPT / 2]));
+    }
     Ok(())
 }
 
@@ -300,7 +306,7 @@ impl Drop for Cushion {
 /// PR_SET_IO_FLUSHER (Linux 5.6), not in every libc crate version.
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 /// Heap kept by a server for its own allocations.
-pub const HEAP_KEPT: usize = 8 << 20;
+pub const HEAP_KEPT: usize = 4 << 20;
 /// Stack of each queue thread.
 pub const QUEUE_STACK: usize = 512 << 10;
 

@@ -42,11 +42,13 @@ pub fn main(
     go: Option<OwnedFd>,
 ) -> i32 {
     crate::signals::reset_for_server();
-    if launch.start != Start::Add && go.is_none() {
-        // A server forked to recover: the device waits on it.
+    // A server forked to recover (no standby was ready): the device waits
+    // on it, and memory may be exhausted.
+    let recovering = launch.start != Start::Add && go.is_none();
+    if recovering {
         held_log::hold();
     }
-    if let Err(e) = daemon::prepare_server_process() {
+    if let Err(e) = daemon::prepare_server_process(!recovering) {
         log::error!("server: {e:#}");
         reporter.fail(&format!("{e:#}"));
         held_log::release();
@@ -186,13 +188,16 @@ const CUSHION_BYTES: usize = 16 << 20;
 const IMAGE_BYTES: u64 = 4 << 20;
 
 /// RAM the processes of a device with `queues` queues lock: the
-/// supervisor, and the server and its standby, each with its kept heap
-/// and thread stacks; the standby's cushion.
+/// supervisor with its cushion, and the server and its standby, each with
+/// its kept heap and thread stacks; the standby's cushion.
 pub fn locked_by_processes(queues: u16) -> u64 {
     let stacks = (queues as u64 + SPARE_THREADS as u64) * daemon::QUEUE_STACK as u64;
     let heap = daemon::HEAP_KEPT as u64 * 3 / 2;
     let server = heap + stacks + IMAGE_BYTES;
-    IMAGE_BYTES + 2 * server + CUSHION_BYTES as u64
+    IMAGE_BYTES
+        + 2 * server
+        + CUSHION_BYTES as u64
+        + crate::supervise::SUPERVISOR_CUSHION_BYTES as u64
 }
 
 /// Blocks until the supervisor writes the restart count (+1) to the

@@ -35,6 +35,8 @@ const STABLE: Duration = Duration::from_secs(30);
 const BACKOFF_MS: [u64; MAX_FAILURES as usize] = [0, 500, 1000, 2000, 4000];
 /// How often the supervisor looks at its servers and its signals.
 const TICK_MS: i32 = 100;
+/// Memory the supervisor sets aside for a server forked to recover.
+pub const SUPERVISOR_CUSHION_BYTES: usize = 8 << 20;
 /// Least time between two standbys forked, should they keep dying.
 const STANDBY_RESPAWN: Duration = Duration::from_secs(5);
 
@@ -117,6 +119,12 @@ struct Supervisor<'a> {
     id: Option<u32>,
     standby: Option<Child>,
     standby_forked: Option<Instant>,
+    /// Locked pages set aside while memory is plentiful and unmapped right
+    /// before forking a server to recover with no standby ready: that
+    /// fork and the new server's first allocations then find free pages
+    /// while swap waits on the device (the standby keeps a cushion of its
+    /// own for the same reason).
+    cushion: Option<daemon::Cushion>,
     /// The service socket the memory fds were last handed to, if any; a
     /// different one (a restarted service) gets them again.
     announced: Option<holder::SocketId>,
@@ -178,6 +186,7 @@ fn supervise_with(
         standby: None,
         standby_forked: None,
         announced: None,
+        cushion: None,
     };
     let result = sup.supervise(first);
     if let Some(s) = sup.standby.take() {
@@ -311,6 +320,9 @@ impl Supervisor<'_> {
             foreground_swap: None,
             print_path: false,
         };
+        // Memory may be exhausted now (swap waits on the device): give the
+        // fork the pages set aside for it.
+        drop(self.cushion.take());
         self.fork_server(launch, false)
     }
 
@@ -369,10 +381,14 @@ impl Supervisor<'_> {
         self.standby_forked = None;
     }
 
-    /// Keeps a standby ready once the device is live.
+    /// Keeps a standby ready once the device is live, and the cushion
+    /// for a server forked without one.
     fn ensure_standby(&mut self, dev: u32) {
         if !self.held.memory.survives_server() {
             return;
+        }
+        if self.cushion.is_none() {
+            self.cushion = Some(daemon::Cushion::new(SUPERVISOR_CUSHION_BYTES));
         }
         if let Some(s) = &self.standby {
             if let Some(status) = reap(s.pid) {

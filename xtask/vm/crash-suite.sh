@@ -75,7 +75,7 @@ gpu_fault() {
     rm -f /tmp/fault-fired /run/vramblk/*.log
     once=""
     [ "$3" = 1 ] && once="VRAMBLK_STUB_FAIL_ONCE=/tmp/fault-fired"
-    dev=$(env $STUB_ENV VRAMBLK_STUB_FAIL=$2 $once vramblk add --size 128M --reserve 0 --queues 2 $4 2>/tmp/add-f.txt)
+    dev=$(env $STUB_ENV VRAMBLK_STUB_FAIL=$2 $once vramblk add --size 128M --reserve 0 --queues 2 --depth 16 $4 2>/tmp/add-f.txt)
     check "$1: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-f.txt; show_logs; return 1; }
     $FIO --name=f --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=16 --size=32M \
         --verify=crc32c --do_verify=0 --output=/tmp/fio-f.txt
@@ -98,7 +98,7 @@ vramblk del 0 > /dev/null 2>&1
 # A GPU that fails every context: every server dies, the supervisor gives
 # up and removes the device, and the I/O fails instead of waiting.
 rm -f /run/vramblk/*.log
-dev=$(env $STUB_ENV VRAMBLK_STUB_FAIL=cuEventQuery:300:sticky vramblk add --size 128M --reserve 0 --queues 2)
+dev=$(env $STUB_ENV VRAMBLK_STUB_FAIL=cuEventQuery:300:sticky vramblk add --size 128M --reserve 0 --queues 2 --depth 16)
 check "permanent context error: add" [ "$dev" = /dev/ublkb0 ]
 $FIO --name=p --filename=$dev --rw=randwrite --bs=4k --iodepth=4 --runtime=120 --time_based \
     --output=/tmp/fio-p.txt &
