@@ -290,6 +290,10 @@ impl Cushion {
                 len: 0,
             };
         }
+        // A child forked meanwhile (a supervisor forks its servers) must not
+        // inherit it: locking itself, the child would copy every page.
+        // SAFETY: advice on the mapping just made; failure only costs memory.
+        unsafe { libc::madvise(ptr, len, libc::MADV_DONTFORK) };
         Cushion { ptr, len }
     }
 }
