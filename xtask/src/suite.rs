@@ -159,6 +159,11 @@ const SUITES: &[Suite] = &[
     },
 ];
 
+/// The longest a guest may print nothing before its boot counts as
+/// frozen (the quietest check, a fio pass over 1 GiB, prints nothing for
+/// about two minutes under TCG).
+const GUEST_SILENCE: Duration = Duration::from_secs(300);
+
 /// Where the guests find the stand-in libcuda (used through
 /// LD_LIBRARY_PATH by the checks that want it, and nowhere else).
 const STUB_GUEST_PATH: &str = "/opt/cudastub/libcuda.so.1";
@@ -278,7 +283,10 @@ pub fn run_all(root: &Path) -> Result<()> {
             cpus: 2,
             cmdline_extra: s.cmdline,
             timeout: s.timeout,
-            idle_timeout: None,
+            // A guest that froze (its kernel stuck, nothing printed, not
+            // even pswatch's lines) fails its boot in minutes rather than
+            // after the whole timeout.
+            idle_timeout: Some(GUEST_SILENCE),
             log: &log,
         })?;
         let p = r.lines.iter().filter(|l| l.starts_with("PASS ")).count();
@@ -296,15 +304,17 @@ pub fn run_all(root: &Path) -> Result<()> {
         failures.extend(failures_with_context(s.name, &r.lines));
         if !finished {
             failed += 1;
-            println!(
-                "FAIL {} suite did not finish ({})",
-                s.name,
-                if r.timed_out {
-                    "timed out"
-                } else {
-                    "guest stopped early"
-                }
-            );
+            let why = if r.went_quiet {
+                format!(
+                    "the guest printed nothing for {} s: frozen",
+                    GUEST_SILENCE.as_secs()
+                )
+            } else if r.timed_out {
+                "timed out".to_string()
+            } else {
+                "guest stopped early".to_string()
+            };
+            println!("FAIL {} suite did not finish ({why})", s.name);
         }
     }
     if !failures.is_empty() {
