@@ -189,6 +189,8 @@ fn supervise_with(
         cushion: None,
     };
     let result = sup.supervise(first);
+    // Whatever ended supervision, no line stays held.
+    held_log::release();
     if let Some(s) = sup.standby.take() {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(s.pid, libc::SIGTERM) };
