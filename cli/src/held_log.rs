@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 /// Bytes of lines held at most; a recovery logs a few hundred. Lines past
 /// it are counted, not kept: holding must never allocate.
@@ -20,7 +20,7 @@ struct State {
     dropped: usize,
 }
 
-static STATE: OnceLock<Arc<Mutex<State>>> = OnceLock::new();
+static STATE: OnceLock<Mutex<State>> = OnceLock::new();
 
 fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> Option<T> {
     let state = STATE.get()?;
@@ -29,43 +29,41 @@ fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> Option<T> {
 }
 
 /// The log writer env_logger writes through (one per process image).
-pub struct HeldLog(Arc<Mutex<State>>);
+pub struct HeldLog;
 
 impl HeldLog {
     /// The writer for `file`; the first call in a process sets it up.
     pub fn new(file: File) -> HeldLog {
-        let state = STATE.get_or_init(|| {
-            Arc::new(Mutex::new(State {
+        STATE.get_or_init(|| {
+            Mutex::new(State {
                 file,
                 held: Vec::with_capacity(HELD_BYTES),
                 holding: false,
                 dropped: 0,
-            }))
+            })
         });
-        HeldLog(state.clone())
+        HeldLog
     }
 }
 
 impl Write for HeldLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if !s.holding {
-            return s.file.write(buf);
-        }
-        if s.held.len() + buf.len() <= s.held.capacity() {
-            s.held.extend_from_slice(buf);
-        } else {
-            s.dropped += 1;
-        }
-        Ok(buf.len())
+        with_state(|s| {
+            if !s.holding {
+                return s.file.write(buf);
+            }
+            if s.held.len() + buf.len() <= s.held.capacity() {
+                s.held.extend_from_slice(buf);
+            } else {
+                s.dropped += 1;
+            }
+            Ok(buf.len())
+        })
+        .unwrap_or(Ok(buf.len()))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if s.holding {
-            return Ok(());
-        }
-        s.file.flush()
+        with_state(|s| if s.holding { Ok(()) } else { s.file.flush() }).unwrap_or(Ok(()))
     }
 }
 
@@ -78,8 +76,7 @@ pub fn hold() {
 pub fn release() {
     with_state(|s| {
         s.holding = false;
-        let held = std::mem::take(&mut s.held);
-        let _ = s.file.write_all(&held);
+        let _ = s.file.write_all(&s.held);
         if s.dropped > 0 {
             let _ = writeln!(
                 s.file,
@@ -89,7 +86,6 @@ pub fn release() {
             s.dropped = 0;
         }
         // The buffer's memory is kept for the next recovery.
-        s.held = held;
         s.held.clear();
     });
 }
@@ -115,13 +111,13 @@ mod tests {
         let mut log = HeldLog::new(file);
         log.write_all(b"before\n").unwrap();
         hold();
-        let cap = log.0.lock().unwrap().held.capacity();
+        let cap = with_state(|s| s.held.capacity()).unwrap();
         log.write_all(b"during 1\n").unwrap();
         log.write_all(b"during 2\n").unwrap();
         let big = vec![b'x'; HELD_BYTES];
         log.write_all(&big).unwrap();
         assert_eq!(
-            log.0.lock().unwrap().held.capacity(),
+            with_state(|s| s.held.capacity()).unwrap(),
             cap,
             "no allocation while holding"
         );

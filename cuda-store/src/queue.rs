@@ -368,13 +368,14 @@ impl CudaQueue {
         );
         // SAFETY: waiting on our own stream.
         let synced = unsafe { sys::cuStreamSynchronize(self.stream) };
-        if is_context_fatal(synced) {
-            context_lost("a round of copies", synced);
+        // check() ends the server on a lost context, as above.
+        match check(synced, "a round of copies") {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{e}");
+                false
+            }
         }
-        if synced != sys::CUresult::CUDA_SUCCESS {
-            log::error!("a round of copies failed: {}", describe(synced));
-        }
-        synced == sys::CUresult::CUDA_SUCCESS
     }
 
     /// Answers a finished round's requests and lets go of what it held.

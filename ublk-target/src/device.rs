@@ -153,8 +153,8 @@ where
             ctrl
         }
     };
-    // The kernel's count, not the one asked for: it gives a device at most
-    // one queue per CPU, and libublk starts a thread per queue it has.
+    // The kernel's count, not the one asked for: 6.12 gives a device at
+    // most one queue per CPU, and libublk starts a thread per queue it has.
     let queues = ctrl.dev_info().nr_hw_queues;
     let max_io = opts.max_io_bytes;
     let tgt_init = move |dev: &mut UblkDev| {
