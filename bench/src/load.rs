@@ -3,7 +3,7 @@
 
 use cudarc::driver::sys;
 use std::time::{Duration, Instant};
-use vramblk_cuda_store::{CopyPolicy, CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
+use vramblk_cuda_store::{CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
 use vramblk_store::{BufferRegion, Completion, Op, Request, Store};
 use vramblk_ublk_target::QueueEngine;
 
@@ -72,6 +72,9 @@ pub(crate) fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed:
         buf: sq.bufs.slot(0).unwrap(),
     });
     sq.finish(|_| {});
+    // A store with checksums serves whole 4 KiB pages, as the device's
+    // 4 KiB logical blocks ask of the kernel; without them, any sector.
+    let unit = if store.integrity() { 4096 } else { 512 };
     let mut bad = 0;
     for round in 0..300 {
         let n = 1 + rng.below(depth as u64) as usize;
@@ -82,15 +85,15 @@ pub(crate) fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed:
         let mut taken: Vec<(u64, u64)> = Vec::new();
         for (tag, expected) in expect.iter_mut().enumerate().take(n) {
             let buf = sq.bufs.slot(tag).unwrap();
-            // Whole sectors, 512 B to 512 KiB, in rounds of 1 to 16: the
-            // copy engines and the kernel both get every shape.
-            let size = (1 + rng.below(1024)) * 512;
-            let mut off = rng.below((len - size) / 512) * 512;
+            // Whole units, up to 512 KiB, in rounds of 1 to 16: the copy
+            // engines and the kernel both get every shape.
+            let size = (1 + rng.below(MAX_IO as u64 / unit)) * unit;
+            let mut off = rng.below((len - size) / unit) * unit;
             for _ in 0..64 {
                 if taken.iter().all(|&(a, b)| off + size <= a || off >= b) {
                     break;
                 }
-                off = rng.below((len - size) / 512) * 512;
+                off = rng.below((len - size) / unit) * unit;
             }
             if taken.iter().any(|&(a, b)| off + size > a && off < b) {
                 continue;
@@ -172,7 +175,8 @@ pub fn data_checks(store: &CudaStore, mode: &str) -> Vec<(String, bool)> {
             .collect();
         hs.into_iter().all(|h| h.join().unwrap_or(false))
     });
-    vec![(format!("{mode}: random mixed ops (512 B - 512 KiB, write/read/write-zeroes/flush), {queues} queues at once, every byte against a host shadow, read buffers poisoned first"), ok)]
+    let unit = if store.integrity() { "4 KiB" } else { "512 B" };
+    vec![(format!("{mode}: random mixed ops ({unit} - 512 KiB, write/read/write-zeroes/flush), {queues} queues at once, every byte against a host shadow, read buffers poisoned first"), ok)]
 }
 
 /// Holds `len` bytes of VRAM (plain cuMemAlloc) until dropped, as another
@@ -288,7 +292,7 @@ fn erased_on_release() -> bool {
         .iter()
         .map(|(l, f)| (*l, std::os::fd::AsFd::as_fd(f)))
         .collect();
-    match CudaStore::import(0, size, &borrowed, CopyPolicy::AUTO) {
+    match CudaStore::import(&CudaStoreOptions::new(size, 0), &borrowed) {
         Ok(b) => {
             b.set_erase_on_drop(false);
             reads_zero(&b)

@@ -14,6 +14,8 @@
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
 
+mod context;
+mod integrity;
 mod load;
 mod recovery;
 mod table;
@@ -38,6 +40,9 @@ fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args: Vec<String> = std::env::args().collect();
     let gpu = arg(&args, "--gpu", 0) as u32;
+    if args.iter().any(|a| a == "--context-probe") {
+        std::process::exit(context::probe(gpu));
+    }
     let checks_only = args.iter().any(|a| a == "--checks-only");
     let size = if checks_only {
         256 << 20
@@ -60,22 +65,23 @@ fn main() -> Result<()> {
     // Every copy mode gets its own store: auto (the default: the copy
     // kernel for rounds of 4 requests or more), dma (copy engines only)
     // and, to show why auto leaves small rounds to the copy engines, the
-    // kernel for every round.
-    let modes: [(&str, CopyPolicy); 3] = [
-        ("auto", CopyPolicy::AUTO),
-        ("dma", CopyPolicy::DMA),
-        (
-            "kernel-always",
-            CopyPolicy {
-                kernel_min_batch: 1,
-                ..CopyPolicy::AUTO
-            },
-        ),
+    // kernel for every round; all with page checksums (the default), and
+    // auto once more without them, to measure what they cost.
+    let kernel_always = CopyPolicy {
+        kernel_min_batch: 1,
+        ..CopyPolicy::AUTO
+    };
+    let modes: [(&str, CopyPolicy, bool); 4] = [
+        ("auto", CopyPolicy::AUTO, true),
+        ("dma", CopyPolicy::DMA, true),
+        ("kernel-always", kernel_always, true),
+        (table::INTEGRITY_OFF, CopyPolicy::AUTO, false),
     ];
     let mut stores = Vec::new();
-    for (mode, copy) in modes {
+    for (mode, copy, integrity) in modes {
         let opts = CudaStoreOptions {
             copy,
+            integrity,
             ..CudaStoreOptions::new(size, gpu)
         };
         match CudaStore::create(&opts) {
@@ -115,8 +121,12 @@ fn main() -> Result<()> {
             results.push((format!("{mode}: the copy kernel loaded"), false));
         }
         results.extend(load::data_checks(s, mode));
+        if s.integrity() && *mode != "kernel-always" {
+            results.extend(integrity::checks(s, mode));
+        }
     }
     results.extend(load::store_checks(&store));
+    results.push(context::standby_context_cost(&store, gpu));
     results.extend(thin::give_back_checks(gpu));
     let mut checks = String::new();
     for (name, ok) in results {
@@ -129,8 +139,9 @@ fn main() -> Result<()> {
         let by_mode: Vec<(&str, &CudaStore)> = stores.iter().map(|(m, s)| (*m, &**s)).collect();
         let rows = load::bench(&by_mode, secs);
         let report = format!(
-            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### Every shape\n\n{}",
+            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Every shape\n\n{}",
             table::targets(&rows, "auto"),
+            table::integrity_cost(&rows),
             table::table(&rows)
         );
         println!("{report}");

@@ -12,7 +12,7 @@
 use crate::load::{slice, SynthQueue};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
-use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions, EXTENT};
+use vramblk_cuda_store::{CudaStore, CudaStoreOptions, EXTENT};
 use vramblk_store::{handoff, Op, Request, Store};
 
 const DEPTH: usize = 16;
@@ -204,7 +204,7 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         || -> Vec<(usize, BorrowedFd)> { chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect() };
     for round in 1..=kills {
         let status = in_child(|| {
-            let Ok(store) = CudaStore::import(gpu, got_size, &borrowed(), CopyPolicy::AUTO) else {
+            let Ok(store) = CudaStore::import(&CudaStoreOptions::new(got_size, gpu), &borrowed()) else {
                 return 5;
             };
             store.set_erase_on_drop(false);
@@ -221,7 +221,7 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         std::thread::sleep(Duration::from_millis(100));
     }
     let last = in_child(|| {
-        let Ok(store) = CudaStore::import(gpu, got_size, &borrowed(), CopyPolicy::AUTO) else {
+        let Ok(store) = CudaStore::import(&CudaStoreOptions::new(got_size, gpu), &borrowed()) else {
             return 5;
         };
         if sweep(&store, kills + 1, false) != 0 {
@@ -351,7 +351,7 @@ pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
     let second = in_child(|| {
         let borrowed: Vec<(usize, BorrowedFd)> =
             chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect();
-        let Ok(mut store) = CudaStore::import(gpu, size, &borrowed, CopyPolicy::AUTO) else {
+        let Ok(mut store) = CudaStore::import(&CudaStoreOptions::new(size, gpu), &borrowed) else {
             return 5;
         };
         if store.take_over().is_err() {
@@ -505,7 +505,7 @@ pub fn context_lost(gpu: u32, size: u64) -> (String, bool) {
     }
     let borrowed: Vec<(usize, BorrowedFd)> = chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect();
     let next = in_child(|| {
-        let Ok(store) = CudaStore::import(gpu, got_size, &borrowed, CopyPolicy::AUTO) else {
+        let Ok(store) = CudaStore::import(&CudaStoreOptions::new(got_size, gpu), &borrowed) else {
             return 5;
         };
         if !either_pattern(&store, 0, half, 1, 2) || count_range(&store, half, size, 1) != 0 {

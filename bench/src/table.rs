@@ -3,6 +3,9 @@
 /// The mode column of the nbd-vram-shaped baseline rows.
 pub const BASELINE: &str = "baseline";
 
+/// The mode column of the auto store without page checksums.
+pub const INTEGRITY_OFF: &str = "auto-integrity-off";
+
 /// One measured shape.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -141,6 +144,60 @@ pub fn targets(rows: &[Row], mode: &str) -> String {
     t
 }
 
+/// Issue 15's targets for the page checksums: the auto rows (checksums
+/// on) against the auto rows without them, from the same run.
+pub fn integrity_cost(rows: &[Row]) -> String {
+    let find = |mode: &str, bs: u64, read: bool, q: u16, d: usize| {
+        rows.iter().find(|r| {
+            r.mode == mode
+                && r.bs == bs
+                && r.read == read
+                && r.queues == q
+                && r.depth == d
+                && !r.name.contains("70/30")
+        })
+    };
+    let mut t = String::from(
+        "| shape | checksums on | off | on / off | target | met |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    for read in [false, true] {
+        let dir = if read { "read" } else { "write" };
+        for (name, bs, q, d, least) in [
+            ("4 KiB random", 4096u64, 16u16, 128usize, 0.9),
+            ("4 KiB random", 4096, 1, 32, 0.9),
+            ("512 KiB sequential", 512 << 10, 4, 32, 0.95),
+        ] {
+            let (on, off) = (find("auto", bs, read, q, d), find(INTEGRITY_OFF, bs, read, q, d));
+            let (a, b, ratio, met) = match (on, off) {
+                (Some(a), Some(b)) if b.iops > 0.0 => {
+                    let r = a.iops / b.iops;
+                    (a.iops, b.iops, format!("{r:.2}x"), r >= least)
+                }
+                _ => (0.0, 0.0, "not measured".into(), false),
+            };
+            t += &format!(
+                "| {name} {dir} {q} x {d} | {:.0} IOPS | {:.0} IOPS | {ratio} | >= {least}x | {} |\n",
+                a,
+                b,
+                if met { "yes" } else { "no" }
+            );
+        }
+        let (on, off) = (find("auto", 4096, read, 1, 1), find(INTEGRITY_OFF, 4096, read, 1, 1));
+        let (text, met) = match (on, off) {
+            (Some(a), Some(b)) => {
+                let more = a.p50 - b.p50;
+                (format!("{:.1} us | {:.1} us | {more:+.1} us", a.p50, b.p50), more <= 1.0)
+            }
+            _ => ("- | - | not measured".into(), false),
+        };
+        t += &format!(
+            "| QD1 4 KiB {dir} p50 | {text} | at most +1 us | {} |\n",
+            if met { "yes" } else { "no" }
+        );
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +239,24 @@ mod tests {
         let table = table(&rows);
         assert!(table
             .contains("| 4 KiB rand | dma | 16 x 128 | 9000000 | 36.86 | 8.0 | 20.0 | 90.0x |"));
+    }
+
+    #[test]
+    fn the_integrity_cost_compares_auto_with_and_without_checksums() {
+        let mut off_qd1 = row(INTEGRITY_OFF, true, 4096, 1, 1, 1e5);
+        off_qd1.p50 = 7.5;
+        let rows = vec![
+            row("auto", false, 4096, 16, 128, 8.9e6),
+            row(INTEGRITY_OFF, false, 4096, 16, 128, 1e7),
+            row("auto", true, 4096, 16, 128, 8.0e6),
+            row(INTEGRITY_OFF, true, 4096, 16, 128, 1e7),
+            row("auto", true, 4096, 1, 1, 1e5),
+            off_qd1,
+        ];
+        let t = integrity_cost(&rows);
+        assert!(t.contains("| 4 KiB random write 16 x 128 | 8900000 IOPS | 10000000 IOPS | 0.89x | >= 0.9x | no |"), "{t}");
+        assert!(t.contains("| 4 KiB random read 16 x 128 | 8000000 IOPS | 10000000 IOPS | 0.80x | >= 0.9x | no |"), "{t}");
+        assert!(t.contains("| QD1 4 KiB read p50 | 8.0 us | 7.5 us | +0.5 us | at most +1 us | yes |"), "{t}");
+        assert!(t.contains("| 512 KiB sequential write 4 x 32 | 0 IOPS | 0 IOPS | not measured | >= 0.95x | no |"), "{t}");
     }
 }

@@ -6,7 +6,7 @@
 //! queue reads and writes against a shadow.
 
 use crate::load::{free_vram, shadow_check, slice, SynthQueue};
-use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions, BACKOFF_STEP, EXTENT};
+use vramblk_cuda_store::{CudaStore, CudaStoreOptions, BACKOFF_STEP, EXTENT};
 use vramblk_store::{Completion, Op, Request, Store};
 
 const BLOCK: u64 = 64 << 10;
@@ -108,11 +108,13 @@ pub fn give_back_checks(gpu: u32) -> Vec<(String, bool)> {
     let full = store.held_bytes();
     out.push((
         format!(
-            "fresh 2 GiB device: holds {} MiB, {} MiB of it data (the map)",
+            "fresh 2 GiB device: holds {} MiB, {} MiB of it data (the map and the page checksums)",
             full >> 20,
             store.used_bytes() >> 20
         ),
-        full == store.full_bytes() && store.used_bytes() == EXTENT,
+        full == store.full_bytes()
+            && store.used_bytes() == store.reserved_bytes()
+            && store.reserved_bytes() == 2 * EXTENT,
     ));
 
     // Data in every extent, then every extent but each 8th discarded (as
@@ -130,7 +132,10 @@ pub fn give_back_checks(gpu: u32) -> Vec<(String, bool)> {
             "{extents} extents written, 7 of 8 discarded: discarded ones read as zeros, {} MiB holds data",
             store.used_bytes() >> 20
         ),
-        wrote && discarded && zeros && store.used_bytes() == (extents / 8 + 1) * EXTENT,
+        wrote
+            && discarded
+            && zeros
+            && store.used_bytes() == (extents / 8) * EXTENT + store.reserved_bytes(),
     ));
 
     // Give back to 0 while queue 1 reads and writes its own range against
@@ -210,7 +215,7 @@ pub fn give_back_checks(gpu: u32) -> Vec<(String, bool)> {
         .iter()
         .map(|(l, f)| (*l, std::os::fd::AsFd::as_fd(f)))
         .collect();
-    let imported = CudaStore::import(gpu, store.size(), &borrowed, CopyPolicy::AUTO);
+    let imported = CudaStore::import(&CudaStoreOptions::new(store.size(), gpu), &borrowed);
     let (ok, text) = match &imported {
         Ok(b) => {
             b.set_erase_on_drop(false);

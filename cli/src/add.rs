@@ -1,6 +1,6 @@
 //! `vramblk add`.
 
-use crate::args::{AddArgs, BackendArg, CopyModeArg};
+use crate::args::{AddArgs, BackendArg, CopyModeArg, Switch};
 use crate::budget;
 use crate::daemon::{self, Reporter};
 use crate::host::{cpu_count, require_root, require_ublk_features};
@@ -46,6 +46,7 @@ fn plan(a: &AddArgs) -> Result<Plan> {
             CopyModeArg::Auto => CopyMode::Auto,
             CopyModeArg::Dma => CopyMode::Dma,
         },
+        integrity: a.integrity == Switch::On,
         device,
         log: PathBuf::from("-"),
         origin: None,

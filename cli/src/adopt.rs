@@ -30,6 +30,7 @@ fn adoption_plan(record: &DeviceRecord) -> Plan {
         gpu: record.gpu.unwrap_or(0),
         reserve: 0,
         copy_mode: record.copy_mode,
+        integrity: record.integrity,
         device: DeviceOptions {
             id: record.id as i32,
             queues: record.queues,

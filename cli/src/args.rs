@@ -142,6 +142,12 @@ pub enum BackendArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CopyModeArg {
     /// The requests of each queue round move together through one copy
     /// kernel on the GPU's SMs (rounds of 1-3 requests use the copy
@@ -179,6 +185,14 @@ pub struct AddArgs {
     /// How data moves between the io buffers and VRAM (--backend cuda).
     #[arg(long, value_enum, default_value = "auto")]
     pub copy_mode: CopyModeArg,
+
+    /// Every 4 KiB page in VRAM carries a checksum (CRC32C), computed and
+    /// checked on the GPU: a page that changed in VRAM (a bit flip on a GPU
+    /// without ECC) fails its read with EIO, so its process is killed
+    /// instead of handed wrong memory. Costs 0.1% of the VRAM (--backend
+    /// cuda; docs/benchmarks.md has what it costs in speed).
+    #[arg(long, value_enum, default_value = "on")]
+    pub integrity: Switch,
 
     /// Requests in flight per queue. Each holds a 512 KiB io buffer locked
     /// in RAM: queues x depth x 512 KiB in all (64 MiB for 2 queues at

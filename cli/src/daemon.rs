@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The daemon's end of the pipe; the first report wins, later ones are
 /// dropped. Cloneable so both the "live" callback and the error path can
@@ -139,18 +140,39 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
 const REPORT_TIMEOUT_MS: i32 = 120_000;
 
 pub fn readable_within(fd: &OwnedFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    wait_readable(&[Some(fd)], timeout_ms)[0]
+}
+
+/// Waits up to `timeout_ms` for any of `fds` (None: not watched) to be
+/// readable (data, end of file, or a pidfd's process gone); which are.
+pub fn wait_readable<const N: usize>(fds: &[Option<&OwnedFd>; N], timeout_ms: i32) -> [bool; N] {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut ready = [false; N];
+    let watched: Vec<usize> = (0..N).filter(|&i| fds[i].is_some()).collect();
+    let mut polled: Vec<PollFd> = fds
+        .iter()
+        .flatten()
+        .map(|fd| PollFd::new(*fd, PollFlags::IN))
+        .collect();
+    let timeout = Timespec {
+        tv_sec: i64::from(timeout_ms / 1000),
+        tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000,
     };
+    if polled.is_empty() {
+        std::thread::sleep(Duration::from_millis(timeout_ms.max(0) as u64));
+        return ready;
+    }
     loop {
-        // SAFETY: p is one valid pollfd.
-        let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return n > 0;
+        match poll(&mut polled, Some(&timeout)) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) | Ok(0) => return ready,
+            Ok(_) => break,
         }
     }
+    for (p, &i) in polled.iter().zip(&watched) {
+        ready[i] = !p.revents().is_empty();
+    }
+    ready
 }
 
 fn parse_report(text: &str, log: &Path) -> Result<u32> {

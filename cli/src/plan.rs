@@ -16,6 +16,8 @@ pub struct Plan {
     pub gpu: u32,
     pub reserve: u64,
     pub copy_mode: CopyMode,
+    /// Per-page checksums in VRAM (cuda).
+    pub integrity: bool,
     pub device: DeviceOptions,
     /// Where the supervisor and its servers log ("-": the terminal).
     pub log: PathBuf,
@@ -41,6 +43,7 @@ impl Plan {
             gpu: d.gpu,
             reserve: d.reserve,
             copy_mode: d.copy_mode,
+            integrity: d.integrity,
             device,
             log: PathBuf::from("-"),
             origin: Some(index),

@@ -117,6 +117,17 @@ fn copy_policy(plan: &Plan) -> CopyPolicy {
     }
 }
 
+/// The cuda store's options for the plan.
+fn store_options(plan: &Plan) -> CudaStoreOptions {
+    CudaStoreOptions {
+        size: plan.size,
+        gpu: plan.gpu,
+        reserve: plan.reserve,
+        copy: copy_policy(plan),
+        integrity: plan.integrity,
+    }
+}
+
 /// The VRAM of a cuda server: imported from what the supervisor holds, or
 /// allocated (first start) and handed to the supervisor, so it outlives
 /// this server. Either way it is not erased when this server ends badly.
@@ -126,14 +137,15 @@ fn open_vram(
     servers_end: BorrowedFd,
 ) -> Result<Arc<CudaStore>> {
     let store = match held {
-        Some(v) => CudaStore::import(plan.gpu, v.size, &v.borrowed(), copy_policy(plan))?,
+        Some(v) => CudaStore::import(
+            &CudaStoreOptions {
+                size: v.size,
+                ..store_options(plan)
+            },
+            &v.borrowed(),
+        )?,
         None => {
-            let store = CudaStore::create(&CudaStoreOptions {
-                size: plan.size,
-                gpu: plan.gpu,
-                reserve: plan.reserve,
-                copy: copy_policy(plan),
-            })?;
+            let store = CudaStore::create(&store_options(plan))?;
             if store.size() < plan.size {
                 log::warn!(
                     "VRAM short: {} asked, {} granted",
@@ -303,6 +315,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         live_since: None,
         backing: store.backing_layout(),
         copy_mode: plan.copy_mode,
+        integrity: plan.integrity,
     };
     let dir = run_dir.to_path_buf();
     let counters = Arc::new(DeviceCounters::new(plan.device.queues));

@@ -49,12 +49,15 @@ pub enum Mode {
     Daemon,
 }
 
-/// A forked server: its pid, the pipe it reports on, and for a standby
-/// the eventfd that tells it to take over.
+/// A forked server: its pid, the pipe it reports on, for a standby the
+/// eventfd that tells it to take over, and a pidfd that turns readable the
+/// moment it dies (so recovery starts without waiting for a tick; None on
+/// a kernel without pidfd_open, where the tick finds the death).
 struct Child {
     pid: libc::pid_t,
     report: Option<OwnedFd>,
     go: Option<OwnedFd>,
+    exited: Option<OwnedFd>,
 }
 
 /// How a server's run ended.
@@ -362,6 +365,7 @@ impl Supervisor<'_> {
                 pid,
                 report: Some(report),
                 go,
+                exited: pidfd_of(pid),
             }),
         }
     }
@@ -428,30 +432,28 @@ impl Supervisor<'_> {
         let mut failure = None;
         let mut stop_handled = false;
         loop {
-            if let Some(fd) = server.report.take() {
-                if daemon::readable_within(&fd, TICK_MS) {
-                    match daemon::read_report(fd, &self.plan.log) {
-                        Ok(dev) => {
-                            held_log::release();
-                            if self.id.is_some() {
-                                log::info!("supervisor: {} recovered", bdev_path(dev));
-                            }
-                            self.id = Some(dev);
-                            live_since = Some(Instant::now());
-                            if let Some(p) = self.parent.take() {
-                                p.live(dev);
-                            }
+            // Wakes for the report, for the server's death, or at the tick
+            // (stop requests, the standby, the handoff channel).
+            let [reported, _] =
+                daemon::wait_readable(&[server.report.as_ref(), server.exited.as_ref()], TICK_MS);
+            if let (true, Some(fd)) = (reported, server.report.take()) {
+                match daemon::read_report(fd, &self.plan.log) {
+                    Ok(dev) => {
+                        held_log::release();
+                        if self.id.is_some() {
+                            log::info!("supervisor: {} recovered", bdev_path(dev));
                         }
-                        Err(e) => {
-                            held_log::release();
-                            failure = Some(format!("{e:#}"))
+                        self.id = Some(dev);
+                        live_since = Some(Instant::now());
+                        if let Some(p) = self.parent.take() {
+                            p.live(dev);
                         }
                     }
-                } else {
-                    server.report = Some(fd);
+                    Err(e) => {
+                        held_log::release();
+                        failure = Some(format!("{e:#}"))
+                    }
                 }
-            } else {
-                std::thread::sleep(Duration::from_millis(TICK_MS as u64));
             }
             // Before looking for the server's end: a handoff it sent just
             // before dying still counts.
@@ -560,6 +562,19 @@ impl std::fmt::Display for ExitStatus {
             write!(f, "killed by signal {}", libc::WTERMSIG(self.0))
         } else {
             write!(f, "exit code {}", libc::WEXITSTATUS(self.0))
+        }
+    }
+}
+
+/// A pidfd for our child `pid`; None where the kernel has no pidfd_open
+/// (before 5.3), and the supervisor's tick finds the death instead.
+fn pidfd_of(pid: libc::pid_t) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::debug!("pidfd_open: {e}; a server's death is seen at the next tick");
+            None
         }
     }
 }

@@ -79,11 +79,14 @@ struct SlotPool {
     capacity: u32,
     /// Where the search for a free slot starts (no free slot below it).
     hint: u32,
+    /// The first slot for data: those before hold the map and the
+    /// checksums.
+    first_data: u32,
 }
 
 impl SlotPool {
     fn take(&mut self) -> Option<u32> {
-        let from = self.hint.max(MAP_SLOT + 1);
+        let from = self.hint.max(self.first_data);
         let found = (from..self.capacity).find(|&s| !self.used[s as usize])?;
         self.used[found as usize] = true;
         self.hint = found + 1;
@@ -98,7 +101,7 @@ impl SlotPool {
     }
 
     fn free_below_capacity(&self) -> u32 {
-        (MAP_SLOT + 1..self.capacity)
+        (self.first_data..self.capacity)
             .filter(|&s| !self.used[s as usize])
             .count() as u32
     }
@@ -122,10 +125,17 @@ pub struct ExtentMap {
 
 impl ExtentMap {
     /// `extents` extents, all unmapped, over `slots` slots of which the
-    /// first `capacity` may be used.
+    /// first `capacity` may be used; only the map's slot is not for data.
     pub fn new(extents: u32, slots: u32, capacity: u32) -> ExtentMap {
+        ExtentMap::with_reserved(extents, slots, capacity, MAP_SLOT + 1)
+    }
+
+    /// As [`ExtentMap::new`], with the first `reserved` slots (the map's and
+    /// the checksums') kept from data.
+    pub fn with_reserved(extents: u32, slots: u32, capacity: u32, reserved: u32) -> ExtentMap {
+        let reserved = reserved.max(MAP_SLOT + 1);
         let mut used = vec![false; slots as usize];
-        if let Some(u) = used.get_mut(MAP_SLOT as usize) {
+        for u in used.iter_mut().take(reserved as usize) {
             *u = true;
         }
         ExtentMap {
@@ -134,6 +144,7 @@ impl ExtentMap {
                 used,
                 capacity: capacity.min(slots),
                 hint: 0,
+                first_data: reserved,
             }),
             room: Mutex::new(Room::default()),
             room_wanted: Condvar::new(),
@@ -144,8 +155,14 @@ impl ExtentMap {
     /// recovering server reads them back. Entries naming a slot outside the
     /// first `capacity`, the map's own slot, or a slot already named are
     /// refused: such a map would serve one extent's data as another's.
-    pub fn from_entries(entries: &[u32], slots: u32, capacity: u32) -> Result<ExtentMap, String> {
-        let map = ExtentMap::new(entries.len() as u32, slots, capacity);
+    /// The first `reserved` slots hold the map and the checksums.
+    pub fn from_entries(
+        entries: &[u32],
+        slots: u32,
+        capacity: u32,
+        reserved: u32,
+    ) -> Result<ExtentMap, String> {
+        let map = ExtentMap::with_reserved(entries.len() as u32, slots, capacity, reserved);
         {
             let mut pool = map.lock();
             for (e, &entry) in entries.iter().enumerate() {
@@ -153,10 +170,10 @@ impl ExtentMap {
                     continue;
                 }
                 let slot = entry - 1;
-                if slot == MAP_SLOT || slot >= pool.capacity {
+                if slot < pool.first_data || slot >= pool.capacity {
                     return Err(format!(
-                        "extent {e} names slot {slot}, outside the {} slots held",
-                        pool.capacity
+                        "extent {e} names slot {slot}, outside the data slots {}..{} held",
+                        pool.first_data, pool.capacity
                     ));
                 }
                 if pool.used[slot as usize] {
@@ -397,7 +414,7 @@ impl ExtentMap {
     pub fn free_runs(&self) -> Vec<(u32, u32)> {
         let pool = self.lock();
         let mut runs: Vec<(u32, u32)> = Vec::new();
-        for s in (MAP_SLOT + 1..pool.capacity).filter(|&s| !pool.used[s as usize]) {
+        for s in (pool.first_data..pool.capacity).filter(|&s| !pool.used[s as usize]) {
             match runs.last_mut() {
                 Some((first, count)) if *first + *count == s => *count += 1,
                 _ => runs.push((s, 1)),
@@ -411,6 +428,11 @@ impl ExtentMap {
     pub fn any_taken_from(&self, from: u32) -> bool {
         let pool = self.lock();
         pool.used.iter().skip(from as usize).any(|&u| u)
+    }
+
+    /// Slots before the first data slot (the map's and the checksums').
+    pub fn reserved(&self) -> u32 {
+        self.lock().first_data
     }
 
     /// Extents that hold data.
@@ -570,7 +592,7 @@ mod tests {
 
     #[test]
     fn free_slots_come_as_runs_under_the_capacity() {
-        let m = ExtentMap::from_entries(&[0, 3, 0, 6], 10, 8).unwrap();
+        let m = ExtentMap::from_entries(&[0, 3, 0, 6], 10, 8, 1).unwrap();
         assert_eq!(m.free_runs(), vec![(1, 1), (3, 2), (6, 2)]);
         m.set_capacity(5);
         assert_eq!(m.free_runs(), vec![(1, 1), (3, 2)]);
@@ -578,22 +600,39 @@ mod tests {
 
     #[test]
     fn recorded_entries_rebuild_the_map_and_bad_ones_are_refused() {
-        let m = ExtentMap::from_entries(&[0, 3, 0, 2], 8, 4).unwrap();
+        let m = ExtentMap::from_entries(&[0, 3, 0, 2], 8, 4, 1).unwrap();
         assert_eq!(m.slot_of(1), Some(2));
         assert_eq!(m.slot_of(3), Some(1));
         assert_eq!(m.mapped(), 2);
         assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(3)));
         assert!(
-            ExtentMap::from_entries(&[3, 3], 8, 8).is_err(),
+            ExtentMap::from_entries(&[3, 3], 8, 8, 1).is_err(),
             "a slot twice"
         );
         assert!(
-            ExtentMap::from_entries(&[1], 8, 8).is_err(),
+            ExtentMap::from_entries(&[1], 8, 8, 1).is_err(),
             "the map's slot"
         );
         assert!(
-            ExtentMap::from_entries(&[6], 8, 4).is_err(),
+            ExtentMap::from_entries(&[6], 8, 4, 1).is_err(),
             "beyond what is held"
         );
+    }
+
+    #[test]
+    fn reserved_slots_hold_no_data_and_are_never_free() {
+        // Slot 0 the map, slots 1 and 2 checksums: data from slot 3.
+        let m = ExtentMap::with_reserved(4, 8, 8, 3);
+        assert_eq!(m.reserved(), 3);
+        assert_eq!(m.pin(0, true), Ok(Pinned::Allocated(3)));
+        assert_eq!(m.free_runs(), vec![(4, 4)]);
+        assert_eq!(m.free_slots(), 4);
+        assert!(
+            ExtentMap::from_entries(&[3], 8, 8, 3).is_err(),
+            "a checksum slot (2) named as data"
+        );
+        // Entries are slot + 1: extent 1 lives in slot 4.
+        let r = ExtentMap::from_entries(&[0, 5], 8, 8, 3).unwrap();
+        assert_eq!(r.free_runs(), vec![(3, 1), (5, 3)]);
     }
 }

@@ -11,12 +11,14 @@
 
 mod driver;
 mod extents;
+mod integrity;
 mod kernel;
 mod queue;
 mod store;
 
 pub use driver::CONTEXT_LOST_EXIT;
 pub use extents::EXTENT;
+pub use integrity::{page_sum, PAGE};
 pub use queue::CudaQueue;
 pub use store::{CudaStore, CudaStoreOptions};
 

@@ -5,10 +5,16 @@
 //! ends). Within a round, pieces up to the kernel limit go out together
 //! through one launch of the copy kernel; larger ones (and all of them in
 //! DMA mode) as one async copy each on the copy engines.
+//!
+//! With integrity on, the same launch stores the checksum of every page a
+//! round writes and checks the checksum of every page it reads (for pieces
+//! on the copy engines, after their copies, from VRAM); a page that does
+//! not match fails its request alone with EIO.
 
 use crate::driver::{check, context_lost, describe, is_context_fatal, retried_once, SyncStream};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, PinRefused, Pinned, EXTENT};
-use crate::kernel::{self, Desc, THREADS};
+use crate::integrity::{sum_addr, PAGE, SUMS_PER_EXTENT};
+use crate::kernel::{self, flags, Desc, THREADS};
 use crate::CopyPolicy;
 use cudarc::driver::sys;
 use std::collections::VecDeque;
@@ -18,6 +24,15 @@ use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreErro
 
 /// Writes refused for want of a free slot, over every queue (for the log).
 static NO_ROOM: AtomicU64 = AtomicU64::new(0);
+
+/// Reads failed because a page did not match its checksum, over every
+/// queue of the process (one store per server).
+static INTEGRITY_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Reads this process failed on a checksum mismatch.
+pub(crate) fn integrity_errors() -> u64 {
+    INTEGRITY_ERRORS.load(Relaxed)
+}
 
 /// A round's descriptors for the copy kernel, in pinned host memory the GPU
 /// reads directly. Owned by its round, so a table is never rewritten while
@@ -73,6 +88,7 @@ impl DescTable {
     /// a lost write or an unfilled read reported as done).
     #[must_use]
     fn push(&mut self, d: Desc) -> bool {
+        debug_assert!(d.flags & flags::MISMATCH == 0);
         if self.len >= self.cap {
             return false;
         }
@@ -81,6 +97,17 @@ impl DescTable {
         unsafe { self.host.add(self.len).write(d) };
         self.len += 1;
         true
+    }
+
+    /// Descriptor `i`'s flags as the finished launch left them.
+    fn flags_of(&self, i: usize) -> u32 {
+        if i >= self.len {
+            return 0;
+        }
+        // SAFETY: i < len <= cap, inside the allocation; the GPU wrote it
+        // (if at all) before the round's event completed, and the read is
+        // volatile because that write is not the compiler's to see.
+        unsafe { std::ptr::addr_of!((*self.host.add(i)).flags).read_volatile() }
     }
 
     fn free(&mut self) {
@@ -100,6 +127,9 @@ struct Round {
     event: sys::CUevent,
     completions: Vec<Completion>,
     descs: DescTable,
+    /// For each descriptor that checks checksums: its index in `descs`,
+    /// its request's index in `completions`, and its device offset.
+    verifies: Vec<(usize, usize, u64)>,
     /// Extents the round's requests pinned, let go when it finishes.
     pins: Vec<u32>,
 }
@@ -110,6 +140,9 @@ struct Piece {
     /// Index of its request in the round's `jobs`.
     job: usize,
     op: Op,
+    /// Its extent and where in it the piece starts.
+    extent: u32,
+    within: u64,
     vram: u64,
     buf: *mut u8,
     len: u32,
@@ -121,15 +154,18 @@ struct Job {
     tag: u16,
     len: u32,
     failed: bool,
-    via_kernel: bool,
+    /// Some of its pieces are in the launch's table (copies or checksums).
+    in_table: bool,
 }
 
 /// How a queue moves data, fixed when it opens.
 #[derive(Clone, Copy)]
 pub(crate) struct CopyPath {
-    /// The loaded copy kernel; None: copy engines only.
+    /// The loaded copy kernel; None: copy engines only (and no integrity).
     pub(crate) kernel: Option<sys::CUfunction>,
     pub(crate) policy: CopyPolicy,
+    /// Pages carry checksums (the kernel is then loaded).
+    pub(crate) integrity: bool,
 }
 
 pub struct CudaQueue {
@@ -155,6 +191,8 @@ pub struct CudaQueue {
     /// takes VRAM back: tried again at the next poll.
     deferred: Vec<Request>,
     in_flight: usize,
+    /// The GPU's name, for the log.
+    gpu: Arc<str>,
 }
 
 impl CudaQueue {
@@ -164,6 +202,7 @@ impl CudaQueue {
         extents: Arc<ExtentMap>,
         buffers: &BufferRegion,
         path: CopyPath,
+        gpu: Arc<str>,
     ) -> Result<CudaQueue, StoreError> {
         let mut q = CudaQueue {
             ctx,
@@ -181,6 +220,7 @@ impl CudaQueue {
             jobs: Vec::new(),
             deferred: Vec::new(),
             in_flight: 0,
+            gpu,
         };
         // The queue is used only on the thread that opens it (the queue's
         // own thread), so the context is made current once, here.
@@ -212,7 +252,7 @@ impl CudaQueue {
             let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut q.pinned_dev, q.pinned, 0) };
             if let Err(e) = check(r, "mapping the io buffers for the GPU") {
                 log::warn!("{e}; this queue uses the copy engines only");
-                q.path.kernel = None;
+                q.path.policy = CopyPolicy::DMA;
             }
         }
         Ok(q)
@@ -234,6 +274,7 @@ impl CudaQueue {
             event: e,
             completions: Vec::new(),
             descs: DescTable::empty(),
+            verifies: Vec::new(),
             pins: Vec::new(),
         })
     }
@@ -242,7 +283,7 @@ impl CudaQueue {
     /// through the kernel.
     fn kernel_buffer(&self, p: &Piece) -> Option<u64> {
         self.path.kernel?;
-        if !p.op.uses_buffer() || p.len > self.path.policy.kernel_max {
+        if !p.op.uses_buffer() || p.len > self.path.policy.kernel_max || self.pinned_dev == 0 {
             return None;
         }
         let at = (p.buf as usize).checked_sub(self.pinned as usize)?;
@@ -251,6 +292,30 @@ impl CudaQueue {
         }
         let buf = self.pinned_dev + at as u64;
         kernel::kernel_can_move(buf, p.vram, p.len).then_some(buf)
+    }
+
+    /// Whether requests of `op` carry checksums through the table.
+    fn checksummed(&self, op: Op) -> bool {
+        self.path.integrity && matches!(op, Op::Read | Op::Write)
+    }
+
+    /// The device byte offset a piece starts at.
+    fn device_offset(&self, p: &Piece) -> u64 {
+        u64::from(p.extent) * EXTENT + p.within
+    }
+
+    /// Zeroes the checksums of `len` bytes of pages (zeroed data), queued
+    /// on the stream; false when the call failed.
+    fn zero_sums(&self, at: u64, len: u32) -> bool {
+        let n = (u64::from(len) / PAGE * 4) as usize;
+        // SAFETY: the checksums of pages of an extent the request pinned.
+        let r = retried_once("zeroing checksums", || unsafe {
+            sys::cuMemsetD8Async(at, 0, n, self.stream)
+        });
+        if r != sys::CUresult::CUDA_SUCCESS {
+            log::error!("zeroing {n} bytes of checksums: {}", describe(r));
+        }
+        r == sys::CUresult::CUDA_SUCCESS
     }
 
     /// Launches the kernel over the round's table; false when it failed.
@@ -319,10 +384,13 @@ impl CudaQueue {
         };
         // SAFETY: the entry lies in the map's slot; a slot to zero is this
         // extent's, held "moving" by the caller, so nothing else touches it.
+        // An unmapped extent's checksums are zero, as its data reads.
+        let sums = (self.path.integrity && zero.is_some()).then(|| sum_addr(self.base, e, 0));
         let recorded = unsafe {
             zero.map_or(Ok(()), |s| {
                 stream.zero(slot_addr(self.base, s), EXTENT as usize)
             })
+            .and_then(|()| sums.map_or(Ok(()), |at| stream.zero(at, SUMS_PER_EXTENT as usize)))
             .and_then(|()| stream.put_u32(entry_addr(self.base, e), entry))
             .and_then(|()| stream.wait())
         };
@@ -383,6 +451,25 @@ impl CudaQueue {
         for e in round.pins.drain(..) {
             self.extents.unpin(e);
         }
+        for (i, job, offset) in round.verifies.drain(..) {
+            if failed || round.descs.flags_of(i) & flags::MISMATCH == 0 {
+                continue;
+            }
+            let n = INTEGRITY_ERRORS.fetch_add(1, Relaxed) + 1;
+            if n <= 100 || n.is_power_of_two() {
+                log::error!(
+                    "integrity: data read from VRAM on {} does not match its checksum in the \
+                     {} KiB at sector {} (byte offset {offset}); that read fails with EIO \
+                     ({n} so far)",
+                    self.gpu,
+                    kernel::PIECE >> 10,
+                    offset / 512
+                );
+            }
+            if let Some(c) = round.completions.get_mut(job) {
+                c.result = -libc::EIO;
+            }
+        }
         done.extend(round.completions.drain(..).map(|c| Completion {
             tag: c.tag,
             result: if failed { -libc::EIO } else { c.result },
@@ -422,6 +509,8 @@ impl CudaQueue {
                         Some(s) => self.pieces.push(Piece {
                             job,
                             op: r.op,
+                            extent: e,
+                            within,
                             vram: slot_addr(self.base, s) + within,
                             buf,
                             len,
@@ -472,7 +561,7 @@ impl QueueStore for CudaQueue {
                 tag: r.tag,
                 len: r.len,
                 failed: false,
-                via_kernel: false,
+                in_table: false,
             });
             match r.op {
                 Op::Flush => continue,
@@ -524,48 +613,94 @@ impl QueueStore for CudaQueue {
             return;
         }
         // Small pieces into the kernel's table, the rest straight onto the
-        // copy engines; the launch goes after them on the stream.
+        // copy engines (their checksums into the table after them); the
+        // launch goes after them on the stream.
         let mut pieces = std::mem::take(&mut self.pieces);
-        let (mut eligible, mut table_len) = (0usize, 0usize);
-        for p in pieces.iter().filter(|p| self.kernel_buffer(p).is_some()) {
-            eligible += 1;
-            table_len += kernel::piece_count(p.len);
-        }
-        let use_kernel = eligible >= self.path.policy.kernel_min_batch
-            && match round.descs.reserve(table_len) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::error!("{e}; this round uses the copy engines");
-                    false
+        let eligible = pieces
+            .iter()
+            .filter(|p| self.kernel_buffer(p).is_some())
+            .count();
+        let kernel_copies = eligible >= self.path.policy.kernel_min_batch;
+        let table_len: usize = pieces
+            .iter()
+            .filter(|p| {
+                (kernel_copies && self.kernel_buffer(p).is_some()) || self.checksummed(p.op)
+            })
+            .map(|p| kernel::piece_count(p.len))
+            .sum();
+        let table = match round.descs.reserve(table_len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{e}; this round's copies use the copy engines");
+                false
+            }
+        };
+        round.verifies.clear();
+        for p in pieces.drain(..) {
+            let whole_pages = u64::from(p.len).is_multiple_of(PAGE) && p.within.is_multiple_of(PAGE);
+            if self.checksummed(p.op) && (!table || !whole_pages) {
+                // The device's blocks are whole pages, so this is a bug or
+                // a table that could not be had: fail rather than leave a
+                // page without its checksum.
+                log::error!(
+                    "integrity: a {:?} of {} bytes at {} within an extent cannot be checksummed; it fails",
+                    p.op,
+                    p.len,
+                    p.within
+                );
+                self.jobs[p.job].failed = true;
+                continue;
+            }
+            let check = match p.op {
+                Op::Write if self.path.integrity => flags::STORE_SUM,
+                Op::Read if self.path.integrity => flags::VERIFY_SUM,
+                _ => 0,
+            };
+            let sums = sum_addr(self.base, p.extent, p.within);
+            let whole = match (table && kernel_copies, self.kernel_buffer(&p)) {
+                (true, Some(buf)) => {
+                    let (src, dst) = match p.op {
+                        Op::Write => (buf, p.vram),
+                        _ => (p.vram, buf),
+                    };
+                    Some(Desc { src, dst, sums, len: p.len, flags: flags::COPY | check })
+                }
+                _ => {
+                    if !self.issue(&p) {
+                        self.jobs[p.job].failed = true;
+                    }
+                    if p.op == Op::WriteZeroes && self.path.integrity && !self.zero_sums(sums, p.len) {
+                        self.jobs[p.job].failed = true;
+                    }
+                    // The page's checksum from VRAM, after the copy.
+                    (check != 0).then_some(Desc { src: p.vram, dst: 0, sums, len: p.len, flags: check })
                 }
             };
-        for p in pieces.drain(..) {
-            if let (true, Some(buf)) = (use_kernel, self.kernel_buffer(&p)) {
-                let (src, dst) = match p.op {
-                    Op::Write => (buf, p.vram),
-                    _ => (p.vram, buf),
-                };
-                self.jobs[p.job].via_kernel = true;
-                if !kernel::pieces(src, dst, p.len).all(|d| round.descs.push(d)) {
+            let Some(whole) = whole else { continue };
+            self.jobs[p.job].in_table = true;
+            let offset = self.device_offset(&p);
+            for (k, d) in kernel::pieces(whole).enumerate() {
+                let at = round.descs.len;
+                if !round.descs.push(d) {
                     // Sized for every piece above, so this is a bug; the
                     // request fails rather than lose a piece.
                     log::error!("the copy kernel's descriptor table is full; failing the request");
                     self.jobs[p.job].failed = true;
+                    break;
                 }
-                continue;
-            }
-            if !self.issue(&p) {
-                self.jobs[p.job].failed = true;
+                if d.flags & flags::VERIFY_SUM != 0 {
+                    let piece_at = offset + (k as u64) * u64::from(kernel::PIECE);
+                    round.verifies.push((at, p.job, piece_at));
+                }
             }
         }
         self.pieces = pieces;
-        // A round that skipped the kernel left its table as it was: no launch.
-        let launched = !use_kernel || self.launch(&round.descs);
+        let launched = self.launch(&round.descs);
         round
             .completions
             .extend(self.jobs.iter().map(|j| Completion {
                 tag: j.tag,
-                result: if j.failed || (j.via_kernel && !launched) {
+                result: if j.failed || (j.in_table && !launched) {
                     -libc::EIO
                 } else {
                     j.len as i32
@@ -661,6 +796,7 @@ mod tests {
             src: n,
             dst: n,
             len: 16,
+            ..Desc::default()
         };
         assert!(t.push(d(1)));
         assert!(t.push(d(2)));

@@ -7,10 +7,13 @@
 //! VRAM back frees the last ones. Slot 0 holds the extent map (a header,
 //! then one u32 per extent: slot + 1, 0 unmapped), each entry written and
 //! waited for before the mapping is used, so a recovering server reads
-//! back where every extent lives. Free slots are always zero.
+//! back where every extent lives. With integrity on, the slots after it
+//! hold every page's checksum ([`crate::integrity`]). Free slots are always
+//! zero.
 
 use crate::driver::{check, describe, init, SyncStream};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, EXTENT, MAP_HEADER, MAP_SLOT};
+use crate::integrity::sum_slots;
 use crate::kernel::CopyKernel;
 use crate::queue::{CopyPath, CudaQueue};
 use crate::{CopyPolicy, BACKOFF_STEP};
@@ -21,8 +24,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vramblk_store::{BufferRegion, Store, StoreError};
 
-/// The map's header: magic, then the extent count (u64), then padding.
+/// The map's header: magic, then the extent count (u64), then the layout's
+/// flags (u64), then padding.
 const MAP_MAGIC: [u8; 8] = *b"VRAMBLK\x01";
+
+/// Header flag: the slots after the map's hold page checksums.
+const HEADER_INTEGRITY: u64 = 1;
 
 /// Largest device: as many extents as the map's slot has entries for.
 const MAX_EXTENTS: u64 = (EXTENT - MAP_HEADER) / 4;
@@ -33,10 +40,27 @@ const CHUNK_SLOTS: u32 = (BACKOFF_STEP / EXTENT) as u32;
 /// How long giving VRAM back waits for requests on one extent to finish.
 const MOVE_WAIT: Duration = Duration::from_secs(2);
 
+/// Slots before the data of a device of `size` bytes: the map's, and with
+/// integrity the checksums'.
+fn reserved_for(size: u64, integrity: bool) -> u32 {
+    let sums = if integrity {
+        sum_slots(size.div_ceil(EXTENT) as u32)
+    } else {
+        0
+    };
+    MAP_SLOT + 1 + sums
+}
+
 /// Slots (each [`EXTENT`]) a device of `size` bytes needs: one per extent
-/// plus the map's.
-fn slots_for(size: u64) -> u32 {
-    (size.div_ceil(EXTENT) + 1) as u32
+/// plus the reserved ones.
+fn slots_for(size: u64, integrity: bool) -> u32 {
+    size.div_ceil(EXTENT) as u32 + reserved_for(size, integrity)
+}
+
+/// The largest device whose layout fits in `slots` slots.
+fn size_in(slots: u32, integrity: bool) -> u64 {
+    let extents = slots.saturating_sub(reserved_for(u64::from(slots) * EXTENT, integrity));
+    u64::from(extents) * EXTENT
 }
 
 /// Length of chunk `i` of a layout of `slots` slots.
@@ -64,6 +88,8 @@ pub struct CudaStoreOptions {
     pub reserve: u64,
     /// Which requests the copy kernel moves.
     pub copy: CopyPolicy,
+    /// Every page carries a checksum, checked on every read.
+    pub integrity: bool,
 }
 
 impl CudaStoreOptions {
@@ -74,6 +100,7 @@ impl CudaStoreOptions {
             gpu,
             reserve: 512 << 20,
             copy: CopyPolicy::AUTO,
+            integrity: true,
         }
     }
 }
@@ -102,6 +129,7 @@ pub struct CudaStore {
     erase_on_drop: AtomicBool,
     kernel: Option<CopyKernel>,
     copy: CopyPolicy,
+    integrity: bool,
 }
 
 // SAFETY: a CUcontext may be made current on any thread; every queue does
@@ -121,25 +149,29 @@ impl CudaStore {
             )));
         }
         let mut store = Self::open_device(opts.gpu)?;
+        store.integrity = opts.integrity;
+        store.load_kernel(opts.copy)?;
         store.allocate(opts)?;
         store.write_empty_map()?;
-        store.load_kernel(opts.copy);
         Ok(store)
     }
 
     /// Rebuilds a store in this process from VRAM another process
     /// allocated and exported (its chunks' lengths and fds, in order), as
     /// a recovering server does with what its supervisor held. The data is
-    /// what the dead server left, found through the map it left.
+    /// what the dead server left, found through the map it left. `opts`
+    /// are the device's (its size, GPU, copy policy and integrity), as
+    /// when it was created.
     pub fn import(
-        gpu: u32,
-        size: u64,
+        opts: &CudaStoreOptions,
         chunks: &[(usize, BorrowedFd)],
-        copy: CopyPolicy,
     ) -> Result<CudaStore, StoreError> {
-        let mut store = Self::open_device(gpu)?;
+        let size = opts.size;
+        let mut store = Self::open_device(opts.gpu)?;
+        store.integrity = opts.integrity;
+        store.load_kernel(opts.copy)?;
         store.size = size;
-        store.slots = slots_for(size);
+        store.slots = slots_for(size, opts.integrity);
         let layout: Vec<usize> = (0..chunks.len() as u32)
             .map(|i| chunk_len(i, store.slots))
             .collect();
@@ -174,7 +206,6 @@ impl CudaStore {
         *store.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = held;
         store.map_range()?;
         store.read_map()?;
-        store.load_kernel(copy);
         log::info!(
             "cuda store: {} MiB on {} imported from {} chunks ({} MiB held, {} MiB in use)",
             size >> 20,
@@ -183,6 +214,16 @@ impl CudaStore {
             store.held_bytes() >> 20,
             store.used_bytes() >> 20
         );
+        Ok(store)
+    }
+
+    /// What a standby server holds on the GPU before it imports any VRAM:
+    /// GPU `gpu`'s primary context, made current, and the copy kernel
+    /// loaded in it. For measuring what that context costs in VRAM.
+    pub fn context_only(gpu: u32) -> Result<CudaStore, StoreError> {
+        let mut store = Self::open_device(gpu)?;
+        store.integrity = true;
+        store.load_kernel(CopyPolicy::AUTO)?;
         Ok(store)
     }
 
@@ -206,16 +247,23 @@ impl CudaStore {
         self.lock_chunks().iter().map(|c| c.len as u64).sum()
     }
 
-    /// Bytes of VRAM that hold data: mapped extents and the map.
+    /// Bytes of VRAM that hold data: mapped extents, the map and the
+    /// checksums.
     pub fn used_bytes(&self) -> u64 {
-        (u64::from(self.extents.mapped()) + 1) * EXTENT
+        u64::from(self.extents.mapped() + self.extents.reserved()) * EXTENT
+    }
+
+    /// Bytes of VRAM the map and the checksums take (held while the
+    /// device is).
+    pub fn reserved_bytes(&self) -> u64 {
+        u64::from(self.extents.reserved()) * EXTENT
     }
 
     /// Bytes a give-back to nothing would free now: what is held beyond
     /// the whole chunks the data needs.
     pub fn unused_bytes(&self) -> u64 {
         let lens: Vec<u64> = self.lock_chunks().iter().map(|c| c.len as u64).collect();
-        unused_of(&lens, self.extents.mapped())
+        unused_of(&lens, self.extents.mapped() + self.extents.reserved())
     }
 
     /// Bytes of VRAM the whole device takes when it holds all it may.
@@ -223,21 +271,40 @@ impl CudaStore {
         u64::from(self.slots) * EXTENT
     }
 
-    /// Loads the copy kernel unless the copy engines alone were asked for;
-    /// a kernel that does not load leaves the store on the copy engines.
-    fn load_kernel(&mut self, copy: CopyPolicy) {
+    /// Loads the copy kernel unless the copy engines alone were asked for
+    /// and integrity is off (the kernel computes the checksums). Without
+    /// integrity a kernel that does not load leaves the store on the copy
+    /// engines; with it, the store cannot serve and says so.
+    fn load_kernel(&mut self, copy: CopyPolicy) -> Result<(), StoreError> {
         self.copy = CopyPolicy::DMA;
-        if !copy.uses_kernel() {
+        if !copy.uses_kernel() && !self.integrity {
             log::info!("cuda store: copy engines only (dma mode)");
-            return;
+            return Ok(());
         }
         match CopyKernel::load() {
             Ok(k) => {
                 self.kernel = Some(k);
                 self.copy = copy;
+                Ok(())
             }
-            Err(e) => log::warn!("{e}: serving with the copy engines only"),
+            Err(e) if self.integrity => Err(StoreError::Unavailable(format!(
+                "{e}: the page checksums need it (--integrity off serves without them)"
+            ))),
+            Err(e) => {
+                log::warn!("{e}: serving with the copy engines only");
+                Ok(())
+            }
         }
+    }
+
+    /// Whether pages carry checksums.
+    pub fn integrity(&self) -> bool {
+        self.integrity
+    }
+
+    /// Reads this server failed because a page did not match its checksum.
+    pub fn integrity_errors(&self) -> u64 {
+        crate::queue::integrity_errors()
     }
 
     /// The copy policy in force (DMA when the kernel did not load).
@@ -291,6 +358,7 @@ impl CudaStore {
                 erase_on_drop: AtomicBool::new(true),
                 kernel: None,
                 copy: CopyPolicy::DMA,
+                integrity: false,
             })
         }
     }
@@ -338,8 +406,9 @@ impl CudaStore {
             )));
         }
         let free = self.free_vram()?;
-        // The map's slot comes on top of the device.
-        let target = granted_target(opts.size, free.saturating_sub(EXTENT), opts.reserve);
+        // The map's slot (and the checksums') come on top of the device.
+        let overhead = u64::from(reserved_for(opts.size, self.integrity)) * EXTENT;
+        let target = granted_target(opts.size, free.saturating_sub(overhead), opts.reserve);
         if target == 0 {
             return Err(StoreError::TooLarge(format!(
                 "VRAM short on {}: {} MiB free, {} MiB kept in reserve, not even {} MiB left for the device",
@@ -350,15 +419,16 @@ impl CudaStore {
             )));
         }
         // A failure stops on a chunk boundary: the device shrinks to what
-        // the chunks got hold, less the map's slot.
+        // the chunks got hold, less the map's slot and the checksums'.
         let mut size = target;
         let mut chunks = Vec::new();
         let mut i = 0;
-        while i < slots_for(size).div_ceil(CHUNK_SLOTS) {
-            match self.create_chunk(chunk_len(i, slots_for(size)), &prop) {
+        let integrity = self.integrity;
+        while i < slots_for(size, integrity).div_ceil(CHUNK_SLOTS) {
+            match self.create_chunk(chunk_len(i, slots_for(size, integrity)), &prop) {
                 Ok(c) => chunks.push(c),
                 Err(e) if i > 0 => {
-                    size = u64::from(i) * BACKOFF_STEP - EXTENT;
+                    size = size_in(i * CHUNK_SLOTS, integrity);
                     log::warn!("VRAM allocation stopped at {} MiB: {e}", size >> 20);
                     break;
                 }
@@ -367,7 +437,7 @@ impl CudaStore {
             i += 1;
         }
         self.size = size;
-        self.slots = slots_for(size);
+        self.slots = slots_for(size, integrity);
         *self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = chunks;
         self.map_range()?;
         log::info!(
@@ -456,6 +526,7 @@ impl CudaStore {
         let mut header = [0u8; MAP_HEADER as usize];
         header[..8].copy_from_slice(&MAP_MAGIC);
         header[8..16].copy_from_slice(&u64::from(extents).to_le_bytes());
+        header[16..24].copy_from_slice(&self.header_flags().to_le_bytes());
         let held = self.held_bytes() as usize;
         // SAFETY: the held bytes from the start of the range are mapped
         // (slot 0 among them) and no queue runs yet; the header is a live
@@ -469,8 +540,19 @@ impl CudaStore {
             check(sys::cuCtxSynchronize(), "writing the extent map")?;
         }
         let held = self.held_slots();
-        self.extents = Arc::new(ExtentMap::new(extents, self.slots, held));
+        let reserved = reserved_for(self.size, self.integrity);
+        self.extents = Arc::new(ExtentMap::with_reserved(
+            extents, self.slots, held, reserved,
+        ));
         Ok(())
+    }
+
+    fn header_flags(&self) -> u64 {
+        if self.integrity {
+            HEADER_INTEGRITY
+        } else {
+            0
+        }
     }
 
     /// For a server taking over imported VRAM, once the server that used
@@ -526,13 +608,23 @@ impl CudaStore {
                 self.size >> 20
             )));
         }
+        let flags = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
+        if flags != self.header_flags() {
+            let on_off = |f: u64| if f & HEADER_INTEGRITY != 0 { "on" } else { "off" };
+            return Err(StoreError::Invalid(format!(
+                "the imported VRAM was laid out with integrity {}, this server has it {}",
+                on_off(flags),
+                on_off(self.header_flags())
+            )));
+        }
         let entries: Vec<u32> = bytes[MAP_HEADER as usize..]
             .chunks_exact(4)
             .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
             .collect();
         let held = self.held_slots();
+        let reserved = reserved_for(self.size, self.integrity);
         self.extents = Arc::new(
-            ExtentMap::from_entries(&entries, self.slots, held)
+            ExtentMap::from_entries(&entries, self.slots, held, reserved)
                 .map_err(|e| StoreError::Invalid(format!("the imported extent map: {e}")))?,
         );
         Ok(())
@@ -578,7 +670,7 @@ impl CudaStore {
         self.make_current()?;
         let before: u64 = chunks.iter().map(|c| c.len as u64).sum();
         let held_slots = (before / EXTENT) as u32;
-        let keep_chunks = chunks_kept(target, self.extents.mapped());
+        let keep_chunks = chunks_kept(target, self.extents.mapped() + self.extents.reserved());
         if keep_chunks as usize >= chunks.len() {
             return Ok(Resized {
                 before,
@@ -766,6 +858,58 @@ impl CudaStore {
         self.extents.room_refused()
     }
 
+    /// Where the data of device byte `offset` lives in VRAM; None when its
+    /// extent holds no data.
+    fn vram_of(&self, offset: u64) -> Option<u64> {
+        let slot = self.extents.slot_of(u32::try_from(offset / EXTENT).ok()?)?;
+        Some(self.slot_addr(slot) + offset % EXTENT)
+    }
+
+    /// Test hook: flips the lowest bit of the byte at device `offset` in
+    /// VRAM, leaving its checksum as it was, as a bit flipped in the memory
+    /// itself would. False (nothing done) when its extent holds no data.
+    pub fn flip_bit(&self, offset: u64) -> Result<bool, StoreError> {
+        let Some(at) = self.vram_of(offset) else {
+            return Ok(false);
+        };
+        self.make_current()?;
+        let mut byte = 0u8;
+        // SAFETY: `at` lies in a mapped slot; a one-byte local buffer.
+        unsafe {
+            check(
+                sys::cuMemcpyDtoH_v2((&mut byte as *mut u8).cast(), at, 1),
+                "reading a byte to flip",
+            )?;
+            byte ^= 1;
+            check(
+                sys::cuMemcpyHtoD_v2(at, (&byte as *const u8).cast(), 1),
+                "writing the flipped byte",
+            )?;
+        }
+        Ok(true)
+    }
+
+    /// The checksum stored for the page at device `offset` (for the GPU
+    /// checks, which compare it with [`crate::page_sum`] of the data); None
+    /// without integrity or when its extent holds no data.
+    pub fn stored_checksum(&self, offset: u64) -> Result<Option<u32>, StoreError> {
+        let e = u32::try_from(offset / EXTENT).ok();
+        if !self.integrity || self.vram_of(offset).is_none() {
+            return Ok(None);
+        }
+        let Some(e) = e else { return Ok(None) };
+        self.make_current()?;
+        let mut sum = 0u32;
+        let at = crate::integrity::sum_addr(self.base, e, offset % EXTENT);
+        // SAFETY: the checksum slots are mapped (they precede the data);
+        // a four-byte local buffer.
+        check(
+            unsafe { sys::cuMemcpyDtoH_v2((&mut sum as *mut u32).cast(), at, 4) },
+            "reading a checksum",
+        )?;
+        Ok(Some(sum))
+    }
+
     pub(crate) fn slot_addr(&self, slot: u32) -> u64 {
         slot_addr(self.base, slot)
     }
@@ -775,17 +919,18 @@ impl CudaStore {
     }
 }
 
-/// Chunks a give-back down to `target` bytes keeps while `mapped` extents
-/// hold data: room for them and the map, at least the first chunk.
-fn chunks_kept(target: u64, mapped: u32) -> u32 {
-    let needed = target.div_ceil(EXTENT).max(u64::from(mapped) + 1) as u32;
+/// Chunks a give-back down to `target` bytes keeps while `needed` slots
+/// hold data (the mapped extents, the map and the checksums): at least the
+/// first chunk.
+fn chunks_kept(target: u64, needed: u32) -> u32 {
+    let needed = target.div_ceil(EXTENT).max(u64::from(needed)) as u32;
     needed.div_ceil(CHUNK_SLOTS).max(1)
 }
 
 /// What a give-back to nothing would free from chunks of `lens` bytes
-/// while `mapped` extents hold data.
-fn unused_of(lens: &[u64], mapped: u32) -> u64 {
-    lens.iter().skip(chunks_kept(0, mapped) as usize).sum()
+/// while `needed` slots hold data.
+fn unused_of(lens: &[u64], needed: u32) -> u64 {
+    lens.iter().skip(chunks_kept(0, needed) as usize).sum()
 }
 
 /// A copy of a VRAM chunk's fd.
@@ -850,8 +995,16 @@ impl Store for CudaStore {
         let path = CopyPath {
             kernel: self.kernel.as_ref().map(|k| k.function),
             policy: self.copy,
+            integrity: self.integrity,
         };
-        CudaQueue::open(self.ctx, self.base, self.extents.clone(), buffers, path)
+        CudaQueue::open(
+            self.ctx,
+            self.base,
+            self.extents.clone(),
+            buffers,
+            path,
+            self.name.as_str().into(),
+        )
     }
 
     fn backing_layout(&self) -> Vec<u64> {
@@ -885,14 +1038,14 @@ mod tests {
     fn unused_vram_counts_whole_chunks_beyond_what_the_data_needs() {
         // A 2 GiB device held whole: 4 chunks of 512 MiB and 2 MiB.
         let whole = [512 * MIB, 512 * MIB, 512 * MIB, 512 * MIB, 2 * MIB];
-        // 258 MiB of data (128 extents and the map) keeps one chunk: 1538
+        // 258 MiB of data (128 extents and the map: 129 slots) keeps one chunk: 1538
         // MiB could go.
-        assert_eq!(unused_of(&whole, 128), 1538 * MIB);
+        assert_eq!(unused_of(&whole, 129), 1538 * MIB);
         // 600 MiB keeps two.
-        assert_eq!(unused_of(&whole, 299), 1026 * MIB);
+        assert_eq!(unused_of(&whole, 300), 1026 * MIB);
         // Nothing beyond the first chunk, or nearly full: nothing.
-        assert_eq!(unused_of(&[512 * MIB], 0), 0);
-        assert_eq!(unused_of(&whole, 1024), 0);
+        assert_eq!(unused_of(&[512 * MIB], 1), 0);
+        assert_eq!(unused_of(&whole, 1025), 0);
     }
 }
 

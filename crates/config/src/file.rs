@@ -14,6 +14,10 @@ fn discard_by_default() -> bool {
     true
 }
 
+fn integrity_by_default() -> bool {
+    true
+}
+
 /// How a device moves data (issue 3): `auto` batches small pages through a
 /// kernel on the GPU's SMs, `dma` uses the copy engines only (for GPUs busy
 /// with other work).
@@ -54,6 +58,9 @@ struct RawDevice {
     reserve: Option<Spanned<String>>,
     #[serde(default)]
     copy_mode: CopyMode,
+    /// On unless turned off: every page in VRAM carries a checksum.
+    #[serde(default = "integrity_by_default")]
+    integrity: bool,
     #[serde(default)]
     queues: Option<Spanned<u16>>,
     #[serde(default)]
@@ -83,6 +90,8 @@ pub struct DeviceConfig {
     pub discard: bool,
     pub reserve: u64,
     pub copy_mode: CopyMode,
+    /// Per-page checksums in VRAM, checked on every read (cuda).
+    pub integrity: bool,
     pub queues: Option<u16>,
     pub depth: u16,
     pub hugepages: bool,
@@ -222,6 +231,7 @@ impl Config {
                 discard: d.discard,
                 reserve,
                 copy_mode: d.copy_mode,
+                integrity: d.integrity,
                 queues: d.queues.map(|q| q.into_inner()),
                 depth,
                 hugepages: d.hugepages,

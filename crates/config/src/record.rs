@@ -42,6 +42,10 @@ pub struct DeviceRecord {
     /// device's memory runs with.
     #[serde(default)]
     pub copy_mode: CopyMode,
+    /// Whether the VRAM layout holds page checksums. A record without it
+    /// was written by a vramblk that had none: false.
+    #[serde(default)]
+    pub integrity: bool,
 }
 
 /// Writes `value` as JSON to `path` atomically (a temporary file renamed

@@ -4,8 +4,8 @@
  * (on hugetlb pages with VRAMBLK_STUB_HUGETLB=1, so it sits outside the
  * memory swap relieves, as VRAM does); export/import pass its fd, so the
  * supervisor hand-over and recovery run for real; copies are memcpy, the
- * copy kernel is interpreted (its descriptor table walked on the CPU),
- * every operation completes at once.
+ * copy kernel is interpreted (its descriptor table walked on the CPU, page
+ * checksums included), every operation completes at once.
  *
  * It lets the --backend cuda path run through the real kernel path where
  * there is no GPU. It is never GPU evidence: no figure from it counts.
@@ -287,7 +287,51 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void *
     (void)s; memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n); return OK;
 }
 
-/* The copy kernel: copy_list(descs, n), each descriptor {src, dst, len}. */
+/* The copy kernel: copy_list(descs, n), each descriptor
+ * {u64 src, dst, sums; u32 len, flags} (cuda-store/src/kernel.rs). With
+ * the checksum flags each 4 KiB page's CRC32C (no inversions) is stored at
+ * sums, or compared with it and a mismatch flagged in the descriptor, as
+ * the GPU does; computed here byte by byte, independently of the Rust
+ * side's lane arithmetic. */
+struct desc {
+    unsigned long long src, dst, sums;
+    unsigned len, flags;
+};
+enum { D_COPY = 1, D_STORE_SUM = 2, D_VERIFY_SUM = 4 };
+#define D_MISMATCH 0x80000000u
+
+static unsigned crc_table[256];
+
+static unsigned page_crc(const unsigned char *p) {
+    if (!crc_table[1])
+        for (unsigned b = 0; b < 256; b++) {
+            unsigned c = b;
+            for (int k = 0; k < 8; k++)
+                c = (c >> 1) ^ (0x82f63b78u & -(c & 1));
+            crc_table[b] = c;
+        }
+    unsigned c = 0;
+    for (int i = 0; i < 4096; i++)
+        c = (c >> 8) ^ crc_table[(c ^ p[i]) & 0xff];
+    return c;
+}
+
+static void run_desc(struct desc *d) {
+    const unsigned char *src = (const unsigned char *)(uintptr_t)d->src;
+    if (d->flags & D_COPY)
+        memcpy((void *)(uintptr_t)d->dst, src, d->len);
+    if (!(d->flags & (D_STORE_SUM | D_VERIFY_SUM)))
+        return;
+    unsigned *sums = (unsigned *)(uintptr_t)d->sums;
+    for (unsigned k = 0; k < d->len / 4096; k++) {
+        unsigned c = page_crc(src + (size_t)k * 4096);
+        if (d->flags & D_STORE_SUM)
+            sums[k] = c;
+        if ((d->flags & D_VERIFY_SUM) && sums[k] != c)
+            d->flags |= D_MISMATCH;
+    }
+}
+
 static int module_token, function_token;
 CUresult cuModuleLoadData(void **m, const void *image) { FAULT("cuModuleLoadData");
     if (!strstr((const char *)image, ".entry copy_list")) return ERR_INVALID_VALUE;
@@ -305,11 +349,11 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
                         unsigned shared, void *stream, void **params, void **extra) { FAULT("cuLaunchKernel");
     (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shared; (void)stream; (void)extra;
     if (f != &function_token || !params) return ERR_INVALID_VALUE;
-    const unsigned long long *d = (const unsigned long long *)(uintptr_t)*(CUdeviceptr *)params[0];
+    struct desc *d = (struct desc *)(uintptr_t)*(CUdeviceptr *)params[0];
     unsigned n = *(unsigned *)params[1];
     if (gx != n) return ERR_INVALID_VALUE; /* one block per descriptor */
     for (unsigned i = 0; i < n; i++)
-        memcpy((void *)(uintptr_t)d[3 * i + 1], (const void *)(uintptr_t)d[3 * i], (size_t)d[3 * i + 2]);
+        run_desc(&d[i]);
     return OK;
 }
 
