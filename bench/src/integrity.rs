@@ -80,11 +80,10 @@ pub fn checks(store: &CudaStore, mode: &str) -> Vec<(String, bool)> {
         *page = fill(&sq, 0, 0x77 + i as u64);
         single_ok &= round(&mut sq, &[(Op::Write, at(i))])[0] == PAGE as i32;
     }
-    let sums_match = (0..PAGES).all(|i| {
-        matches!(store.stored_checksum(at(i)), Ok(Some(s)) if s == page_sum(&data[i]))
-    });
+    let sums_match = (0..PAGES)
+        .all(|i| matches!(store.stored_checksum(at(i)), Ok(Some(s)) if s == page_sum(&data[i])));
     out.push((
-        format!("{mode}: the checksum the GPU stored for each of {PAGES} pages (kernel round, then copy engines one by one) equals CRC32C computed on the CPU"),
+        format!("{mode}: the checksum stored for each of {PAGES} pages, written as one round (auto: by the copy kernel on the GPU) and then one by one (the copy engines, summed on the CPU), equals the byte-by-byte CRC32C reference"),
         wrote && single_ok && sums_match,
     ));
 

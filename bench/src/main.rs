@@ -81,7 +81,7 @@ fn main() -> Result<()> {
     for (mode, copy, integrity) in modes {
         let opts = CudaStoreOptions {
             copy,
-            integrity,
+            integrity: Some(integrity),
             ..CudaStoreOptions::new(size, gpu)
         };
         match CudaStore::create(&opts) {

@@ -204,7 +204,8 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         || -> Vec<(usize, BorrowedFd)> { chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect() };
     for round in 1..=kills {
         let status = in_child(|| {
-            let Ok(store) = CudaStore::import(&CudaStoreOptions::new(got_size, gpu), &borrowed()) else {
+            let Ok(store) = CudaStore::import(&CudaStoreOptions::new(got_size, gpu), &borrowed())
+            else {
                 return 5;
             };
             store.set_erase_on_drop(false);
@@ -221,7 +222,8 @@ pub fn kill_and_recover(gpu: u32, size: u64, kills: u64) -> Result<Vec<(String, 
         std::thread::sleep(Duration::from_millis(100));
     }
     let last = in_child(|| {
-        let Ok(store) = CudaStore::import(&CudaStoreOptions::new(got_size, gpu), &borrowed()) else {
+        let Ok(store) = CudaStore::import(&CudaStoreOptions::new(got_size, gpu), &borrowed())
+        else {
             return 5;
         };
         if sweep(&store, kills + 1, false) != 0 {

@@ -167,7 +167,10 @@ pub fn integrity_cost(rows: &[Row]) -> String {
             ("4 KiB random", 4096, 1, 32, 0.9),
             ("512 KiB sequential", 512 << 10, 4, 32, 0.95),
         ] {
-            let (on, off) = (find("auto", bs, read, q, d), find(INTEGRITY_OFF, bs, read, q, d));
+            let (on, off) = (
+                find("auto", bs, read, q, d),
+                find(INTEGRITY_OFF, bs, read, q, d),
+            );
             let (a, b, ratio, met) = match (on, off) {
                 (Some(a), Some(b)) if b.iops > 0.0 => {
                     let r = a.iops / b.iops;
@@ -182,11 +185,17 @@ pub fn integrity_cost(rows: &[Row]) -> String {
                 if met { "yes" } else { "no" }
             );
         }
-        let (on, off) = (find("auto", 4096, read, 1, 1), find(INTEGRITY_OFF, 4096, read, 1, 1));
+        let (on, off) = (
+            find("auto", 4096, read, 1, 1),
+            find(INTEGRITY_OFF, 4096, read, 1, 1),
+        );
         let (text, met) = match (on, off) {
             (Some(a), Some(b)) => {
                 let more = a.p50 - b.p50;
-                (format!("{:.1} us | {:.1} us | {more:+.1} us", a.p50, b.p50), more <= 1.0)
+                (
+                    format!("{:.1} us | {:.1} us | {more:+.1} us", a.p50, b.p50),
+                    more <= 1.0,
+                )
             }
             _ => ("- | - | not measured".into(), false),
         };
@@ -256,7 +265,10 @@ mod tests {
         let t = integrity_cost(&rows);
         assert!(t.contains("| 4 KiB random write 16 x 128 | 8900000 IOPS | 10000000 IOPS | 0.89x | >= 0.9x | no |"), "{t}");
         assert!(t.contains("| 4 KiB random read 16 x 128 | 8000000 IOPS | 10000000 IOPS | 0.80x | >= 0.9x | no |"), "{t}");
-        assert!(t.contains("| QD1 4 KiB read p50 | 8.0 us | 7.5 us | +0.5 us | at most +1 us | yes |"), "{t}");
+        assert!(
+            t.contains("| QD1 4 KiB read p50 | 8.0 us | 7.5 us | +0.5 us | at most +1 us | yes |"),
+            "{t}"
+        );
         assert!(t.contains("| 512 KiB sequential write 4 x 32 | 0 IOPS | 0 IOPS | not measured | >= 0.95x | no |"), "{t}");
     }
 }

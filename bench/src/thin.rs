@@ -114,7 +114,7 @@ pub fn give_back_checks(gpu: u32) -> Vec<(String, bool)> {
         ),
         full == store.full_bytes()
             && store.used_bytes() == store.reserved_bytes()
-            && store.reserved_bytes() == 2 * EXTENT,
+            && store.reserved_bytes() == (1 + u64::from(store.integrity())) * EXTENT,
     ));
 
     // Data in every extent, then every extent but each 8th discarded (as

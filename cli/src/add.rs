@@ -1,6 +1,6 @@
 //! `vramblk add`.
 
-use crate::args::{AddArgs, BackendArg, CopyModeArg, Switch};
+use crate::args::{AddArgs, BackendArg, CopyModeArg, IntegrityArg};
 use crate::budget;
 use crate::daemon::{self, Reporter};
 use crate::host::{cpu_count, require_root, require_ublk_features};
@@ -46,7 +46,11 @@ fn plan(a: &AddArgs) -> Result<Plan> {
             CopyModeArg::Auto => CopyMode::Auto,
             CopyModeArg::Dma => CopyMode::Dma,
         },
-        integrity: a.integrity == Switch::On,
+        integrity: match a.integrity {
+            IntegrityArg::Auto => None,
+            IntegrityArg::On => Some(true),
+            IntegrityArg::Off => Some(false),
+        },
         device,
         log: PathBuf::from("-"),
         origin: None,

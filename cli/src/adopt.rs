@@ -30,7 +30,7 @@ fn adoption_plan(record: &DeviceRecord) -> Plan {
         gpu: record.gpu.unwrap_or(0),
         reserve: 0,
         copy_mode: record.copy_mode,
-        integrity: record.integrity,
+        integrity: Some(record.integrity),
         device: DeviceOptions {
             id: record.id as i32,
             queues: record.queues,
@@ -147,11 +147,13 @@ mod tests {
             live_since: None,
             backing: vec![1 << 29, 1 << 29],
             copy_mode: vramblk_config::CopyMode::Dma,
+            integrity: true,
         };
         let plan = adoption_plan(&record);
         assert_eq!(plan.device.id, 4);
         assert_eq!((plan.device.queues, plan.device.depth), (3, 64));
         assert_eq!((plan.gpu, plan.origin), (1, Some(2)));
         assert_eq!(plan.copy_mode, vramblk_config::CopyMode::Dma);
+        assert_eq!(plan.integrity, Some(true), "the layout the record names");
     }
 }

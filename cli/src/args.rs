@@ -103,6 +103,11 @@ pub enum Command {
         #[arg(value_enum)]
         step: SleepStep,
     },
+    /// Test hook: flip one bit of device ID's data at byte OFFSET in VRAM,
+    /// leaving its checksum, as a bit flipped in the memory would (the
+    /// server must run with VRAMBLK_TEST_HOOKS=1).
+    #[command(hide = true)]
+    FlipBit { id: u32, offset: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -142,7 +147,10 @@ pub enum BackendArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Switch {
+pub enum IntegrityArg {
+    /// On where the GPU's memory has no ECC (GeForce GDDR), off where ECC
+    /// is on (it finds those errors itself).
+    Auto,
     On,
     Off,
 }
@@ -186,13 +194,15 @@ pub struct AddArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub copy_mode: CopyModeArg,
 
-    /// Every 4 KiB page in VRAM carries a checksum (CRC32C), computed and
-    /// checked on the GPU: a page that changed in VRAM (a bit flip on a GPU
-    /// without ECC) fails its read with EIO, so its process is killed
-    /// instead of handed wrong memory. Costs 0.1% of the VRAM (--backend
-    /// cuda; docs/benchmarks.md has what it costs in speed).
-    #[arg(long, value_enum, default_value = "on")]
-    pub integrity: Switch,
+    /// Every 4 KiB page in VRAM carries a checksum (CRC32C), stored and
+    /// checked in the round that moves it (by the copy kernel on the GPU,
+    /// or on the CPU for a lone request): a page that changed in VRAM (a
+    /// bit flip on a GPU without ECC) fails its read with EIO, so its
+    /// process is killed instead of handed wrong memory. Costs 0.1% of the
+    /// VRAM and about 3 us per lone request (--backend cuda;
+    /// docs/benchmarks.md).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub integrity: IntegrityArg,
 
     /// Requests in flight per queue. Each holds a 512 KiB io buffer locked
     /// in RAM: queues x depth x 512 KiB in all (64 MiB for 2 queues at

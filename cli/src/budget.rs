@@ -90,6 +90,7 @@ mod tests {
             gpu: 0,
             reserve: 0,
             copy_mode: CopyMode::Auto,
+            integrity: None,
             device: DeviceOptions {
                 id: -1,
                 queues,

@@ -345,6 +345,32 @@ pub fn log_path(dir: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn waits_for_whichever_fd_turns_readable() {
+        let (quiet, _quiet_w) = std::io::pipe().expect("pipe");
+        let (loud, mut loud_w) = std::io::pipe().expect("pipe");
+        let quiet = OwnedFd::from(quiet);
+        let loud = OwnedFd::from(loud);
+        assert_eq!(
+            wait_readable(&[Some(&quiet), Some(&loud)], 10),
+            [false, false]
+        );
+        loud_w.write_all(b"x").expect("write");
+        let start = std::time::Instant::now();
+        assert_eq!(
+            wait_readable(&[Some(&quiet), Some(&loud)], 5000),
+            [false, true]
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "woke at once");
+        assert_eq!(wait_readable(&[None, Some(&loud)], 10), [false, true]);
+        drop(loud_w);
+        assert!(
+            readable_within(&loud, 10),
+            "data, then end of file, stay readable"
+        );
+        assert_eq!(wait_readable::<1>(&[None], 1), [false]);
+    }
+
     use super::*;
 
     #[test]

@@ -26,6 +26,22 @@ impl Gpus {
         Ok(self.0.device_count()?)
     }
 
+    /// The VRAM each process with a CUDA context on GPU `index` uses, as
+    /// NVML counts it (pid, bytes; None where NVML cannot say).
+    pub fn process_vram(&self, index: u32) -> Result<Vec<(u32, Option<u64>)>> {
+        let d = self.0.device_by_index(index)?;
+        Ok(d.running_compute_processes()?
+            .into_iter()
+            .map(|p| {
+                let used = match p.used_gpu_memory {
+                    nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
+                    nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                };
+                (p.pid, used)
+            })
+            .collect())
+    }
+
     pub fn info(&self, index: u32) -> Result<GpuInfo> {
         let d = self.0.device_by_index(index)?;
         let m = d.memory_info()?;

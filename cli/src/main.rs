@@ -58,6 +58,7 @@ fn main() -> ExitCode {
         }),
         Command::Status { json } => status::run(json),
         Command::Release { id, to } => release::run(id, to.as_deref()),
+        Command::FlipBit { id, offset } => vram_control::flip_bit(id, offset),
         Command::Sleep { step } => match step {
             args::SleepStep::Prepare => sleep::prepare(),
             args::SleepStep::Resume => sleep::resume(),

@@ -16,8 +16,8 @@ pub struct Plan {
     pub gpu: u32,
     pub reserve: u64,
     pub copy_mode: CopyMode,
-    /// Per-page checksums in VRAM (cuda).
-    pub integrity: bool,
+    /// Per-page checksums in VRAM (cuda); None: where the GPU has no ECC.
+    pub integrity: Option<bool>,
     pub device: DeviceOptions,
     /// Where the supervisor and its servers log ("-": the terminal).
     pub log: PathBuf,

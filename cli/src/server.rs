@@ -315,7 +315,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         live_since: None,
         backing: store.backing_layout(),
         copy_mode: plan.copy_mode,
-        integrity: plan.integrity,
+        integrity: store.integrity(),
     };
     let dir = run_dir.to_path_buf();
     let counters = Arc::new(DeviceCounters::new(plan.device.queues));

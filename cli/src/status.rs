@@ -38,6 +38,12 @@ pub struct DeviceStatus {
     pub depth: Option<u16>,
     pub server_pid: Option<u32>,
     pub supervisor_pid: Option<u32>,
+    /// The standby server waiting to take over (another child of the
+    /// supervisor), and the VRAM NVML counts for it and for the server:
+    /// each holds a CUDA context of its own (cuda devices).
+    pub standby_pid: Option<u32>,
+    pub server_vram: Option<u64>,
+    pub standby_vram: Option<u64>,
     pub uptime_secs: Option<u64>,
     pub restarts: u32,
     /// The config entry it serves (`vramblk up` / the service).
@@ -56,6 +62,10 @@ pub struct VramUse {
     pub held: u64,
     pub used: u64,
     pub full: u64,
+    /// Page checksums on, and reads failed on a mismatch since the
+    /// server started.
+    pub integrity: bool,
+    pub integrity_errors: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +86,29 @@ pub struct BlockStat {
 
 /// Parses /sys/block/X/stat (sectors are 512 bytes there, whatever the
 /// device's block size).
+/// The live children of `pid` (from each process's /proc stat line).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|s| parent_in_stat(&s))
+                == Some(pid)
+                && crate::host::pid_alive(c)
+        })
+        .collect()
+}
+
+/// The parent pid in a /proc/PID/stat line: the field after the state,
+/// which follows the command name in parentheses (which may hold spaces).
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn parse_block_stat(text: &str) -> Option<BlockStat> {
     let f: Vec<u64> = text
         .split_whitespace()
@@ -148,6 +181,8 @@ pub fn collect() -> Result<Status> {
                     held: u.held,
                     used: u.used,
                     full: u.full,
+                    integrity: u.integrity,
+                    integrity_errors: u.integrity_errors,
                 }),
             path,
             ..DeviceStatus::default()
@@ -159,6 +194,11 @@ pub fn collect() -> Result<Status> {
             d.gpu = r.gpu;
             d.server_pid = Some(r.pid).filter(|_| server_alive);
             d.supervisor_pid = r.holder_pid.filter(|_| holder_alive);
+            d.standby_pid = d.supervisor_pid.and_then(|h| {
+                children_of(h)
+                    .into_iter()
+                    .find(|&c| Some(c) != d.server_pid)
+            });
             d.uptime_secs = r.live_since.map(|t| now.saturating_sub(t));
             d.restarts = r.restarts;
             d.config_entry = r.origin;
@@ -172,7 +212,17 @@ pub fn collect() -> Result<Status> {
         .into_iter()
         .filter_map(|g| Some((g, gpus.as_ref()?.info(g).ok()?)))
     {
+        let by_pid = gpus
+            .as_ref()
+            .and_then(|n| n.process_vram(g).ok())
+            .unwrap_or_default();
+        let vram_of = |pid: Option<u32>| {
+            let pid = pid?;
+            by_pid.iter().find(|(p, _)| *p == pid).and_then(|(_, b)| *b)
+        };
         for d in devices.iter_mut().filter(|d| d.gpu == Some(g)) {
+            d.server_vram = vram_of(d.server_pid);
+            d.standby_vram = vram_of(d.standby_pid);
             d.gpu_name = Some(info.name.clone());
             d.gpu_free_vram = Some(info.free);
         }
@@ -230,6 +280,14 @@ fn print_device(d: &DeviceStatus) {
                 human_size(v.used),
                 human_size(v.full)
             );
+            if v.integrity {
+                println!(
+                    "  integrity: page checksums on, {} read(s) failed on a mismatch since the server started",
+                    v.integrity_errors
+                );
+            } else {
+                println!("  integrity: off (no page checksums)");
+            }
         }
     } else {
         println!("  store: (not a vramblk device)");
@@ -247,6 +305,18 @@ fn print_device(d: &DeviceStatus) {
         ),
         (None, Some(h)) => println!("  no server (supervisor {h} is recovering it)"),
         _ => {}
+    }
+    if let Some(s) = d.standby_pid {
+        let vram = |b: Option<u64>| b.map(|b| format!(", {} of VRAM", human_size(b)));
+        println!(
+            "  standby server pid {s} ready to take over{}{}",
+            vram(d.standby_vram)
+                .map(|v| format!(" (its CUDA context{v})"))
+                .unwrap_or_default(),
+            vram(d.server_vram)
+                .map(|v| format!("; the server's context{v}"))
+                .unwrap_or_default()
+        );
     }
     match &d.swap {
         Some(s) => println!(
@@ -283,6 +353,13 @@ fn print_device(d: &DeviceStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_pid_comes_after_the_command_name() {
+        assert_eq!(parent_in_stat("123 (vramblk) S 77 123 123 0"), Some(77));
+        assert_eq!(parent_in_stat("9 (a b) c) R 1 9 9"), Some(1));
+        assert_eq!(parent_in_stat("garbage"), None);
+    }
 
     #[test]
     fn parses_sys_block_stat() {

@@ -436,7 +436,10 @@ impl Supervisor<'_> {
             // (stop requests, the standby, the handoff channel).
             let [reported, _] =
                 daemon::wait_readable(&[server.report.as_ref(), server.exited.as_ref()], TICK_MS);
-            if let (true, Some(fd)) = (reported, server.report.take()) {
+            // Only a report that is there is taken: dropping the pipe
+            // unread would lose it.
+            let report = if reported { server.report.take() } else { None };
+            if let Some(fd) = report {
                 match daemon::read_report(fd, &self.plan.log) {
                     Ok(dev) => {
                         held_log::release();

@@ -51,7 +51,16 @@ pub enum Command {
         to: u64,
         floor: u64,
     },
+    /// Test hook: flip a bit of the data at device byte `offset` in VRAM
+    /// (its checksum left as it was). Served only by a server started
+    /// with VRAMBLK_TEST_HOOKS=1.
+    FlipBit {
+        offset: u64,
+    },
 }
+
+/// The environment variable that lets a server take test hooks.
+pub const TEST_HOOKS_ENV: &str = "VRAMBLK_TEST_HOOKS";
 
 impl Command {
     fn line(&self) -> String {
@@ -59,6 +68,7 @@ impl Command {
             Command::Usage => "usage".into(),
             Command::GiveBack { to, floor } => format!("give-back {to} {floor}"),
             Command::TakeBack { to, floor } => format!("take-back {to} {floor}"),
+            Command::FlipBit { offset } => format!("flip-bit {offset}"),
         }
     }
 
@@ -80,6 +90,7 @@ impl Command {
                 to: num(1)?,
                 floor: num(2)?,
             }),
+            Some(&"flip-bit") if words.len() == 2 => Ok(Command::FlipBit { offset: num(1)? }),
             _ => Err(format!("{line:?}: not a command")),
         }
     }
@@ -101,6 +112,12 @@ pub struct VramReply {
     pub unused: u64,
     #[serde(default)]
     pub moved: u32,
+    /// Whether pages carry checksums, and reads this server failed on a
+    /// mismatch since it started.
+    #[serde(default)]
+    pub integrity: bool,
+    #[serde(default)]
+    pub integrity_errors: u64,
 }
 
 /// Serves the socket from a thread of its own until the process ends.
@@ -191,6 +208,8 @@ impl Control {
             full: self.store.full_bytes(),
             unused: self.store.unused_bytes(),
             moved,
+            integrity: self.store.integrity(),
+            integrity_errors: self.store.integrity_errors(),
         }
     }
 
@@ -212,6 +231,23 @@ impl Control {
             Command::TakeBack { to, floor } => {
                 self.floor = floor.max(self.reserve);
                 let r = self.take_back(to);
+                self.reply(r, 0)
+            }
+            Command::FlipBit { offset } => {
+                let r = if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
+                    match self.store.flip_bit(offset) {
+                        Ok(true) => {
+                            log::warn!("server: test hook: flipped a bit at byte {offset} in VRAM");
+                            Ok(())
+                        }
+                        Ok(false) => Err(format!("byte {offset} holds no data")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                } else {
+                    Err(format!(
+                        "test hooks are off (the server runs without {TEST_HOOKS_ENV}=1)"
+                    ))
+                };
                 self.reply(r, 0)
             }
         }
@@ -318,6 +354,19 @@ pub fn request(run_dir: &Path, id: u32, cmd: Command) -> Result<VramReply> {
     Ok(serde_json::from_str(line.trim())?)
 }
 
+/// `vramblk flip-bit ID OFFSET` (hidden): the test hook, through the
+/// device's control socket.
+pub fn flip_bit(id: u32, offset: u64) -> Result<()> {
+    crate::host::require_root("flip-bit")?;
+    let run_dir = Path::new(vramblk_config::RUN_DIR);
+    let reply = request(run_dir, id, Command::FlipBit { offset })?;
+    if let Some(e) = reply.error {
+        bail!("ublkb{id}: {e}");
+    }
+    println!("ublkb{id}: flipped a bit at byte {offset}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +383,7 @@ mod tests {
                 to: 7 << 30,
                 floor: 512 << 20,
             },
+            Command::FlipBit { offset: 4096 },
         ] {
             assert_eq!(Command::parse(&cmd.line()), Ok(cmd));
         }
@@ -344,6 +394,8 @@ mod tests {
             "give-back x 1",
             "usage 1",
             "drop 1 2",
+            "flip-bit",
+            "flip-bit x",
         ] {
             assert!(Command::parse(bad).is_err(), "{bad:?}");
         }

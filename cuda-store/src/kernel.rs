@@ -334,7 +334,10 @@ mod tests {
             };
             let v: Vec<Desc> = pieces(whole).collect();
             assert_eq!(v.len(), piece_count(len), "len {len}");
-            assert_eq!(v.iter().map(|d| u64::from(d.len)).sum::<u64>(), u64::from(len));
+            assert_eq!(
+                v.iter().map(|d| u64::from(d.len)).sum::<u64>(),
+                u64::from(len)
+            );
             let mut at = 0u64;
             for d in &v {
                 assert_eq!(d.src, (1 << 20) + at);

@@ -7,13 +7,15 @@
 //! DMA mode) as one async copy each on the copy engines.
 //!
 //! With integrity on, the same launch stores the checksum of every page a
-//! round writes and checks the checksum of every page it reads (for pieces
-//! on the copy engines, after their copies, from VRAM); a page that does
-//! not match fails its request alone with EIO.
+//! round writes and checks the checksum of every page it reads. Pieces on
+//! the copy engines have theirs computed on the CPU (the crc32 instruction,
+//! about 0.2 us a page) and copied beside the data, since a launch after a
+//! lone copy would double its latency. A page that does not match fails
+//! its request alone with EIO.
 
 use crate::driver::{check, context_lost, describe, is_context_fatal, retried_once, SyncStream};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, PinRefused, Pinned, EXTENT};
-use crate::integrity::{sum_addr, PAGE, SUMS_PER_EXTENT};
+use crate::integrity::{page_sum_cpu, sum_addr, PAGE, SUMS_PER_EXTENT};
 use crate::kernel::{self, flags, Desc, THREADS};
 use crate::CopyPolicy;
 use cudarc::driver::sys;
@@ -29,24 +31,32 @@ static NO_ROOM: AtomicU64 = AtomicU64::new(0);
 /// queue of the process (one store per server).
 static INTEGRITY_ERRORS: AtomicU64 = AtomicU64::new(0);
 
+/// A lone write of at most this many pages writes their checksums as
+/// stream writes (no copy engine); more go as one copy.
+const WRITE_VALUE_PAGES: usize = 4;
+
 /// Reads this process failed on a checksum mismatch.
 pub(crate) fn integrity_errors() -> u64 {
     INTEGRITY_ERRORS.load(Relaxed)
 }
 
-/// A round's descriptors for the copy kernel, in pinned host memory the GPU
-/// reads directly. Owned by its round, so a table is never rewritten while
-/// a launch that reads it may still run.
-struct DescTable {
-    host: *mut Desc,
+/// A round's table in pinned host memory the GPU reads and writes
+/// directly: the copy kernel's descriptors, or the checksums the copy
+/// engines carry. Owned by its round, so a table is never rewritten while
+/// a launch or copy that uses it may still run.
+struct PinnedTable<T: Copy> {
+    host: *mut T,
     dev: sys::CUdeviceptr,
     cap: usize,
     len: usize,
 }
 
-impl DescTable {
-    const fn empty() -> DescTable {
-        DescTable {
+/// The copy kernel's descriptors.
+type DescTable = PinnedTable<Desc>;
+
+impl<T: Copy> PinnedTable<T> {
+    const fn empty() -> PinnedTable<T> {
+        PinnedTable {
             host: std::ptr::null_mut(),
             dev: 0,
             cap: 0,
@@ -54,7 +64,7 @@ impl DescTable {
         }
     }
 
-    /// Makes room for `n` descriptors, dropping what the table held.
+    /// Makes room for `n` entries, dropping what the table held.
     fn reserve(&mut self, n: usize) -> Result<(), StoreError> {
         self.len = 0;
         if n <= self.cap {
@@ -68,16 +78,16 @@ impl DescTable {
             check(
                 sys::cuMemHostAlloc(
                     &mut host,
-                    cap * std::mem::size_of::<Desc>(),
+                    cap * std::mem::size_of::<T>(),
                     sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
                 ),
-                "allocating the copy kernel's descriptor table",
+                "allocating a round's pinned table",
             )?;
             self.host = host.cast();
             self.cap = cap;
             check(
                 sys::cuMemHostGetDevicePointer_v2(&mut self.dev, host, 0),
-                "mapping the descriptor table",
+                "mapping a round's pinned table",
             )?;
         }
         Ok(())
@@ -87,36 +97,41 @@ impl DescTable {
     /// request it belongs to must then fail: a dropped descriptor would be
     /// a lost write or an unfilled read reported as done).
     #[must_use]
-    fn push(&mut self, d: Desc) -> bool {
-        debug_assert!(d.flags & flags::MISMATCH == 0);
+    fn push(&mut self, d: T) -> bool {
         if self.len >= self.cap {
             return false;
         }
         // SAFETY: len < cap, inside the allocation; the GPU does not read
-        // this table until the launch that follows.
+        // this table until the launch or copy that follows.
         unsafe { self.host.add(self.len).write(d) };
         self.len += 1;
         true
     }
 
-    /// Descriptor `i`'s flags as the finished launch left them.
-    fn flags_of(&self, i: usize) -> u32 {
+    /// Entry `i` as the finished round left it (None beyond the end).
+    fn get(&self, i: usize) -> Option<T> {
         if i >= self.len {
-            return 0;
+            return None;
         }
         // SAFETY: i < len <= cap, inside the allocation; the GPU wrote it
         // (if at all) before the round's event completed, and the read is
         // volatile because that write is not the compiler's to see.
-        unsafe { std::ptr::addr_of!((*self.host.add(i)).flags).read_volatile() }
+        Some(unsafe { self.host.add(i).read_volatile() })
+    }
+
+    /// The host address of entry `i`.
+    fn host_at(&self, i: usize) -> *mut T {
+        // SAFETY (of the pointer arithmetic): callers pass i <= len.
+        self.host.wrapping_add(i)
     }
 
     fn free(&mut self) {
         if !self.host.is_null() {
             // SAFETY: allocated by cuMemHostAlloc in reserve(); no launch
-            // reading it is in flight (its round is finished).
+            // or copy using it is in flight (its round is finished).
             unsafe { sys::cuMemFreeHost(self.host.cast()) };
         }
-        *self = DescTable::empty();
+        *self = PinnedTable::empty();
     }
 }
 
@@ -130,8 +145,24 @@ struct Round {
     /// For each descriptor that checks checksums: its index in `descs`,
     /// its request's index in `completions`, and its device offset.
     verifies: Vec<(usize, usize, u64)>,
+    /// The checksums of the pages the copy engines move: computed on the
+    /// CPU before a write's copy, fetched beside a read's data.
+    sums: PinnedTable<u32>,
+    /// The reads whose checksums the CPU checks once the round is done.
+    cpu_checks: Vec<CpuCheck>,
     /// Extents the round's requests pinned, let go when it finishes.
     pins: Vec<u32>,
+}
+
+/// A read on the copy engines whose pages the CPU checks when its round
+/// finishes: their checksums sit in the round's `sums` from `at`.
+#[derive(Clone, Copy)]
+struct CpuCheck {
+    at: usize,
+    job: usize,
+    buf: *const u8,
+    len: u32,
+    offset: u64,
 }
 
 /// One request's piece inside one extent, translated to VRAM.
@@ -161,7 +192,7 @@ struct Job {
 /// How a queue moves data, fixed when it opens.
 #[derive(Clone, Copy)]
 pub(crate) struct CopyPath {
-    /// The loaded copy kernel; None: copy engines only (and no integrity).
+    /// The loaded copy kernel; None: copy engines only.
     pub(crate) kernel: Option<sys::CUfunction>,
     pub(crate) policy: CopyPolicy,
     /// Pages carry checksums (the kernel is then loaded).
@@ -173,6 +204,10 @@ pub struct CudaQueue {
     base: sys::CUdeviceptr,
     extents: Arc<ExtentMap>,
     stream: sys::CUstream,
+    /// Where reads on the copy engines fetch their checksums, beside the
+    /// data copies on `stream`; `stream` waits for it through `sum_event`.
+    sum_stream: sys::CUstream,
+    sum_event: sys::CUevent,
     /// Where mappings are recorded, waited for at once (rarely: a write to
     /// an extent with no slot, a discard of a whole extent). Made after the
     /// context is current, hence the Option.
@@ -209,6 +244,8 @@ impl CudaQueue {
             base,
             extents,
             stream: std::ptr::null_mut(),
+            sum_stream: std::ptr::null_mut(),
+            sum_event: std::ptr::null_mut(),
             map_stream: None,
             pinned: std::ptr::null_mut(),
             pinned_dev: 0,
@@ -235,6 +272,20 @@ impl CudaQueue {
                     sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
                 ),
                 "cuStreamCreate",
+            )?;
+            check(
+                sys::cuStreamCreate(
+                    &mut q.sum_stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                ),
+                "cuStreamCreate (checksums)",
+            )?;
+            check(
+                sys::cuEventCreate(
+                    &mut q.sum_event,
+                    sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+                ),
+                "cuEventCreate (checksums)",
             )?;
             check(
                 sys::cuMemHostRegister_v2(
@@ -275,6 +326,8 @@ impl CudaQueue {
             completions: Vec::new(),
             descs: DescTable::empty(),
             verifies: Vec::new(),
+            sums: PinnedTable::empty(),
+            cpu_checks: Vec::new(),
             pins: Vec::new(),
         })
     }
@@ -292,6 +345,113 @@ impl CudaQueue {
         }
         let buf = self.pinned_dev + at as u64;
         kernel::kernel_can_move(buf, p.vram, p.len).then_some(buf)
+    }
+
+    /// Issues piece `p` on the copy engines, and with integrity its pages'
+    /// checksums at `sums`: a write's computed here from its buffer and
+    /// written before the data (a few as stream writes, which cost less
+    /// than a copy, more as one copy), a read's fetched on the checksum
+    /// stream beside the data for [`CudaQueue::finish`] to check; zeroed
+    /// pages get zero checksums. False when a call failed.
+    fn copy_with_sums(&self, p: &Piece, sums: u64, round: &mut Round) -> bool {
+        if !self.checksummed(p.op) {
+            if !self.issue(p) {
+                return false;
+            }
+            if p.op == Op::WriteZeroes && self.path.integrity {
+                return self.zero_sums(sums, p.len);
+            }
+            return true;
+        }
+        let at = round.sums.len;
+        let pages = (u64::from(p.len) / PAGE) as usize;
+        for k in 0..pages {
+            let sum = if p.op == Op::Write {
+                // SAFETY: the write's own buffer, `len` bytes long.
+                let page = unsafe {
+                    std::slice::from_raw_parts(p.buf.add(k * PAGE as usize), PAGE as usize)
+                };
+                page_sum_cpu(page)
+            } else {
+                0
+            };
+            if !round.sums.push(sum) {
+                log::error!("a round's checksum table is full; failing the request");
+                return false;
+            }
+        }
+        let (host, n) = (round.sums.host_at(at), pages * 4);
+        if p.op == Op::Write {
+            let written = if pages <= WRITE_VALUE_PAGES {
+                (0..pages).all(|k| {
+                    let value = round.sums.get(at + k).unwrap_or(0);
+                    // SAFETY: page k's checksum, in the checksum slots.
+                    let r = retried_once("a checksum write", || unsafe {
+                        sys::cuStreamWriteValue32_v2(self.stream, sums + 4 * k as u64, value, 0)
+                    });
+                    r == sys::CUresult::CUDA_SUCCESS
+                })
+            } else {
+                // SAFETY: the checksums of pages of an extent the request
+                // pinned, and `n` bytes of the round's pinned table, alive
+                // until the round's event completes.
+                let r = retried_once("a checksum copy", || unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(sums, host.cast(), n, self.stream)
+                });
+                r == sys::CUresult::CUDA_SUCCESS
+            };
+            if !written {
+                log::error!("writing {pages} page checksum(s) failed");
+                return false;
+            }
+            return self.issue(p);
+        }
+        if !self.issue(p) {
+            return false;
+        }
+        // SAFETY: as for the write above; on the checksum stream, which the
+        // round's stream waits for before its event.
+        let r = retried_once("a checksum copy", || unsafe {
+            sys::cuMemcpyDtoHAsync_v2(host.cast(), sums, n, self.sum_stream)
+        });
+        if r != sys::CUresult::CUDA_SUCCESS {
+            log::error!("fetching {n} bytes of checksums: {}", describe(r));
+            return false;
+        }
+        round.cpu_checks.push(CpuCheck {
+            at,
+            job: p.job,
+            buf: p.buf,
+            len: p.len,
+            offset: self.device_offset(p),
+        });
+        true
+    }
+
+    /// Makes the round's stream wait for the checksums fetched on the
+    /// checksum stream, so the round's event covers them; false when that
+    /// could not be arranged and the fetches were waited for here instead,
+    /// and failed.
+    fn join_sum_stream(&self) -> bool {
+        // SAFETY: our own event and streams.
+        let joined = unsafe {
+            sys::cuEventRecord(self.sum_event, self.sum_stream) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuStreamWaitEvent(self.stream, self.sum_event, 0)
+                    == sys::CUresult::CUDA_SUCCESS
+        };
+        if joined {
+            return true;
+        }
+        // SAFETY: waiting on our own stream; check() ends the server on a
+        // lost context.
+        let r = unsafe { sys::cuStreamSynchronize(self.sum_stream) };
+        match check(r, "fetching checksums") {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{e}");
+                false
+            }
+        }
     }
 
     /// Whether requests of `op` carry checksums through the table.
@@ -446,26 +606,50 @@ impl CudaQueue {
         }
     }
 
+    /// Counts and logs a read that found data not matching its checksum in
+    /// the `span` bytes at device `offset`.
+    fn mismatch(&self, offset: u64, span: u32) {
+        let n = INTEGRITY_ERRORS.fetch_add(1, Relaxed) + 1;
+        if n <= 100 || n.is_power_of_two() {
+            log::error!(
+                "integrity: data read from VRAM on {} does not match its checksum in the {} KiB \
+                 at sector {} (byte offset {offset}); that read fails with EIO ({n} so far)",
+                self.gpu,
+                span >> 10,
+                offset / 512
+            );
+        }
+    }
+
     /// Answers a finished round's requests and lets go of what it held.
     fn finish(&mut self, mut round: Round, failed: bool, done: &mut Vec<Completion>) {
         for e in round.pins.drain(..) {
             self.extents.unpin(e);
         }
+        let mut bad: Vec<(usize, u64, u32)> = Vec::new();
         for (i, job, offset) in round.verifies.drain(..) {
-            if failed || round.descs.flags_of(i) & flags::MISMATCH == 0 {
+            let flags = round.descs.get(i).map_or(0, |d| d.flags);
+            if !failed && flags & flags::MISMATCH != 0 {
+                bad.push((job, offset, kernel::PIECE));
+            }
+        }
+        for c in round.cpu_checks.drain(..) {
+            if failed {
                 continue;
             }
-            let n = INTEGRITY_ERRORS.fetch_add(1, Relaxed) + 1;
-            if n <= 100 || n.is_power_of_two() {
-                log::error!(
-                    "integrity: data read from VRAM on {} does not match its checksum in the \
-                     {} KiB at sector {} (byte offset {offset}); that read fails with EIO \
-                     ({n} so far)",
-                    self.gpu,
-                    kernel::PIECE >> 10,
-                    offset / 512
-                );
+            for k in 0..(u64::from(c.len) / PAGE) as usize {
+                // SAFETY: the read's own buffer, filled by its finished
+                // copy; nothing else touches it until it is answered.
+                let page = unsafe {
+                    std::slice::from_raw_parts(c.buf.add(k * PAGE as usize), PAGE as usize)
+                };
+                if round.sums.get(c.at + k) != Some(page_sum_cpu(page)) {
+                    bad.push((c.job, c.offset + k as u64 * PAGE, PAGE as u32));
+                }
             }
+        }
+        for (job, offset, span) in bad {
+            self.mismatch(offset, span);
             if let Some(c) = round.completions.get_mut(job) {
                 c.result = -libc::EIO;
             }
@@ -612,22 +796,25 @@ impl QueueStore for CudaQueue {
             self.spare.push(round);
             return;
         }
-        // Small pieces into the kernel's table, the rest straight onto the
-        // copy engines (their checksums into the table after them); the
-        // launch goes after them on the stream.
+        // Small pieces into the kernel's table (their checksums computed
+        // by the kernel), the rest straight onto the copy engines (their
+        // checksums on the CPU: a launch after a lone copy would double
+        // its latency); the launch goes after them on the stream.
         let mut pieces = std::mem::take(&mut self.pieces);
         let eligible = pieces
             .iter()
             .filter(|p| self.kernel_buffer(p).is_some())
             .count();
         let kernel_copies = eligible >= self.path.policy.kernel_min_batch;
-        let table_len: usize = pieces
-            .iter()
-            .filter(|p| {
-                (kernel_copies && self.kernel_buffer(p).is_some()) || self.checksummed(p.op)
-            })
-            .map(|p| kernel::piece_count(p.len))
-            .sum();
+        let via_kernel = |q: &Self, p: &Piece| kernel_copies && q.kernel_buffer(p).is_some();
+        let (mut table_len, mut sums_len) = (0usize, 0usize);
+        for p in pieces.iter() {
+            if via_kernel(self, p) {
+                table_len += kernel::piece_count(p.len);
+            } else if self.checksummed(p.op) {
+                sums_len += (u64::from(p.len) / PAGE) as usize;
+            }
+        }
         let table = match round.descs.reserve(table_len) {
             Ok(()) => true,
             Err(e) => {
@@ -635,10 +822,20 @@ impl QueueStore for CudaQueue {
                 false
             }
         };
+        let staging = match round.sums.reserve(sums_len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{e}; this round's checksummed copies fail");
+                false
+            }
+        };
         round.verifies.clear();
+        round.cpu_checks.clear();
         for p in pieces.drain(..) {
-            let whole_pages = u64::from(p.len).is_multiple_of(PAGE) && p.within.is_multiple_of(PAGE);
-            if self.checksummed(p.op) && (!table || !whole_pages) {
+            let whole_pages =
+                u64::from(p.len).is_multiple_of(PAGE) && p.within.is_multiple_of(PAGE);
+            let kernel_piece = table && via_kernel(self, &p);
+            if self.checksummed(p.op) && (!whole_pages || !(kernel_piece || staging)) {
                 // The device's blocks are whole pages, so this is a bug or
                 // a table that could not be had: fail rather than leave a
                 // page without its checksum.
@@ -651,32 +848,32 @@ impl QueueStore for CudaQueue {
                 self.jobs[p.job].failed = true;
                 continue;
             }
+            let sums = sum_addr(self.base, p.extent, p.within);
+            if !kernel_piece {
+                if !self.copy_with_sums(&p, sums, &mut round) {
+                    self.jobs[p.job].failed = true;
+                }
+                continue;
+            }
+            let Some(buf) = self.kernel_buffer(&p) else {
+                continue;
+            };
+            let (src, dst) = match p.op {
+                Op::Write => (buf, p.vram),
+                _ => (p.vram, buf),
+            };
             let check = match p.op {
                 Op::Write if self.path.integrity => flags::STORE_SUM,
                 Op::Read if self.path.integrity => flags::VERIFY_SUM,
                 _ => 0,
             };
-            let sums = sum_addr(self.base, p.extent, p.within);
-            let whole = match (table && kernel_copies, self.kernel_buffer(&p)) {
-                (true, Some(buf)) => {
-                    let (src, dst) = match p.op {
-                        Op::Write => (buf, p.vram),
-                        _ => (p.vram, buf),
-                    };
-                    Some(Desc { src, dst, sums, len: p.len, flags: flags::COPY | check })
-                }
-                _ => {
-                    if !self.issue(&p) {
-                        self.jobs[p.job].failed = true;
-                    }
-                    if p.op == Op::WriteZeroes && self.path.integrity && !self.zero_sums(sums, p.len) {
-                        self.jobs[p.job].failed = true;
-                    }
-                    // The page's checksum from VRAM, after the copy.
-                    (check != 0).then_some(Desc { src: p.vram, dst: 0, sums, len: p.len, flags: check })
-                }
+            let whole = Desc {
+                src,
+                dst,
+                sums,
+                len: p.len,
+                flags: flags::COPY | check,
             };
-            let Some(whole) = whole else { continue };
             self.jobs[p.job].in_table = true;
             let offset = self.device_offset(&p);
             for (k, d) in kernel::pieces(whole).enumerate() {
@@ -695,6 +892,11 @@ impl QueueStore for CudaQueue {
             }
         }
         self.pieces = pieces;
+        if !round.cpu_checks.is_empty() && !self.join_sum_stream() {
+            for c in &round.cpu_checks {
+                self.jobs[c.job].failed = true;
+            }
+        }
         let launched = self.launch(&round.descs);
         round
             .completions
@@ -768,12 +970,20 @@ impl Drop for CudaQueue {
             for mut r in self.rounds.drain(..).chain(self.spare.drain(..)) {
                 sys::cuEventDestroy_v2(r.event);
                 r.descs.free();
+                r.sums.free();
             }
             if !self.pinned.is_null() {
                 sys::cuMemHostUnregister(self.pinned);
             }
             if !self.stream.is_null() {
                 sys::cuStreamDestroy_v2(self.stream);
+            }
+            if !self.sum_stream.is_null() {
+                sys::cuStreamSynchronize(self.sum_stream);
+                sys::cuStreamDestroy_v2(self.sum_stream);
+            }
+            if !self.sum_event.is_null() {
+                sys::cuEventDestroy_v2(self.sum_event);
             }
         }
     }

@@ -88,8 +88,11 @@ pub struct CudaStoreOptions {
     pub reserve: u64,
     /// Which requests the copy kernel moves.
     pub copy: CopyPolicy,
-    /// Every page carries a checksum, checked on every read.
-    pub integrity: bool,
+    /// Every page carries a checksum, checked on every read; None
+    /// (auto): where the GPU's memory has no ECC of its own (GeForce
+    /// GDDR), since a GPU with ECC on finds those errors itself and the
+    /// checksums cost a few microseconds per lone request.
+    pub integrity: Option<bool>,
 }
 
 impl CudaStoreOptions {
@@ -100,7 +103,7 @@ impl CudaStoreOptions {
             gpu,
             reserve: 512 << 20,
             copy: CopyPolicy::AUTO,
-            integrity: true,
+            integrity: None,
         }
     }
 }
@@ -149,7 +152,7 @@ impl CudaStore {
             )));
         }
         let mut store = Self::open_device(opts.gpu)?;
-        store.integrity = opts.integrity;
+        store.integrity = store.resolve_integrity(opts.integrity)?;
         store.load_kernel(opts.copy)?;
         store.allocate(opts)?;
         store.write_empty_map()?;
@@ -168,10 +171,10 @@ impl CudaStore {
     ) -> Result<CudaStore, StoreError> {
         let size = opts.size;
         let mut store = Self::open_device(opts.gpu)?;
-        store.integrity = opts.integrity;
+        store.integrity = store.resolve_integrity(opts.integrity)?;
         store.load_kernel(opts.copy)?;
         store.size = size;
-        store.slots = slots_for(size, opts.integrity);
+        store.slots = slots_for(size, store.integrity);
         let layout: Vec<usize> = (0..chunks.len() as u32)
             .map(|i| chunk_len(i, store.slots))
             .collect();
@@ -222,7 +225,6 @@ impl CudaStore {
     /// loaded in it. For measuring what that context costs in VRAM.
     pub fn context_only(gpu: u32) -> Result<CudaStore, StoreError> {
         let mut store = Self::open_device(gpu)?;
-        store.integrity = true;
         store.load_kernel(CopyPolicy::AUTO)?;
         Ok(store)
     }
@@ -271,13 +273,12 @@ impl CudaStore {
         u64::from(self.slots) * EXTENT
     }
 
-    /// Loads the copy kernel unless the copy engines alone were asked for
-    /// and integrity is off (the kernel computes the checksums). Without
-    /// integrity a kernel that does not load leaves the store on the copy
-    /// engines; with it, the store cannot serve and says so.
+    /// Loads the copy kernel unless the copy engines alone were asked for;
+    /// a kernel that does not load leaves the store on the copy engines
+    /// (page checksums then all computed on the CPU).
     fn load_kernel(&mut self, copy: CopyPolicy) -> Result<(), StoreError> {
         self.copy = CopyPolicy::DMA;
-        if !copy.uses_kernel() && !self.integrity {
+        if !copy.uses_kernel() {
             log::info!("cuda store: copy engines only (dma mode)");
             return Ok(());
         }
@@ -285,16 +286,38 @@ impl CudaStore {
             Ok(k) => {
                 self.kernel = Some(k);
                 self.copy = copy;
-                Ok(())
             }
-            Err(e) if self.integrity => Err(StoreError::Unavailable(format!(
-                "{e}: the page checksums need it (--integrity off serves without them)"
-            ))),
-            Err(e) => {
-                log::warn!("{e}: serving with the copy engines only");
-                Ok(())
-            }
+            Err(e) => log::warn!("{e}: serving with the copy engines only"),
         }
+        Ok(())
+    }
+
+    /// Whether pages carry checksums: as asked, or (None) where the GPU's
+    /// memory has no ECC on.
+    fn resolve_integrity(&self, asked: Option<bool>) -> Result<bool, StoreError> {
+        if let Some(on) = asked {
+            return Ok(on);
+        }
+        let mut ecc = 0;
+        // SAFETY: valid out-pointer, a device of this context.
+        check(
+            unsafe {
+                sys::cuDeviceGetAttribute(
+                    &mut ecc,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_ECC_ENABLED,
+                    self.device,
+                )
+            },
+            "asking whether the GPU's memory has ECC",
+        )?;
+        let on = ecc == 0;
+        log::info!(
+            "cuda store: {} has ECC {}: page checksums {} (--integrity auto)",
+            self.name,
+            if ecc == 0 { "off" } else { "on" },
+            if on { "on" } else { "off" }
+        );
+        Ok(on)
     }
 
     /// Whether pages carry checksums.
@@ -610,7 +633,13 @@ impl CudaStore {
         }
         let flags = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
         if flags != self.header_flags() {
-            let on_off = |f: u64| if f & HEADER_INTEGRITY != 0 { "on" } else { "off" };
+            let on_off = |f: u64| {
+                if f & HEADER_INTEGRITY != 0 {
+                    "on"
+                } else {
+                    "off"
+                }
+            };
             return Err(StoreError::Invalid(format!(
                 "the imported VRAM was laid out with integrity {}, this server has it {}",
                 on_off(flags),
@@ -1009,6 +1038,10 @@ impl Store for CudaStore {
 
     fn backing_layout(&self) -> Vec<u64> {
         self.lock_chunks().iter().map(|c| c.len as u64).collect()
+    }
+
+    fn integrity(&self) -> bool {
+        self.integrity
     }
 }
 

@@ -94,6 +94,61 @@ gpu_fault "sticky context error" cuEventQuery:300:sticky 1
 check "sticky context error: the fault fired" [ -e /tmp/fault-fired ]
 check "sticky context error: the server said its context is lost" grep -q "context is lost" /run/vramblk/*.log
 check "sticky context error: a new server took over" grep -q "recovered" /run/vramblk/*.log
+lost=$(log_ms "context is lost" /run/vramblk/*.log)
+back=$(log_ms "supervisor: /dev/ublkb0 recovered" /run/vramblk/*.log)
+info "sticky context error: context lost at ${lost} ms, device live again at ${back} ms (of the day)"
+check "sticky context error: I/O resumed within 1.5 s of the fault ($((back - lost)) ms)" \
+    [ -n "$lost" ] && [ -n "$back" ] && [ $((back - lost)) -ge 0 ] && [ $((back - lost)) -le 1500 ]
+vramblk del 0 > /dev/null 2>&1
+
+# --- 2c. per-page integrity: a bit flipped in one page's VRAM (the
+# server's test hook) fails that page's read with EIO and no other; the
+# count shows in status; a rewrite clears it.
+rm -f /run/vramblk/*.log
+dev=$(env $STUB_ENV VRAMBLK_TEST_HOOKS=1 vramblk add --size 128M --reserve 0 --queues 2 --depth 16)
+check "integrity: add (checksums on by default)" [ "$dev" = /dev/ublkb0 ]
+dd if=/dev/urandom of=/tmp/pages bs=4k count=16 2>/dev/null
+dd if=/tmp/pages of=$dev bs=4k count=16 oflag=direct 2>/dev/null
+check "status names the standby server ready to take over" \
+    wait_for 10 sh -c "vramblk status | grep -q 'standby server pid [0-9]* ready'"
+check "integrity: status says checksums are on, no mismatch yet" \
+    sh -c "vramblk status | grep -q 'page checksums on, 0 read'"
+check "integrity: the test hook flips a bit of page 5" vramblk flip-bit 0 $((5 * 4096 + 100))
+check "integrity: reading page 5 fails (EIO)" \
+    sh -c "! dd if=$dev of=/tmp/p5 bs=4k skip=5 count=1 iflag=direct 2>/dev/null"
+same_page() { dd if=$dev bs=4k skip=$1 count=1 iflag=direct 2>/dev/null | cmp -s - /tmp/want; }
+dd if=/tmp/pages of=/tmp/want bs=4k skip=4 count=1 2>/dev/null
+check "integrity: page 4 beside it reads back intact" same_page 4
+dd if=/tmp/pages of=/tmp/want bs=4k skip=6 count=1 2>/dev/null
+check "integrity: page 6 beside it reads back intact" same_page 6
+check "integrity: a 64 KiB read over page 5 fails too" \
+    sh -c "! dd if=$dev of=/dev/null bs=64k count=1 iflag=direct 2>/dev/null"
+check "integrity: the log names the mismatch, its sector and the GPU" \
+    grep -q "integrity: data read from VRAM on vramblk stub GPU .* at sector 40 " /run/vramblk/*.log
+check "integrity: status counts the failed reads" sh -c "vramblk status | grep -q 'checksums on, [1-9][0-9]* read'"
+check "integrity: status --json carries the count" sh -c "vramblk status --json | grep -Eq '\"integrity_errors\": ?[1-9]'"
+dd if=/dev/urandom of=/tmp/want bs=4k count=1 2>/dev/null
+dd if=/tmp/want of=$dev bs=4k seek=5 count=1 oflag=direct 2>/dev/null
+check "integrity: after a rewrite page 5 reads back the new data" same_page 5
+vramblk del 0 > /dev/null 2>&1
+dev=$(env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 16)
+dd if=/tmp/pages of=$dev bs=4k count=16 oflag=direct 2>/dev/null
+expect_err "integrity: a server without VRAMBLK_TEST_HOOKS=1 refuses the hook" "test hooks are off" \
+    vramblk flip-bit 0 4096
+vramblk del 0 > /dev/null 2>&1
+dev=$(env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 16 --integrity off)
+check "integrity off: add --integrity off" [ "$dev" = /dev/ublkb0 ]
+check "integrity off: status says so" sh -c "vramblk status | grep -q 'integrity: off'"
+$FIO --name=o --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=16 --size=32M \
+    --verify=crc32c --output=/tmp/fio-o.txt
+rc=$?
+grep -q "verify: bad" /tmp/fio-o.txt && rc=99
+check "integrity off: fio write + verify" [ $rc -eq 0 ] || tail -10 /tmp/fio-o.txt
+vramblk del 0 > /dev/null 2>&1
+rm -f /run/vramblk/*.log
+dev=$(env $STUB_ENV VRAMBLK_STUB_ECC=1 vramblk add --size 128M --reserve 0 --queues 2 --depth 16)
+check "integrity auto on a GPU with ECC on: checksums off" sh -c "vramblk status | grep -q 'integrity: off'"
+check "integrity auto on a GPU with ECC on: the log says why" grep -q "has ECC on: page checksums off" /run/vramblk/*.log
 vramblk del 0 > /dev/null 2>&1
 # A GPU that fails every context: every server dies, the supervisor gives
 # up and removes the device, and the I/O fails instead of waiting.

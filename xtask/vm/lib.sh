@@ -95,6 +95,15 @@ fio_ends_failing() {
     check "fio saw I/O errors after $3" [ $rc -ne 0 ]
 }
 
+# log_ms PATTERN FILE...: the time of the first log line matching PATTERN,
+# in ms since midnight (the logs stamp lines as 2026-12-02T14:11:54.123Z).
+log_ms() {
+    pat=$1; shift
+    grep -h -- "$pat" "$@" | head -1 |
+        sed -n 's/^\[[0-9-]*T\([0-9]*\):\([0-9]*\):\([0-9]*\)\.\([0-9]*\)Z.*/\1 \2 \3 \4/p' |
+        awk '{print (($1 * 60 + $2) * 60 + $3) * 1000 + $4}'
+}
+
 # --- crash recovery helpers
 mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }
 

@@ -14,10 +14,6 @@ fn discard_by_default() -> bool {
     true
 }
 
-fn integrity_by_default() -> bool {
-    true
-}
-
 /// How a device moves data (issue 3): `auto` batches small pages through a
 /// kernel on the GPU's SMs, `dma` uses the copy engines only (for GPUs busy
 /// with other work).
@@ -58,9 +54,10 @@ struct RawDevice {
     reserve: Option<Spanned<String>>,
     #[serde(default)]
     copy_mode: CopyMode,
-    /// On unless turned off: every page in VRAM carries a checksum.
-    #[serde(default = "integrity_by_default")]
-    integrity: bool,
+    /// Every page in VRAM carries a checksum; absent: where the GPU's
+    /// memory has no ECC.
+    #[serde(default)]
+    integrity: Option<bool>,
     #[serde(default)]
     queues: Option<Spanned<u16>>,
     #[serde(default)]
@@ -90,8 +87,9 @@ pub struct DeviceConfig {
     pub discard: bool,
     pub reserve: u64,
     pub copy_mode: CopyMode,
-    /// Per-page checksums in VRAM, checked on every read (cuda).
-    pub integrity: bool,
+    /// Per-page checksums in VRAM, checked on every read (cuda); None:
+    /// where the GPU's memory has no ECC.
+    pub integrity: Option<bool>,
     pub queues: Option<u16>,
     pub depth: u16,
     pub hugepages: bool,
@@ -292,6 +290,7 @@ depth = 64
 copy_mode = "dma"
 reserve = "1G"
 discard = true
+integrity = false
 
 [power]
 enabled = true
@@ -315,6 +314,8 @@ calm_secs = 60
             (512 << 20, 64, None, CopyMode::Auto)
         );
         assert!(d.discard, "discard is on unless turned off");
+        assert_eq!(d.integrity, None, "integrity: auto unless set");
+        assert_eq!(c.devices[1].integrity, Some(false));
         let h = &c.devices[1];
         assert_eq!(
             (h.backend, h.hugepages, h.priority, h.queues, h.depth),

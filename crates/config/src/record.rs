@@ -100,6 +100,7 @@ mod tests {
             live_since: Some(1_700_000_000),
             backing: vec![512 << 20, 512 << 20],
             copy_mode: CopyMode::Dma,
+            integrity: true,
         };
         r.store(&dir).unwrap();
         assert_eq!(DeviceRecord::load(&dir, 3), Some(r));

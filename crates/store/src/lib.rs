@@ -44,6 +44,12 @@ pub trait Store: Send + Sync + 'static {
     fn backing_layout(&self) -> Vec<u64> {
         vec![self.size()]
     }
+
+    /// Whether the store keeps a checksum of every page and checks it on
+    /// every read (the layout a restarted server must be told).
+    fn integrity(&self) -> bool {
+        false
+    }
 }
 
 /// One queue's view of a store. Not shared between threads.

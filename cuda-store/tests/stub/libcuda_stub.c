@@ -139,6 +139,14 @@ static int fd_of(CUhandle h) {
 
 CUresult cuInit(unsigned flags) { FAULT("cuInit"); (void)flags; return OK; }
 CUresult cuDriverGetVersion(int *v) { FAULT("cuDriverGetVersion"); *v = 12080; return OK; }
+/* CU_DEVICE_ATTRIBUTE_ECC_ENABLED (32): VRAMBLK_STUB_ECC=1 makes the stand-in
+ * GPU say its memory has ECC on; other attributes are 0. */
+CUresult cuDeviceGetAttribute(int *v, int attr, int dev) { FAULT("cuDeviceGetAttribute");
+    (void)dev;
+    const char *ecc = getenv("VRAMBLK_STUB_ECC");
+    *v = attr == 32 && ecc && *ecc == '1';
+    return OK;
+}
 CUresult cuDeviceGetCount(int *n) { FAULT("cuDeviceGetCount"); *n = 1; return OK; }
 CUresult cuDeviceGet(int *d, int ordinal) { FAULT("cuDeviceGet"); if (ordinal != 0) return ERR_INVALID_VALUE; *d = 0; return OK; }
 CUresult cuDeviceGetName(char *name, int len, int dev) { FAULT("cuDeviceGetName");
@@ -238,6 +246,10 @@ CUresult cuEventCreate(void **e, unsigned flags) { FAULT("cuEventCreate"); (void
 CUresult cuEventDestroy_v2(void *e) { FAULT("cuEventDestroy_v2"); (void)e; return OK; }
 CUresult cuEventRecord(void *e, void *s) { FAULT("cuEventRecord"); (void)e; (void)s; return OK; }
 CUresult cuEventQuery(void *e) { FAULT("cuEventQuery"); (void)e; return OK; }
+CUresult cuStreamWaitEvent(void *s, void *e, unsigned flags) { FAULT("cuStreamWaitEvent"); (void)s; (void)e; (void)flags; return OK; }
+CUresult cuStreamWriteValue32_v2(void *s, CUdeviceptr addr, unsigned value, unsigned flags) { FAULT("cuStreamWriteValue32_v2");
+    (void)s; (void)flags; *(unsigned *)(uintptr_t)addr = value; return OK;
+}
 
 CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned flags) { FAULT("cuMemHostRegister_v2"); (void)p; (void)size; (void)flags; return OK; }
 CUresult cuMemHostUnregister(void *p) { FAULT("cuMemHostUnregister"); (void)p; return OK; }
