@@ -94,7 +94,9 @@ pub fn launch(plan: &mut Plan, run_dir: &Path, swap_on: Option<(i32, bool)>) -> 
     let log = daemon::log_path(run_dir);
     plan.log = log.clone();
     let plan = &*plan;
-    let id = daemon::spawn(&log, |reporter| {
+    // Under the service, the supervisor must not keep the service's
+    // copies of other devices' memory.
+    let id = daemon::spawn(&log, &crate::holder::held_fds(), |reporter| {
         supervise::run(plan, run_dir, reporter, Mode::Daemon)
     })?;
     let path = bdev_path(id);

@@ -7,7 +7,7 @@ use crate::memory::{HeldVram, Memory};
 use crate::plan::Plan;
 use crate::{daemon, supervise};
 use anyhow::{anyhow, bail, Context, Result};
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +45,13 @@ fn adoption_plan(record: &DeviceRecord) -> Plan {
 /// Kills what is left of the device's last server (it would keep the
 /// queues), then forks a supervisor that recovers the device from copies
 /// of `fds`; returns once the device is live again.
-pub fn adopt_device(run_dir: &Path, record: &DeviceRecord, fds: &[OwnedFd]) -> Result<()> {
+/// `close_in_child`: the service's fds the new supervisor closes at once.
+pub fn adopt_device(
+    run_dir: &Path,
+    record: &DeviceRecord,
+    fds: &[OwnedFd],
+    close_in_child: &[RawFd],
+) -> Result<()> {
     if record.backend == Backend::Host && fds.len() != 1 {
         bail!("a host device is one memfd, but {} fds are held", fds.len());
     }
@@ -65,7 +71,7 @@ pub fn adopt_device(run_dir: &Path, record: &DeviceRecord, fds: &[OwnedFd]) -> R
     let plan = adoption_plan(record);
     let backing = record.backing.clone();
     let (id, restarts) = (record.id, record.restarts + 1);
-    daemon::spawn(&plan.log, |reporter| {
+    daemon::spawn(&plan.log, close_in_child, |reporter| {
         let memory = match plan.backend {
             Backend::Host => {
                 let fd = copies

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,10 +88,18 @@ pub fn read_report(fd: OwnedFd, log: &Path) -> Result<u32> {
     parse_report(&String::from_utf8_lossy(&line), log)
 }
 
-/// Forks. The child detaches, logs to `log`, runs `serve` and exits; the
-/// parent waits until the child reports the device live (returns its id) or
+/// Memory the supervisor sets aside for a server forked to recover.
+pub const SUPERVISOR_CUSHION_BYTES: usize = 8 << 20;
+
+/// Forks. The child closes `close_in_child` (fds of the parent's it must
+/// not keep), detaches, logs to `log`, runs `serve` and exits; the parent
+/// waits until the child reports the device live (returns its id) or
 /// failed (returns the child's message).
-pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u32> {
+pub fn spawn(
+    log: &Path,
+    close_in_child: &[RawFd],
+    serve: impl FnOnce(Reporter) -> Result<()>,
+) -> Result<u32> {
     let (rd, reporter) = report_pipe()?;
     let log_file = File::options()
         .create(true)
@@ -105,7 +113,11 @@ pub fn spawn(log: &Path, serve: impl FnOnce(Reporter) -> Result<()>) -> Result<u
         -1 => bail!("fork: {}", std::io::Error::last_os_error()),
         0 => {
             drop(rd);
-            crate::holder::close_held_fds();
+            for &fd in close_in_child {
+                // SAFETY: the caller's fds, which this forked child never
+                // uses or drops (it ends in process::exit).
+                unsafe { libc::close(fd) };
+            }
             detach(&log_file);
             crate::init_logging(env_logger::Target::Pipe(Box::new(
                 crate::held_log::HeldLog::new(log_file),

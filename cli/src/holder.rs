@@ -13,11 +13,12 @@
 //! any other, and the memory stays while any process holds it.
 
 use crate::adopt::{adopt_device, still_served};
+use crate::announce::SOCKET_ENV;
 use crate::host::pid_alive;
-use crate::notify::{notify_with_fds, send_datagram, under_systemd};
+use crate::notify::{notify_with_fds, under_systemd};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -26,45 +27,8 @@ use vramblk_config::DeviceRecord;
 use vramblk_store::handoff;
 use vramblk_ublk_target::control::{bdev_path, delete_device_nowait, device_ids};
 
-/// Where a supervisor started by the service finds the service's socket.
-const SOCKET_ENV: &str = "VRAMBLK_HOLDER_SOCKET";
-
 /// Tries at adopting one device before the service gives it up.
 const MAX_ADOPT_TRIES: u32 = 3;
-
-/// Which socket a service listens on: (device, inode) of its path, new
-/// each time a service binds it.
-pub type SocketId = (u64, u64);
-
-/// In a supervisor the service started: the socket the service listens
-/// on now, if one does (a restarted service binds a new one, and is
-/// told about the memory again).
-pub fn service_socket() -> Option<SocketId> {
-    use std::os::unix::fs::MetadataExt;
-    let path = std::env::var_os(SOCKET_ENV)?;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.dev(), m.ino()))
-}
-
-/// In a supervisor: tells the service, when there is one, which fds hold
-/// device `id`'s memory, in order. Failure is logged: the supervisor
-/// still holds the memory itself.
-pub fn announce(id: u32, fds: &[BorrowedFd]) {
-    let Some(path) = std::env::var_os(SOCKET_ENV) else {
-        return;
-    };
-    match send_datagram(&path.to_string_lossy(), &format!("HOLD {id}"), fds) {
-        Ok(()) => log::info!(
-            "supervisor: the service holds the memory of {} too ({} fds)",
-            bdev_path(id),
-            fds.len()
-        ),
-        Err(e) => log::warn!(
-            "supervisor: could not hand the memory of {} to the service: {e}",
-            bdev_path(id)
-        ),
-    }
-}
 
 /// The fd store's name for chunk `index` of device `id`.
 fn fd_name(id: u32, index: usize) -> String {
@@ -110,23 +74,17 @@ struct HeldDevice {
     failed_adoptions: u32,
 }
 
-/// The fds the service holds now, for a daemon it forks to close at once
-/// (see [`close_held_fds`]).
+/// The fds the service holds now (see [`held_fds`]).
 static HELD_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 
-/// In a daemon just forked from the service (a supervisor it starts or
-/// adopts with): closes the service's copies of every device's memory,
-/// inherited across the fork. Kept, they would hold other devices' VRAM
-/// (or memfd) for as long as this daemon lives, so removing those devices
-/// would free nothing. What the daemon needs it was handed as fds of its
-/// own (`adopt` duplicates them).
-pub fn close_held_fds() {
-    let held = HELD_FDS.lock().unwrap_or_else(|p| p.into_inner());
-    for &fd in held.iter() {
-        // SAFETY: these fds belong to the service's Holder, which this
-        // forked child never uses or drops (it ends in process::exit).
-        unsafe { libc::close(fd) };
-    }
+/// The service's copies of every device's memory, for a daemon it forks
+/// (a supervisor it starts or adopts with) to close at once: kept, they
+/// would hold other devices' VRAM (or memfd) for as long as that daemon
+/// lives, so removing those devices would free nothing. What the daemon
+/// needs it is handed as fds of its own (`adopt` duplicates them). Empty
+/// outside the service.
+pub fn held_fds() -> Vec<RawFd> {
+    HELD_FDS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// The service's holder: the socket supervisors announce on, and the fds
@@ -299,7 +257,7 @@ impl Holder {
             record.holder_pid.unwrap_or(0)
         );
         let started = Instant::now();
-        match adopt_device(&self.run_dir, &record, &held.fds) {
+        match adopt_device(&self.run_dir, &record, &held.fds, &held_fds()) {
             Ok(()) => {
                 held.failed_adoptions = 0;
                 log::info!(

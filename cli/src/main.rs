@@ -3,6 +3,7 @@
 
 mod add;
 mod adopt;
+mod announce;
 mod args;
 mod budget;
 mod config;

@@ -209,7 +209,7 @@ pub fn locked_by_processes(queues: u16) -> u64 {
     IMAGE_BYTES
         + 2 * server
         + CUSHION_BYTES as u64
-        + crate::supervise::SUPERVISOR_CUSHION_BYTES as u64
+        + crate::daemon::SUPERVISOR_CUSHION_BYTES as u64
 }
 
 /// Blocks until the supervisor writes the restart count (+1) to the

@@ -10,11 +10,11 @@
 //! waiting forever. A server SIGKILLed from outside is always recovered:
 //! that is no crash loop, and giving up would lose every page.
 
-use crate::daemon::{self, Reporter};
+use crate::daemon::{self, Reporter, SUPERVISOR_CUSHION_BYTES};
 use crate::memory::{Held, Memory};
 use crate::plan::Plan;
 use crate::server::{self, Launch};
-use crate::{held_log, holder, signals, swap};
+use crate::{announce, held_log, signals, swap};
 use anyhow::{anyhow, bail, Result};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -35,8 +35,6 @@ const STABLE: Duration = Duration::from_secs(30);
 const BACKOFF_MS: [u64; MAX_FAILURES as usize] = [0, 500, 1000, 2000, 4000];
 /// How often the supervisor looks at its servers and its signals.
 const TICK_MS: i32 = 100;
-/// Memory the supervisor sets aside for a server forked to recover.
-pub const SUPERVISOR_CUSHION_BYTES: usize = 8 << 20;
 /// Least time between two standbys forked, should they keep dying.
 const STANDBY_RESPAWN: Duration = Duration::from_secs(5);
 
@@ -130,7 +128,7 @@ struct Supervisor<'a> {
     cushion: Option<daemon::Cushion>,
     /// The service socket the memory fds were last handed to, if any; a
     /// different one (a restarted service) gets them again.
-    announced: Option<holder::SocketId>,
+    announced: Option<announce::SocketId>,
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
@@ -469,9 +467,9 @@ impl Supervisor<'_> {
                 Err(e) => log::warn!("supervisor: {e:#}"),
             }
             if let (Some(_), Some(dev)) = (live_since, self.id) {
-                let now = holder::service_socket();
+                let now = announce::service_socket();
                 if now.is_some() && now != self.announced && self.held.memory.survives_server() {
-                    holder::announce(dev, &self.held.memory.fds());
+                    announce::announce(dev, &self.held.memory.fds());
                     self.announced = now;
                 }
             }
