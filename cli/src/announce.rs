@@ -42,4 +42,3 @@ pub fn announce(id: u32, fds: &[BorrowedFd]) {
         ),
     }
 }
-

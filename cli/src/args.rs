@@ -1,3 +1,4 @@
+#![allow(rustdoc::broken_intra_doc_links)] // clap turns these comments into --help text, where [[device]], [power] and [pressure] are config sections, not links
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vramblk_config::defaults;
 
@@ -132,7 +133,7 @@ pub struct ServiceArgs {
     /// class/power_supply there); for tests.
     #[arg(long, value_name = "DIR", default_value = "/sys", hide = true)]
     pub sysfs: std::path::PathBuf,
-    /// Read each GPU's free VRAM from DIR/<index> (a size, e.g. "6G")
+    /// Read each GPU's free VRAM from DIR/INDEX (a size, e.g. "6G")
     /// instead of NVML; for tests.
     #[arg(long, value_name = "DIR", hide = true)]
     pub free_vram_from: Option<std::path::PathBuf>,

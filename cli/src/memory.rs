@@ -124,7 +124,7 @@ pub fn hand_over(store: &CudaStore, servers_end: BorrowedFd) -> Result<()> {
     Ok(handoff::send(servers_end, &text, &fds)?)
 }
 
-/// "VRAM <size> <len>..." with one fd per length.
+/// `VRAM <size> <len>...` with one fd per length.
 fn parse_vram(text: &str, fds: Vec<OwnedFd>) -> Result<HeldVram> {
     let mut words = text.split_whitespace();
     if words.next() != Some("VRAM") {

@@ -206,10 +206,7 @@ pub fn locked_by_processes(queues: u16) -> u64 {
     let stacks = (queues as u64 + SPARE_THREADS as u64) * daemon::QUEUE_STACK as u64;
     let heap = daemon::HEAP_KEPT as u64 * 3 / 2;
     let server = heap + stacks + IMAGE_BYTES;
-    IMAGE_BYTES
-        + 2 * server
-        + CUSHION_BYTES as u64
-        + crate::daemon::SUPERVISOR_CUSHION_BYTES as u64
+    IMAGE_BYTES + 2 * server + CUSHION_BYTES as u64 + crate::daemon::SUPERVISOR_CUSHION_BYTES as u64
 }
 
 /// Blocks until the supervisor writes the restart count (+1) to the

@@ -63,7 +63,7 @@ impl ServiceState {
 /// when NVML is not there (then the pressure policy does nothing).
 enum FreeVram {
     Nvml(Option<Box<Gpus>>),
-    /// DIR/<index> holds a size ("6G").
+    /// `DIR/<index>` holds a size ("6G").
     Files(PathBuf),
 }
 

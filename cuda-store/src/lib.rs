@@ -2,7 +2,7 @@
 //! so this crate builds and its non-GPU tests run without CUDA).
 //!
 //! Memory: `cuMemCreate` chunks with the POSIX-fd handle type, mapped into
-//! one reserved range, each exported as an fd ([`Store::backing_fds`]), so
+//! one reserved range, each exported as an fd ([`CudaStore::exported_chunks`]), so
 //! the VRAM can outlive the serving process. Data path: per queue one
 //! stream; the queue's io buffers are pinned and device-mapped once at queue
 //! start; each round's small requests go out as one launch of a copy kernel

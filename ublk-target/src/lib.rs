@@ -3,7 +3,7 @@
 //!
 //! - [`engine`]: the per-queue batching engine, independent of ublk so the
 //!   GPU benchmark can drive it with a synthetic load.
-//! - [`queue`]: the one queue loop every backend runs (libublk + smol).
+//! - `queue`: the one queue loop every backend runs (libublk + smol).
 //! - [`device`]: adding and serving a device.
 //! - [`control`]: finding, inspecting and deleting devices.
 //! - [`features`]: the kernel's ublk feature flags and which vramblk needs.

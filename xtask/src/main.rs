@@ -26,6 +26,7 @@ mod install;
 mod kernel;
 mod qemu;
 mod suite;
+mod tidy;
 mod units;
 
 use anyhow::{bail, Context, Result};

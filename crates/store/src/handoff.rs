@@ -1,5 +1,5 @@
 //! Handing file descriptors between processes over a Unix socket
-//! (SCM_RIGHTS): memory behind fds (a store's [`crate::Store::backing_fds`],
+//! (SCM_RIGHTS): memory behind fds (a host store's memfd, exported
 //! VRAM chunks) passed to a process that holds it while the one that
 //! allocated it dies.
 

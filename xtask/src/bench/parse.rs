@@ -138,7 +138,7 @@ fn fio(device: &str, job: &str, round: u32, json: &str) -> Option<Sample> {
 }
 
 /// One swap-pressure run: "BENCH-SWAP LABEL done k=v ..." or
-/// "BENCH-SWAP LABEL <what failed>".
+/// `BENCH-SWAP LABEL <what failed>`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SwapRun {
     pub device: String,

@@ -10,7 +10,7 @@
 //! exists (for tests that act on the swap device as long as they need),
 //! finishing the pass it is in.
 //!
-//! usage: memcheck MIB [PASSES] [--hold FILE] [--until FILE]
+//! usage: `memcheck MIB [PASSES] [--hold FILE] [--until FILE]`
 
 use std::process::ExitCode;
 
