@@ -104,6 +104,12 @@ log_ms() {
         awk '{print (($1 * 60 + $2) * 60 + $3) * 1000 + $4}'
 }
 
+# within_ms FROM TO LIMIT: both times known, TO no earlier than FROM and
+# at most LIMIT ms after it.
+within_ms() {
+    [ -n "$1" ] && [ -n "$2" ] && [ $(($2 - $1)) -ge 0 ] && [ $(($2 - $1)) -le "$3" ]
+}
+
 # --- crash recovery helpers
 mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }
 
