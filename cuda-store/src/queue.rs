@@ -195,8 +195,11 @@ pub(crate) struct CopyPath {
     /// The loaded copy kernel; None: copy engines only.
     pub(crate) kernel: Option<sys::CUfunction>,
     pub(crate) policy: CopyPolicy,
-    /// Pages carry checksums (the kernel is then loaded).
+    /// Pages carry checksums.
     pub(crate) integrity: bool,
+    /// The driver has the stream write entry point (CUDA 12.0 or newer);
+    /// without it a write's checksums go as a copy.
+    pub(crate) stream_writes: bool,
 }
 
 pub struct CudaQueue {
@@ -382,24 +385,25 @@ impl CudaQueue {
         }
         let (host, n) = (round.sums.host_at(at), pages * 4);
         if p.op == Op::Write {
-            let written = if pages <= WRITE_VALUE_PAGES {
-                (0..pages).all(|k| {
+            // Stream writes first where the driver has them; a refused one
+            // leaves the copy below to write them all.
+            let by_value = self.path.stream_writes
+                && pages <= WRITE_VALUE_PAGES
+                && (0..pages).all(|k| {
                     let value = round.sums.get(at + k).unwrap_or(0);
                     // SAFETY: page k's checksum, in the checksum slots.
                     let r = retried_once("a checksum write", || unsafe {
                         sys::cuStreamWriteValue32_v2(self.stream, sums + 4 * k as u64, value, 0)
                     });
                     r == sys::CUresult::CUDA_SUCCESS
-                })
-            } else {
-                // SAFETY: the checksums of pages of an extent the request
-                // pinned, and `n` bytes of the round's pinned table, alive
-                // until the round's event completes.
-                let r = retried_once("a checksum copy", || unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(sums, host.cast(), n, self.stream)
                 });
-                r == sys::CUresult::CUDA_SUCCESS
-            };
+            // SAFETY: the checksums of pages of an extent the request
+            // pinned, and `n` bytes of the round's pinned table, alive
+            // until the round's event completes.
+            let written = by_value
+                || retried_once("a checksum copy", || unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(sums, host.cast(), n, self.stream)
+                }) == sys::CUresult::CUDA_SUCCESS;
             if !written {
                 log::error!("writing {pages} page checksum(s) failed");
                 return false;

@@ -133,6 +133,8 @@ pub struct CudaStore {
     kernel: Option<CopyKernel>,
     copy: CopyPolicy,
     integrity: bool,
+    /// The driver's CUDA version (e.g. 12080 for 12.8).
+    driver_version: i32,
 }
 
 // SAFETY: a CUcontext may be made current on any thread; every queue does
@@ -343,7 +345,7 @@ impl CudaStore {
     /// Initialises the driver and opens GPU `gpu`'s primary context, with
     /// no memory yet.
     fn open_device(gpu: u32) -> Result<CudaStore, StoreError> {
-        init()?;
+        let driver_version = init()?;
         // SAFETY: driver calls with valid out-pointers; every result is checked.
         unsafe {
             let mut count = 0;
@@ -382,6 +384,7 @@ impl CudaStore {
                 kernel: None,
                 copy: CopyPolicy::DMA,
                 integrity: false,
+                driver_version,
             })
         }
     }
@@ -1025,6 +1028,10 @@ impl Store for CudaStore {
             kernel: self.kernel.as_ref().map(|k| k.function),
             policy: self.copy,
             integrity: self.integrity,
+            // cuStreamWriteValue32_v2 is a CUDA 12 entry point; cudarc
+            // panics on a symbol the driver lacks, so older drivers never
+            // reach it.
+            stream_writes: self.driver_version >= 12000,
         };
         CudaQueue::open(
             self.ctx,

@@ -65,5 +65,16 @@ pub fn stub_checks(root: &Path) -> Result<()> {
             .env("LD_LIBRARY_PATH", dir)
             .env("VRAMBLK_STUB_VRAM_MIB", "16384"),
     )
-    .context("cuda-store checks on the stub")
+    .context("cuda-store checks on the stub")?;
+    // Again as a CUDA 11.4 driver, where the CUDA 12 entry points must not
+    // be called (a lone write's checksums go as a copy then).
+    println!("== the same checks with the stand-in reporting a CUDA 11.4 driver");
+    crate::sh(
+        Command::new(root.join("target/release/engine-bench"))
+            .arg("--checks-only")
+            .env("LD_LIBRARY_PATH", dir)
+            .env("VRAMBLK_STUB_VRAM_MIB", "16384")
+            .env("VRAMBLK_STUB_DRIVER", "11040"),
+    )
+    .context("cuda-store checks on the stub as a CUDA 11.4 driver")
 }

@@ -138,7 +138,13 @@ static int fd_of(CUhandle h) {
 }
 
 CUresult cuInit(unsigned flags) { FAULT("cuInit"); (void)flags; return OK; }
-CUresult cuDriverGetVersion(int *v) { FAULT("cuDriverGetVersion"); *v = 12080; return OK; }
+/* VRAMBLK_STUB_DRIVER=11040 (say) reports an older driver: vramblk must then
+ * keep off the CUDA 12 entry points (cuStreamWriteValue32_v2). */
+CUresult cuDriverGetVersion(int *v) { FAULT("cuDriverGetVersion");
+    const char *d = getenv("VRAMBLK_STUB_DRIVER");
+    *v = d ? atoi(d) : 12080;
+    return OK;
+}
 /* CU_DEVICE_ATTRIBUTE_ECC_ENABLED (32): VRAMBLK_STUB_ECC=1 makes the stand-in
  * GPU say its memory has ECC on; other attributes are 0. */
 CUresult cuDeviceGetAttribute(int *v, int attr, int dev) { FAULT("cuDeviceGetAttribute");
@@ -248,6 +254,12 @@ CUresult cuEventRecord(void *e, void *s) { FAULT("cuEventRecord"); (void)e; (voi
 CUresult cuEventQuery(void *e) { FAULT("cuEventQuery"); (void)e; return OK; }
 CUresult cuStreamWaitEvent(void *s, void *e, unsigned flags) { FAULT("cuStreamWaitEvent"); (void)s; (void)e; (void)flags; return OK; }
 CUresult cuStreamWriteValue32_v2(void *s, CUdeviceptr addr, unsigned value, unsigned flags) { FAULT("cuStreamWriteValue32_v2");
+    const char *d = getenv("VRAMBLK_STUB_DRIVER");
+    if (d && atoi(d) < 12000) {
+        /* An older libcuda has no such symbol: cudarc would panic. */
+        fprintf(stderr, "stub: cuStreamWriteValue32_v2 called on a CUDA %s driver\n", d);
+        abort();
+    }
     (void)s; (void)flags; *(unsigned *)(uintptr_t)addr = value; return OK;
 }
 
