@@ -152,7 +152,9 @@ pub enum IntegrityArg {
     /// On where the GPU's memory has no ECC (GeForce GDDR), off where ECC
     /// is on (it finds those errors itself).
     Auto,
+    /// Always, on a GPU with ECC too.
     On,
+    /// Never: a bit flipped in VRAM reaches the process unnoticed.
     Off,
 }
 
