@@ -1,12 +1,16 @@
-//! The copy kernel: one launch moves every small request of a queue round
-//! between VRAM and the queue's pinned, device-mapped io buffers. The SMs
-//! read and write host memory over PCIe directly, which beats one copy-engine
-//! call per 4 KiB page by an order of magnitude (measured on the H100
-//! and the H200: 0.3-0.4 M IOPS per-call versus 2.3-12 M IOPS batched).
+//! The copy kernel: one launch moves the requests of a queue round between
+//! VRAM and the queue's pinned, device-mapped io buffers, and with page
+//! checksums on computes each page's CRC32C as it moves it (stored on a
+//! write, compared on a read; [`crate::integrity`]). The SMs read and write
+//! host memory over PCIe directly, which beats one copy-engine call per
+//! 4 KiB page by an order of magnitude (measured on the H100 and the H200:
+//! 0.3-0.4 M IOPS per-call versus 2.3-12 M IOPS batched).
 //!
-//! The PTX is hand-written (the listing is short) at ISA 7.0 for sm_70, so
-//! any driver vramblk accepts (CUDA 11.3 or newer) JIT-compiles it for the
-//! GPU at hand; nvcc is not needed to build vramblk.
+//! The PTX is hand-written at ISA 7.0 for sm_70 (its CRC tables are filled
+//! in from [`crate::integrity`] when it is loaded), so any driver vramblk
+//! accepts (CUDA 11.3 or newer) JIT-compiles it for the GPU at hand; nvcc is
+//! not needed to build vramblk. The unit tests assemble it with ptxas where
+//! `VRAMBLK_PTXAS` names one.
 
 use crate::driver::check;
 use crate::integrity;
