@@ -56,6 +56,17 @@ impl SynthQueue {
     }
 }
 
+/// The smallest request the store serves: a store with checksums whole
+/// 4 KiB pages, as the device's 4 KiB logical blocks ask of the kernel;
+/// without them, any sector.
+fn io_unit(store: &CudaStore) -> u64 {
+    if store.integrity() {
+        4096
+    } else {
+        512
+    }
+}
+
 /// Random mixed requests of random sizes against a host shadow, in batches
 /// of up to 16, on one queue over [lo, lo+len).
 pub(crate) fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bool {
@@ -72,9 +83,7 @@ pub(crate) fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed:
         buf: sq.bufs.slot(0).unwrap(),
     });
     sq.finish(|_| {});
-    // A store with checksums serves whole 4 KiB pages, as the device's
-    // 4 KiB logical blocks ask of the kernel; without them, any sector.
-    let unit = if store.integrity() { 4096 } else { 512 };
+    let unit = io_unit(store);
     let mut bad = 0;
     for round in 0..300 {
         let n = 1 + rng.below(depth as u64) as usize;
@@ -175,7 +184,10 @@ pub fn data_checks(store: &CudaStore, mode: &str) -> Vec<(String, bool)> {
             .collect();
         hs.into_iter().all(|h| h.join().unwrap_or(false))
     });
-    let unit = if store.integrity() { "4 KiB" } else { "512 B" };
+    let unit = match io_unit(store) {
+        4096 => "4 KiB",
+        _ => "512 B",
+    };
     vec![(format!("{mode}: random mixed ops ({unit} - 512 KiB, write/read/write-zeroes/flush), {queues} queues at once, every byte against a host shadow, read buffers poisoned first"), ok)]
 }
 

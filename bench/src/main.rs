@@ -24,6 +24,7 @@ mod thin;
 use anyhow::{bail, Result};
 use std::sync::Arc;
 use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
+use vramblk_store::Store;
 
 /// Exit status for "no GPU here" (automake's SKIP).
 const SKIPPED: i32 = 77;

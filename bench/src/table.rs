@@ -60,18 +60,29 @@ pub fn table(rows: &[Row]) -> String {
     t
 }
 
+/// The row of `mode` for one direction and queue shape (not the 70/30
+/// mix, which shares the shape).
+fn find_row<'a>(
+    rows: &'a [Row],
+    mode: &str,
+    bs: u64,
+    read: bool,
+    q: u16,
+    d: usize,
+) -> Option<&'a Row> {
+    rows.iter().find(|r| {
+        r.mode == mode
+            && r.bs == bs
+            && r.read == read
+            && r.queues == q
+            && r.depth == d
+            && !r.name.contains("70/30")
+    })
+}
+
 /// What the issue asks of the default (auto) mode, measured.
 pub fn targets(rows: &[Row], mode: &str) -> String {
-    let find = |bs: u64, read: bool, q: u16, d: usize| {
-        rows.iter().find(|r| {
-            r.mode == mode
-                && r.bs == bs
-                && r.read == read
-                && r.queues == q
-                && r.depth == d
-                && !r.name.contains("70/30")
-        })
-    };
+    let find = |bs, read, q, d| find_row(rows, mode, bs, read, q, d);
     let mut t = String::from("| target | measured | met |\n| --- | --- | --- |\n");
     let mut line = |what: String, got: Option<f64>, unit: &str, ok: &dyn Fn(f64) -> bool| {
         let (text, met) = match got {
@@ -147,16 +158,7 @@ pub fn targets(rows: &[Row], mode: &str) -> String {
 /// Issue 15's targets for the page checksums: the auto rows (checksums
 /// on) against the auto rows without them, from the same run.
 pub fn integrity_cost(rows: &[Row]) -> String {
-    let find = |mode: &str, bs: u64, read: bool, q: u16, d: usize| {
-        rows.iter().find(|r| {
-            r.mode == mode
-                && r.bs == bs
-                && r.read == read
-                && r.queues == q
-                && r.depth == d
-                && !r.name.contains("70/30")
-        })
-    };
+    let find = |mode, bs, read, q, d| find_row(rows, mode, bs, read, q, d);
     let mut t = String::from(
         "| shape | checksums on | off | on / off | target | met |\n| --- | --- | --- | --- | --- | --- |\n",
     );

@@ -357,6 +357,8 @@ pub fn log_path(dir: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn waits_for_whichever_fd_turns_readable() {
         let (quiet, _quiet_w) = std::io::pipe().expect("pipe");
@@ -382,8 +384,6 @@ mod tests {
         );
         assert_eq!(wait_readable::<1>(&[None], 1), [false]);
     }
-
-    use super::*;
 
     #[test]
     fn reports_are_parsed() {

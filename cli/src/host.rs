@@ -39,11 +39,34 @@ pub fn pid_alive(pid: u32) -> bool {
             .unwrap_or(true)
 }
 
-/// Whether a /proc/PID/stat line is a zombie's: the state follows the
-/// command name, which is in parentheses and may itself hold any byte.
+/// The live (not zombie) children of `pid`, from each process's /proc
+/// stat line.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .is_ok_and(|s| !is_zombie(&s) && parent_in_stat(&s) == Some(pid))
+        })
+        .collect()
+}
+
+/// A /proc/PID/stat line after the command name, which is in parentheses
+/// and may itself hold any byte: "STATE PPID ...".
+fn after_command(stat: &str) -> Option<&str> {
+    stat.rsplit_once(')').map(|(_, rest)| rest)
+}
+
+/// Whether a /proc/PID/stat line is a zombie's.
 fn is_zombie(stat: &str) -> bool {
-    stat.rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    after_command(stat).is_some_and(|rest| rest.trim_start().starts_with('Z'))
+}
+
+/// The parent pid in a /proc/PID/stat line.
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    after_command(stat)?.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -57,5 +80,25 @@ mod tests {
         assert!(!is_zombie("42 (vramblk) S 1 42 42"));
         assert!(pid_alive(std::process::id()));
         assert!(!pid_alive(0));
+    }
+
+    #[test]
+    fn the_parent_pid_comes_after_the_command_name() {
+        assert_eq!(parent_in_stat("123 (vramblk) S 77 123 123 0"), Some(77));
+        assert_eq!(parent_in_stat("9 (a b) c) R 1 9 9"), Some(1));
+        assert_eq!(parent_in_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_spawned_child_is_found_and_a_reaped_one_is_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawning sleep");
+        let me = std::process::id();
+        assert!(children_of(me).contains(&child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!children_of(me).contains(&child.id()));
     }
 }

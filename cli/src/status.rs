@@ -86,29 +86,6 @@ pub struct BlockStat {
 
 /// Parses /sys/block/X/stat (sectors are 512 bytes there, whatever the
 /// device's block size).
-/// The live children of `pid` (from each process's /proc stat line).
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&c| {
-            std::fs::read_to_string(format!("/proc/{c}/stat"))
-                .ok()
-                .and_then(|s| parent_in_stat(&s))
-                == Some(pid)
-                && crate::host::pid_alive(c)
-        })
-        .collect()
-}
-
-/// The parent pid in a /proc/PID/stat line: the field after the state,
-/// which follows the command name in parentheses (which may hold spaces).
-fn parent_in_stat(stat: &str) -> Option<u32> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
-}
-
 pub fn parse_block_stat(text: &str) -> Option<BlockStat> {
     let f: Vec<u64> = text
         .split_whitespace()
@@ -195,7 +172,7 @@ pub fn collect() -> Result<Status> {
             d.server_pid = Some(r.pid).filter(|_| server_alive);
             d.supervisor_pid = r.holder_pid.filter(|_| holder_alive);
             d.standby_pid = d.supervisor_pid.and_then(|h| {
-                children_of(h)
+                crate::host::children_of(h)
                     .into_iter()
                     .find(|&c| Some(c) != d.server_pid)
             });
@@ -353,13 +330,6 @@ fn print_device(d: &DeviceStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_parent_pid_comes_after_the_command_name() {
-        assert_eq!(parent_in_stat("123 (vramblk) S 77 123 123 0"), Some(77));
-        assert_eq!(parent_in_stat("9 (a b) c) R 1 9 9"), Some(1));
-        assert_eq!(parent_in_stat("garbage"), None);
-    }
 
     #[test]
     fn parses_sys_block_stat() {

@@ -177,6 +177,9 @@ struct Piece {
     vram: u64,
     buf: *mut u8,
     len: u32,
+    /// The buffer's device address when the piece can go through the
+    /// kernel (found once, when the piece is cut).
+    kernel_buf: Option<u64>,
 }
 
 /// A request of the round and how its pieces went.
@@ -306,7 +309,7 @@ impl CudaQueue {
             let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut q.pinned_dev, q.pinned, 0) };
             if let Err(e) = check(r, "mapping the io buffers for the GPU") {
                 log::warn!("{e}; this queue uses the copy engines only");
-                q.path.policy = CopyPolicy::DMA;
+                q.path.kernel = None;
             }
         }
         Ok(q)
@@ -339,7 +342,7 @@ impl CudaQueue {
     /// through the kernel.
     fn kernel_buffer(&self, p: &Piece) -> Option<u64> {
         self.path.kernel?;
-        if !p.op.uses_buffer() || p.len > self.path.policy.kernel_max || self.pinned_dev == 0 {
+        if !p.op.uses_buffer() || p.len > self.path.policy.kernel_max {
             return None;
         }
         let at = (p.buf as usize).checked_sub(self.pinned as usize)?;
@@ -443,13 +446,16 @@ impl CudaQueue {
                 && sys::cuStreamWaitEvent(self.stream, self.sum_event, 0)
                     == sys::CUresult::CUDA_SUCCESS
         };
-        if joined {
-            return true;
-        }
-        // SAFETY: waiting on our own stream; check() ends the server on a
-        // lost context.
-        let r = unsafe { sys::cuStreamSynchronize(self.sum_stream) };
-        match check(r, "fetching checksums") {
+        joined || self.wait_for(self.sum_stream, "fetching checksums")
+    }
+
+    /// Waits for everything queued on `stream` (one of ours); false, with
+    /// the error logged, when it failed. check() ends the server on a lost
+    /// context.
+    fn wait_for(&self, stream: sys::CUstream, what: &str) -> bool {
+        // SAFETY: waiting on a stream this queue created.
+        let r = unsafe { sys::cuStreamSynchronize(stream) };
+        match check(r, what) {
             Ok(()) => true,
             Err(e) => {
                 log::error!("{e}");
@@ -598,16 +604,7 @@ impl CudaQueue {
             "a round's event query failed: {}; waiting for its stream",
             describe(r)
         );
-        // SAFETY: waiting on our own stream.
-        let synced = unsafe { sys::cuStreamSynchronize(self.stream) };
-        // check() ends the server on a lost context, as above.
-        match check(synced, "a round of copies") {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!("{e}");
-                false
-            }
-        }
+        self.wait_for(self.stream, "a round of copies")
     }
 
     /// Counts and logs a read that found data not matching its checksum in
@@ -694,15 +691,20 @@ impl CudaQueue {
                         Pinned::Unmapped => None,
                     };
                     match slot {
-                        Some(s) => self.pieces.push(Piece {
-                            job,
-                            op: r.op,
-                            extent: e,
-                            within,
-                            vram: slot_addr(self.base, s) + within,
-                            buf,
-                            len,
-                        }),
+                        Some(s) => {
+                            let mut piece = Piece {
+                                job,
+                                op: r.op,
+                                extent: e,
+                                within,
+                                vram: slot_addr(self.base, s) + within,
+                                buf,
+                                len,
+                                kernel_buf: None,
+                            };
+                            piece.kernel_buf = self.kernel_buffer(&piece);
+                            self.pieces.push(piece);
+                        }
                         None if r.op == Op::Read => {
                             // SAFETY: the piece's part of the request's
                             // buffer, which only this request touches.
@@ -805,15 +807,12 @@ impl QueueStore for CudaQueue {
         // checksums on the CPU: a launch after a lone copy would double
         // its latency); the launch goes after them on the stream.
         let mut pieces = std::mem::take(&mut self.pieces);
-        let eligible = pieces
-            .iter()
-            .filter(|p| self.kernel_buffer(p).is_some())
-            .count();
+        let eligible = pieces.iter().filter(|p| p.kernel_buf.is_some()).count();
         let kernel_copies = eligible >= self.path.policy.kernel_min_batch;
-        let via_kernel = |q: &Self, p: &Piece| kernel_copies && q.kernel_buffer(p).is_some();
+        let via_kernel = |p: &Piece| kernel_copies && p.kernel_buf.is_some();
         let (mut table_len, mut sums_len) = (0usize, 0usize);
         for p in pieces.iter() {
-            if via_kernel(self, p) {
+            if via_kernel(p) {
                 table_len += kernel::piece_count(p.len);
             } else if self.checksummed(p.op) {
                 sums_len += (u64::from(p.len) / PAGE) as usize;
@@ -838,8 +837,8 @@ impl QueueStore for CudaQueue {
         for p in pieces.drain(..) {
             let whole_pages =
                 u64::from(p.len).is_multiple_of(PAGE) && p.within.is_multiple_of(PAGE);
-            let kernel_piece = table && via_kernel(self, &p);
-            if self.checksummed(p.op) && (!whole_pages || !(kernel_piece || staging)) {
+            let kernel_buf = p.kernel_buf.filter(|_| table && via_kernel(&p));
+            if self.checksummed(p.op) && (!whole_pages || !(kernel_buf.is_some() || staging)) {
                 // The device's blocks are whole pages, so this is a bug or
                 // a table that could not be had: fail rather than leave a
                 // page without its checksum.
@@ -853,13 +852,10 @@ impl QueueStore for CudaQueue {
                 continue;
             }
             let sums = sum_addr(self.base, p.extent, p.within);
-            if !kernel_piece {
+            let Some(buf) = kernel_buf else {
                 if !self.copy_with_sums(&p, sums, &mut round) {
                     self.jobs[p.job].failed = true;
                 }
-                continue;
-            }
-            let Some(buf) = self.kernel_buffer(&p) else {
                 continue;
             };
             let (src, dst) = match p.op {

@@ -155,7 +155,7 @@ impl CudaStore {
         }
         let mut store = Self::open_device(opts.gpu)?;
         store.integrity = store.resolve_integrity(opts.integrity)?;
-        store.load_kernel(opts.copy)?;
+        store.load_kernel(opts.copy);
         store.allocate(opts)?;
         store.write_empty_map()?;
         Ok(store)
@@ -174,7 +174,7 @@ impl CudaStore {
         let size = opts.size;
         let mut store = Self::open_device(opts.gpu)?;
         store.integrity = store.resolve_integrity(opts.integrity)?;
-        store.load_kernel(opts.copy)?;
+        store.load_kernel(opts.copy);
         store.size = size;
         store.slots = slots_for(size, store.integrity);
         let layout: Vec<usize> = (0..chunks.len() as u32)
@@ -227,7 +227,7 @@ impl CudaStore {
     /// loaded in it. For measuring what that context costs in VRAM.
     pub fn context_only(gpu: u32) -> Result<CudaStore, StoreError> {
         let mut store = Self::open_device(gpu)?;
-        store.load_kernel(CopyPolicy::AUTO)?;
+        store.load_kernel(CopyPolicy::AUTO);
         Ok(store)
     }
 
@@ -278,11 +278,11 @@ impl CudaStore {
     /// Loads the copy kernel unless the copy engines alone were asked for;
     /// a kernel that does not load leaves the store on the copy engines
     /// (page checksums then all computed on the CPU).
-    fn load_kernel(&mut self, copy: CopyPolicy) -> Result<(), StoreError> {
+    fn load_kernel(&mut self, copy: CopyPolicy) {
         self.copy = CopyPolicy::DMA;
         if !copy.uses_kernel() {
             log::info!("cuda store: copy engines only (dma mode)");
-            return Ok(());
+            return;
         }
         match CopyKernel::load() {
             Ok(k) => {
@@ -291,7 +291,6 @@ impl CudaStore {
             }
             Err(e) => log::warn!("{e}: serving with the copy engines only"),
         }
-        Ok(())
     }
 
     /// Whether pages carry checksums: as asked, or (None) where the GPU's
@@ -320,11 +319,6 @@ impl CudaStore {
             if on { "on" } else { "off" }
         );
         Ok(on)
-    }
-
-    /// Whether pages carry checksums.
-    pub fn integrity(&self) -> bool {
-        self.integrity
     }
 
     /// Reads this server failed because a page did not match its checksum.

@@ -59,22 +59,18 @@ pub fn stub_checks(root: &Path) -> Result<()> {
     let stub = crate::suite::build_cuda_stub(root)?;
     crate::build_release(root, &["-p", "vramblk-bench"])?;
     let dir = stub.parent().context("stub without a directory")?;
-    crate::sh(
-        Command::new(root.join("target/release/engine-bench"))
-            .arg("--checks-only")
-            .env("LD_LIBRARY_PATH", dir)
-            .env("VRAMBLK_STUB_VRAM_MIB", "16384"),
-    )
-    .context("cuda-store checks on the stub")?;
-    // Again as a CUDA 11.4 driver, where the CUDA 12 entry points must not
+    // Then as a CUDA 11.4 driver, where the CUDA 12 entry points must not
     // be called (a lone write's checksums go as a copy then).
-    println!("== the same checks with the stand-in reporting a CUDA 11.4 driver");
-    crate::sh(
-        Command::new(root.join("target/release/engine-bench"))
-            .arg("--checks-only")
-            .env("LD_LIBRARY_PATH", dir)
-            .env("VRAMBLK_STUB_VRAM_MIB", "16384")
-            .env("VRAMBLK_STUB_DRIVER", "11040"),
-    )
-    .context("cuda-store checks on the stub as a CUDA 11.4 driver")
+    for driver in ["12080", "11040"] {
+        println!("== the stand-in reports driver version {driver}");
+        crate::sh(
+            Command::new(root.join("target/release/engine-bench"))
+                .arg("--checks-only")
+                .env("LD_LIBRARY_PATH", dir)
+                .env("VRAMBLK_STUB_VRAM_MIB", "16384")
+                .env("VRAMBLK_STUB_DRIVER", driver),
+        )
+        .with_context(|| format!("cuda-store checks on the stub as driver {driver}"))?;
+    }
+    Ok(())
 }
