@@ -76,8 +76,18 @@ pub enum Command {
     /// service's power and VRAM-pressure state.
     Status {
         /// Print JSON (for scripts).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prometheus")]
         json: bool,
+        /// Print the counters in Prometheus' text format (vramblk_*
+        /// metrics), for node_exporter's textfile collector.
+        #[arg(long)]
+        prometheus: bool,
+        /// Write to FILE instead of standard output, through a temporary
+        /// file renamed into place, so a reader never sees half of it
+        /// (vramblk-metrics.service writes
+        /// /var/lib/prometheus/node-exporter/vramblk.prom).
+        #[arg(long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
     },
     /// Give VRAM back now: the unused part (--to), or whole devices.
     ///
@@ -103,6 +113,21 @@ pub enum Command {
     Sleep {
         #[arg(value_enum)]
         step: SleepStep,
+    },
+    /// Print a shell completion script (bash, zsh, fish; elvish, powershell).
+    ///
+    /// The Debian package installs them; by hand:
+    /// `vramblk completions bash > /usr/share/bash-completion/completions/vramblk`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vramblk.1, one per command) into DIR; `cargo
+    /// xtask deb` packages them.
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
     },
     /// Test hook: flip one bit of device ID's data at byte OFFSET in VRAM,
     /// leaving its checksum, as a bit flipped in the memory would (the

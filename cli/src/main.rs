@@ -9,6 +9,7 @@ mod budget;
 mod config;
 mod daemon;
 mod del;
+mod generate;
 mod gpu;
 mod held_log;
 mod holder;
@@ -17,6 +18,7 @@ mod list;
 mod memory;
 mod notify;
 mod plan;
+mod prometheus;
 mod recover;
 mod release;
 mod server;
@@ -57,7 +59,24 @@ fn main() -> ExitCode {
             sysfs: s.sysfs,
             free_vram_from: s.free_vram_from,
         }),
-        Command::Status { json } => status::run(json),
+        Command::Status {
+            json,
+            prometheus,
+            output,
+        } => {
+            let format = match (json, prometheus) {
+                (true, _) => status::Format::Json,
+                (_, true) => status::Format::Prometheus,
+                _ => status::Format::Text,
+            };
+            status::run(format, output.as_deref())
+        }
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Manpages { dir } => generate::manpages(&dir).map(|files| {
+            for f in files {
+                println!("{}", dir.join(f).display());
+            }
+        }),
         Command::Release { id, to } => release::run(id, to.as_deref()),
         Command::FlipBit { id, offset } => vram_control::flip_bit(id, offset),
         Command::Sleep { step } => match step {

@@ -17,6 +17,15 @@ const NEEDED: &[(&str, &str)] = &[
     ("/usr/bin/setpriv", "util-linux"),
     ("/usr/bin/apt-get", "apt"),
     ("/usr/bin/systemd-analyze", "systemd"),
+    // The package boot: dpkg, man and the shells whose completions it loads.
+    ("/usr/bin/dpkg-deb", "dpkg"),
+    ("/bin/tar", "tar"),
+    ("/sbin/start-stop-daemon", "dpkg"),
+    ("/usr/bin/man", "man-db"),
+    ("/usr/bin/groff", "groff-base"),
+    ("/bin/bash", "bash"),
+    ("/usr/bin/zsh", "zsh"),
+    ("/usr/bin/fish", "fish"),
 ];
 
 /// What `cargo xtask bench` needs beyond the suite's tools: the peers

@@ -65,6 +65,18 @@ const ITEMS: &[Item] = &[
         keep_existing: false,
     },
     Item {
+        src: "systemd/vramblk-metrics.service",
+        dst: "/etc/systemd/system/vramblk-metrics.service",
+        mode: 0o644,
+        keep_existing: false,
+    },
+    Item {
+        src: "systemd/vramblk-metrics.timer",
+        dst: "/etc/systemd/system/vramblk-metrics.timer",
+        mode: 0o644,
+        keep_existing: false,
+    },
+    Item {
         src: "systemd/90-vramblk-power.rules",
         dst: "/etc/udev/rules.d/90-vramblk-power.rules",
         mode: 0o644,

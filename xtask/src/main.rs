@@ -14,11 +14,14 @@
 //! - `bench-engine`: the CUDA store's GPU checks and benchmark (engine-bench)
 //!   here when there is a GPU, or `--report FILE` from a run elsewhere;
 //!   rewrites docs/benchmarks.md's GPU part.
+//! - `deb`: the Debian package (cargo-deb, installed under target/tools
+//!   when missing), checked: its files, conffile and man pages.
 //! - `install` / `uninstall`: the binary, systemd units, udev rule and
 //!   default config (`--dry-run` prints, `--root DIR` stages).
 
 mod bench;
 mod bench_engine;
+mod deb;
 mod deps;
 mod docs;
 mod initramfs;
@@ -61,9 +64,10 @@ fn run() -> Result<()> {
         "bench" => bench::run(&root()?, &bench::Options::parse(&args[1..])?),
         "install" => install::install(&root()?, &install::Options::parse(&args[1..])?),
         "uninstall" => install::uninstall(&install::Options::parse(&args[1..])?),
+        "deb" => deb::build(&root()?, &deb::Options::parse(&args[1..])?).map(|_| ()),
         "bench-engine" => bench_engine::run(&root()?, &bench_engine::Options::parse(&args[1..])?),
         _ => {
-            eprintln!("usage: cargo xtask <test|unit-test|vm-test|vm-kernel|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]|install [--dry-run] [--root DIR] [--no-build]|uninstall [--dry-run] [--root DIR]>");
+            eprintln!("usage: cargo xtask <test|unit-test|vm-test|vm-kernel|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]|deb [--deb-version V]|install [--dry-run] [--root DIR] [--no-build]|uninstall [--dry-run] [--root DIR]>");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {

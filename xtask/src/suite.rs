@@ -2,7 +2,7 @@
 //! boots each, and tallies the PASS/FAIL lines the guest prints.
 
 use crate::{deps, initramfs, kernel, qemu, sh};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -14,6 +14,7 @@ const SWAP_SUITE: &str = include_str!("../vm/swap-suite.sh");
 const CRASH_SUITE: &str = include_str!("../vm/crash-suite.sh");
 const CRASH_STRESS_SUITE: &str = include_str!("../vm/crash-stress-suite.sh");
 const SYSTEMD_SUITE: &str = include_str!("../vm/systemd-suite.sh");
+const PACKAGE_SUITE: &str = include_str!("../vm/package-suite.sh");
 const REFUSE_SUITE: &str = include_str!("../vm/refuse-suite.sh");
 
 /// The systemd guest's units: the shipped vramblk.service, a drop-in that
@@ -58,6 +59,12 @@ struct Suite {
     timeout: Duration,
     /// Files besides the suite scripts: (guest path, contents).
     files: &'static [(&'static str, &'static str)],
+    /// Host files and directories (copied whole) the guest gets at the
+    /// same path.
+    host_files: &'static [&'static str],
+    /// The Debian package, two versions, at /root/vramblk-1.deb and
+    /// /root/vramblk-2.deb.
+    packages: bool,
     /// Run by `cargo xtask test`; the others only when VRAMBLK_VM_SUITE
     /// names them.
     default: bool,
@@ -79,6 +86,8 @@ const SUITES: &[Suite] = &[
         ],
         timeout: Duration::from_secs(25 * 60),
         files: &[],
+        host_files: &[],
+        packages: false,
         default: true,
     },
     Suite {
@@ -94,6 +103,8 @@ const SUITES: &[Suite] = &[
         ],
         timeout: Duration::from_secs(15 * 60),
         files: &[],
+        host_files: &[],
+        packages: false,
         default: true,
     },
     Suite {
@@ -112,6 +123,8 @@ const SUITES: &[Suite] = &[
         ],
         timeout: Duration::from_secs(35 * 60),
         files: &[],
+        host_files: &[],
+        packages: false,
         default: true,
     },
     Suite {
@@ -127,6 +140,8 @@ const SUITES: &[Suite] = &[
         ],
         timeout: Duration::from_secs(150 * 60),
         files: &[],
+        host_files: &[],
+        packages: false,
         default: false,
     },
     Suite {
@@ -145,6 +160,56 @@ const SUITES: &[Suite] = &[
         ],
         timeout: Duration::from_secs(10 * 60),
         files: SYSTEMD_UNITS,
+        host_files: &[],
+        packages: false,
+        default: true,
+    },
+    Suite {
+        name: "package",
+        script: PACKAGE_SUITE,
+        memory: "1G",
+        cmdline: "hugepages=256 vm.init=systemd systemd.log_target=console systemd.show_status=0 \
+                  systemd.log_level=notice",
+        // dpkg with what it looks for in PATH (ldconfig, start-stop-daemon),
+        // man-db and groff for `man`, the three shells for the completions.
+        host_bins: &[
+            "/sbin/mkswap",
+            "/sbin/swapon",
+            "/sbin/swapoff",
+            "/lib/systemd/systemd",
+            "/bin/systemctl",
+            "/usr/bin/dpkg",
+            "/usr/bin/dpkg-deb",
+            "/usr/bin/dpkg-query",
+            "/usr/bin/dpkg-split",
+            // GNU tar: dpkg-deb runs tar with options busybox lacks.
+            "/bin/tar",
+            "/sbin/ldconfig",
+            "/sbin/start-stop-daemon",
+            "/usr/bin/man",
+            "/usr/bin/nroff",
+            "/usr/bin/groff",
+            "/usr/bin/troff",
+            "/usr/bin/grotty",
+            "/usr/bin/preconv",
+            "/usr/bin/tbl",
+            "/usr/libexec/man-db/manconv",
+            "/usr/libexec/man-db/zsoelim",
+            "/bin/bash",
+            "/usr/bin/zsh",
+            "/usr/bin/fish",
+        ],
+        timeout: Duration::from_secs(15 * 60),
+        files: PACKAGE_UNITS,
+        // The host's dpkg database: the package's dependencies (libc6)
+        // are met as they are on the host the guest's files come from.
+        host_files: &[
+            "/var/lib/dpkg/status",
+            "/etc/manpath.config",
+            "/etc/groff",
+            "/usr/share/groff",
+        ],
+        packages: true,
         default: true,
     },
     Suite {
@@ -155,9 +220,72 @@ const SUITES: &[Suite] = &[
         host_bins: &[],
         timeout: Duration::from_secs(5 * 60),
         files: &[],
+        host_files: &[],
+        packages: false,
         default: false,
     },
 ];
+
+/// The package guest's units: only the suite's own and the output drop-in
+/// for vramblk.service, whose unit comes from the package.
+const PACKAGE_UNITS: &[(&str, &str)] = &[
+    (
+        "/etc/systemd/system/vramblk.service.d/vm-output.conf",
+        include_str!("../vm/systemd/vramblk-output.conf"),
+    ),
+    (
+        "/etc/systemd/system/vm-suite.service",
+        include_str!("../vm/systemd/vm-suite.service"),
+    ),
+    (
+        "/etc/systemd/system/default.target",
+        include_str!("../vm/systemd/default.target"),
+    ),
+    (
+        "/etc/systemd/system/sysinit.target",
+        include_str!("../vm/systemd/sysinit.target"),
+    ),
+    (
+        "/etc/systemd/system/basic.target",
+        include_str!("../vm/systemd/basic.target"),
+    ),
+    (
+        "/etc/systemd/system/shutdown.target",
+        include_str!("../vm/systemd/shutdown.target"),
+    ),
+];
+
+/// Every file under `path` (or `path` itself), each to the same guest path.
+fn host_tree(path: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+    if path.is_dir() {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+        {
+            host_tree(&entry?.path(), out)?;
+        }
+    } else {
+        out.push((path.to_path_buf(), path.to_string_lossy().into_owned()));
+    }
+    Ok(())
+}
+
+/// The package twice (versions -1 and -2 of the same build) for the
+/// package boot.
+fn build_packages(root: &Path, vm_dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    for rev in [1, 2] {
+        let deb = crate::deb::build(
+            root,
+            &crate::deb::Options {
+                deb_version: Some(format!("{}-{rev}", env!("CARGO_PKG_VERSION"))),
+            },
+        )?;
+        let copy = vm_dir.join(format!("vramblk-{rev}.deb"));
+        std::fs::copy(&deb, &copy)?;
+        out.push((copy, format!("/root/vramblk-{rev}.deb")));
+    }
+    Ok(out)
+}
 
 /// The longest a guest may print nothing before its boot counts as
 /// frozen (the quietest check, a fio pass over 1 GiB, prints nothing for
@@ -247,6 +375,18 @@ pub fn run_all(root: &Path) -> Result<()> {
         if !chosen {
             continue;
         }
+        let mut extra = Vec::new();
+        for f in s.host_files {
+            host_tree(Path::new(f), &mut extra)?;
+        }
+        if s.packages {
+            extra.extend(build_packages(root, &vm_dir)?);
+        }
+        let suite_copies: Vec<(PathBuf, &str)> = copies
+            .iter()
+            .map(|(p, g)| (p.clone(), *g))
+            .chain(extra.iter().map(|(p, g)| (p.clone(), g.as_str())))
+            .collect();
         let stage = vm_dir.join(format!("stage-{}", s.name));
         let initrd = vm_dir.join(format!("initrd-{}.cpio", s.name));
         initramfs::build(
@@ -255,7 +395,7 @@ pub fn run_all(root: &Path) -> Result<()> {
             &initramfs::Spec {
                 host_bins: s.host_bins,
                 built_bins: &built,
-                copies: &copies,
+                copies: &suite_copies,
                 modules: &kernel.modules,
                 files: &[
                     &[

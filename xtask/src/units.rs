@@ -7,7 +7,12 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::process::Command;
 
-const UNITS: &[&str] = &["vramblk.service", "vramblk-sleep.service"];
+const UNITS: &[&str] = &[
+    "vramblk.service",
+    "vramblk-sleep.service",
+    "vramblk-metrics.service",
+    "vramblk-metrics.timer",
+];
 
 pub fn verify(root: &Path) -> Result<()> {
     println!("== systemd-analyze verify {}", UNITS.join(" "));
