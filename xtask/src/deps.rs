@@ -23,6 +23,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("/sbin/start-stop-daemon", "dpkg"),
     ("/usr/bin/man", "man-db"),
     ("/usr/bin/groff", "groff-base"),
+    ("/usr/bin/col", "bsdextrautils"),
     ("/bin/bash", "bash"),
     ("/usr/bin/zsh", "zsh"),
     ("/usr/bin/fish", "fish"),

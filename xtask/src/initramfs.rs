@@ -53,6 +53,16 @@ pub fn build(stage: &Path, out: &Path, spec: &Spec) -> Result<()> {
     for bin in spec.host_bins {
         let real = std::fs::canonicalize(bin).with_context(|| format!("{bin} is not installed"))?;
         copy_into(stage, &real, Path::new(bin))?;
+        // A host tool shadows busybox's applet of the same name (dpkg-deb,
+        // tar): a program that runs it by name through PATH (dpkg runs
+        // dpkg-deb and tar) gets the real one. busybox's own shell still
+        // prefers its applets: the suites call those tools by path.
+        if let Some(name) = Path::new(bin).file_name() {
+            let applet = stage.join("bin").join(name);
+            if Path::new(bin) != Path::new("/bin").join(name) && applet.is_symlink() {
+                std::fs::remove_file(&applet)?;
+            }
+        }
         libs.extend(shared_libs(&real)?);
     }
     for bin in spec.built_bins {

@@ -195,6 +195,8 @@ const SUITES: &[Suite] = &[
             "/usr/bin/tbl",
             "/usr/libexec/man-db/manconv",
             "/usr/libexec/man-db/zsoelim",
+            // man pipes through col when its output is not a terminal.
+            "/usr/bin/col",
             "/bin/bash",
             "/usr/bin/zsh",
             "/usr/bin/fish",

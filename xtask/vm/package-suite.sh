@@ -11,16 +11,21 @@ insmod /lib/modules/ublk_drv.ko || fail "insmod ublk_drv"
 LOG=/run/vramblk-service.log
 # The packaged binary, not the suite's copy in /usr/local/bin.
 rm -f /usr/local/bin/vramblk
+# busybox's shell runs its own applets (dpkg, dpkg-deb, man) before PATH:
+# the real tools by their paths.
+dpkg() { /usr/bin/dpkg "$@"; }
+dpkg_deb() { /usr/bin/dpkg-deb "$@"; }
+man() { /usr/bin/man "$@"; }
 mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates /var/lib/dpkg/triggers
 touch /var/lib/dpkg/available
-v1=$(dpkg-deb -f /root/vramblk-1.deb Version)
-v2=$(dpkg-deb -f /root/vramblk-2.deb Version)
+v1=$(dpkg_deb -f /root/vramblk-1.deb Version)
+v2=$(dpkg_deb -f /root/vramblk-2.deb Version)
 info "packages: vramblk $v1 and $v2"
 
 out=$(dpkg -i /root/vramblk-1.deb 2>&1); rc=$?
 info "dpkg -i: $(echo "$out" | tail -3 | tr '\n' ' ')"
 check "dpkg -i installs the package" [ $rc -eq 0 ]
-check "dpkg -s: installed" sh -c "dpkg -s vramblk | grep -q '^Status: install ok installed'"
+check "dpkg -s: installed" sh -c "/usr/bin/dpkg -s vramblk | grep -q '^Status: install ok installed'"
 check "the binary is /usr/bin/vramblk" [ "$(command -v vramblk)" = /usr/bin/vramblk ]
 check "systemd sees vramblk.service from /usr/lib" sh -c "systemctl show -p FragmentPath --value vramblk | grep -q '^/usr/lib/systemd/system/vramblk.service'"
 check "install enables nothing: vramblk.service disabled" [ "$(systemctl is-enabled vramblk 2>&1)" = disabled ]
@@ -29,11 +34,11 @@ check "install starts nothing: no ublk device" nodes_gone 0
 check "install enables nothing: the metrics timer disabled" [ "$(systemctl is-enabled vramblk-metrics.timer 2>&1)" = disabled ]
 
 man_out=$(MANPAGER=cat MANWIDTH=80 man vramblk 2>&1)
-check "man vramblk renders" has "$man_out" "vramblk add"
+check "man vramblk renders" has "$man_out" "vramblk add" || info "$man_out"
 man_out=$(MANPAGER=cat MANWIDTH=80 man vramblk-add 2>&1)
-check "man vramblk-add renders its flags" has "$man_out" "--size"
+check "man vramblk-add renders its flags" has "$man_out" "--size" || info "$man_out"
 man_out=$(MANPAGER=cat MANWIDTH=80 man 5 vramblk.toml 2>&1)
-check "man 5 vramblk.toml renders" has "$man_out" "min_free_vram"
+check "man 5 vramblk.toml renders" has "$man_out" "min_free_vram" || info "$man_out"
 bash_words=$(bash -c '. /usr/share/bash-completion/completions/vramblk
 COMP_WORDS=(vramblk rel); COMP_CWORD=1; COMP_LINE="vramblk rel"; COMP_POINT=11
 _vramblk vramblk rel vramblk; echo "${COMPREPLY[@]}"' 2>&1)
@@ -74,7 +79,7 @@ info "held: $(awk '$1 == "/dev/ublkb0" {print int($4 / 1024)}' /proc/swaps) MiB 
 out=$(dpkg -i /root/vramblk-2.deb 2>&1); rc=$?
 info "dpkg -i (upgrade): $(echo "$out" | tail -3 | tr '\n' ' ')"
 check "dpkg -i of the newer build succeeds" [ $rc -eq 0 ]
-check "dpkg -s: $v2 installed" sh -c "dpkg -s vramblk | grep -q '^Version: $v2'"
+check "dpkg -s: $v2 installed" sh -c "/usr/bin/dpkg -s vramblk | grep -q '^Version: $v2'"
 check "upgrade: swap stayed on" swap_on /dev/ublkb0
 check "upgrade: the service was not restarted (MainPID $main)" [ "$(systemctl show -p MainPID --value vramblk)" = "$main" ]
 check "upgrade: the same server serves the device" [ "$(daemon_pid 0)" = "$server" ]
@@ -85,7 +90,8 @@ out=$(dpkg -r vramblk 2>&1); rc=$?
 info "dpkg -r while RAM cannot take the pages back: $(echo "$out" | tail -4 | tr '\n' ' ')"
 check "dpkg -r is refused while RAM cannot take the swapped pages back" [ $rc -ne 0 ]
 check "and says why" has "$out" "could not be swapped off"
-check "the refused removal left the package installed" sh -c "dpkg -s vramblk | grep -q '^Status: install ok installed'"
+# dpkg notes the wish to remove it (deinstall) but leaves it installed.
+check "the refused removal left the package installed" sh -c "/usr/bin/dpkg -s vramblk | grep -q '^Status: .* ok installed$'"
 check "the refused removal left the device as swap" swap_on /dev/ublkb0
 check "the refused removal started the service again" wait_for 30 sh -c "[ \"\$(systemctl is-active vramblk)\" = active ]"
 touch /tmp/go
@@ -104,7 +110,7 @@ check "dpkg -r: the service is inactive" [ "$(systemctl is-active vramblk)" != a
 check "dpkg -r: the binary and units are gone" sh -c "[ ! -e /usr/bin/vramblk ] && [ ! -e /usr/lib/systemd/system/vramblk.service ] && [ ! -e /usr/share/man/man1/vramblk.1.gz ]"
 check "dpkg -r: the metrics file is gone" [ ! -e $prom ]
 check "dpkg -r: the conffile stays until purge" grep -q "edited by the user" /etc/vramblk.toml
-check "dpkg -P purges the conffile" sh -c "dpkg -P vramblk >/dev/null 2>&1 && [ ! -e /etc/vramblk.toml ]"
-check "dpkg -P: the package is unknown to dpkg" sh -c "! dpkg -s vramblk >/dev/null 2>&1"
+check "dpkg -P purges the conffile" sh -c "/usr/bin/dpkg -P vramblk >/dev/null 2>&1 && [ ! -e /etc/vramblk.toml ]"
+check "dpkg -P: the package is unknown to dpkg" sh -c "! /usr/bin/dpkg -s vramblk >/dev/null 2>&1"
 while read -r l; do info "service: $l"; done < $LOG
 check "no kernel oops or hung task (package boot)" no_oops
