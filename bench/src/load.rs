@@ -352,6 +352,15 @@ struct Outcome {
     bytes: u64,
     lat_us: Vec<f64>,
     errors: u64,
+    /// CPU time the queue thread used (its thread CPU clock).
+    cpu_ns: u64,
+}
+
+/// The calling thread's CPU clock: what a queue thread costs the host,
+/// busy-polling included, and nothing of other threads'.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f64) -> Outcome {
@@ -359,11 +368,13 @@ fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f
     let mut rng = Rng(0x1234_5678 ^ (qid as u64 + 1) << 20);
     let mut free: Vec<u16> = (0..depth as u16).collect();
     let mut issued = vec![Instant::now(); depth];
+    let cpu_start = thread_cpu_ns();
     let mut o = Outcome {
         ios: 0,
         bytes: 0,
         lat_us: Vec::new(),
         errors: 0,
+        cpu_ns: 0,
     };
     let blocks = store.size() / bs;
     let mut seq = (qid as u64 * 7919) % blocks;
@@ -414,6 +425,7 @@ fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f
         }
     }
     sq.finish(|_| {});
+    o.cpu_ns = thread_cpu_ns() - cpu_start;
     o
 }
 
@@ -436,6 +448,7 @@ fn baseline(store: &CudaStore, write: bool, secs: f64) -> Row {
     let mut host = vec![7u8; 4096];
     let mut rng = Rng(99);
     let mut lat = Vec::new();
+    let cpu_start = thread_cpu_ns();
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed().as_secs_f64() < secs {
@@ -453,6 +466,7 @@ fn baseline(store: &CudaStore, write: bool, secs: f64) -> Row {
         n += 1;
     }
     let iops = n as f64 / start.elapsed().as_secs_f64();
+    let cpu_ns = thread_cpu_ns() - cpu_start;
     // SAFETY: freeing our allocation.
     unsafe { sys::cuMemFree_v2(dev) };
     Row {
@@ -470,6 +484,7 @@ fn baseline(store: &CudaStore, write: bool, secs: f64) -> Row {
         p50: pct(&mut lat, 0.5),
         p99: pct(&mut lat, 0.99),
         errors: 0,
+        cpu_us_per_io: cpu_ns as f64 / 1e3 / n.max(1) as f64,
     }
 }
 
@@ -546,6 +561,7 @@ fn run_shape(
     let ios: u64 = outs.iter().map(|o| o.ios).sum();
     let bytes: u64 = outs.iter().map(|o| o.bytes).sum();
     let errors: u64 = outs.iter().map(|o| o.errors).sum();
+    let cpu_ns: u64 = outs.iter().map(|o| o.cpu_ns).sum();
     let mut lat: Vec<f64> = outs.into_iter().flat_map(|o| o.lat_us).collect();
     Row {
         name: name.to_string(),
@@ -559,5 +575,6 @@ fn run_shape(
         p50: pct(&mut lat, 0.5),
         p99: pct(&mut lat, 0.99),
         errors,
+        cpu_us_per_io: cpu_ns as f64 / 1e3 / ios.max(1) as f64,
     }
 }

@@ -14,7 +14,9 @@
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
 
+mod ceiling;
 mod context;
+mod idle;
 mod integrity;
 mod load;
 mod recovery;
@@ -139,10 +141,18 @@ fn main() -> Result<()> {
     if !checks_only {
         let by_mode: Vec<(&str, &CudaStore)> = stores.iter().map(|(m, s)| (*m, &**s)).collect();
         let rows = load::bench(&by_mode, secs);
+        let (idle_cpu, idle_wall) = idle::cpu_over(std::time::Duration::from_secs(10));
+        let ceiling = match ceiling::measure(&store, secs) {
+            Ok(c) => ceiling::table(&rows, "auto", &c),
+            Err(e) => format!("not measured: {e:#}\n"),
+        };
         let report = format!(
-            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Every shape\n\n{}",
+            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against raw pinned copies (issue 19's single-copy floor and pinned bandwidth; cuMemcpyAsync on the copy engines, no store), same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Every shape\n\n{}",
             table::targets(&rows, "auto"),
             table::integrity_cost(&rows),
+            ceiling,
+            table::host_cpu(&rows, "auto"),
+            idle::line(idle_cpu, idle_wall),
             table::table(&rows)
         );
         println!("{report}");

@@ -111,6 +111,21 @@ within_ms() {
 }
 
 # --- crash recovery helpers
+# cpu_ms PID: CPU milliseconds (user + system, every thread) the process
+# has used; /proc counts in USER_HZ ticks, 100 a second on x86.
+cpu_ms() { awk '{print ($14 + $15) * 10}' /proc/$1/stat; }
+
+# idle_cpu_ms SECS PID...: CPU milliseconds the processes use together over
+# SECS seconds.
+idle_cpu_ms() {
+    local secs=$1 before=0 after=0 p
+    shift
+    for p in "$@"; do before=$((before + $(cpu_ms $p))); done
+    sleep "$secs"
+    for p in "$@"; do after=$((after + $(cpu_ms $p))); done
+    echo $((after - before))
+}
+
 mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }
 
 holder_pid() {
