@@ -17,6 +17,7 @@ use crate::server::{self, Launch};
 use crate::{announce, held_log, signals, swap};
 use anyhow::{anyhow, bail, Result};
 use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vramblk_config::DeviceRecord;
@@ -94,7 +95,7 @@ fn next_step(run: &Run, device_exists: bool, memory_survives: bool, failures: &m
     if run.live_for.is_some_and(|t| t >= STABLE) {
         *failures = 0;
     }
-    if run.status.killed_by(libc::SIGKILL) {
+    if killed_by(run.status, libc::SIGKILL) {
         // Killed from outside (an administrator, a script; never the OOM
         // killer, which the server is exempt from), not a fault of the
         // server: however often it comes, giving up would throw away
@@ -543,28 +544,13 @@ fn stop(id: u32) -> bool {
     true
 }
 
-/// The exit of a child, in words.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ExitStatus(libc::c_int);
+/// How a child ended: std's own type (built from the raw wait status), so
+/// the log says it the way Rust programs do ("signal: 9 (SIGKILL)",
+/// "exit status: 3").
+type ExitStatus = std::process::ExitStatus;
 
-impl ExitStatus {
-    fn success(self) -> bool {
-        libc::WIFEXITED(self.0) && libc::WEXITSTATUS(self.0) == 0
-    }
-
-    fn killed_by(self, signal: libc::c_int) -> bool {
-        libc::WIFSIGNALED(self.0) && libc::WTERMSIG(self.0) == signal
-    }
-}
-
-impl std::fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if libc::WIFSIGNALED(self.0) {
-            write!(f, "killed by signal {}", libc::WTERMSIG(self.0))
-        } else {
-            write!(f, "exit code {}", libc::WEXITSTATUS(self.0))
-        }
-    }
+fn killed_by(status: ExitStatus, signal: libc::c_int) -> bool {
+    status.signal() == Some(signal)
 }
 
 /// A pidfd for our child `pid`; None where the kernel has no pidfd_open
@@ -581,15 +567,14 @@ fn pidfd_of(pid: libc::pid_t) -> Option<OwnedFd> {
 }
 
 fn reap(pid: libc::pid_t) -> Option<ExitStatus> {
-    let mut status = 0;
-    // SAFETY: waitpid on our own child with a valid status pointer.
-    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-    if r == -1 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+    let child = rustix::process::Pid::from_raw(pid)?;
+    match rustix::process::waitpid(Some(child), rustix::process::WaitOptions::NOHANG) {
+        Ok(Some((_, status))) => Some(ExitStatus::from_raw(status.as_raw())),
+        Ok(None) | Err(rustix::io::Errno::INTR) => None,
         // Not our child any more (cannot happen unless SIGCHLD is ignored):
         // count it as a failed exit rather than watch forever.
-        return Some(ExitStatus(255 << 8));
+        Err(_) => Some(ExitStatus::from_raw(255 << 8)),
     }
-    (r == pid).then_some(ExitStatus(status))
 }
 
 fn wait_exit(pid: libc::pid_t, limit: Duration) -> Option<ExitStatus> {
@@ -610,7 +595,7 @@ mod tests {
     fn run(status: libc::c_int, live_for: Option<u64>) -> Run {
         Run {
             pid: 1,
-            status: ExitStatus(status),
+            status: ExitStatus::from_raw(status),
             live_for: live_for.map(Duration::from_secs),
             failure: None,
         }
@@ -700,8 +685,13 @@ mod tests {
 
     #[test]
     fn exit_statuses_read_well() {
-        assert_eq!(ExitStatus(KILLED).to_string(), "killed by signal 9");
-        assert_eq!(ExitStatus(3 << 8).to_string(), "exit code 3");
-        assert!(ExitStatus(0).success());
+        assert_eq!(
+            ExitStatus::from_raw(KILLED).to_string(),
+            "signal: 9 (SIGKILL)"
+        );
+        assert_eq!(ExitStatus::from_raw(3 << 8).to_string(), "exit status: 3");
+        assert!(ExitStatus::from_raw(0).success());
+        assert!(killed_by(ExitStatus::from_raw(KILLED), libc::SIGKILL));
+        assert!(!killed_by(ExitStatus::from_raw(CRASHED), libc::SIGKILL));
     }
 }

@@ -15,45 +15,19 @@ const END: &str = "<!-- cargo xtask bench-engine: end -->";
 /// engine-bench's exit status when there is no usable GPU.
 const SKIPPED: i32 = 77;
 
+/// `bench-engine` flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// A report engine-bench wrote on another machine (`--out`).
+    /// Record a report engine-bench wrote on another machine (`--out`)
+    /// instead of running it here.
+    #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Each store's size in GiB.
+    #[arg(long = "size", value_name = "GIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     size_gib: u32,
+    /// Seconds per shape.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     secs: u32,
-}
-
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options {
-            report: None,
-            size_gib: 4,
-            secs: 1,
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |name: &str| {
-                it.next()
-                    .cloned()
-                    .with_context(|| format!("{name} needs a value"))
-            };
-            match a.as_str() {
-                "--report" => o.report = Some(PathBuf::from(value("--report")?)),
-                "--size" => o.size_gib = number(&value("--size")?, "--size")?,
-                "--secs" => o.secs = number(&value("--secs")?, "--secs")?,
-                other => bail!(
-                    "bench-engine: unknown option {other:?} (options: --report FILE, --size GIB, --secs N)"
-                ),
-            }
-        }
-        Ok(o)
-    }
-}
-
-fn number(v: &str, name: &str) -> Result<u32> {
-    match v.parse() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => bail!("{name}: {v:?} is not a positive whole number"),
-    }
 }
 
 pub fn run(root: &Path, o: &Options) -> Result<()> {
@@ -139,7 +113,15 @@ mod tests {
 
     #[test]
     fn options_parse_and_reject() {
-        let a = |v: &[&str]| Options::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        use clap::Parser;
+        let a = |v: &[&str]| {
+            crate::Cli::try_parse_from(["xtask", "bench-engine"].iter().chain(v)).map(|c| {
+                match c.task {
+                    crate::Task::BenchEngine(o) => o,
+                    other => panic!("{other:?}"),
+                }
+            })
+        };
         let o = a(&["--report", "x.md", "--secs", "2"]).unwrap();
         assert_eq!(o.report.as_deref(), Some(Path::new("x.md")));
         assert_eq!((o.secs, o.size_gib), (2, 4));

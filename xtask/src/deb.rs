@@ -43,28 +43,13 @@ const MUST_HOLD: &[&str] = &[
     "./usr/share/doc/vramblk/operations.md",
 ];
 
-#[derive(Debug, Default)]
+/// `deb` flags.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Options {
     /// The package's version with its revision (e.g. 0.1.0-2); default:
     /// the crate's version, revision 1.
+    #[arg(long, value_name = "VERSION")]
     pub deb_version: Option<String>,
-}
-
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--deb-version" => {
-                    o.deb_version =
-                        Some(it.next().context("--deb-version needs a version")?.clone())
-                }
-                other => bail!("deb: unknown flag {other:?} (it takes --deb-version V)"),
-            }
-        }
-        Ok(o)
-    }
 }
 
 /// Builds and checks the package; returns its path.

@@ -7,33 +7,18 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// `install` / `uninstall` flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// Print what would be done, change nothing.
+    #[arg(long)]
     dry_run: bool,
+    /// Stage the files under DIR instead of / (packaging).
+    #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
-    /// Install target/release/vramblk as it is.
+    /// Install target/release/vramblk as it is (no cargo build).
+    #[arg(long)]
     no_build: bool,
-}
-
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options {
-            dry_run: false,
-            root: None,
-            no_build: false,
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--dry-run" => o.dry_run = true,
-                "--no-build" => o.no_build = true,
-                "--root" => o.root = Some(PathBuf::from(it.next().context("--root needs a DIR")?)),
-                other => {
-                    bail!("unknown option {other:?} (options: --dry-run, --root DIR, --no-build)")
-                }
-            }
-        }
-        Ok(o)
-    }
 }
 
 /// What goes where: (source in the repository, destination, mode, only
@@ -303,8 +288,12 @@ mod tests {
         for item in ITEMS.iter().filter(|i| !i.src.starts_with("target/")) {
             assert!(repo.join(item.src).exists(), "{}", item.src);
         }
-        let a = |v: &[&str]| Options::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert!(a(&["--dry-run"]).unwrap().dry_run);
+        use clap::Parser;
+        let a = |v: &[&str]| crate::Cli::try_parse_from(["xtask", "install"].iter().chain(v));
+        match a(&["--dry-run"]).unwrap().task {
+            crate::Task::Install(o) => assert!(o.dry_run && !o.no_build),
+            other => panic!("{other:?}"),
+        }
         assert!(a(&["--root"]).is_err());
         assert!(a(&["--yes"]).is_err());
     }

@@ -33,47 +33,73 @@ mod tidy;
 mod units;
 
 use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// vramblk's automation: `cargo xtask <task>`.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Task {
+    /// The README's test command: unit tests, `systemd-analyze verify`,
+    /// the cuda store's checks on the stand-in libcuda, the VM suite.
+    Test,
+    /// `cargo test` for the workspace.
+    UnitTest,
+    /// The VM suite alone (VRAMBLK_VM_KERNEL=6.12|7.3|6.1 picks the
+    /// kernel series, VRAMBLK_VM_SUITE=io|swap|crash|systemd|package|... one boot).
+    VmTest,
+    /// Fetch the VM kernel (if not cached) and print its release.
+    VmKernel,
+    /// vramblk beside NBD, zram and rublk in one VM boot; rewrites
+    /// docs/benchmarks.md's VM part.
+    Bench(bench::Options),
+    /// The CUDA store's GPU checks and benchmark (engine-bench) here, or
+    /// record a report from elsewhere; rewrites docs/benchmarks.md's GPU part.
+    BenchEngine(bench_engine::Options),
+    /// The Debian package (target/debian/), checked.
+    Deb(deb::Options),
+    /// Install the binary, units, udev rule and default config under /usr/local and /etc.
+    Install(install::Options),
+    /// Remove what `install` installed (keeps /etc/vramblk.toml).
+    Uninstall(install::Options),
+}
+
 fn main() {
-    if let Err(e) = run() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli.task) {
         eprintln!("xtask: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let task = args.first().map(String::as_str).unwrap_or("help");
+fn run(task: Task) -> Result<()> {
     match task {
-        "test" => {
+        Task::Test => {
             unit_test()?;
             deps::ensure()?;
             units::verify(&root()?)?;
             units::stub_checks(&root()?)?;
             suite::run_all(&root()?)
         }
-        "unit-test" => unit_test(),
-        "vm-kernel" => {
+        Task::UnitTest => unit_test(),
+        Task::VmKernel => {
             let k = kernel::fetch(&root()?.join("target/vm"))?;
             println!("{} {}", k.release, k.vmlinuz.display());
             Ok(())
         }
-        "vm-test" => suite::run_all(&root()?),
-        "bench" => bench::run(&root()?, &bench::Options::parse(&args[1..])?),
-        "install" => install::install(&root()?, &install::Options::parse(&args[1..])?),
-        "uninstall" => install::uninstall(&install::Options::parse(&args[1..])?),
-        "deb" => deb::build(&root()?, &deb::Options::parse(&args[1..])?).map(|_| ()),
-        "bench-engine" => bench_engine::run(&root()?, &bench_engine::Options::parse(&args[1..])?),
-        _ => {
-            eprintln!("usage: cargo xtask <test|unit-test|vm-test|vm-kernel|bench [--secs N] [--rounds N] [--no-swap] [--no-jobs]|bench-engine [--report FILE] [--size GIB] [--secs N]|deb [--deb-version V]|install [--dry-run] [--root DIR] [--no-build]|uninstall [--dry-run] [--root DIR]>");
-            if task == "help" || task == "--help" {
-                Ok(())
-            } else {
-                bail!("unknown task {task:?}")
-            }
-        }
+        Task::VmTest => suite::run_all(&root()?),
+        Task::Bench(o) => bench::run(&root()?, &o),
+        Task::Install(o) => install::install(&root()?, &o),
+        Task::Uninstall(o) => install::uninstall(&o),
+        Task::Deb(o) => deb::build(&root()?, &o).map(|_| ()),
+        Task::BenchEngine(o) => bench_engine::run(&root()?, &o),
     }
 }
 

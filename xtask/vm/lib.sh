@@ -116,14 +116,19 @@ within_ms() {
 cpu_ms() { awk '{print ($14 + $15) * 10}' /proc/$1/stat; }
 
 # idle_cpu_ms SECS PID...: CPU milliseconds the processes use together over
-# SECS seconds.
+# SECS seconds; each one's share goes to /tmp/idle-cpu ("PID: N ms").
 idle_cpu_ms() {
-    local secs=$1 before=0 after=0 p
+    local secs=$1 total=0 p
     shift
-    for p in "$@"; do before=$((before + $(cpu_ms $p))); done
+    for p in "$@"; do eval "b_$p=$(cpu_ms $p)"; done
     sleep "$secs"
-    for p in "$@"; do after=$((after + $(cpu_ms $p))); done
-    echo $((after - before))
+    : > /tmp/idle-cpu
+    for p in "$@"; do
+        eval "d=\$(( $(cpu_ms $p) - b_$p ))"
+        echo "$(tr '\0' ' ' < /proc/$p/cmdline | cut -c1-40) pid $p: $d ms" >> /tmp/idle-cpu
+        total=$((total + d))
+    done
+    echo $total
 }
 
 mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }

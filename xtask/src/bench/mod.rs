@@ -7,7 +7,7 @@ mod parse;
 mod report;
 
 use crate::{deps, initramfs, kernel, qemu, sh, suite};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use parse::{Sample, SwapRun};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,41 +45,21 @@ const SWAP_QUIET_S: u64 = 20;
 /// Devices tried as swap (rublk null keeps no data, so it cannot be swap).
 const SWAP_DEVICES: &[&str] = &["vramblk", "rublk_loop", "nbd", "zram"];
 
+/// `bench` flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// Seconds per job.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub secs: u32,
+    /// Rounds of every job (the figures are their spread).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// Skip the swap-under-pressure boots.
+    #[arg(long = "no-swap", action = clap::ArgAction::SetFalse)]
     pub swap: bool,
+    /// Skip the side-by-side jobs boot.
+    #[arg(long = "no-jobs", action = clap::ArgAction::SetFalse)]
     pub jobs: bool,
-}
-
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options {
-            secs: 2,
-            rounds: 2,
-            swap: true,
-            jobs: true,
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut num = |what: &str| -> Result<u32> {
-                it.next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|v| *v > 0)
-                    .with_context(|| format!("{what} needs a positive number"))
-            };
-            match a.as_str() {
-                "--secs" => o.secs = num("--secs")?,
-                "--rounds" => o.rounds = num("--rounds")?,
-                "--no-swap" => o.swap = false,
-                "--no-jobs" => o.jobs = false,
-                other => bail!(
-                    "unknown bench option {other:?} (options: --secs N, --rounds N, --no-swap, --no-jobs)"
-                ),
-            }
-        }
-        Ok(o)
-    }
 }
 
 pub fn run(root: &Path, o: &Options) -> Result<()> {
