@@ -27,6 +27,7 @@ mod signals;
 mod sleep;
 mod stats;
 mod status;
+mod status_output;
 mod supervise;
 mod swap;
 mod up;
@@ -65,11 +66,11 @@ fn main() -> ExitCode {
             output,
         } => {
             let format = match (json, prometheus) {
-                (true, _) => status::Format::Json,
-                (_, true) => status::Format::Prometheus,
-                _ => status::Format::Text,
+                (true, _) => status_output::Format::Json,
+                (_, true) => status_output::Format::Prometheus,
+                _ => status_output::Format::Text,
             };
-            status::run(format, output.as_deref())
+            status_output::run(format, output.as_deref())
         }
         Command::Completions { shell } => generate::completions(shell),
         Command::Manpages { dir } => generate::manpages(&dir).map(|files| {

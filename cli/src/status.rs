@@ -8,7 +8,7 @@ use crate::service::ServiceState;
 use crate::stats::{self, StatsReply};
 use crate::swap;
 use crate::vram_control;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -208,55 +208,8 @@ pub fn collect() -> Result<Status> {
     Ok(Status { devices, service })
 }
 
-/// How `vramblk status` prints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Json,
-    Prometheus,
-}
-
-pub fn run(format: Format, output: Option<&Path>) -> Result<()> {
-    let s = collect()?;
-    let machine = match format {
-        Format::Text => None,
-        Format::Json => Some(serde_json::to_string_pretty(&s)? + "\n"),
-        Format::Prometheus => Some(crate::prometheus::render(&s)),
-    };
-    match (machine, output) {
-        (Some(text), Some(path)) => write_replacing(path, &text),
-        (Some(text), None) => {
-            print!("{text}");
-            Ok(())
-        }
-        (None, Some(_)) => bail!("--output writes --json or --prometheus; say which"),
-        (None, None) => {
-            print_text(&s);
-            Ok(())
-        }
-    }
-}
-
-/// Writes `path` through a temporary file in the same directory and a
-/// rename, so a reader (node_exporter) sees the old text or the new one,
-/// never half of it.
-fn write_replacing(path: &Path, text: &str) -> Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("renaming {} to {}", tmp.display(), path.display())
-    })
-}
-
-fn print_text(s: &Status) {
+/// `vramblk status` as text.
+pub fn print_text(s: &Status) {
     if s.devices.is_empty() {
         println!("no ublk devices");
     }
