@@ -100,8 +100,8 @@ fn end_orphaned_server(pid: u32) -> Result<()> {
         return Ok(());
     }
     log::warn!("service: killing the orphaned server {pid} so a supervised one takes over");
-    // SAFETY: kill with a pid that runs our own binary (checked above).
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // A pid that runs our own binary (checked above).
+    crate::host::send_signal(pid, rustix::process::Signal::KILL);
     let until = Instant::now() + ORPHAN_EXIT;
     while pid_alive(pid) {
         if Instant::now() > until {

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,25 +49,15 @@ impl Reporter {
 
 /// A pipe: (reading end, writing end).
 pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        bail!("creating a pipe: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| anyhow::anyhow!("creating a pipe: {e}"))
 }
 
 /// An eventfd: a counter one process writes and another waits on, with no
 /// memory allocated on either side (unlike a pipe's first write).
 pub fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        bail!("eventfd: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+        .map_err(|e| anyhow::anyhow!("eventfd: {e}"))
 }
 
 /// A pipe for one report: its reading end, and a reporter on its writing end.
@@ -107,6 +97,8 @@ pub fn spawn(
         .open(log)
         .with_context(|| format!("opening the daemon log {}", log.display()))?;
 
+    // libc's fork: rustix offers one only to runtimes that replace the C
+    // library (`rustix::runtime`).
     // SAFETY: the process is single-threaded here (nothing has spawned a
     // thread yet), so the child may run arbitrary code after fork.
     match unsafe { libc::fork() } {
@@ -206,18 +198,13 @@ fn parse_report(text: &str, log: &Path) -> Result<u32> {
 
 /// New session, stdin/stdout on /dev/null, stderr into the log.
 fn detach(log: &File) {
-    // SAFETY: plain syscalls on fds we own; failures leave the old fds,
-    // which is harmless.
-    unsafe {
-        libc::setsid();
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
-            libc::close(null);
-        }
-        libc::dup2(log.as_raw_fd(), 2);
+    // Failures leave the old fds, which is harmless.
+    let _ = rustix::process::setsid();
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdin(&null);
+        let _ = rustix::stdio::dup2_stdout(&null);
     }
+    let _ = rustix::stdio::dup2_stderr(log);
     let _ = std::env::set_current_dir("/");
 }
 
@@ -225,12 +212,9 @@ fn detach(log: &File) {
 /// under memory pressure: a swap device whose server waits on reclaim
 /// deadlocks the machine.
 pub fn harden_for_swap() -> Result<()> {
-    // SAFETY: mlockall has no memory-safety preconditions.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
-        bail!(
-            "mlockall: {} (vramblk needs CAP_IPC_LOCK to serve swap)",
-            std::io::Error::last_os_error()
-        );
+    use rustix::mm::MlockAllFlags;
+    if let Err(e) = rustix::mm::mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE) {
+        bail!("mlockall: {e} (vramblk needs CAP_IPC_LOCK to serve swap)");
     }
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
         log::warn!("could not set oom_score_adj to -1000: {e}");
@@ -246,6 +230,8 @@ pub fn harden_for_swap() -> Result<()> {
 /// server forked to recover, while memory may be exhausted, asks for
 /// nothing it does not need.
 pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
+    // libc here: rustix has no PR_SET_IO_FLUSHER call, and mallopt is the
+    // C library's own.
     // SAFETY: prctl and mallopt with constant arguments; failures are
     // reported and harmless.
     unsafe {
@@ -298,36 +284,38 @@ pub fn warm_thread_stacks(n: usize) {
 /// Locked anonymous pages held only to be freed later (munmap returns them
 /// to the kernel at once, unlike the heap).
 pub struct Cushion {
-    ptr: *mut libc::c_void,
+    ptr: *mut std::ffi::c_void,
     len: usize,
 }
 
 impl Cushion {
     /// Maps and populates `len` bytes; an empty cushion if that fails.
     pub fn new(len: usize) -> Cushion {
+        use rustix::mm::{Advice, MapFlags, ProtFlags};
         // SAFETY: an anonymous private mapping with no address hint; the
         // result is checked.
-        let ptr = unsafe {
-            libc::mmap(
+        let mapped = unsafe {
+            rustix::mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::POPULATE,
             )
         };
-        if ptr == libc::MAP_FAILED {
-            log::warn!("no memory cushion: {}", std::io::Error::last_os_error());
-            return Cushion {
-                ptr: std::ptr::null_mut(),
-                len: 0,
-            };
-        }
+        let ptr = match mapped {
+            Ok(ptr) => ptr,
+            Err(e) => {
+                log::warn!("no memory cushion: {e}");
+                return Cushion {
+                    ptr: std::ptr::null_mut(),
+                    len: 0,
+                };
+            }
+        };
         // A child forked meanwhile (a supervisor forks its servers) must not
         // inherit it: locking itself, the child would copy every page.
         // SAFETY: advice on the mapping just made; failure only costs memory.
-        unsafe { libc::madvise(ptr, len, libc::MADV_DONTFORK) };
+        let _ = unsafe { rustix::mm::madvise(ptr, len, Advice::LinuxDontFork) };
         Cushion { ptr, len }
     }
 }
@@ -336,7 +324,7 @@ impl Drop for Cushion {
     fn drop(&mut self) {
         if self.len > 0 {
             // SAFETY: the mapping made in new, never shared.
-            unsafe { libc::munmap(self.ptr, self.len) };
+            let _ = unsafe { rustix::mm::munmap(self.ptr, self.len) };
         }
     }
 }
@@ -350,8 +338,7 @@ pub const QUEUE_STACK: usize = 512 << 10;
 
 /// Where a daemon with this pid logs.
 pub fn log_path(dir: &Path) -> PathBuf {
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
+    let pid = rustix::process::getpid().as_raw_nonzero();
     dir.join(format!("vramblk-{pid}.log"))
 }
 

@@ -109,7 +109,9 @@ pub(crate) fn lock(run_dir: &Path) -> Result<File> {
     // A POSIX record lock, not flock: `up` forks supervisors while it
     // holds the lock, and a forked child would share an flock (it belongs
     // to the open file) and hold it for as long as the device lives;
-    // record locks belong to the process and are not inherited.
+    // record locks belong to the process and are not inherited. libc:
+    // rustix's locks are flock and open-file-description ones, both shared
+    // with such a child.
     // SAFETY: a zeroed flock struct is valid; fcntl on an fd we own.
     let r = unsafe {
         let mut fl: libc::flock = std::mem::zeroed();

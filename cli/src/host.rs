@@ -3,8 +3,7 @@
 use anyhow::{bail, Result};
 
 pub fn require_root(what: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!("`vramblk {what}` must run as root: ublk devices are created and removed through /dev/ublk-control (try sudo)");
     }
     Ok(())
@@ -28,11 +27,27 @@ pub fn cpu_count() -> u16 {
         .unwrap_or(1)
 }
 
+/// `pid` as rustix takes it; None for 0 and for what no pid can be.
+fn rustix_pid(pid: u32) -> Option<rustix::process::Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+}
+
+/// This process's pid.
+pub fn own_pid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+/// Sends `signal` to `pid`; whether it was delivered.
+pub fn send_signal(pid: u32, signal: rustix::process::Signal) -> bool {
+    rustix_pid(pid).is_some_and(|p| rustix::process::kill_process(p, signal).is_ok())
+}
+
 /// Whether a process with this pid is running: it exists and is not a
 /// zombie (a dead holder whose parent has not reaped it yet is dead).
 pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = pid > 0 && pid <= i32::MAX as u32 && unsafe { libc::kill(pid as i32, 0) } == 0;
+    let exists = rustix_pid(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
     exists
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !is_zombie(&s))

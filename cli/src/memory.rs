@@ -83,13 +83,13 @@ impl Memory {
         let Memory::Cuda { vram, sockets } = self else {
             return Ok(false);
         };
-        let mut p = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&sockets.0),
-            events: libc::POLLIN,
-            revents: 0,
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut p = [PollFd::new(&sockets.0, PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
         };
-        // SAFETY: one valid pollfd, no wait.
-        if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
+        if !matches!(poll(&mut p, Some(&now)), Ok(n) if n > 0) {
             return Ok(false);
         }
         let (text, fds) = handoff::recv(sockets.0.as_fd())?;

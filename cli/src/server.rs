@@ -213,30 +213,29 @@ pub fn locked_by_processes(queues: u16) -> u64 {
 /// eventfd (Some), or dies (None: the standby was set to get SIGKILL then,
 /// so this returns None only on a read error).
 fn wait_for_go(go: OwnedFd) -> Option<u32> {
-    // SAFETY: prctl with constant arguments: die with the supervisor while
-    // only standing by.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    use rustix::process::{set_parent_process_death_signal, Signal};
+    // Die with the supervisor while only standing by.
+    let _ = set_parent_process_death_signal(Some(Signal::KILL));
     // Gone before the death signal was armed?
     supervisor_pid()?;
-    let mut word = 0u64;
-    // SAFETY: an 8-byte read into a live u64 from our eventfd.
-    let n = unsafe {
-        libc::read(
-            std::os::fd::AsRawFd::as_raw_fd(&go),
-            (&mut word as *mut u64).cast(),
-            8,
-        )
+    let mut word = [0u8; 8];
+    let n = loop {
+        match rustix::io::read(&go, &mut word) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other,
+        }
     };
-    // SAFETY: as above; a server that serves must outlive its supervisor.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
-    (n == 8 && word > 0).then(|| (word - 1) as u32)
+    // A server that serves must outlive its supervisor.
+    let _ = set_parent_process_death_signal(None);
+    let word = u64::from_ne_bytes(word);
+    (n == Ok(8) && word > 0).then(|| (word - 1) as u32)
 }
 
 /// The parent, unless it is already gone (re-parented to init).
 fn supervisor_pid() -> Option<u32> {
-    // SAFETY: getppid has no preconditions.
-    let p = unsafe { libc::getppid() };
-    (p > 1).then_some(p as u32)
+    rustix::process::getppid()
+        .map(|p| p.as_raw_nonzero().get() as u32)
+        .filter(|&p| p > 1)
 }
 
 /// What every server serves with, whatever its store.
@@ -302,11 +301,9 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         gpu: (plan.backend == Backend::Cuda).then_some(plan.gpu),
         queues: plan.device.queues,
         depth: plan.device.depth,
-        // SAFETY: getpid has no preconditions.
-        pid: unsafe { libc::getpid() } as u32,
+        pid: crate::host::own_pid(),
         log: plan.log.clone(),
-        // SAFETY: getppid has no preconditions.
-        holder_pid: Some(unsafe { libc::getppid() } as u32),
+        holder_pid: supervisor_pid(),
         restarts: launch.restarts,
         origin: plan.origin,
         live_since: None,

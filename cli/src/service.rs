@@ -114,14 +114,10 @@ impl FreeVram {
 /// taken down), so they do not stay as zombies. Only called between
 /// commands: nothing else of this thread waits for a child then.
 fn reap_children() {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with WNOHANG on our own children.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            break;
-        }
-        log::debug!("service: supervisor {pid} ended");
+    while let Ok(Some((pid, _))) =
+        rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG)
+    {
+        log::debug!("service: supervisor {} ended", pid.as_raw_nonzero());
     }
 }
 
@@ -212,8 +208,7 @@ impl Service {
             pressure,
             vram,
             state: ServiceState {
-                // SAFETY: getpid has no preconditions.
-                pid: unsafe { libc::getpid() } as u32,
+                pid: crate::host::own_pid(),
                 ..ServiceState::default()
             },
             config,

@@ -2,6 +2,9 @@
 //! remove the device), SIGUSR1 (sent by `vramblk recover`) asks it to
 //! restart a dead server now. Handlers only set flags; the supervisor's
 //! loop acts on them.
+//!
+//! libc's sigaction: rustix offers signal handlers only to runtimes that
+//! replace the C library (`rustix::runtime`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -25,8 +25,7 @@ pub fn socket_path(run_dir: &Path, id: u32) -> PathBuf {
 
 fn reply(counters: &DeviceCounters, queues: u16) -> StatsReply {
     StatsReply {
-        // SAFETY: getpid has no preconditions.
-        pid: unsafe { libc::getpid() } as u32,
+        pid: crate::host::own_pid(),
         queues,
         counters: counters.snapshot(),
     }

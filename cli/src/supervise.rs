@@ -194,8 +194,7 @@ fn supervise_with(
     // Whatever ended supervision, no line stays held.
     held_log::release();
     if let Some(s) = sup.standby.take() {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(s.pid, libc::SIGTERM) };
+        crate::host::send_signal(s.pid as u32, rustix::process::Signal::TERM);
         let _ = wait_exit(s.pid, Duration::from_secs(5));
     }
     result
@@ -297,15 +296,7 @@ impl Supervisor<'_> {
         let go = s.go.as_ref()?;
         // The eventfd counter carries the restart count (+1: never 0).
         let word = u64::from(restarts) + 1;
-        // SAFETY: an 8-byte write from a live u64 to our eventfd.
-        let n = unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(go),
-                (&word as *const u64).cast(),
-                8,
-            )
-        };
-        (n == 8).then_some(s)
+        (rustix::io::write(go, &word.to_ne_bytes()) == Ok(8)).then_some(s)
     }
 
     /// The standby takes over if it is alive; otherwise a new server is
@@ -375,8 +366,7 @@ impl Supervisor<'_> {
     /// nothing yet, so SIGKILL loses nothing.
     fn retire_standby(&mut self) {
         if let Some(s) = self.standby.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(s.pid, libc::SIGKILL) };
+            crate::host::send_signal(s.pid as u32, rustix::process::Signal::KILL);
             let _ = wait_exit(s.pid, Duration::from_secs(5));
             log::info!(
                 "supervisor: standby server {} retired (the VRAM changed)",

@@ -140,6 +140,7 @@ pub fn disable(path: &str) -> Result<()> {
 /// when RAM and swap together cannot hold the pages.
 fn disable_now(path: &str) -> Result<()> {
     let c = CString::new(path).context("device path has a NUL byte")?;
+    // libc: rustix has no swapoff.
     // SAFETY: c is a valid C string for the duration of the call.
     if unsafe { libc::swapoff(c.as_ptr()) } == 0 {
         log::info!("{path}: swap off");

@@ -4,7 +4,13 @@
 //! allocated it dies.
 
 use crate::StoreError;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -12,23 +18,22 @@ type Result<T> = std::result::Result<T, StoreError>;
 pub const MAX_FDS: usize = 200;
 const MAX_TEXT: usize = 4096;
 
+fn os(what: &str, e: rustix::io::Errno) -> StoreError {
+    StoreError::Os {
+        what: what.into(),
+        source: e.into(),
+    }
+}
+
 /// A connected pair of SOCK_SEQPACKET sockets: (supervisor's, server's).
 pub fn socket_pair() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } != 0
-    {
-        return Err(StoreError::last_os("socketpair"));
-    }
-    // SAFETY: both fds were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| os("socketpair", e))
 }
 
 /// Sends `text` with `fds` attached as one message.
@@ -38,102 +43,62 @@ pub fn send(sock: BorrowedFd, text: &str, fds: &[BorrowedFd]) -> Result<()> {
             "a handoff message takes 1-{MAX_TEXT} bytes of text and at most {MAX_FDS} fds"
         )));
     }
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let payload = std::mem::size_of_val(raw.as_slice()) as u32;
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
-    let mut control = vec![0u8; space.max(1)];
-    let mut iov = libc::iovec {
-        iov_base: text.as_ptr() as *mut libc::c_void,
-        iov_len: text.len(),
-    };
-    // SAFETY: msghdr is a plain C struct; zero is a valid start.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !raw.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds CMSG_SPACE(payload) bytes, so the
-        // first header and its data fit; the fds are copied into it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
-            std::ptr::copy_nonoverlapping(
-                raw.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(cmsg),
-                payload as usize,
-            );
-        }
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(StoreError::Invalid(
+            "the fds did not fit their control message".into(),
+        ));
     }
-    // SAFETY: msg points at live buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(StoreError::last_os("sending a handoff"));
-    }
+    rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(text.as_bytes())],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(|e| os("sending a handoff", e))?;
     Ok(())
 }
 
 /// The file an fd reaches, as (device, inode): two fds passed around
 /// separately (dups, or sent twice) reach the same file when these match.
 pub fn file_id(fd: BorrowedFd) -> Option<(u64, u64)> {
-    // SAFETY: fstat into a zeroed struct on a live fd.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    let st = rustix::fs::fstat(fd).ok()?;
+    Some((st.st_dev, st.st_ino))
 }
 
 /// Receives one message: its text and the fds it carried (now ours).
 pub fn recv(sock: BorrowedFd) -> Result<(String, Vec<OwnedFd>)> {
     let mut text = vec![0u8; MAX_TEXT];
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
-    let mut control = vec![0u8; space as usize];
-    let mut iov = libc::iovec {
-        iov_base: text.as_mut_ptr().cast(),
-        iov_len: text.len(),
-    };
-    // SAFETY: msghdr is a plain C struct; zero is a valid start.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len() as _;
-    // SAFETY: msg points at live buffers for the duration of the call.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(StoreError::last_os("receiving a handoff"));
-    }
-    if n == 0 {
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut text)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| os("receiving a handoff", e))?;
+    // Every fd that arrived is ours now, also when the message is refused
+    // below: collected first, so they are closed rather than leaked.
+    let fds: Vec<OwnedFd> = control
+        .drain()
+        .flat_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => fds.collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    if got.bytes == 0 {
         return Err(StoreError::Unavailable(
             "the other end closed the handoff socket".into(),
         ));
     }
-    let mut fds = Vec::new();
-    // SAFETY: walking the control messages the kernel wrote into `control`;
-    // every SCM_RIGHTS fd is a new descriptor of this process, owned here.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg);
-                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if got.flags.contains(ReturnFlags::CTRUNC) {
         return Err(StoreError::Invalid(format!(
             "a handoff carried more than {MAX_FDS} fds"
         )));
     }
-    text.truncate(n as usize);
+    text.truncate(got.bytes);
     Ok((String::from_utf8_lossy(&text).into_owned(), fds))
 }
 
@@ -183,10 +148,17 @@ mod tests {
     }
 
     fn tempfile() -> std::fs::File {
-        // SAFETY: a fresh memfd with a static name; the fd is checked.
-        let fd = unsafe { libc::memfd_create(c"handoff-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd was just created and is owned by nobody else.
-        std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+        let fd = rustix::fs::memfd_create("handoff-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        std::fs::File::from(fd)
+    }
+
+    #[test]
+    fn too_many_fds_or_no_text_are_refused_before_sending() {
+        let (a, _b) = socket_pair().unwrap();
+        let f = tempfile();
+        let many = vec![f.as_fd(); MAX_FDS + 1];
+        assert!(send(a.as_fd(), "x", &many).is_err());
+        assert!(send(a.as_fd(), "", &[]).is_err());
+        send(a.as_fd(), "no fds", &[]).unwrap();
     }
 }
