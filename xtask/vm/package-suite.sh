@@ -109,6 +109,8 @@ check "dpkg -r: every vramblk process is gone" wait_for 30 daemon_gone
 check "dpkg -r: the service is inactive" [ "$(systemctl is-active vramblk)" != active ]
 check "dpkg -r: the binary and units are gone" sh -c "[ ! -e /usr/bin/vramblk ] && [ ! -e /usr/lib/systemd/system/vramblk.service ] && [ ! -e /usr/share/man/man1/vramblk.1.gz ]"
 check "dpkg -r: the metrics file is gone" [ ! -e $prom ]
+links=$(find /etc/systemd/system -type l -name 'vramblk*' 2>/dev/null)
+check "dpkg -r: no enable link is left behind (sleep.target would require a missing unit): ${links:-none}" [ -z "$links" ]
 check "dpkg -r: the conffile stays until purge" grep -q "edited by the user" /etc/vramblk.toml
 check "dpkg -P purges the conffile" sh -c "/usr/bin/dpkg -P vramblk >/dev/null 2>&1 && [ ! -e /etc/vramblk.toml ]"
 check "dpkg -P: the package is unknown to dpkg" sh -c "! /usr/bin/dpkg -s vramblk >/dev/null 2>&1"
