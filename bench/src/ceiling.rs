@@ -1,5 +1,6 @@
-//! Raw pinned copies over the same GPU in the same run (issue 19), with no
-//! store logic at all. One 4 KiB copy from pinned memory at queue depth 1
+//! The ceilings over the same GPU in the same run (issue 19), with no
+//! store logic at all: the copy kernel alone (cuda-store's `ceiling`) for
+//! the 4 KiB random shapes, and raw pinned copies for the rest. One 4 KiB copy from pinned memory at queue depth 1
 //! is the floor a lone request cannot beat; 512 KiB copies kept in flight
 //! on 4 streams (the sequential shape's 4 queues) give the copy engines'
 //! pinned bandwidth. The copy kernel (rounds of 4 requests or more) moves
@@ -20,8 +21,15 @@ const SEQ_STREAMS: usize = 4;
 /// shape's depth).
 const SEQ_DEPTH: usize = 32;
 
-/// What raw pinned copies do with no store in the way.
+/// The 4 KiB shapes whose ceiling is the copy kernel itself: (queues,
+/// depth).
+const GATHER_SHAPES: [(u16, usize); 2] = [(16, 128), (1, 32)];
+
+/// What raw pinned copies and the raw copy kernel do with no store in the
+/// way.
 pub struct Ceiling {
+    /// IOPS of the copy kernel alone: (queues, depth, write, IOPS).
+    pub gather: Vec<(u16, usize, bool, f64)>,
     /// p50 of one 4 KiB pinned copy and its wait, us.
     pub qd1_write_p50: f64,
     pub qd1_read_p50: f64,
@@ -151,8 +159,16 @@ fn seq_gbps(b: &mut Buffers, write: bool, secs: f64) -> Result<f64> {
 
 /// Measures the ceiling on `store`'s GPU, `secs` per figure.
 pub fn measure(store: &CudaStore, secs: f64) -> Result<Ceiling> {
+    let mut gather = Vec::new();
+    for (q, d) in GATHER_SHAPES {
+        for write in [true, false] {
+            let iops = vramblk_cuda_store::ceiling::raw_gather_iops(store, q, d, write, secs)?;
+            gather.push((q, d, write, iops));
+        }
+    }
     let mut b = Buffers::new(store)?;
     Ok(Ceiling {
+        gather,
         qd1_write_p50: qd1_p50(&mut b, true, secs)?,
         qd1_read_p50: qd1_p50(&mut b, false, secs)?,
         seq_write_gbps: seq_gbps(&mut b, true, secs)?,
@@ -165,11 +181,25 @@ pub fn measure(store: &CudaStore, secs: f64) -> Result<Ceiling> {
 /// 0.95x the pinned bandwidth).
 pub fn table(rows: &[Row], mode: &str, c: &Ceiling) -> String {
     let mut t = String::from(
-        "| shape | measured | raw pinned copies | ratio | target | met |\n| --- | --- | --- | --- | --- | --- |\n",
+        "| shape | measured | ceiling, same run | ratio | target | met |\n| --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows.iter().filter(|r| r.mode == mode) {
         let dir = if r.read { "read" } else { "write" };
-        if r.bs == 4096 && r.queues == 1 && r.depth == 1 {
+        let gather = c
+            .gather
+            .iter()
+            .find(|&&(q, d, w, _)| q == r.queues && d == r.depth && w != r.read);
+        if let (Some(&(_, _, _, cap)), true) = (gather, r.bs == 4096 && r.name.contains("rand")) {
+            let ratio = r.iops / cap;
+            t += &format!(
+                "| 4 KiB random {dir} {} x {} | {:.2} M IOPS | {:.2} M IOPS (the copy kernel alone) | {ratio:.2}x | >= 0.85x | {} |\n",
+                r.queues,
+                r.depth,
+                r.iops / 1e6,
+                cap / 1e6,
+                if ratio >= 0.85 { "yes" } else { "no" }
+            );
+        } else if r.bs == 4096 && r.queues == 1 && r.depth == 1 {
             let floor = if r.read {
                 c.qd1_read_p50
             } else {
@@ -198,4 +228,64 @@ pub fn table(rows: &[Row], mode: &str, c: &Ceiling) -> String {
         }
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(read: bool, bs: u64, q: u16, d: usize, iops: f64, p50: f64) -> Row {
+        Row {
+            name: if bs == 4096 {
+                "4 KiB rand".into()
+            } else {
+                "512 KiB seq".into()
+            },
+            mode: "auto".into(),
+            read,
+            bs,
+            queues: q,
+            depth: d,
+            iops,
+            gbps: iops * bs as f64 / 1e9,
+            p50,
+            p99: 0.0,
+            errors: 0,
+            cpu_us_per_io: 0.0,
+        }
+    }
+
+    #[test]
+    fn each_shape_meets_its_own_ceiling() {
+        let c = Ceiling {
+            gather: vec![
+                (16, 128, true, 10e6),
+                (16, 128, false, 10e6),
+                (1, 32, false, 2e6),
+            ],
+            qd1_write_p50: 7.0,
+            qd1_read_p50: 7.0,
+            seq_write_gbps: 40.0,
+            seq_read_gbps: 40.0,
+        };
+        let rows = vec![
+            row(false, 4096, 16, 128, 9e6, 0.0),
+            row(true, 4096, 16, 128, 8e6, 0.0),
+            row(true, 4096, 1, 32, 1.8e6, 0.0),
+            row(true, 4096, 1, 1, 1e5, 7.7),
+            row(true, 512 << 10, 4, 32, 90_000.0, 0.0),
+        ];
+        let t = table(&rows, "auto", &c);
+        assert!(t.contains("| 4 KiB random write 16 x 128 | 9.00 M IOPS | 10.00 M IOPS (the copy kernel alone) | 0.90x | >= 0.85x | yes |"), "{t}");
+        assert!(t.contains("| 4 KiB random read 16 x 128 | 8.00 M IOPS | 10.00 M IOPS (the copy kernel alone) | 0.80x | >= 0.85x | no |"), "{t}");
+        assert!(
+            t.contains("| 4 KiB random read 1 x 32 | 1.80 M IOPS | 2.00 M IOPS"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| QD1 4 KiB read p50 | 7.7 us | 7.0 us | 1.10x | <= 1.05x | no |"),
+            "{t}"
+        );
+        assert!(t.contains("| 512 KiB sequential read 4 x 32 | 47.2 GB/s | 40.0 GB/s | 1.18x | >= 0.95x | yes |"), "{t}");
+    }
 }

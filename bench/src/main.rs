@@ -147,7 +147,7 @@ fn main() -> Result<()> {
             Err(e) => format!("not measured: {e:#}\n"),
         };
         let report = format!(
-            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against raw pinned copies (issue 19's single-copy floor and pinned bandwidth; cuMemcpyAsync on the copy engines, no store), same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Every shape\n\n{}",
+            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against the ceiling (issue 19): the copy kernel alone for 4 KiB random, raw pinned copies (cuMemcpyAsync, no store) for QD1 and sequential, same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Every shape\n\n{}",
             table::targets(&rows, "auto"),
             table::integrity_cost(&rows),
             ceiling,

@@ -12,6 +12,7 @@
 //! integrity on, every page carries a CRC32C checked on every read
 //! (integrity.rs).
 
+pub mod ceiling;
 mod driver;
 mod extents;
 mod integrity;
