@@ -15,6 +15,11 @@ pub enum Format {
 }
 
 pub fn run(format: Format, output: Option<&Path>) -> Result<()> {
+    // Before anything is collected: a wrong command line is said as such,
+    // not as a missing driver.
+    if format == Format::Text && output.is_some() {
+        bail!("--output writes --json or --prometheus; say which");
+    }
     let s = status::collect()?;
     let machine = match format {
         Format::Text => None,
@@ -27,8 +32,7 @@ pub fn run(format: Format, output: Option<&Path>) -> Result<()> {
             print!("{text}");
             Ok(())
         }
-        (None, Some(_)) => bail!("--output writes --json or --prometheus; say which"),
-        (None, None) => {
+        (None, _) => {
             status::print_text(&s);
             Ok(())
         }
@@ -57,6 +61,16 @@ fn write_replacing(path: &Path, text: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_without_a_machine_format_is_refused_first() {
+        let e = run(Format::Text, Some(Path::new("/tmp/x"))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--output writes --json or --prometheus"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn output_replaces_the_file_whole_and_leaves_no_temporary() {
