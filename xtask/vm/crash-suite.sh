@@ -28,7 +28,8 @@ check "fio finished its write pass with no I/O error through 3 server kills" [ $
 fio_verified "fio verify-only pass: every block intact after the kills (crc32c)" /tmp/fio-cv.txt \
     --name=crash --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --size=100%
 check "the supervisor logged the recoveries" grep -q "recovered" /run/vramblk/*.log
-check "restarts counted in the record" grep -q '"restarts": 3' /run/vramblk/ublkb0.json
+check "restarts counted in the record" grep -q '"restarts": 3' /run/vramblk/ublkb0.json || {
+    info "record: $(tr -d '\n' < /run/vramblk/ublkb0.json)"; show_logs; }
 check "no kernel oops or hung task after the fio kills" no_oops
 out=$(vramblk del 0 2>&1)
 check "del after the kills" [ "$out" = "removed /dev/ublkb0" ]
