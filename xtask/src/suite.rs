@@ -110,11 +110,8 @@ const SUITES: &[Suite] = &[
     Suite {
         name: "crash",
         script: CRASH_SUITE,
-        // 1.25 GiB: the 7.3 guest has ~190 MiB available by the last
-        // section, under the ~200 MiB the budget check asks for the
-        // device with the defaults (it refused it once, 2026-12-02); the
-        // section fills MemAvailable + 200 MiB, so the pressure is the same.
-        memory: "1280M",
+        // 1.25 GiB on 7.x kernels: see `guest_memory`.
+        memory: "1G",
         cmdline: "hugepages=256",
         // The service part brings a device up as swap (then off again
         // for fio), and the last part kills the server of the only swap
@@ -293,6 +290,22 @@ fn build_packages(root: &Path, vm_dir: &Path) -> Result<Vec<(PathBuf, String)>> 
     Ok(out)
 }
 
+/// The guest's RAM for suite `s` on the kernel `release`. The crash boot
+/// gets 1.25 GiB on 7.x: that guest has ~190 MiB available by its last
+/// section, under the ~200 MiB the budget check asks for the device with
+/// the defaults (refused there on 2026-12-02; the section fills
+/// MemAvailable + 200 MiB, so the pressure is the same). On 6.12 it keeps
+/// 1 GiB: with 1.25 GiB its first section's third kill waited 30 s for the
+/// kernel to let the dead server go (twice in two runs, 2026-12-02; not
+/// understood yet), which 1 GiB never showed.
+fn guest_memory(s: &Suite, release: &str) -> &'static str {
+    if s.name == "crash" && release.starts_with("7.") {
+        "1280M"
+    } else {
+        s.memory
+    }
+}
+
 /// The longest a guest may print nothing before its boot counts as
 /// frozen (the quietest check, a fio pass over 1 GiB, prints nothing for
 /// about two minutes under TCG).
@@ -414,10 +427,11 @@ pub fn run_all(root: &Path) -> Result<()> {
                 .concat(),
             },
         )?;
+        let memory = guest_memory(s, &kernel.release);
         println!(
             "== booting the {} suite ({} RAM, {})",
             s.name,
-            s.memory,
+            memory,
             if s.cmdline.is_empty() { "-" } else { s.cmdline }
         );
         let log = vm_dir.join(format!("console-{}.log", s.name));
@@ -425,7 +439,7 @@ pub fn run_all(root: &Path) -> Result<()> {
             name: s.name,
             vmlinuz: &kernel.vmlinuz,
             initrd: &initrd,
-            memory: s.memory,
+            memory,
             cpus: 2,
             cmdline_extra: s.cmdline,
             timeout: s.timeout,
@@ -519,6 +533,15 @@ fn failures_with_context(suite: &str, lines: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_crash_boot_on_7x_gets_more_ram() {
+        let crash = SUITES.iter().find(|s| s.name == "crash").unwrap();
+        let io = SUITES.iter().find(|s| s.name == "io").unwrap();
+        assert_eq!(guest_memory(crash, "7.3.4+deb13-cloud-amd64"), "1280M");
+        assert_eq!(guest_memory(crash, "6.12.118+deb12-cloud-amd64"), "1G");
+        assert_eq!(guest_memory(io, "7.3.4+deb13-cloud-amd64"), io.memory);
+    }
 
     #[test]
     fn a_failure_comes_with_the_lines_between_its_neighbouring_checks() {

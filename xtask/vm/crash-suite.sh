@@ -1,4 +1,4 @@
-# Kernel-path suite, boot 3 (1.25 GiB RAM, 256 huge pages reserved): crash
+# Kernel-path suite, boot 3 (1 GiB RAM, 1.25 GiB on 7.x; 256 huge pages reserved): crash
 # recovery. The server is SIGKILLed under a verifying fio load; its
 # supervisor (holding the memory) has a standby take over, the kernel holds
 # the I/O meanwhile, and no byte is lost. Last, 20 kills at random moments
