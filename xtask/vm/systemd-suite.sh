@@ -1,4 +1,4 @@
-# Kernel-path suite, boot 4 (systemd 252 as PID 1; 1 GiB RAM, 256 huge
+# Kernel-path suite, boot 4 (systemd 252 as PID 1; 1 GiB RAM, 1.25 GiB on 7.x, 256 huge
 # pages): systemd/vramblk.service as shipped, under real systemd: READY=1,
 # ExecStop, Restart=on-failure, and the fd store (FDSTORE=1 from the main
 # process, LISTEN_FDS at the restart). Only the unit's output is redirected
