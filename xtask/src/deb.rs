@@ -106,28 +106,12 @@ fn debs_in(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// target/tools/bin/cargo-deb, installed there (pinned) when missing.
 fn ensure_cargo_deb(root: &Path) -> Result<PathBuf> {
-    let tools = root.join("target/tools");
-    let bin = tools.join("bin/cargo-deb");
-    let have = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if !have.contains(CARGO_DEB_VERSION) {
-        println!("== installing cargo-deb {CARGO_DEB_VERSION} under target/tools");
-        sh(Command::new(crate::cargo())
-            .args([
-                "install",
-                "--locked",
-                "--version",
-                CARGO_DEB_VERSION,
-                "--root",
-            ])
-            .arg(&tools)
-            .arg("cargo-deb"))?;
-    }
-    Ok(bin)
+    crate::cargo_install_pinned(
+        &root.join("target/tools"),
+        "cargo-deb",
+        "cargo-deb",
+        CARGO_DEB_VERSION,
+    )
 }
 
 /// target/deb-assets/: units/, man/, completions/.

@@ -132,6 +132,24 @@ pub fn build_release(root: &Path, args: &[&str]) -> Result<()> {
         .current_dir(root))
 }
 
+/// `DIR/bin/BIN` of crate `krate` at `version`, installed there with
+/// `cargo install --locked` when what is there does not say that version:
+/// the tools xtask runs but no crate here depends on (rublk, cargo-deb).
+pub fn cargo_install_pinned(dir: &Path, krate: &str, bin: &str, version: &str) -> Result<PathBuf> {
+    let path = dir.join("bin").join(bin);
+    let have = Command::new(&path)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(version));
+    if !have {
+        println!("== installing {krate} {version} into {}", dir.display());
+        sh(Command::new(cargo())
+            .args(["install", krate, "--locked", "--version", version, "--root"])
+            .arg(dir))?;
+    }
+    Ok(path)
+}
+
 /// Runs a command, failing with its name when it fails.
 pub fn sh(cmd: &mut Command) -> Result<()> {
     let name = format!("{cmd:?}");

@@ -6,7 +6,7 @@
 mod parse;
 mod report;
 
-use crate::{deps, initramfs, kernel, qemu, sh, suite};
+use crate::{deps, initramfs, kernel, qemu, suite};
 use anyhow::{bail, Result};
 use parse::{Sample, SwapRun};
 use std::path::{Path, PathBuf};
@@ -206,27 +206,12 @@ impl Guest<'_> {
 }
 
 fn install_rublk(root: &Path) -> Result<PathBuf> {
-    let dir = root.join("target/bench-tools");
-    let bin = dir.join("bin/rublk");
-    let have = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(RUBLK_VERSION))
-        .unwrap_or(false);
-    if !have {
-        println!("== installing rublk {RUBLK_VERSION} into {}", dir.display());
-        sh(Command::new(crate::cargo())
-            .args([
-                "install",
-                "rublk",
-                "--locked",
-                "--version",
-                RUBLK_VERSION,
-                "--root",
-            ])
-            .arg(&dir))?;
-    }
-    Ok(bin)
+    crate::cargo_install_pinned(
+        &root.join("target/bench-tools"),
+        "rublk",
+        "rublk",
+        RUBLK_VERSION,
+    )
 }
 
 fn qemu_version() -> String {
