@@ -54,19 +54,43 @@ pub struct Options {
 
 /// Builds and checks the package; returns its path.
 pub fn build(root: &Path, o: &Options) -> Result<PathBuf> {
+    let mut debs = build_versions(root, &[o.deb_version.as_deref()])?;
+    debs.pop().context("cargo-deb made no package")
+}
+
+/// Builds the binary and the assets once, then one checked package per
+/// version (None: the crate's version, revision 1); their paths in order.
+pub fn build_versions(root: &Path, versions: &[Option<&str>]) -> Result<Vec<PathBuf>> {
     let cargo_deb = ensure_cargo_deb(root)?;
     crate::build_release(root, &["-p", "vramblk-cli"])?;
-    let binary = root.join("target/release/vramblk");
-    write_assets(root, &binary)?;
+    write_assets(root, &root.join("target/release/vramblk"))?;
     let out_dir = root.join("target/debian");
     std::fs::create_dir_all(&out_dir)?;
-    let before = debs_in(&out_dir)?;
+    versions
+        .iter()
+        .map(|v| {
+            let deb = package(root, &cargo_deb, &out_dir, *v)?;
+            check(&deb)?;
+            println!("package: {}", deb.display());
+            Ok(deb)
+        })
+        .collect()
+}
+
+/// Runs cargo-deb on what is built; the package's path.
+fn package(
+    root: &Path,
+    cargo_deb: &Path,
+    out_dir: &Path,
+    version: Option<&str>,
+) -> Result<PathBuf> {
+    let before = debs_in(out_dir)?;
     println!("== cargo deb -p vramblk-cli");
-    let mut cmd = Command::new(&cargo_deb);
+    let mut cmd = Command::new(cargo_deb);
     cmd.args(["deb", "-p", "vramblk-cli", "--no-build", "--strip", "-o"])
-        .arg(&out_dir)
+        .arg(out_dir)
         .current_dir(root);
-    if let Some(v) = &o.deb_version {
+    if let Some(v) = version {
         cmd.args(["--deb-version", v]);
     }
     let output = cmd.output().context("running cargo-deb")?;
@@ -79,22 +103,18 @@ pub fn build(root: &Path, o: &Options) -> Result<PathBuf> {
     }
     // cargo-deb prints the package's path last.
     let said = String::from_utf8_lossy(&output.stdout);
-    let deb = said
-        .lines()
+    said.lines()
         .rev()
         .map(str::trim)
         .find(|l| l.ends_with(".deb"))
         .map(PathBuf::from)
         .or_else(|| {
-            debs_in(&out_dir)
+            debs_in(out_dir)
                 .ok()?
                 .into_iter()
                 .find(|d| !before.contains(d))
         })
-        .with_context(|| format!("cargo-deb named no .deb:\n{said}"))?;
-    check(&deb)?;
-    println!("package: {}", deb.display());
-    Ok(deb)
+        .with_context(|| format!("cargo-deb named no .deb:\n{said}"))
 }
 
 fn debs_in(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -268,14 +268,14 @@ fn host_tree(path: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
 /// The package twice (versions -1 and -2 of the same build) for the
 /// package boot.
 fn build_packages(root: &Path, vm_dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let versions: Vec<String> = [1, 2]
+        .iter()
+        .map(|rev| format!("{}-{rev}", env!("CARGO_PKG_VERSION")))
+        .collect();
+    let wanted: Vec<Option<&str>> = versions.iter().map(|v| Some(v.as_str())).collect();
+    let debs = crate::deb::build_versions(root, &wanted)?;
     let mut out = Vec::new();
-    for rev in [1, 2] {
-        let deb = crate::deb::build(
-            root,
-            &crate::deb::Options {
-                deb_version: Some(format!("{}-{rev}", env!("CARGO_PKG_VERSION"))),
-            },
-        )?;
+    for (rev, deb) in (1..).zip(debs) {
         let copy = vm_dir.join(format!("vramblk-{rev}.deb"));
         std::fs::copy(&deb, &copy)?;
         out.push((copy, format!("/root/vramblk-{rev}.deb")));
