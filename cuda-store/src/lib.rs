@@ -17,6 +17,7 @@ mod driver;
 mod extents;
 mod integrity;
 mod kernel;
+mod pinned;
 mod queue;
 mod store;
 
