@@ -6,7 +6,8 @@
 //! for it, and goes again: no extent lookup, no request bookkeeping, no
 //! round pipelining. Benchmark code: nothing in the store calls it.
 
-use crate::kernel::{flags, CopyKernel, Desc, THREADS};
+use crate::kernel::{self, flags, CopyKernel, Desc};
+use crate::pinned::{DescTable, PinnedTable};
 use crate::CudaStore;
 use cudarc::driver::result;
 use cudarc::driver::sys;
@@ -19,40 +20,6 @@ const PAGE: usize = 4096;
 
 fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Invalid(format!("ceiling: {what}: {e}"))
-}
-
-/// Pinned host memory mapped into the device's address space.
-struct Mapped {
-    host: *mut std::ffi::c_void,
-    dev: sys::CUdeviceptr,
-}
-
-impl Mapped {
-    fn new(len: usize) -> Result<Mapped, StoreError> {
-        // SAFETY: an allocation in the current context, freed in Drop.
-        let host = unsafe {
-            result::malloc_host(
-                len,
-                sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
-            )
-        }
-        .map_err(|e| failed("cuMemHostAlloc", e))?;
-        let mut m = Mapped { host, dev: 0 };
-        // SAFETY: a valid out-pointer and the allocation just made (the
-        // result layer has no call for this one).
-        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut m.dev, host, 0) };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(failed("cuMemHostGetDevicePointer", format!("{r:?}")));
-        }
-        Ok(m)
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new(); no launch using it is in flight.
-        let _ = unsafe { result::free_host(self.host) };
-    }
 }
 
 /// IOPS of `queues` threads, each keeping `depth` 4 KiB pieces per launch
@@ -99,20 +66,50 @@ fn one_queue(
     secs: f64,
 ) -> Result<u64, StoreError> {
     store.make_current()?;
-    let kernel = CopyKernel::load()?;
+    let copy = CopyKernel::load()?;
     let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
         .map_err(|e| failed("cuStreamCreate", e))?;
-    let buffers = Mapped::new(depth * PAGE)?;
-    let table = Mapped::new(depth * std::mem::size_of::<Desc>())?;
-    let descs = table.host.cast::<Desc>();
+    // The io buffers and the descriptor table, as a queue has them.
+    let mut buffers = PinnedTable::<[u8; PAGE]>::empty();
+    let mut descs = DescTable::empty();
+    let moved = buffers
+        .reserve(depth)
+        .and_then(|()| descs.reserve(depth))
+        .and_then(|()| {
+            launch_rounds(
+                &copy, stream, vram, &buffers, &mut descs, qid, depth, write, secs,
+            )
+        });
+    buffers.free();
+    descs.free();
+    // SAFETY: synchronised in every round (or never launched on).
+    let _ = unsafe { result::stream::destroy(stream) };
+    moved
+}
+
+/// Rounds of `depth` 4 KiB pieces between `buffers` and random pages of
+/// `vram`, each launched and waited for, until `secs` pass; how many
+/// pieces moved.
+#[allow(clippy::too_many_arguments)]
+fn launch_rounds(
+    copy: &CopyKernel,
+    stream: sys::CUstream,
+    vram: sys::CUdeviceptr,
+    buffers: &PinnedTable<[u8; PAGE]>,
+    descs: &mut DescTable,
+    qid: u16,
+    depth: usize,
+    write: bool,
+    secs: f64,
+) -> Result<u64, StoreError> {
     let pages = (VRAM_BYTES / PAGE) as u64;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (u64::from(qid) << 32);
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let mut ios = 0u64;
-    let result = loop {
-        if Instant::now() >= until {
-            break Ok(ios);
-        }
+    while Instant::now() < until {
+        // The previous launch that read the table has finished (the
+        // stream was synchronised): it may be rewritten.
+        descs.len = 0;
         for i in 0..depth {
             // xorshift: a random page per piece, as random 4 KiB I/O does.
             rng ^= rng << 13;
@@ -121,50 +118,27 @@ fn one_queue(
             let page = vram + (rng % pages) * PAGE as u64;
             let buf = buffers.dev + (i * PAGE) as u64;
             let (src, dst) = if write { (buf, page) } else { (page, buf) };
-            let d = Desc {
+            let fits = descs.push(Desc {
                 src,
                 dst,
                 sums: 0,
                 len: PAGE as u32,
                 flags: flags::COPY,
-            };
-            // SAFETY: i < depth entries of the table; the previous launch
-            // that read it has finished (the stream was synchronised).
-            unsafe { descs.add(i).write(d) };
+            });
+            if !fits {
+                return Err(failed("the descriptor table", "full"));
+            }
         }
-        let mut table_dev = table.dev;
-        let mut n = depth as u32;
-        let mut params = [
-            (&mut table_dev as *mut u64).cast::<std::ffi::c_void>(),
-            (&mut n as *mut u32).cast::<std::ffi::c_void>(),
-        ];
-        // SAFETY: the parameters match copy_list(u64, u32); the table and
-        // every address in it stay valid until the stream is synchronised.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                kernel.function,
-                n,
-                1,
-                1,
-                THREADS,
-                1,
-                1,
-                0,
-                stream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
+        // SAFETY: the kernel loaded in this context; the table and every
+        // address in it stay valid until the stream is synchronised below.
+        let r = unsafe { kernel::launch(copy.function, descs.dev, depth as u32, stream) };
         if r != sys::CUresult::CUDA_SUCCESS {
-            break Err(failed("cuLaunchKernel", format!("{r:?}")));
+            return Err(failed("cuLaunchKernel", format!("{r:?}")));
         }
         // SAFETY: a stream of ours.
-        if let Err(e) = unsafe { result::stream::synchronize(stream) } {
-            break Err(failed("cuStreamSynchronize", e));
-        }
+        unsafe { result::stream::synchronize(stream) }
+            .map_err(|e| failed("cuStreamSynchronize", e))?;
         ios += depth as u64;
-    };
-    // SAFETY: synchronised above (or never launched on).
-    let _ = unsafe { result::stream::destroy(stream) };
-    result
+    }
+    Ok(ios)
 }

@@ -18,7 +18,7 @@ use cudarc::driver::sys;
 use vramblk_store::StoreError;
 
 /// Threads per block; each moves 16 bytes per step.
-pub(crate) const THREADS: u32 = 256;
+const THREADS: u32 = 256;
 
 /// Bytes one descriptor covers at most: requests are cut into pieces of
 /// this size so a large request spreads over several blocks (SMs).
@@ -287,6 +287,43 @@ impl Drop for CopyKernel {
         unsafe {
             sys::cuModuleUnload(self.module);
         }
+    }
+}
+
+/// Launches `copy_list(table, n)` on `stream`: one block of [`THREADS`]
+/// threads per descriptor.
+///
+/// # Safety
+/// `function` is the loaded copy kernel of the current context; `table` is
+/// the device address of `n` descriptors, and they and every address in
+/// them stay valid until the stream has passed the launch.
+pub(crate) unsafe fn launch(
+    function: sys::CUfunction,
+    table: sys::CUdeviceptr,
+    n: u32,
+    stream: sys::CUstream,
+) -> sys::CUresult {
+    let (mut table, mut n) = (table, n);
+    let mut params = [
+        (&mut table as *mut u64).cast::<std::ffi::c_void>(),
+        (&mut n as *mut u32).cast::<std::ffi::c_void>(),
+    ];
+    // SAFETY: the parameters match copy_list(u64, u32) and live through
+    // the call (the driver copies them); the rest is the caller's promise.
+    unsafe {
+        sys::cuLaunchKernel(
+            function,
+            n,
+            1,
+            1,
+            THREADS,
+            1,
+            1,
+            0,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
     }
 }
 

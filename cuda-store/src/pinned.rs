@@ -7,10 +7,11 @@ use crate::kernel::Desc;
 use cudarc::driver::sys;
 use vramblk_store::StoreError;
 
-/// A round's table in pinned host memory the GPU reads and writes
-/// directly: the copy kernel's descriptors, or the checksums the copy
-/// engines carry. Owned by its round, so a table is never rewritten while
-/// a launch or copy that uses it may still run.
+/// A table in pinned host memory the GPU reads and writes directly: a
+/// round's copy-kernel descriptors, or the checksums the copy engines
+/// carry. In a queue each is owned by its round, so a table is never
+/// rewritten while a launch or copy that uses it may still run. Freed by
+/// `free`, not on drop: a round keeps its table for reuse.
 pub(crate) struct PinnedTable<T: Copy> {
     pub(crate) host: *mut T,
     pub(crate) dev: sys::CUdeviceptr,

@@ -16,7 +16,7 @@
 use crate::driver::{check, context_lost, describe, is_context_fatal, retried_once, SyncStream};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, PinRefused, Pinned, EXTENT};
 use crate::integrity::{page_sum_cpu, sum_addr, PAGE, SUMS_PER_EXTENT};
-use crate::kernel::{self, flags, Desc, THREADS};
+use crate::kernel::{self, flags, Desc};
 use crate::pinned::{DescTable, PinnedTable};
 use crate::CopyPolicy;
 use cudarc::driver::sys;
@@ -402,28 +402,11 @@ impl CudaQueue {
         let Some(function) = self.path.kernel else {
             return false;
         };
-        let mut table = descs.dev;
-        let mut n = descs.len as u32;
-        let mut params = [
-            (&mut table as *mut u64).cast::<std::ffi::c_void>(),
-            (&mut n as *mut u32).cast::<std::ffi::c_void>(),
-        ];
-        // SAFETY: the parameters match copy_list(u64, u32); the table and
-        // every address in it stay valid until the round's event completes.
+        let n = descs.len as u32;
+        // SAFETY: the store's kernel; the table and every address in it
+        // stay valid until the round's event completes.
         let r = retried_once("copy kernel launch", || unsafe {
-            sys::cuLaunchKernel(
-                function,
-                n,
-                1,
-                1,
-                THREADS,
-                1,
-                1,
-                0,
-                self.stream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
+            kernel::launch(function, descs.dev, n, self.stream)
         });
         if r != sys::CUresult::CUDA_SUCCESS {
             log::error!("copy kernel launch ({n} pieces): {}", describe(r));
