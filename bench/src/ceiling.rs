@@ -12,7 +12,7 @@ use cudarc::driver::result::{self, stream};
 use std::time::Instant;
 use vramblk_cuda_store::CudaStore;
 
-use crate::table::Row;
+use crate::table::{yes_no, Row};
 
 const DEVICE_BYTES: usize = 1 << 30;
 const SEQ_BS: usize = 512 << 10;
@@ -197,7 +197,7 @@ pub fn table(rows: &[Row], mode: &str, c: &Ceiling) -> String {
                 r.depth,
                 r.iops / 1e6,
                 cap / 1e6,
-                if ratio >= 0.85 { "yes" } else { "no" }
+                yes_no(ratio >= 0.85)
             );
         } else if r.bs == 4096 && r.queues == 1 && r.depth == 1 {
             let floor = if r.read {
@@ -209,7 +209,7 @@ pub fn table(rows: &[Row], mode: &str, c: &Ceiling) -> String {
             t += &format!(
                 "| QD1 4 KiB {dir} p50 | {:.1} us | {floor:.1} us | {ratio:.2}x | <= 1.05x | {} |\n",
                 r.p50,
-                if ratio <= 1.05 { "yes" } else { "no" }
+                yes_no(ratio <= 1.05)
             );
         } else if r.bs == SEQ_BS as u64 {
             let cap = if r.read {
@@ -223,7 +223,7 @@ pub fn table(rows: &[Row], mode: &str, c: &Ceiling) -> String {
                 r.queues,
                 r.depth,
                 r.gbps,
-                if ratio >= 0.95 { "yes" } else { "no" }
+                yes_no(ratio >= 0.95)
             );
         }
     }
@@ -233,27 +233,7 @@ pub fn table(rows: &[Row], mode: &str, c: &Ceiling) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row(read: bool, bs: u64, q: u16, d: usize, iops: f64, p50: f64) -> Row {
-        Row {
-            name: if bs == 4096 {
-                "4 KiB rand".into()
-            } else {
-                "512 KiB seq".into()
-            },
-            mode: "auto".into(),
-            read,
-            bs,
-            queues: q,
-            depth: d,
-            iops,
-            gbps: iops * bs as f64 / 1e9,
-            p50,
-            p99: 0.0,
-            errors: 0,
-            cpu_us_per_io: 0.0,
-        }
-    }
+    use crate::table::test_row;
 
     #[test]
     fn each_shape_meets_its_own_ceiling() {
@@ -268,12 +248,14 @@ mod tests {
             seq_write_gbps: 40.0,
             seq_read_gbps: 40.0,
         };
+        let mut qd1 = test_row("auto", true, 4096, 1, 1, 1e5);
+        qd1.p50 = 7.7;
         let rows = vec![
-            row(false, 4096, 16, 128, 9e6, 0.0),
-            row(true, 4096, 16, 128, 8e6, 0.0),
-            row(true, 4096, 1, 32, 1.8e6, 0.0),
-            row(true, 4096, 1, 1, 1e5, 7.7),
-            row(true, 512 << 10, 4, 32, 90_000.0, 0.0),
+            test_row("auto", false, 4096, 16, 128, 9e6),
+            test_row("auto", true, 4096, 16, 128, 8e6),
+            test_row("auto", true, 4096, 1, 32, 1.8e6),
+            qd1,
+            test_row("auto", true, 512 << 10, 4, 32, 90_000.0),
         ];
         let t = table(&rows, "auto", &c);
         assert!(t.contains("| 4 KiB random write 16 x 128 | 9.00 M IOPS | 10.00 M IOPS (the copy kernel alone) | 0.90x | >= 0.85x | yes |"), "{t}");

@@ -4,6 +4,7 @@
 //! itself sleeps in io_uring when nothing is in flight (ublk-target's
 //! queue.rs); the VM suite measures that for the whole server.
 
+use crate::table::yes_no;
 use std::time::{Duration, Instant};
 
 /// CPU time (user + system) of the whole process so far.
@@ -30,7 +31,7 @@ pub fn line(cpu: Duration, wall: Duration) -> String {
         cpu.as_secs_f64() * 1e3,
         wall.as_secs_f64(),
         share * 100.0,
-        if share < 0.001 { "yes" } else { "no" }
+        yes_no(share < 0.001)
     )
 }
 
