@@ -54,16 +54,7 @@ rc=$?
 check "fio sequential 1 MiB O_DIRECT write + verify" [ $rc -eq 0 ]
 info "fio 1M seq write qd8: $(sed -n 's/.*WRITE: bw=\([^ ]*\).*/\1/p' /tmp/fio-s.txt)"
 
-# Issue 19: a live device with no I/O costs next to no CPU: each queue
-# thread sleeps in io_uring with nothing in flight, the standby waits on
-# its eventfd; the supervisor wakes 10 times a second (stop requests, the
-# standby, the handoff channel). A spinning queue would show ~10000 ms
-# here; the bound leaves TCG's slowness room (it was 50 ms in 10 s).
-sleep 1
-h=$(holder_pid 0)
-idle=$(idle_cpu_ms 10 $h $(HOLDER_FOR_CHILDREN=$h supervisor_children))
-while read -r l; do info "idle host device: $l"; done < /tmp/idle-cpu
-check "a device with no I/O uses next to no CPU (< 500 ms in 10 s under TCG: $idle ms)" [ "$idle" -lt 500 ]
+check_idle_cpu "a device"
 
 dd if=/dev/urandom of=/tmp/pattern bs=4096 count=4 2>/dev/null
 dd if=/tmp/pattern of=$dev bs=4096 seek=100 oflag=direct conv=fsync 2>/dev/null
@@ -154,11 +145,7 @@ $FIO --name=fill --filename=$dev --rw=write --bs=1M --iodepth=8 --size=768M --ou
 GB_OLD="--name=gb --filename=$dev --rw=write --bs=64k --iodepth=16 --offset=768M --size=256M"
 $FIO $GB_OLD --verify=crc32c --do_verify=0 --output=/tmp/fio-gb.txt
 check "give-back: 768 MiB written, then 256 MiB with checksums" [ $? -eq 0 ]
-sleep 1
-h=$(holder_pid 0)
-idle=$(idle_cpu_ms 10 $h $(HOLDER_FOR_CHILDREN=$h supervisor_children))
-while read -r l; do info "idle cuda device (stand-in libcuda): $l"; done < /tmp/idle-cpu
-check "a cuda device (stand-in libcuda) with no I/O uses next to no CPU (< 500 ms in 10 s under TCG: $idle ms)" [ "$idle" -lt 500 ]
+check_idle_cpu "a cuda device (stand-in libcuda)"
 check "give-back: the first 768 MiB discarded" /sbin/blkdiscard -o 0 -l $((768 << 20)) $dev
 out=$(vramblk release 0 --to 0 2>&1)
 info "release 0 --to 0: $out"

@@ -131,6 +131,21 @@ idle_cpu_ms() {
     echo $total
 }
 
+# check_idle_cpu WHAT: device 0, idle, costs next to no CPU (issue 19):
+# each queue thread sleeps in io_uring with nothing in flight, the standby
+# waits on its eventfd; the supervisor wakes 10 times a second (stop
+# requests, the standby, the handoff channel) and a cuda server's
+# VRAM-control thread polls as often. A spinning queue would show ~10000
+# ms; the bound leaves TCG's slowness room (30-120 ms seen in 10 s).
+check_idle_cpu() {
+    local h idle
+    sleep 1
+    h=$(holder_pid 0)
+    idle=$(idle_cpu_ms 10 $h $(HOLDER_FOR_CHILDREN=$h supervisor_children))
+    while read -r l; do info "idle, $1: $l"; done < /tmp/idle-cpu
+    check "$1 with no I/O uses next to no CPU (< 500 ms in 10 s under TCG: $idle ms)" [ "$idle" -lt 500 ]
+}
+
 mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }
 
 holder_pid() {
