@@ -64,11 +64,17 @@ pub fn build_versions(root: &Path, versions: &[Option<&str>]) -> Result<Vec<Path
     let cargo_deb = ensure_cargo_deb(root)?;
     crate::build_release(root, &["-p", "vramblk-cli"])?;
     write_assets(root, &root.join("target/release/vramblk"))?;
-    let out_dir = root.join("target/debian");
-    std::fs::create_dir_all(&out_dir)?;
     versions
         .iter()
         .map(|v| {
+            // cargo-deb deletes the package's other .deb files in its
+            // output folder, so each named version gets a folder of its own.
+            let out_dir = match v {
+                None => root.join("target/debian"),
+                Some(v) => root.join("target/debian").join(v),
+            };
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
             let deb = package(root, &cargo_deb, &out_dir, *v)?;
             check(&deb)?;
             println!("package: {}", deb.display());

@@ -63,7 +63,8 @@ pub enum Task {
     /// The CUDA store's GPU checks and benchmark (engine-bench) here, or
     /// record a report from elsewhere; rewrites docs/benchmarks.md's GPU part.
     BenchEngine(bench_engine::Options),
-    /// The Debian package (target/debian/), checked.
+    /// The Debian package (target/debian/, or target/debian/VERSION/ with
+    /// --deb-version), checked.
     Deb(deb::Options),
     /// Install the binary, units, udev rule and default config under /usr/local and /etc.
     Install(install::Options),
