@@ -130,6 +130,9 @@ struct Supervisor<'a> {
     /// The service socket the memory fds were last handed to, if any; a
     /// different one (a restarted service) gets them again.
     announced: Option<announce::SocketId>,
+    /// When the last server death was seen, until the device is live again
+    /// (the log says how long the device went unserved).
+    down_since: Option<Instant>,
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
@@ -189,6 +192,7 @@ fn supervise_with(
         standby_forked: None,
         announced: None,
         cushion: None,
+        down_since: None,
     };
     let result = sup.supervise(first);
     // Whatever ended supervision, no line stays held.
@@ -265,6 +269,7 @@ impl Supervisor<'_> {
                         run.status
                     );
                     restarts += 1;
+                    self.down_since.get_or_insert_with(Instant::now);
                     if let Some(w) = woken {
                         log::info!("supervisor: standby server {} took over", w.pid);
                         active = w;
@@ -433,7 +438,16 @@ impl Supervisor<'_> {
                     Ok(dev) => {
                         held_log::release();
                         if self.id.is_some() {
-                            log::info!("supervisor: {} recovered", bdev_path(dev));
+                            let down = self.down_since.take().map(|t| t.elapsed());
+                            log::info!(
+                                "supervisor: {} recovered{}",
+                                bdev_path(dev),
+                                down.map(|d| format!(
+                                    " {:.2} s after its server exited",
+                                    d.as_secs_f64()
+                                ))
+                                .unwrap_or_default()
+                            );
                         }
                         self.id = Some(dev);
                         live_since = Some(Instant::now());

@@ -4,6 +4,7 @@ use crate::counters::DeviceCounters;
 use crate::gate::StartGate;
 use crate::params::device_params;
 use crate::queue::serve_queue;
+use crate::request_timeout;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
@@ -18,7 +19,8 @@ use vramblk_store::{BufferRegion, Store};
 const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
 
 /// How long a recovering server waits for the kernel to notice the old
-/// server is gone (its monitor runs every 5 s) and quiesce the device.
+/// server is gone and quiesce the device (at once on new kernels; within
+/// the request timeout or the 5 s monitor of older ones: request_timeout.rs).
 const QUIESCE_WAIT: Duration = Duration::from_secs(30);
 
 /// Whether to add a new device or take over one whose server died.
@@ -173,6 +175,18 @@ where
             counters.clone(),
             &gate,
         )
+    };
+    let on_live = move |ctrl: &UblkCtrl| {
+        let id = ctrl.dev_info().dev_id;
+        if let Err(e) = request_timeout::shorten(id) {
+            log::warn!(
+                "ublk device {id}: could not set its request timeout ({}: {e}); on kernels \
+                 before 6.15 a server that dies with a full queue is noticed only after the \
+                 default 30 s",
+                request_timeout::attribute_path(id).display()
+            );
+        }
+        on_live(ctrl);
     };
     ctrl.run_target(tgt_init, q_fn, on_live)
         .map_err(DeviceError::Serve)?;

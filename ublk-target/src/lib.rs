@@ -7,6 +7,8 @@
 //! - [`device`]: adding and serving a device.
 //! - [`control`]: finding, inspecting and deleting devices.
 //! - [`features`]: the kernel's ublk feature flags and which vramblk needs.
+//! - `request_timeout`: the request timeout that bounds how late older
+//!   kernels notice a dead server.
 
 pub mod control;
 pub mod counters;
@@ -16,6 +18,7 @@ pub mod features;
 mod gate;
 mod params;
 mod queue;
+mod request_timeout;
 mod slots;
 
 pub use control::{ControlError, DeviceInfo, DeviceState};

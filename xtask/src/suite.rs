@@ -124,10 +124,7 @@ const SUITES: &[Suite] = &[
         // defaults (refused in this boot's last section and in the systemd
         // boot's first, 2026-12-02); the pressure section fills
         // MemAvailable + 200 MiB, so its pressure is the same. 6.12 keeps
-        // 1 GiB: with 1.25 GiB this boot's first section's third kill
-        // waited 30 s for the kernel to let the dead server go (twice in
-        // two runs, 2026-12-02; not understood yet), which 1 GiB never
-        // showed.
+        // 1 GiB, which it has room in.
         memory_on_7x: Some("1280M"),
         cmdline: "hugepages=256",
         // The service part brings a device up as swap (then off again

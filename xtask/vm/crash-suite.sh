@@ -37,6 +37,16 @@ i=0
 while daemon_alive && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
 check "supervisor and server exit after del" daemon_gone
 
+# --- 1b. a server killed while every tag of a queue holds a request: the
+# state of a device under full load (a swap device under pressure). Both
+# queues full, one full and one idle (the idle one's cancelled commands
+# start the quiesce, which then waits on the full one), and the cuda store.
+full_queue_kill "full queues" "0 1" vramblk add --size 128M --backend host --hugepages --queues 2 --depth 8
+full_queue_kill "one queue full, one idle" "0" vramblk add --size 128M --backend host --hugepages --queues 2 --depth 8
+full_queue_kill "cuda (stub), full queues" "0 1" \
+    env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 8
+check "no take-over waited out the kernel, each within 10 s of its server's exit" takeovers_within 10
+
 # --- 2. the cuda backend through the kernel path, on the stand-in libcuda
 # (cuda-store/tests/stub: host memory on huge pages behind the CUDA driver
 # calls). It runs vramblk's cuda code (allocation, export to the supervisor,

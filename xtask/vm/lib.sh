@@ -181,6 +181,76 @@ kill_servers() {
     done
 }
 
+# takeovers_within SECS: every take-over the logs tell of ("recovered X s
+# after its server exited") served the device again within SECS seconds,
+# and none waited out the kernel ("still live after"); prints the slowest.
+takeovers_within() {
+    local slowest
+    slowest=$(sed -n 's/.*recovered \([0-9.]*\) s after its server exited.*/\1/p' \
+        /run/vramblk/*.log | sort -n | tail -1)
+    info "slowest take-over: ${slowest:-none} s"
+    [ -n "$slowest" ] && ! grep -q "still live after" /run/vramblk/*.log &&
+        awk -v s="$slowest" -v lim="$1" 'BEGIN { exit !(s < lim) }'
+}
+
+# full_queue_kill NAME CPUS ADD...: a 128M device with 2 queues x depth 8
+# (added by the command ADD..., which prints its path) under one fio job
+# per CPU in CPUS, each 16 deep, so the queue of each such CPU fills; the
+# server is stopped until every tag of those queues holds a request, then
+# SIGKILLed. Kernels before 6.15 notice that death only through the
+# request timeout (no io_uring command of the server is left in the
+# kernel to cancel); the server shortens it to 1 s
+# (ublk-target/src/request_timeout.rs), and the next server must serve
+# within 10 s, not after the default 30 s. fio must see no error and every
+# block must verify.
+full_queue_kill() {
+    local fq=$1 cpus=$2 dev jobs c want p t0 t1 took fpid rc
+    shift 2
+    dev=$("$@" 2>/tmp/add-f.txt)
+    check "$fq: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-f.txt; show_logs; return 1; }
+    check "$fq: the server set the request timeout to 1 s" \
+        [ "$(cat /sys/block/ublkb0/queue/io_timeout)" = 1000 ]
+    jobs=""
+    want=0
+    for c in $cpus; do
+        jobs="$jobs --name=cpu$c --cpus_allowed=$c --offset=$((c * 64))M"
+        want=$((want + 8))
+    done
+    local common="--filename=$dev --rw=randwrite --bs=4k --iodepth=16 --size=64M --verify=crc32c"
+    # shellcheck disable=SC2086
+    $FIO $common --do_verify=0 $jobs --output=/tmp/fio-f.txt &
+    fpid=$!
+    writing() { [ "$(awk '{print $5}' /sys/block/ublkb0/stat)" -gt 100 ]; }
+    wait_for 30 writing
+    p=$(daemon_pid 0)
+    kill -STOP "$p"
+    full() { [ "$(awk '{print $1 + $2}' /sys/block/ublkb0/inflight)" -ge "$want" ]; }
+    wait_for 20 full
+    check "$fq: every tag of the loaded queues holds a request ($want in flight)" full ||
+        info "$fq: in flight: $(cat /sys/block/ublkb0/inflight)"
+    t0=$(tr -d . < /proc/uptime | cut -d' ' -f1)
+    kill -9 "$p"
+    kill -CONT "$p" 2>/dev/null
+    info "$fq: SIGKILLed stopped server $p"
+    wait_recovered 0 "$p"
+    t1=$(tr -d . < /proc/uptime | cut -d' ' -f1)
+    took=$(((t1 - t0) / 10))
+    info "$fq: served again $((took / 10)).$((took % 10)) s after the kill"
+    check "$fq: the next server serves within 10 s (the default request timeout: 30 s)" \
+        [ $took -lt 100 ] || show_logs
+    check "$fq: the new server set the request timeout too" \
+        [ "$(cat /sys/block/ublkb0/queue/io_timeout)" = 1000 ]
+    wait $fpid
+    rc=$?
+    check "$fq: fio wrote through the kill with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-f.txt
+    # shellcheck disable=SC2086
+    fio_verified "$fq: verify-only pass (crc32c)" /tmp/fio-fv.txt $common $jobs
+    out=$(vramblk del 0 2>&1)
+    check "$fq: del" [ "$out" = "removed /dev/ublkb0" ]
+    i=0
+    while daemon_alive && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
+}
+
 # wait_for SECS COMMAND...: true once the command succeeds, within SECS
 wait_for() {
     limit=$(($1 * 2)); shift
@@ -344,6 +414,8 @@ swap_kill_run() {
     check "$run: every byte read back intact through $((k - 1)) kills" [ $rc -eq 0 ] || show_logs
     check "$run: swap was really used (pswpout grew by > 32 MiB)" [ $pages -gt 8192 ]
     check "$run: nothing was OOM-killed" no_oom
+    check "$run: no take-over waited out the kernel (\"still live after\")" \
+        sh -c '! grep -q "still live after" /run/vramblk/*.log'
     check "$run: no kernel oops or hung task" no_oops
     out=$(vramblk del 0 2>&1)
     check "$run: swapoff and del" [ "$out" = "removed /dev/ublkb0" ] || info "$out"
