@@ -1,17 +1,17 @@
 //! `vramblk add`.
 
 use crate::args::{AddArgs, BackendArg, CopyModeArg, IntegrityArg};
-use crate::budget;
-use crate::daemon::{self, Reporter};
-use crate::host::{cpu_count, require_root, require_ublk_features};
-use crate::plan::Plan;
-use crate::supervise::{self, Mode};
-use crate::swap;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vramblk_config::{
     defaults, parse_size, parse_size_or_zero, Backend, CopyMode, DeviceRecord, RUN_DIR,
 };
+use vramblk_daemon::budget;
+use vramblk_daemon::host::{cpu_count, require_root, require_ublk_features};
+use vramblk_daemon::plan::Plan;
+use vramblk_daemon::process::{self, Reporter};
+use vramblk_daemon::supervise::{self, Mode};
+use vramblk_daemon::swap;
 use vramblk_host_store::{HostStore, HostStoreOptions, MemInfo};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
 use vramblk_ublk_target::DeviceOptions;
@@ -73,7 +73,7 @@ pub fn run(a: &AddArgs) -> Result<()> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {RUN_DIR}"))?;
 
     if a.foreground {
-        crate::init_logging(env_logger::Target::Stderr);
+        vramblk_daemon::init_logging(env_logger::Target::Stderr);
         let swap = a.swap.then_some((a.priority, a.discard));
         return supervise::run(&plan, run_dir, Reporter::none(), Mode::Foreground { swap });
     }
@@ -91,12 +91,12 @@ pub fn run(a: &AddArgs) -> Result<()> {
 /// cannot be set up is removed again.
 pub fn launch(plan: &mut Plan, run_dir: &Path, swap_on: Option<(i32, bool)>) -> Result<u32> {
     preflight(plan)?;
-    let log = daemon::log_path(run_dir);
+    let log = process::log_path(run_dir);
     plan.log = log.clone();
     let plan = &*plan;
     // Under the service, the supervisor must not keep the service's
     // copies of other devices' memory.
-    let id = daemon::spawn(&log, &crate::holder::held_fds(), |reporter| {
+    let id = process::spawn(&log, &vramblk_daemon::holder::held_fds(), |reporter| {
         supervise::run(plan, run_dir, reporter, Mode::Daemon)
     })?;
     let path = bdev_path(id);

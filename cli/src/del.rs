@@ -1,14 +1,14 @@
 //! `vramblk del`.
 
 use crate::args::DelArgs;
-use crate::host::{pid_alive, require_driver, require_root};
-use crate::swap;
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vramblk_config::{DeviceRecord, RUN_DIR};
+use vramblk_daemon::host::{pid_alive, require_driver, require_root};
+use vramblk_daemon::swap;
 use vramblk_ublk_target::control::{self, bdev_path, device_ids};
 
 pub fn run(a: &DelArgs) -> Result<()> {

@@ -1,10 +1,10 @@
 //! `vramblk list` and `vramblk features`.
 
-use crate::host::pid_alive;
-use crate::swap;
 use anyhow::Result;
 use std::path::Path;
 use vramblk_config::{format_size, DeviceRecord, RUN_DIR};
+use vramblk_daemon::host::pid_alive;
+use vramblk_daemon::swap;
 use vramblk_ublk_target::control::{self, bdev_path, device_ids, DeviceState};
 
 pub fn run() -> Result<()> {

@@ -2,36 +2,20 @@
 //! swap device.
 
 mod add;
-mod adopt;
-mod announce;
 mod args;
-mod budget;
 mod config;
-mod daemon;
 mod del;
 mod generate;
 mod gpu;
-mod held_log;
-mod holder;
-mod host;
 mod list;
-mod memory;
-mod notify;
-mod plan;
 mod prometheus;
 mod recover;
 mod release;
-mod server;
 mod service;
-mod signals;
 mod sleep;
-mod stats;
 mod status;
 mod status_output;
-mod supervise;
-mod swap;
 mod up;
-mod vram_control;
 
 use args::{Cli, Command};
 use clap::Parser;
@@ -79,7 +63,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Release { id, to } => release::run(id, to.as_deref()),
-        Command::FlipBit { id, offset } => vram_control::flip_bit(id, offset),
+        Command::FlipBit { id, offset } => vramblk_daemon::vram_control::flip_bit(id, offset),
         Command::Sleep { step } => match step {
             args::SleepStep::Prepare => sleep::prepare(),
             args::SleepStep::Resume => sleep::resume(),
@@ -92,12 +76,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr in the foreground; a daemon points them at its log file.
-pub(crate) fn init_logging(target: env_logger::Target) {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(target)
-        .format_timestamp_millis()
-        .try_init();
 }

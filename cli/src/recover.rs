@@ -1,12 +1,12 @@
 //! `vramblk recover ID`: ask a device's supervisor to restart its server now.
 
 use crate::args::RecoverArgs;
-use crate::host::{pid_alive, require_driver, require_root};
 use crate::service::ServiceState;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vramblk_config::{DeviceRecord, RUN_DIR};
+use vramblk_daemon::host::{pid_alive, require_driver, require_root};
 use vramblk_ublk_target::control::{bdev_path, device_ids, device_info};
 use vramblk_ublk_target::DeviceState;
 
@@ -35,14 +35,12 @@ pub fn run(a: &RecoverArgs) -> Result<()> {
     }
     match record.holder_pid.filter(|&p| pid_alive(p)) {
         Some(holder) => {
-            // SAFETY: kill with a pid read from our own record; the worst
-            // case is a signal the target ignores.
-            if unsafe { libc::kill(holder as i32, libc::SIGUSR1) } != 0 {
-                bail!(
-                    "signalling the supervisor (pid {holder}): {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+            let pid = i32::try_from(holder)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .with_context(|| format!("the record's supervisor pid {holder} is not a pid"))?;
+            rustix::process::kill_process(pid, rustix::process::Signal::USR1)
+                .with_context(|| format!("signalling the supervisor (pid {holder})"))?;
             println!("asked the supervisor (pid {holder}) to restart the server of {path}");
         }
         None => {

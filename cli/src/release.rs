@@ -4,11 +4,11 @@
 //! take their pages back.
 
 use crate::del::{delete_each, lock, vramblk_records};
-use crate::host::{require_driver, require_root};
-use crate::vram_control::{self, Command, VramReply};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use vramblk_config::{format_size, parse_size_or_zero, Backend, RUN_DIR};
+use vramblk_daemon::host::{require_driver, require_root};
+use vramblk_daemon::vram_control::{self, Command, VramReply};
 
 pub fn run(id: Option<u32>, to: Option<&str>) -> Result<()> {
     require_root("release")?;

@@ -7,19 +7,19 @@
 //! The service never touches CUDA: free VRAM comes from NVML.
 
 use crate::gpu::Gpus;
-use crate::holder::Holder;
-use crate::host::{require_driver, require_root};
-use crate::notify::{listen_fds, notify};
 use crate::release;
-use crate::signals;
 use crate::up::{bring_up, configured_devices, take_down};
-use crate::vram_control::{self, Command, VramReply};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vramblk_config::{format_size, parse_size, store_json, Backend, Config, RUN_DIR};
+use vramblk_daemon::holder::Holder;
+use vramblk_daemon::host::{require_driver, require_root};
+use vramblk_daemon::notify::{listen_fds, notify};
+use vramblk_daemon::signals;
+use vramblk_daemon::vram_control::{self, Command, VramReply};
 use vramblk_policy::{PowerGate, PowerReading, PressureAction, PressureGate, VramReading};
 
 /// How often VRAM pressure is looked at (NVML reads are cheap).
@@ -134,7 +134,7 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
     let handed_back = listen_fds();
     require_root("service")?;
     require_driver()?;
-    crate::init_logging(env_logger::Target::Stderr);
+    vramblk_daemon::init_logging(env_logger::Target::Stderr);
     let config = Config::load(&a.config)?;
     signals::install_service_handlers();
     std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
@@ -208,7 +208,7 @@ impl Service {
             pressure,
             vram,
             state: ServiceState {
-                pid: crate::host::own_pid(),
+                pid: vramblk_daemon::host::own_pid(),
                 ..ServiceState::default()
             },
             config,

@@ -7,12 +7,12 @@
 //! with it the sleep: refusing to sleep loses nothing, sleeping could.
 
 use crate::del::{lock, vramblk_records};
-use crate::host::require_root;
-use crate::swap;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vramblk_config::{store_json, RUN_DIR};
+use vramblk_daemon::host::require_root;
+use vramblk_daemon::swap;
 use vramblk_ublk_target::control::bdev_path;
 
 /// The swap areas prepare turned off, to turn back on at resume.

@@ -3,17 +3,17 @@
 //! the service know.
 
 use crate::gpu::Gpus;
-use crate::host::pid_alive;
 use crate::service::ServiceState;
-use crate::stats::{self, StatsReply};
-use crate::swap;
-use crate::vram_control;
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 use vramblk_config::{format_size, human_size, Backend, DeviceRecord, RUN_DIR};
+use vramblk_daemon::host::pid_alive;
+use vramblk_daemon::stats::{self, StatsReply};
+use vramblk_daemon::swap;
+use vramblk_daemon::vram_control;
 use vramblk_ublk_target::control::{self, bdev_path, device_ids};
 
 #[derive(Debug, Serialize)]
@@ -172,7 +172,7 @@ pub fn collect() -> Result<Status> {
             d.server_pid = Some(r.pid).filter(|_| server_alive);
             d.supervisor_pid = r.holder_pid.filter(|_| holder_alive);
             d.standby_pid = d.supervisor_pid.and_then(|h| {
-                crate::host::children_of(h)
+                vramblk_daemon::host::children_of(h)
                     .into_iter()
                     .find(|&c| Some(c) != d.server_pid)
             });

@@ -2,11 +2,11 @@
 
 use crate::add::launch;
 use crate::del::{delete_one, lock, vramblk_records};
-use crate::host::{pid_alive, require_driver, require_root};
-use crate::plan::Plan;
 use anyhow::{bail, Result};
 use std::path::Path;
 use vramblk_config::{format_size, Config, RUN_DIR};
+use vramblk_daemon::host::{pid_alive, require_driver, require_root};
+use vramblk_daemon::plan::Plan;
 use vramblk_ublk_target::control::bdev_path;
 
 /// The devices that serve config entries now: (entry, device id).

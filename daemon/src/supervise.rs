@@ -10,9 +10,9 @@
 //! waiting forever. A server SIGKILLed from outside is always recovered:
 //! that is no crash loop, and giving up would lose every page.
 
-use crate::daemon::{self, Reporter, SUPERVISOR_CUSHION_BYTES};
 use crate::memory::{Held, Memory};
 use crate::plan::Plan;
+use crate::process::{self, Reporter, SUPERVISOR_CUSHION_BYTES};
 use crate::server::{self, Launch};
 use crate::{announce, held_log, signals, swap};
 use anyhow::{anyhow, bail, Result};
@@ -126,7 +126,7 @@ struct Supervisor<'a> {
     /// fork and the new server's first allocations then find free pages
     /// while swap waits on the device (the standby keeps a cushion of its
     /// own for the same reason).
-    cushion: Option<daemon::Cushion>,
+    cushion: Option<process::Cushion>,
     /// The service socket the memory fds were last handed to, if any; a
     /// different one (a restarted service) gets them again.
     announced: Option<announce::SocketId>,
@@ -136,7 +136,7 @@ struct Supervisor<'a> {
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
-    daemon::harden_for_swap()?;
+    process::harden_for_swap()?;
     signals::install_supervisor_handlers();
     let (foreground_swap, print_path) = match mode {
         Mode::Foreground { swap } => (swap, true),
@@ -162,7 +162,7 @@ pub fn adopt(
     id: u32,
     restarts: u32,
 ) -> Result<()> {
-    daemon::harden_for_swap()?;
+    process::harden_for_swap()?;
     signals::install_supervisor_handlers();
     let held = Held::with_memory(plan, memory)?;
     let first = Launch {
@@ -329,9 +329,9 @@ impl Supervisor<'_> {
     /// Forks a server (or, with `standby`, one that waits on an eventfd for
     /// the word to take over).
     fn fork_server(&self, launch: Launch, standby: bool) -> Result<Child> {
-        let (report, reporter) = daemon::report_pipe()?;
+        let (report, reporter) = process::report_pipe()?;
         let go = if standby {
-            Some(daemon::eventfd()?)
+            Some(process::eventfd()?)
         } else {
             None
         };
@@ -388,7 +388,7 @@ impl Supervisor<'_> {
             return;
         }
         if self.cushion.is_none() {
-            self.cushion = Some(daemon::Cushion::new(SUPERVISOR_CUSHION_BYTES));
+            self.cushion = Some(process::Cushion::new(SUPERVISOR_CUSHION_BYTES));
         }
         if let Some(s) = &self.standby {
             if let Some(status) = reap(s.pid) {
@@ -429,12 +429,12 @@ impl Supervisor<'_> {
             // Wakes for the report, for the server's death, or at the tick
             // (stop requests, the standby, the handoff channel).
             let [reported, _] =
-                daemon::wait_readable(&[server.report.as_ref(), server.exited.as_ref()], TICK_MS);
+                process::wait_readable(&[server.report.as_ref(), server.exited.as_ref()], TICK_MS);
             // Only a report that is there is taken: dropping the pipe
             // unread would lose it.
             let report = if reported { server.report.take() } else { None };
             if let Some(fd) = report {
-                match daemon::read_report(fd, &self.plan.log) {
+                match process::read_report(fd, &self.plan.log) {
                     Ok(dev) => {
                         held_log::release();
                         if self.id.is_some() {

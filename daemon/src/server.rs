@@ -2,10 +2,10 @@
 //! queues. The supervisor forks one per start; a server that dies is
 //! replaced by a new one that recovers the device.
 
-use crate::daemon::{self, Reporter};
 use crate::held_log;
 use crate::memory::{hand_over, Held, HeldVram, Memory};
 use crate::plan::Plan;
+use crate::process::{self, Reporter};
 use crate::stats;
 use crate::swap;
 use crate::vram_control;
@@ -48,7 +48,7 @@ pub fn main(
     if recovering {
         held_log::hold();
     }
-    if let Err(e) = daemon::prepare_server_process(!recovering) {
+    if let Err(e) = process::prepare_server_process(!recovering) {
         log::error!("server: {e:#}");
         reporter.fail(&format!("{e:#}"));
         held_log::release();
@@ -176,8 +176,8 @@ fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch, plan: &Plan) -> bool 
     let Some(go) = go else {
         return true;
     };
-    daemon::warm_thread_stacks(plan.device.queues as usize + SPARE_THREADS);
-    let cushion = daemon::Cushion::new(CUSHION_BYTES);
+    process::warm_thread_stacks(plan.device.queues as usize + SPARE_THREADS);
+    let cushion = process::Cushion::new(CUSHION_BYTES);
     let Some(restarts) = wait_for_go(go) else {
         return false;
     };
@@ -203,10 +203,13 @@ const IMAGE_BYTES: u64 = 4 << 20;
 /// supervisor with its cushion, and the server and its standby, each with
 /// its kept heap and thread stacks; the standby's cushion.
 pub fn locked_by_processes(queues: u16) -> u64 {
-    let stacks = (queues as u64 + SPARE_THREADS as u64) * daemon::QUEUE_STACK as u64;
-    let heap = daemon::HEAP_KEPT as u64 * 3 / 2;
+    let stacks = (queues as u64 + SPARE_THREADS as u64) * process::QUEUE_STACK as u64;
+    let heap = process::HEAP_KEPT as u64 * 3 / 2;
     let server = heap + stacks + IMAGE_BYTES;
-    IMAGE_BYTES + 2 * server + CUSHION_BYTES as u64 + crate::daemon::SUPERVISOR_CUSHION_BYTES as u64
+    IMAGE_BYTES
+        + 2 * server
+        + CUSHION_BYTES as u64
+        + crate::process::SUPERVISOR_CUSHION_BYTES as u64
 }
 
 /// Blocks until the supervisor writes the restart count (+1) to the

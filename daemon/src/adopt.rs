@@ -5,7 +5,7 @@
 use crate::host::pid_alive;
 use crate::memory::{HeldVram, Memory};
 use crate::plan::Plan;
-use crate::{daemon, supervise};
+use crate::{process, supervise};
 use anyhow::{anyhow, bail, Context, Result};
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
@@ -71,7 +71,7 @@ pub fn adopt_device(
     let plan = adoption_plan(record);
     let backing = record.backing.clone();
     let (id, restarts) = (record.id, record.restarts + 1);
-    daemon::spawn(&plan.log, close_in_child, |reporter| {
+    process::spawn(&plan.log, close_in_child, |reporter| {
         let memory = match plan.backend {
             Backend::Host => {
                 let fd = copies

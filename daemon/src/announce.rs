@@ -1,4 +1,4 @@
-//! A supervisor's side of the service's holder socket (cli/src/holder.rs):
+//! A supervisor's side of the service's holder socket (daemon/src/holder.rs):
 //! where a supervisor the service started finds the socket, and how it
 //! hands the service copies of its device's memory fds.
 

@@ -111,7 +111,7 @@ pub fn spawn(
                 unsafe { libc::close(fd) };
             }
             detach(&log_file);
-            crate::init_logging(env_logger::Target::Pipe(Box::new(
+            crate::logging::init_logging(env_logger::Target::Pipe(Box::new(
                 crate::held_log::HeldLog::new(log_file),
             )));
             let code = match serve(reporter.clone()) {

@@ -1,0 +1,37 @@
+//! vramblk's process model: the processes a device runs as and what each
+//! holds. `vramblk add` and the service plan a device and fork its
+//! supervisor; the supervisor holds the device's memory and forks its
+//! server and a standby; the server runs ublk-target's queues on a store.
+//! The commands (cli/) parse arguments and print; this crate does the rest.
+//! docs/process-model.md draws it on one page.
+//!
+//! - [`plan`]: what a device will be; [`budget`]: the RAM it will lock.
+//! - [`process`]: forking a daemon, its report pipe, hardening for swap.
+//! - [`supervise`], [`memory`]: the supervisor and what it holds.
+//! - [`server`], [`stats`], [`vram_control`], [`swap`]: the server and its
+//!   sockets, swap on its device.
+//! - [`held_log`]: log lines held while a device recovers.
+//! - [`holder`], [`adopt`], [`announce`], [`notify`], [`signals`]: the
+//!   service's side: fds held for systemd's fd store, adoption of a device
+//!   whose supervisor died, sd_notify, the supervisor's signals.
+//! - [`host`]: preconditions (root, ublk_drv); [`logging`]: where logs go.
+
+pub mod adopt;
+pub mod announce;
+pub mod budget;
+pub mod held_log;
+pub mod holder;
+pub mod host;
+pub mod logging;
+pub mod memory;
+pub mod notify;
+pub mod plan;
+pub mod process;
+pub mod server;
+pub mod signals;
+pub mod stats;
+pub mod supervise;
+pub mod swap;
+pub mod vram_control;
+
+pub use logging::init_logging;
