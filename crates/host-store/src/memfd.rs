@@ -1,6 +1,7 @@
 use crate::MemInfo;
-use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, Store, StoreError};
 
@@ -37,12 +38,8 @@ impl HostStore {
         Self::preflight(opts)?;
         let fd = create_memfd(opts.hugetlb)?;
         let len = mapped_len(opts);
-        // SAFETY: fd is a fresh memfd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(StoreError::last_os(format!(
-                "sizing the memfd to {len} bytes"
-            )));
-        }
+        rustix::fs::ftruncate(&fd, len)
+            .map_err(|e| StoreError::os(format!("sizing the memfd to {len} bytes"), e))?;
         let mapping = Mapping::new(fd, len as usize, opts.size, opts.hugetlb)?;
         log::info!(
             "host store: {} MiB in a {} memfd",
@@ -62,17 +59,9 @@ impl HostStore {
     /// fd store). `size` is the device size; the memfd's own length and
     /// whether it lives on hugetlb pages are read from the fd.
     pub fn adopt(fd: OwnedFd, size: u64) -> Result<HostStore, StoreError> {
-        // SAFETY: fstat/fstatfs on an fd we own, into zeroed structs.
-        let (st, sfs) = unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            let mut sfs: libc::statfs = std::mem::zeroed();
-            if libc::fstat(fd.as_raw_fd(), &mut st) != 0
-                || libc::fstatfs(fd.as_raw_fd(), &mut sfs) != 0
-            {
-                return Err(StoreError::last_os("looking at the held memfd"));
-            }
-            (st, sfs)
-        };
+        let look = |e| StoreError::os("looking at the held memfd", e);
+        let st = rustix::fs::fstat(&fd).map_err(look)?;
+        let sfs = rustix::fs::fstatfs(&fd).map_err(look)?;
         let mapped = st.st_size as u64;
         if size == 0 || mapped < size {
             return Err(StoreError::Invalid(format!(
@@ -156,19 +145,11 @@ pub(crate) fn check_fits(opts: &HostStoreOptions, m: &MemInfo) -> Result<(), Sto
 }
 
 fn create_memfd(hugetlb: bool) -> Result<OwnedFd, StoreError> {
-    let name = CString::new("vramblk").expect("static name has no NUL");
-    let mut flags = libc::MFD_CLOEXEC;
+    let mut flags = MemfdFlags::CLOEXEC;
     if hugetlb {
-        // MFD_HUGE_2MB = 21 << MFD_HUGE_SHIFT
-        flags |= libc::MFD_HUGETLB | (21 << 26);
+        flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
     }
-    // SAFETY: name is a valid C string; the returned fd is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(StoreError::last_os("creating the memfd"));
-    }
-    // SAFETY: fd was just returned to us and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    rustix::fs::memfd_create("vramblk", flags).map_err(|e| StoreError::os("creating the memfd", e))
 }
 
 /// The shared mapping of the memfd, and the memfd itself (a discard
@@ -190,23 +171,19 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn new(fd: OwnedFd, mapped: usize, size: u64, hugetlb: bool) -> Result<Mapping, StoreError> {
-        // SAFETY: mapping `mapped` bytes of a memfd we sized to at least that.
+        // SAFETY: mapping `mapped` bytes of a memfd we sized to at least
+        // that; the mapping is owned by the Mapping from here on.
         let ptr = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 mapped,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                fd.as_raw_fd(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::POPULATE,
+                &fd,
                 0,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(StoreError::last_os(format!(
-                "mapping {} MiB of host memory",
-                mapped >> 20
-            )));
         }
+        .map_err(|e| StoreError::os(format!("mapping {} MiB of host memory", mapped >> 20), e))?;
         Ok(Mapping {
             base: ptr.cast(),
             mapped,
@@ -225,18 +202,12 @@ impl Mapping {
         let first = offset.div_ceil(self.page) * self.page;
         let last = end / self.page * self.page;
         let (zero_head, zero_tail) = if first < last {
-            // SAFETY: fallocate on our memfd; [first, last) is inside it.
-            let r = unsafe {
-                libc::fallocate(
-                    self.fd.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    first as libc::off_t,
-                    (last - first) as libc::off_t,
-                )
-            };
-            if r != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::fs::fallocate(
+                &self.fd,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                first,
+                last - first,
+            )?;
             (offset..first, last..end)
         } else {
             (offset..end, end..end)
@@ -262,7 +233,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmapping our own mapping; every queue handle holds an Arc,
         // so none is left.
-        unsafe { libc::munmap(self.base.cast(), self.mapped) };
+        let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.mapped) };
     }
 }
 
@@ -300,7 +271,7 @@ impl HostQueue {
         if end.is_none_or(|e| e > self.mapping.size)
             || (r.op.uses_buffer() && r.len as usize > r.buf.len())
         {
-            return -libc::EINVAL;
+            return -rustix::io::Errno::INVAL.raw_os_error();
         }
         // SAFETY: offset+len is inside the mapping (checked above).
         let at = unsafe { self.mapping.base.add(r.offset as usize) };
@@ -324,7 +295,9 @@ impl HostQueue {
                         r.len,
                         r.offset
                     );
-                    return -e.raw_os_error().unwrap_or(libc::EIO);
+                    return -e
+                        .raw_os_error()
+                        .unwrap_or(rustix::io::Errno::IO.raw_os_error());
                 }
             }
         }

@@ -130,7 +130,11 @@ fn out_of_range_requests_fail_with_einval() {
             },
         ],
     );
-    assert!(done.iter().all(|c| c.result == -libc::EINVAL), "{done:?}");
+    assert!(
+        done.iter()
+            .all(|c| c.result == -rustix::io::Errno::INVAL.raw_os_error()),
+        "{done:?}"
+    );
 }
 
 #[test]
@@ -172,13 +176,7 @@ fn an_adopted_memfd_has_the_bytes_its_creator_wrote() {
 
 /// Bytes of memory the memfd holds now.
 fn allocated(store: &HostStore) -> u64 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fstat into a zeroed struct on the store's live memfd.
-    let st = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        assert_eq!(libc::fstat(store.backing_fds()[0].as_raw_fd(), &mut st), 0);
-        st
-    };
+    let st = rustix::fs::fstat(store.backing_fds()[0]).expect("fstat of the store's memfd");
     st.st_blocks as u64 * 512
 }
 

@@ -1,4 +1,5 @@
 use crate::StoreError;
+use rustix::mm::{MapFlags, ProtFlags};
 use std::ptr::NonNull;
 
 /// One queue's io buffers: `count` slots of `slot_len` bytes in a single
@@ -22,7 +23,7 @@ impl BufferRegion {
     /// copies swap pages into these buffers while memory is short, so they
     /// must never fault.
     pub fn new(count: usize, slot_len: usize) -> Result<Self, StoreError> {
-        Self::map(count, slot_len, libc::MAP_PRIVATE)
+        Self::map(count, slot_len, MapFlags::PRIVATE)
     }
 
     /// As [`BufferRegion::new`], but shared with children forked later: a
@@ -30,10 +31,10 @@ impl BufferRegion {
     /// from them, so a server started while memory is short (its
     /// predecessor died with swap I/O pending) needs no new buffers.
     pub fn new_shared(count: usize, slot_len: usize) -> Result<Self, StoreError> {
-        Self::map(count, slot_len, libc::MAP_SHARED)
+        Self::map(count, slot_len, MapFlags::SHARED)
     }
 
-    fn map(count: usize, slot_len: usize, sharing: libc::c_int) -> Result<Self, StoreError> {
+    fn map(count: usize, slot_len: usize, sharing: MapFlags) -> Result<Self, StoreError> {
         if count == 0 || slot_len == 0 || !slot_len.is_multiple_of(4096) {
             return Err(StoreError::Invalid(format!(
                 "io buffer region needs a positive count and a 4 KiB multiple slot size (got {count} x {slot_len})"
@@ -42,36 +43,33 @@ impl BufferRegion {
         let len = count.checked_mul(slot_len).ok_or_else(|| {
             StoreError::Invalid(format!("io buffer region {count} x {slot_len} overflows"))
         })?;
-        // SAFETY: an anonymous mapping with no address hint; the
-        // result is checked before use.
+        // SAFETY: an anonymous mapping with no address hint, owned by the
+        // region from here on.
         let ptr = unsafe {
-            libc::mmap(
+            rustix::mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                sharing | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
+                ProtFlags::READ | ProtFlags::WRITE,
+                sharing | MapFlags::POPULATE,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(StoreError::last_os(format!(
-                "mapping {} MiB of io buffers",
-                len >> 20
-            )));
         }
+        .map_err(|e| StoreError::os(format!("mapping {} MiB of io buffers", len >> 20), e))?;
         // SAFETY: ptr/len is the mapping made just above.
-        if unsafe { libc::mlock(ptr, len) } != 0 {
-            let err = StoreError::last_os(format!(
-                "locking {} MiB of io buffers (raise RLIMIT_MEMLOCK or run as root)",
-                len >> 20
-            ));
+        if let Err(e) = unsafe { rustix::mm::mlock(ptr, len) } {
             // SAFETY: unmapping the mapping made above, not used afterwards.
-            unsafe { libc::munmap(ptr, len) };
-            return Err(err);
+            let _ = unsafe { rustix::mm::munmap(ptr, len) };
+            return Err(StoreError::os(
+                format!(
+                    "locking {} MiB of io buffers (raise RLIMIT_MEMLOCK or run as root)",
+                    len >> 20
+                ),
+                e,
+            ));
         }
         Ok(BufferRegion {
-            base: NonNull::new(ptr.cast()).expect("mmap returned null without MAP_FAILED"),
+            base: NonNull::new(ptr.cast()).ok_or_else(|| {
+                StoreError::Invalid("the kernel mapped the io buffers at address 0".into())
+            })?,
             slot_len,
             count,
         })
@@ -122,7 +120,7 @@ impl Drop for BufferRegion {
     fn drop(&mut self) {
         // SAFETY: unmapping our own mapping; no IoBuf may outlive the region
         // (the queue drops its store handle and tasks first).
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len()) };
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len()) };
     }
 }
 

@@ -18,6 +18,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Wraps an OS error (rustix's `Errno` or std's) with what was being done.
+    pub fn os(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        StoreError::Os {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
     /// Wraps the last OS error with what was being done.
     pub fn last_os(what: impl Into<String>) -> Self {
         StoreError::Os {
