@@ -96,9 +96,7 @@ fn main() -> Result<()> {
         }
     }
     let store = stores[0].1.clone();
-    let mut version = 0;
-    // SAFETY: valid out-pointer; the driver is initialised by create().
-    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    let version = store.driver_version();
     let header = format!(
         "GPU: {}, driver CUDA {}.{}, device {} MiB, `engine-bench {}`, {}",
         store.gpu_name(),

@@ -403,36 +403,31 @@ const POISON_PTX: &str = r#"
 /// Breaks the current context: launches `poison` and waits for it; true
 /// when the context reports the illegal address, as it should.
 fn poison_context() -> bool {
+    use cudarc::driver::result::{self, DriverError};
     use cudarc::driver::sys;
     let Ok(src) = std::ffi::CString::new(POISON_PTX) else {
         return false;
     };
-    let (mut module, mut function) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: valid out-pointers, a NUL-terminated image, a kernel with no
-    // parameters launched on the current context's null stream.
+    // SAFETY: a NUL-terminated image; a kernel with no parameters launched
+    // on the current context's null stream.
     unsafe {
-        if sys::cuModuleLoadData(&mut module, src.as_ptr().cast()) != sys::CUresult::CUDA_SUCCESS
-            || sys::cuModuleGetFunction(&mut function, module, c"poison".as_ptr())
-                != sys::CUresult::CUDA_SUCCESS
-        {
+        let Ok(module) = result::module::load_data(src.as_ptr().cast()) else {
             return false;
-        }
-        let mut none: [*mut std::ffi::c_void; 0] = [];
-        let launched = sys::cuLaunchKernel(
+        };
+        let Ok(function) = result::module::get_function(module, c"poison".into()) else {
+            return false;
+        };
+        let launched = result::launch_kernel(
             function,
-            1,
-            1,
-            1,
-            1,
-            1,
-            1,
+            (1, 1, 1),
+            (1, 1, 1),
             0,
-            std::ptr::null_mut(),
-            none.as_mut_ptr(),
-            std::ptr::null_mut(),
+            result::stream::null(),
+            &mut [],
         );
-        launched == sys::CUresult::CUDA_SUCCESS
-            && sys::cuCtxSynchronize() == sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS
+        launched.is_ok()
+            && result::ctx::synchronize()
+                == Err(DriverError(sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS))
     }
 }
 

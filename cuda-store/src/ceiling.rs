@@ -131,10 +131,8 @@ fn launch_rounds(
         }
         // SAFETY: the kernel loaded in this context; the table and every
         // address in it stay valid until the stream is synchronised below.
-        let r = unsafe { kernel::launch(copy.function, descs.dev, depth as u32, stream) };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(failed("cuLaunchKernel", format!("{r:?}")));
-        }
+        unsafe { kernel::launch(copy.function, descs.dev, depth as u32, stream) }
+            .map_err(|e| failed("cuLaunchKernel", e))?;
         // SAFETY: a stream of ours.
         unsafe { result::stream::synchronize(stream) }
             .map_err(|e| failed("cuStreamSynchronize", e))?;

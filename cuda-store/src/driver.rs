@@ -1,45 +1,47 @@
-//! The FFI edge: checked calls into libcuda.
+//! The FFI edge: libcuda through cudarc's result layer (typed wrappers that
+//! return `DriverError`), and `sys` for the entry points that layer lacks
+//! (the virtual-memory and fd-export calls, host registration, 32-bit
+//! memsets and stream writes, the driver version). Every result becomes a
+//! `StoreError` here, or, when the context is lost, the end of the process.
 
+use cudarc::driver::result::{self, stream::StreamKind, DriverError};
 use cudarc::driver::sys;
-use std::ffi::CStr;
 use vramblk_store::StoreError;
 
-/// Turns a CUresult into a StoreError naming what was being done. A
-/// context-fatal result ends the process instead (`context_lost`): after
-/// it every call in the context fails, and a request answered with an
-/// error would reach the process whose page it holds.
+/// Turns a driver call's result into a StoreError naming what was being
+/// done. A context-fatal error ends the process instead (`context_lost`):
+/// after it every call in the context fails, and a request answered with
+/// an error would reach the process whose page it holds.
+pub(crate) fn checked<T>(r: Result<T, DriverError>, what: &str) -> Result<T, StoreError> {
+    r.map_err(|e| {
+        if is_context_fatal(e) {
+            context_lost(what, e);
+        }
+        StoreError::Unavailable(format!("{what}: {}", describe(e)))
+    })
+}
+
+/// [`checked`] for a raw `sys` call (one the result layer lacks).
 pub(crate) fn check(r: sys::CUresult, what: &str) -> Result<(), StoreError> {
-    if r == sys::CUresult::CUDA_SUCCESS {
-        return Ok(());
-    }
-    if is_context_fatal(r) {
-        context_lost(what, r);
-    }
-    Err(StoreError::Unavailable(format!("{what}: {}", describe(r))))
+    checked(r.result(), what)
 }
 
-pub(crate) fn describe(r: sys::CUresult) -> String {
-    let mut s: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: cuGetErrorString writes a pointer to a static string or
-    // leaves it null.
-    let ok = unsafe { sys::cuGetErrorString(r, &mut s) } == sys::CUresult::CUDA_SUCCESS;
-    if ok && !s.is_null() {
-        // SAFETY: non-null results point at static NUL-terminated strings.
-        let text = unsafe { CStr::from_ptr(s) }.to_string_lossy();
-        format!("{text} ({r:?})")
-    } else {
-        format!("{r:?}")
+/// The driver's words for `e`, with its code.
+pub(crate) fn describe(e: DriverError) -> String {
+    match e.error_string() {
+        Ok(text) => format!("{} ({:?})", text.to_string_lossy(), e.0),
+        Err(_) => format!("{:?}", e.0),
     }
 }
 
-/// Whether `r` means the context is lost: every later call in it fails the
+/// Whether `e` means the context is lost: every later call in it fails the
 /// same way (an illegal address or instruction in a kernel, a failed or
 /// timed-out launch, an uncorrectable ECC error, a GPU that stopped). Any
 /// other error is a refusal of that one call.
-pub(crate) fn is_context_fatal(r: sys::CUresult) -> bool {
+pub(crate) fn is_context_fatal(e: DriverError) -> bool {
     use sys::CUresult::*;
     matches!(
-        r,
+        e.0,
         CUDA_ERROR_ILLEGAL_ADDRESS
             | CUDA_ERROR_LAUNCH_FAILED
             | CUDA_ERROR_LAUNCH_TIMEOUT
@@ -66,11 +68,11 @@ pub const CONTEXT_LOST_EXIT: i32 = 75;
 /// requests in flight. The kernel issues them again to the next server
 /// (ublk's USER_RECOVERY_REISSUE), which imports the VRAM the supervisor
 /// holds into a fresh context; no request sees an error.
-pub(crate) fn context_lost(what: &str, r: sys::CUresult) -> ! {
+pub(crate) fn context_lost(what: &str, e: DriverError) -> ! {
     log::error!(
         "the GPU's context is lost ({what}: {}); this server stops without answering its \
          requests in flight, the next one takes them over on a fresh context",
-        describe(r)
+        describe(e)
     );
     // SAFETY: _exit ends the process at once: no destructor runs, so no
     // queue answers anything and nothing touches the lost context again.
@@ -79,14 +81,21 @@ pub(crate) fn context_lost(what: &str, r: sys::CUresult) -> ! {
 
 /// Runs a driver call; a refused call (not context-fatal) is tried once
 /// more. A context-fatal result ends the process (`context_lost`).
-pub(crate) fn retried_once(what: &str, mut call: impl FnMut() -> sys::CUresult) -> sys::CUresult {
+pub(crate) fn retried_once<T>(
+    what: &str,
+    mut call: impl FnMut() -> Result<T, DriverError>,
+) -> Result<T, DriverError> {
     let mut r = call();
-    if r != sys::CUresult::CUDA_SUCCESS && !is_context_fatal(r) {
-        log::warn!("{what}: {}; trying once more", describe(r));
-        r = call();
+    if let Err(e) = &r {
+        if !is_context_fatal(*e) {
+            log::warn!("{what}: {}; trying once more", describe(*e));
+            r = call();
+        }
     }
-    if is_context_fatal(r) {
-        context_lost(what, r);
+    if let Err(e) = &r {
+        if is_context_fatal(*e) {
+            context_lost(what, *e);
+        }
     }
     r
 }
@@ -99,26 +108,26 @@ pub(crate) fn init() -> Result<i32, StoreError> {
             "no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver, or use --backend host)".into(),
         ));
     }
-    // SAFETY: plain driver calls with valid out-pointers.
-    unsafe {
-        let r = sys::cuInit(0);
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(StoreError::Unavailable(format!(
-                "the CUDA driver found no usable NVIDIA GPU: {}",
-                describe(r)
-            )));
-        }
-        let mut version = 0;
-        check(sys::cuDriverGetVersion(&mut version), "cuDriverGetVersion")?;
-        if version < 11030 {
-            return Err(StoreError::Unavailable(format!(
-                "the NVIDIA driver supports CUDA {}.{}; vramblk needs 11.3 or newer",
-                version / 1000,
-                (version % 1000) / 10
-            )));
-        }
-        Ok(version)
+    if let Err(e) = result::init() {
+        return Err(StoreError::Unavailable(format!(
+            "the CUDA driver found no usable NVIDIA GPU: {}",
+            describe(e)
+        )));
     }
+    let mut version = 0;
+    // SAFETY: valid out-pointer (the result layer has no call for this).
+    check(
+        unsafe { sys::cuDriverGetVersion(&mut version) },
+        "cuDriverGetVersion",
+    )?;
+    if version < 11030 {
+        return Err(StoreError::Unavailable(format!(
+            "the NVIDIA driver supports CUDA {}.{}; vramblk needs 11.3 or newer",
+            version / 1000,
+            (version % 1000) / 10
+        )));
+    }
+    Ok(version)
 }
 
 /// A stream whose work its owner waits for at once: the map's records
@@ -129,15 +138,11 @@ pub(crate) struct SyncStream(sys::CUstream);
 impl SyncStream {
     /// On the context current on this thread.
     pub(crate) fn new() -> Result<SyncStream, StoreError> {
-        let mut s = std::ptr::null_mut();
-        // SAFETY: valid out-pointer.
-        check(
-            unsafe {
-                sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
-            },
+        checked(
+            result::stream::create(StreamKind::NonBlocking),
             "cuStreamCreate",
-        )?;
-        Ok(SyncStream(s))
+        )
+        .map(SyncStream)
     }
 
     /// Queues a copy of `len` bytes of VRAM from `src` to `dst`.
@@ -148,8 +153,8 @@ impl SyncStream {
     /// [`wait`]: SyncStream::wait
     pub(crate) unsafe fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), StoreError> {
         // SAFETY: as the caller promised.
-        check(
-            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, len, self.0) },
+        checked(
+            unsafe { result::memcpy_dtod_async(dst, src, len, self.0) },
             "copying VRAM",
         )
     }
@@ -162,8 +167,8 @@ impl SyncStream {
     /// [`wait`]: SyncStream::wait
     pub(crate) unsafe fn zero(&self, at: u64, len: usize) -> Result<(), StoreError> {
         // SAFETY: as the caller promised.
-        check(
-            unsafe { sys::cuMemsetD8Async(at, 0, len, self.0) },
+        checked(
+            unsafe { result::memset_d8_async(at, 0, len, self.0) },
             "zeroing VRAM",
         )
     }
@@ -173,7 +178,8 @@ impl SyncStream {
     /// # Safety
     /// `at` is a mapped, 4-byte-aligned word nobody else writes meanwhile.
     pub(crate) unsafe fn put_u32(&self, at: u64, value: u32) -> Result<(), StoreError> {
-        // SAFETY: as the caller promised.
+        // SAFETY: as the caller promised (a 32-bit memset: not in the
+        // result layer).
         check(
             unsafe { sys::cuMemsetD32Async(at, value, 1, self.0) },
             "writing the extent map",
@@ -183,8 +189,8 @@ impl SyncStream {
     /// Waits for everything queued.
     pub(crate) fn wait(&self) -> Result<(), StoreError> {
         // SAFETY: our own stream.
-        check(
-            unsafe { sys::cuStreamSynchronize(self.0) },
+        checked(
+            unsafe { result::stream::synchronize(self.0) },
             "waiting for VRAM work",
         )
     }
@@ -194,8 +200,8 @@ impl Drop for SyncStream {
     fn drop(&mut self) {
         // SAFETY: our stream; what it still runs is waited for first.
         unsafe {
-            sys::cuStreamSynchronize(self.0);
-            sys::cuStreamDestroy_v2(self.0);
+            let _ = result::stream::synchronize(self.0);
+            let _ = result::stream::destroy(self.0);
         }
     }
 }

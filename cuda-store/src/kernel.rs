@@ -12,8 +12,9 @@
 //! not needed to build vramblk. The unit tests assemble it with ptxas where
 //! `VRAMBLK_PTXAS` names one.
 
-use crate::driver::check;
+use crate::driver::checked;
 use crate::integrity;
+use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use vramblk_store::StoreError;
 
@@ -261,21 +262,23 @@ impl CopyKernel {
     pub(crate) fn load() -> Result<CopyKernel, StoreError> {
         let src = std::ffi::CString::new(ptx())
             .map_err(|_| StoreError::Invalid("the embedded PTX holds a NUL byte".into()))?;
-        let mut module = std::ptr::null_mut();
-        let mut function = std::ptr::null_mut();
-        // SAFETY: valid out-pointers and a NUL-terminated image; the module
-        // is unloaded on the error path.
-        unsafe {
-            check(
-                sys::cuModuleLoadData(&mut module, src.as_ptr().cast()),
-                "loading the copy kernel (cuModuleLoadData)",
-            )?;
-            let r = sys::cuModuleGetFunction(&mut function, module, c"copy_list".as_ptr());
-            if let Err(e) = check(r, "finding the copy kernel") {
-                sys::cuModuleUnload(module);
+        // SAFETY: a NUL-terminated PTX image, alive through the call.
+        let module = checked(
+            unsafe { result::module::load_data(src.as_ptr().cast()) },
+            "loading the copy kernel (cuModuleLoadData)",
+        )?;
+        // SAFETY: the module just loaded; it is unloaded on the error path.
+        let function = match checked(
+            unsafe { result::module::get_function(module, c"copy_list".into()) },
+            "finding the copy kernel",
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                // SAFETY: the module loaded above, used by nothing.
+                let _ = unsafe { result::module::unload(module) };
                 return Err(e);
             }
-        }
+        };
         Ok(CopyKernel { module, function })
     }
 }
@@ -284,9 +287,7 @@ impl Drop for CopyKernel {
     fn drop(&mut self) {
         // SAFETY: unloading the module this value loaded; its context is
         // still retained by the store that owns us.
-        unsafe {
-            sys::cuModuleUnload(self.module);
-        }
+        let _ = unsafe { result::module::unload(self.module) };
     }
 }
 
@@ -302,7 +303,7 @@ pub(crate) unsafe fn launch(
     table: sys::CUdeviceptr,
     n: u32,
     stream: sys::CUstream,
-) -> sys::CUresult {
+) -> Result<(), DriverError> {
     let (mut table, mut n) = (table, n);
     let mut params = [
         (&mut table as *mut u64).cast::<std::ffi::c_void>(),
@@ -310,21 +311,7 @@ pub(crate) unsafe fn launch(
     ];
     // SAFETY: the parameters match copy_list(u64, u32) and live through
     // the call (the driver copies them); the rest is the caller's promise.
-    unsafe {
-        sys::cuLaunchKernel(
-            function,
-            n,
-            1,
-            1,
-            THREADS,
-            1,
-            1,
-            0,
-            stream,
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
+    unsafe { result::launch_kernel(function, (n, 1, 1), (THREADS, 1, 1), 0, stream, &mut params) }
 }
 
 /// Cuts `whole` (a request's part in one extent) into descriptors of at

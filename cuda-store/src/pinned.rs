@@ -2,9 +2,9 @@
 //! device-mapped alias: a queue round's copy-kernel descriptors and
 //! checksums, and the ceiling measurement's buffers.
 
-use crate::driver::check;
+use crate::driver::{check, checked};
 use crate::kernel::Desc;
-use cudarc::driver::sys;
+use cudarc::driver::{result, sys};
 use vramblk_store::StoreError;
 
 /// A table in pinned host memory the GPU reads and writes directly: a
@@ -40,24 +40,24 @@ impl<T: Copy> PinnedTable<T> {
         }
         self.free();
         let cap = n.next_power_of_two().max(256);
-        let mut host = std::ptr::null_mut();
-        // SAFETY: valid out-pointers; the allocation is freed in free().
-        unsafe {
-            check(
-                sys::cuMemHostAlloc(
-                    &mut host,
+        // SAFETY: the allocation is freed in free().
+        let host = checked(
+            unsafe {
+                result::malloc_host(
                     cap * std::mem::size_of::<T>(),
                     sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
-                ),
-                "allocating a round's pinned table",
-            )?;
-            self.host = host.cast();
-            self.cap = cap;
-            check(
-                sys::cuMemHostGetDevicePointer_v2(&mut self.dev, host, 0),
-                "mapping a round's pinned table",
-            )?;
-        }
+                )
+            },
+            "allocating a round's pinned table",
+        )?;
+        self.host = host.cast();
+        self.cap = cap;
+        // SAFETY: valid out-pointer, an allocation made with DEVICEMAP just
+        // above (the device-pointer query is not in the result layer).
+        check(
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut self.dev, host, 0) },
+            "mapping a round's pinned table",
+        )?;
         Ok(())
     }
 
@@ -97,7 +97,7 @@ impl<T: Copy> PinnedTable<T> {
         if !self.host.is_null() {
             // SAFETY: allocated by cuMemHostAlloc in reserve(); no launch
             // or copy using it is in flight (its round is finished).
-            unsafe { sys::cuMemFreeHost(self.host.cast()) };
+            let _ = unsafe { result::free_host(self.host.cast()) };
         }
         *self = PinnedTable::empty();
     }

@@ -13,12 +13,15 @@
 //! lone copy would double its latency. A page that does not match fails
 //! its request alone with EIO.
 
-use crate::driver::{check, context_lost, describe, is_context_fatal, retried_once, SyncStream};
+use crate::driver::{
+    check, checked, context_lost, describe, is_context_fatal, retried_once, SyncStream,
+};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, PinRefused, Pinned, EXTENT};
 use crate::integrity::{page_sum_cpu, sum_addr, PAGE, SUMS_PER_EXTENT};
 use crate::kernel::{self, flags, Desc};
 use crate::pinned::{DescTable, PinnedTable};
 use crate::CopyPolicy;
+use cudarc::driver::result::{self, stream::StreamKind, DriverError};
 use cudarc::driver::sys;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -174,31 +177,23 @@ impl CudaQueue {
         // The queue is used only on the thread that opens it (the queue's
         // own thread), so the context is made current once, here.
         // SAFETY: the context is retained by the store, which outlives us.
-        check(unsafe { sys::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
-        // SAFETY: valid out-pointer; the region outlives this queue (the
-        // queue loop drops the store handle before its buffers).
+        checked(unsafe { result::ctx::set_current(ctx) }, "cuCtxSetCurrent")?;
+        q.stream = checked(
+            result::stream::create(StreamKind::NonBlocking),
+            "cuStreamCreate",
+        )?;
+        q.sum_stream = checked(
+            result::stream::create(StreamKind::NonBlocking),
+            "cuStreamCreate (checksums)",
+        )?;
+        q.sum_event = checked(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+            "cuEventCreate (checksums)",
+        )?;
+        // SAFETY: the region outlives this queue (the queue loop drops the
+        // store handle before its buffers). Host registration is not in the
+        // result layer.
         unsafe {
-            check(
-                sys::cuStreamCreate(
-                    &mut q.stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                ),
-                "cuStreamCreate",
-            )?;
-            check(
-                sys::cuStreamCreate(
-                    &mut q.sum_stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                ),
-                "cuStreamCreate (checksums)",
-            )?;
-            check(
-                sys::cuEventCreate(
-                    &mut q.sum_event,
-                    sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
-                ),
-                "cuEventCreate (checksums)",
-            )?;
             check(
                 sys::cuMemHostRegister_v2(
                     buffers.base().cast(),
@@ -225,12 +220,8 @@ impl CudaQueue {
         if let Some(r) = self.spare.pop() {
             return Ok(r);
         }
-        let mut e = std::ptr::null_mut();
-        // SAFETY: valid out-pointer.
-        check(
-            unsafe {
-                sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-            },
+        let e = checked(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
             "cuEventCreate",
         )?;
         Ok(Round {
@@ -300,19 +291,26 @@ impl CudaQueue {
                 && pages <= WRITE_VALUE_PAGES
                 && (0..pages).all(|k| {
                     let value = round.sums.get(at + k).unwrap_or(0);
-                    // SAFETY: page k's checksum, in the checksum slots.
-                    let r = retried_once("a checksum write", || unsafe {
+                    // SAFETY: page k's checksum, in the checksum slots (a
+                    // stream write: not in the result layer).
+                    retried_once("a checksum write", || unsafe {
                         sys::cuStreamWriteValue32_v2(self.stream, sums + 4 * k as u64, value, 0)
-                    });
-                    r == sys::CUresult::CUDA_SUCCESS
+                            .result()
+                    })
+                    .is_ok()
                 });
             // SAFETY: the checksums of pages of an extent the request
             // pinned, and `n` bytes of the round's pinned table, alive
             // until the round's event completes.
             let written = by_value
                 || retried_once("a checksum copy", || unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(sums, host.cast(), n, self.stream)
-                }) == sys::CUresult::CUDA_SUCCESS;
+                    result::memcpy_htod_async(
+                        sums,
+                        std::slice::from_raw_parts(host, pages),
+                        self.stream,
+                    )
+                })
+                .is_ok();
             if !written {
                 log::error!("writing {pages} page checksum(s) failed");
                 return false;
@@ -325,10 +323,14 @@ impl CudaQueue {
         // SAFETY: as for the write above; on the checksum stream, which the
         // round's stream waits for before its event.
         let r = retried_once("a checksum copy", || unsafe {
-            sys::cuMemcpyDtoHAsync_v2(host.cast(), sums, n, self.sum_stream)
+            result::memcpy_dtoh_async(
+                std::slice::from_raw_parts_mut(host, pages),
+                sums,
+                self.sum_stream,
+            )
         });
-        if r != sys::CUresult::CUDA_SUCCESS {
-            log::error!("fetching {n} bytes of checksums: {}", describe(r));
+        if let Err(e) = r {
+            log::error!("fetching {n} bytes of checksums: {}", describe(e));
             return false;
         }
         round.cpu_checks.push(CpuCheck {
@@ -348,9 +350,13 @@ impl CudaQueue {
     fn join_sum_stream(&self) -> bool {
         // SAFETY: our own event and streams.
         let joined = unsafe {
-            sys::cuEventRecord(self.sum_event, self.sum_stream) == sys::CUresult::CUDA_SUCCESS
-                && sys::cuStreamWaitEvent(self.stream, self.sum_event, 0)
-                    == sys::CUresult::CUDA_SUCCESS
+            result::event::record(self.sum_event, self.sum_stream).is_ok()
+                && result::stream::wait_event(
+                    self.stream,
+                    self.sum_event,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .is_ok()
         };
         joined || self.wait_for(self.sum_stream, "fetching checksums")
     }
@@ -360,8 +366,7 @@ impl CudaQueue {
     /// context.
     fn wait_for(&self, stream: sys::CUstream, what: &str) -> bool {
         // SAFETY: waiting on a stream this queue created.
-        let r = unsafe { sys::cuStreamSynchronize(stream) };
-        match check(r, what) {
+        match checked(unsafe { result::stream::synchronize(stream) }, what) {
             Ok(()) => true,
             Err(e) => {
                 log::error!("{e}");
@@ -386,12 +391,12 @@ impl CudaQueue {
         let n = (u64::from(len) / PAGE * 4) as usize;
         // SAFETY: the checksums of pages of an extent the request pinned.
         let r = retried_once("zeroing checksums", || unsafe {
-            sys::cuMemsetD8Async(at, 0, n, self.stream)
+            result::memset_d8_async(at, 0, n, self.stream)
         });
-        if r != sys::CUresult::CUDA_SUCCESS {
-            log::error!("zeroing {n} bytes of checksums: {}", describe(r));
+        if let Err(e) = r {
+            log::error!("zeroing {n} bytes of checksums: {}", describe(e));
         }
-        r == sys::CUresult::CUDA_SUCCESS
+        r.is_ok()
     }
 
     /// Launches the kernel over the round's table; false when it failed.
@@ -408,8 +413,8 @@ impl CudaQueue {
         let r = retried_once("copy kernel launch", || unsafe {
             kernel::launch(function, descs.dev, n, self.stream)
         });
-        if r != sys::CUresult::CUDA_SUCCESS {
-            log::error!("copy kernel launch ({n} pieces): {}", describe(r));
+        if let Err(e) = r {
+            log::error!("copy kernel launch ({n} pieces): {}", describe(e));
             return false;
         }
         true
@@ -423,16 +428,24 @@ impl CudaQueue {
         // round's event completes.
         let res = retried_once("a copy", || unsafe {
             match p.op {
-                Op::Write => sys::cuMemcpyHtoDAsync_v2(p.vram, p.buf.cast(), len, self.stream),
-                Op::Read => sys::cuMemcpyDtoHAsync_v2(p.buf.cast(), p.vram, len, self.stream),
-                Op::WriteZeroes => sys::cuMemsetD8Async(p.vram, 0, len, self.stream),
-                Op::Flush | Op::Discard => sys::CUresult::CUDA_SUCCESS,
+                Op::Write => result::memcpy_htod_async(
+                    p.vram,
+                    std::slice::from_raw_parts(p.buf, len),
+                    self.stream,
+                ),
+                Op::Read => result::memcpy_dtoh_async(
+                    std::slice::from_raw_parts_mut(p.buf, len),
+                    p.vram,
+                    self.stream,
+                ),
+                Op::WriteZeroes => result::memset_d8_async(p.vram, 0, len, self.stream),
+                Op::Flush | Op::Discard => Ok(()),
             }
         });
-        if res != sys::CUresult::CUDA_SUCCESS {
-            log::error!("{:?} of {} bytes: {}", p.op, p.len, describe(res));
+        if let Err(e) = res {
+            log::error!("{:?} of {} bytes: {}", p.op, p.len, describe(e));
         }
-        res == sys::CUresult::CUDA_SUCCESS
+        res.is_ok()
     }
 
     /// Records extent `e`'s map entry as `entry` (slot + 1, or 0), after
@@ -482,16 +495,16 @@ impl CudaQueue {
     /// Whether a round whose event answered `r` (not "not ready") did its
     /// work. A lost context ends the server (`context_lost`); an event
     /// query refused by itself is settled by waiting for the stream.
-    fn round_succeeded(&self, r: sys::CUresult) -> bool {
-        if r == sys::CUresult::CUDA_SUCCESS {
+    fn round_succeeded(&self, r: Result<(), DriverError>) -> bool {
+        let Err(e) = r else {
             return true;
-        }
-        if is_context_fatal(r) {
-            context_lost("a round of copies", r);
+        };
+        if is_context_fatal(e) {
+            context_lost("a round of copies", e);
         }
         log::warn!(
             "a round's event query failed: {}; waiting for its stream",
-            describe(r)
+            describe(e)
         );
         self.wait_for(self.stream, "a round of copies")
     }
@@ -798,8 +811,8 @@ impl QueueStore for CudaQueue {
                 },
             }));
         // SAFETY: event and stream are ours.
-        let recorded = unsafe { sys::cuEventRecord(round.event, self.stream) };
-        match check(recorded, "cuEventRecord") {
+        let recorded = unsafe { result::event::record(round.event, self.stream) };
+        match checked(recorded, "cuEventRecord") {
             Ok(()) => {
                 self.in_flight += round.completions.len();
                 self.rounds.push_back(round);
@@ -807,8 +820,7 @@ impl QueueStore for CudaQueue {
             Err(e) => {
                 log::error!("{e}");
                 // SAFETY: waiting on our own stream.
-                let ok =
-                    unsafe { sys::cuStreamSynchronize(self.stream) } == sys::CUresult::CUDA_SUCCESS;
+                let ok = unsafe { result::stream::synchronize(self.stream) }.is_ok();
                 self.finish(round, !ok, done);
             }
         }
@@ -817,8 +829,8 @@ impl QueueStore for CudaQueue {
     fn poll(&mut self, done: &mut Vec<Completion>) {
         while let Some(round) = self.rounds.front() {
             // SAFETY: querying our own event.
-            let r = unsafe { sys::cuEventQuery(round.event) };
-            if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+            let r = unsafe { result::event::query(round.event) };
+            if r == Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) {
                 break;
             }
             let Some(round) = self.rounds.pop_front() else {
@@ -847,9 +859,9 @@ impl Drop for CudaQueue {
     fn drop(&mut self) {
         // SAFETY: tearing down what open() made, after the stream drains.
         unsafe {
-            sys::cuCtxSetCurrent(self.ctx);
+            let _ = result::ctx::set_current(self.ctx);
             if !self.stream.is_null() {
-                sys::cuStreamSynchronize(self.stream);
+                let _ = result::stream::synchronize(self.stream);
             }
             for r in &self.rounds {
                 for &e in &r.pins {
@@ -857,7 +869,7 @@ impl Drop for CudaQueue {
                 }
             }
             for mut r in self.rounds.drain(..).chain(self.spare.drain(..)) {
-                sys::cuEventDestroy_v2(r.event);
+                let _ = result::event::destroy(r.event);
                 r.descs.free();
                 r.sums.free();
             }
@@ -865,14 +877,14 @@ impl Drop for CudaQueue {
                 sys::cuMemHostUnregister(self.pinned);
             }
             if !self.stream.is_null() {
-                sys::cuStreamDestroy_v2(self.stream);
+                let _ = result::stream::destroy(self.stream);
             }
             if !self.sum_stream.is_null() {
-                sys::cuStreamSynchronize(self.sum_stream);
-                sys::cuStreamDestroy_v2(self.sum_stream);
+                let _ = result::stream::synchronize(self.sum_stream);
+                let _ = result::stream::destroy(self.sum_stream);
             }
             if !self.sum_event.is_null() {
-                sys::cuEventDestroy_v2(self.sum_event);
+                let _ = result::event::destroy(self.sum_event);
             }
         }
     }

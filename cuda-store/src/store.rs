@@ -11,12 +11,13 @@
 //! hold every page's checksum ([`crate::integrity`]). Free slots are always
 //! zero.
 
-use crate::driver::{check, describe, init, SyncStream};
+use crate::driver::{check, checked, describe, init, SyncStream};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, EXTENT, MAP_HEADER, MAP_SLOT};
 use crate::integrity::sum_slots;
 use crate::kernel::CopyKernel;
 use crate::queue::{CopyPath, CudaQueue};
 use crate::{CopyPolicy, BACKOFF_STEP};
+use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -299,14 +300,12 @@ impl CudaStore {
         if let Some(on) = asked {
             return Ok(on);
         }
-        let mut ecc = 0;
-        // SAFETY: valid out-pointer, a device of this context.
-        check(
+        // SAFETY: a device the driver returned (open_device).
+        let ecc = checked(
             unsafe {
-                sys::cuDeviceGetAttribute(
-                    &mut ecc,
-                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_ECC_ENABLED,
+                result::device::get_attribute(
                     self.device,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_ECC_ENABLED,
                 )
             },
             "asking whether the GPU's memory has ECC",
@@ -340,47 +339,36 @@ impl CudaStore {
     /// no memory yet.
     fn open_device(gpu: u32) -> Result<CudaStore, StoreError> {
         let driver_version = init()?;
-        // SAFETY: driver calls with valid out-pointers; every result is checked.
-        unsafe {
-            let mut count = 0;
-            check(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
-            if gpu as i64 >= count as i64 {
-                return Err(StoreError::Invalid(format!(
-                    "--gpu {gpu}: this machine has {count} CUDA device(s)"
-                )));
-            }
-            let mut device = 0;
-            check(sys::cuDeviceGet(&mut device, gpu as i32), "cuDeviceGet")?;
-            let mut name_buf = [0 as std::ffi::c_char; 128];
-            check(
-                sys::cuDeviceGetName(name_buf.as_mut_ptr(), 128, device),
-                "cuDeviceGetName",
-            )?;
-            let name = std::ffi::CStr::from_ptr(name_buf.as_ptr())
-                .to_string_lossy()
-                .into_owned();
-            let mut ctx = std::ptr::null_mut();
-            check(
-                sys::cuDevicePrimaryCtxRetain(&mut ctx, device),
-                "cuDevicePrimaryCtxRetain",
-            )?;
-            check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
-            Ok(CudaStore {
-                ctx,
-                device,
-                base: 0,
-                size: 0,
-                slots: 0,
-                chunks: Mutex::new(Vec::new()),
-                extents: Arc::new(ExtentMap::new(0, 0, 0)),
-                name,
-                erase_on_drop: AtomicBool::new(true),
-                kernel: None,
-                copy: CopyPolicy::DMA,
-                integrity: false,
-                driver_version,
-            })
+        let count = checked(result::device::get_count(), "cuDeviceGetCount")?;
+        if gpu as i64 >= count as i64 {
+            return Err(StoreError::Invalid(format!(
+                "--gpu {gpu}: this machine has {count} CUDA device(s)"
+            )));
         }
+        let device = checked(result::device::get(gpu as i32), "cuDeviceGet")?;
+        let name = checked(result::device::get_name(device), "cuDeviceGetName")?;
+        // SAFETY: a device the driver returned just above.
+        let ctx = checked(
+            unsafe { result::primary_ctx::retain(device) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        // SAFETY: the context retained just above.
+        checked(unsafe { result::ctx::set_current(ctx) }, "cuCtxSetCurrent")?;
+        Ok(CudaStore {
+            ctx,
+            device,
+            base: 0,
+            size: 0,
+            slots: 0,
+            chunks: Mutex::new(Vec::new()),
+            extents: Arc::new(ExtentMap::new(0, 0, 0)),
+            name,
+            erase_on_drop: AtomicBool::new(true),
+            kernel: None,
+            copy: CopyPolicy::DMA,
+            integrity: false,
+            driver_version,
+        })
     }
 
     fn prop(&self) -> sys::CUmemAllocationProp {
@@ -396,12 +384,7 @@ impl CudaStore {
 
     /// Free VRAM on the GPU now, bytes.
     fn free_vram(&self) -> Result<u64, StoreError> {
-        let (mut free, mut total) = (0usize, 0usize);
-        // SAFETY: valid out-pointers.
-        check(
-            unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) },
-            "cuMemGetInfo",
-        )?;
+        let (free, _total) = checked(result::mem_get_info(), "cuMemGetInfo")?;
         Ok(free as u64)
     }
 
@@ -491,7 +474,7 @@ impl CudaStore {
                 sys::cuMemRelease(handle);
                 return Err(StoreError::Unavailable(format!(
                     "exporting VRAM as a file descriptor: {}",
-                    describe(r)
+                    describe(DriverError(r))
                 )));
             }
             Ok(Chunk {
@@ -553,11 +536,11 @@ impl CudaStore {
         // local array.
         unsafe {
             self.zero_now(self.base, held, "zeroing the new VRAM")?;
-            check(
-                sys::cuMemcpyHtoD_v2(self.base, header.as_ptr().cast(), header.len()),
+            checked(
+                result::memcpy_htod_sync(self.base, &header),
                 "writing the extent map",
             )?;
-            check(sys::cuCtxSynchronize(), "writing the extent map")?;
+            checked(result::ctx::synchronize(), "writing the extent map")?;
         }
         let held = self.held_slots();
         let reserved = reserved_for(self.size, self.integrity);
@@ -605,10 +588,8 @@ impl CudaStore {
     /// The range is mapped and no stream uses it meanwhile.
     unsafe fn zero_now(&self, at: u64, len: usize, what: &str) -> Result<(), StoreError> {
         // SAFETY: as the caller promised; then a wait on this context.
-        unsafe {
-            check(sys::cuMemsetD8_v2(at, 0, len), what)?;
-            check(sys::cuCtxSynchronize(), what)
-        }
+        checked(unsafe { result::memset_d8_sync(at, 0, len) }, what)?;
+        checked(result::ctx::synchronize(), what)
     }
 
     /// Reads back the map a previous server left in slot 0.
@@ -617,8 +598,8 @@ impl CudaStore {
         let mut bytes = vec![0u8; (MAP_HEADER + 4 * u64::from(extents)) as usize];
         // SAFETY: slot 0 is mapped and at least this long (create checked
         // the extent count against it); the buffer is ours.
-        check(
-            unsafe { sys::cuMemcpyDtoH_v2(bytes.as_mut_ptr().cast(), self.base, bytes.len()) },
+        checked(
+            unsafe { result::memcpy_dtoh_sync(&mut bytes, self.base) },
             "reading the extent map",
         )?;
         let recorded = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
@@ -665,11 +646,19 @@ impl CudaStore {
     /// tools that call the driver beside the store).
     pub fn make_current(&self) -> Result<(), StoreError> {
         // SAFETY: the context is retained for the store's lifetime.
-        check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+        checked(
+            unsafe { result::ctx::set_current(self.ctx) },
+            "cuCtxSetCurrent",
+        )
     }
 
     pub fn gpu_name(&self) -> &str {
         &self.name
+    }
+
+    /// The CUDA version the driver supports, as it says it (12080: 12.8).
+    pub fn driver_version(&self) -> i32 {
+        self.driver_version
     }
 
     /// Zeroes every data slot held (swap pages can hold secrets); the map
@@ -899,16 +888,16 @@ impl CudaStore {
             return Ok(false);
         };
         self.make_current()?;
-        let mut byte = 0u8;
+        let mut byte = [0u8];
         // SAFETY: `at` lies in a mapped slot; a one-byte local buffer.
         unsafe {
-            check(
-                sys::cuMemcpyDtoH_v2((&mut byte as *mut u8).cast(), at, 1),
+            checked(
+                result::memcpy_dtoh_sync(&mut byte, at),
                 "reading a byte to flip",
             )?;
-            byte ^= 1;
-            check(
-                sys::cuMemcpyHtoD_v2(at, (&byte as *const u8).cast(), 1),
+            byte[0] ^= 1;
+            checked(
+                result::memcpy_htod_sync(at, &byte),
                 "writing the flipped byte",
             )?;
         }
@@ -925,15 +914,15 @@ impl CudaStore {
         }
         let Some(e) = e else { return Ok(None) };
         self.make_current()?;
-        let mut sum = 0u32;
+        let mut sum = [0u32];
         let at = crate::integrity::sum_addr(self.base, e, offset % EXTENT);
         // SAFETY: the checksum slots are mapped (they precede the data);
         // a four-byte local buffer.
-        check(
-            unsafe { sys::cuMemcpyDtoH_v2((&mut sum as *mut u32).cast(), at, 4) },
+        checked(
+            unsafe { result::memcpy_dtoh_sync(&mut sum, at) },
             "reading a checksum",
         )?;
-        Ok(Some(sum))
+        Ok(Some(sum[0]))
     }
 
     pub(crate) fn slot_addr(&self, slot: u32) -> u64 {
@@ -1000,7 +989,7 @@ impl Drop for CudaStore {
             for c in &chunks {
                 sys::cuMemRelease(c.handle);
             }
-            sys::cuDevicePrimaryCtxRelease_v2(self.device);
+            let _ = result::primary_ctx::release(self.device);
         }
         log::info!("cuda store: {} MiB unmapped and released", held >> 20);
     }
