@@ -25,6 +25,7 @@ pub use driver::CONTEXT_LOST_EXIT;
 pub use extents::EXTENT;
 pub use integrity::{page_sum, PAGE};
 pub use queue::CudaQueue;
+pub use store::give_back::Resized;
 pub use store::{CudaStore, CudaStoreOptions};
 
 /// Step in which the allocation backs off when VRAM is short.

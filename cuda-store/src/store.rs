@@ -1,5 +1,8 @@
-//! Allocating, exporting, erasing, giving back and taking back the
-//! device's VRAM.
+//! The VRAM store: opening the GPU, creating a device or importing one
+//! another process left, erasing it, the `Store` impl. By job beside it:
+//! vram.rs (the chunks), map_io.rs (the extent map in slot 0),
+//! give_back.rs (giving VRAM back and taking it back), inspect.rs (test
+//! hooks).
 //!
 //! Layout: one reserved address range of `slots` 2 MiB slots, backed by
 //! `cuMemCreate` chunks of [`BACKOFF_STEP`] (the last one shorter) mapped
@@ -11,35 +14,29 @@
 //! hold every page's checksum ([`crate::integrity`]). Free slots are always
 //! zero.
 
-use crate::driver::{check, checked, describe, init, SyncStream};
+pub(crate) mod give_back;
+mod inspect;
+mod map_io;
+mod vram;
+
+use crate::driver::{check, checked, init};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, EXTENT, MAP_HEADER, MAP_SLOT};
 use crate::integrity::sum_slots;
 use crate::kernel::CopyKernel;
 use crate::queue::{CopyPath, CudaQueue};
 use crate::{CopyPolicy, BACKOFF_STEP};
-use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::result;
 use cudarc::driver::sys;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 use vramblk_store::{BufferRegion, Store, StoreError};
-
-/// The map's header: magic, then the extent count (u64), then the layout's
-/// flags (u64), then padding.
-const MAP_MAGIC: [u8; 8] = *b"VRAMBLK\x01";
-
-/// Header flag: the slots after the map's hold page checksums.
-const HEADER_INTEGRITY: u64 = 1;
 
 /// Largest device: as many extents as the map's slot has entries for.
 const MAX_EXTENTS: u64 = (EXTENT - MAP_HEADER) / 4;
 
 /// Slots per chunk.
-const CHUNK_SLOTS: u32 = (BACKOFF_STEP / EXTENT) as u32;
-
-/// How long giving VRAM back waits for requests on one extent to finish.
-const MOVE_WAIT: Duration = Duration::from_secs(2);
+pub(super) const CHUNK_SLOTS: u32 = (BACKOFF_STEP / EXTENT) as u32;
 
 /// Slots before the data of a device of `size` bytes: the map's, and with
 /// integrity the checksums'.
@@ -68,16 +65,6 @@ fn size_in(slots: u32, integrity: bool) -> u64 {
 fn chunk_len(i: u32, slots: u32) -> usize {
     let first = i * CHUNK_SLOTS;
     (slots.saturating_sub(first).min(CHUNK_SLOTS) as u64 * EXTENT) as usize
-}
-
-/// What giving VRAM back did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Resized {
-    /// VRAM held before and after, bytes.
-    pub before: u64,
-    pub after: u64,
-    /// Extents moved to make whole chunks free.
-    pub moved: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -264,13 +251,6 @@ impl CudaStore {
         u64::from(self.extents.reserved()) * EXTENT
     }
 
-    /// Bytes a give-back to nothing would free now: what is held beyond
-    /// the whole chunks the data needs.
-    pub fn unused_bytes(&self) -> u64 {
-        let lens: Vec<u64> = self.lock_chunks().iter().map(|c| c.len as u64).collect();
-        unused_of(&lens, self.extents.mapped() + self.extents.reserved())
-    }
-
     /// Bytes of VRAM the whole device takes when it holds all it may.
     pub fn full_bytes(&self) -> u64 {
         u64::from(self.slots) * EXTENT
@@ -371,272 +351,6 @@ impl CudaStore {
         })
     }
 
-    fn prop(&self) -> sys::CUmemAllocationProp {
-        // SAFETY: CUmemAllocationProp is a plain C struct; zero is its default.
-        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
-        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
-        prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
-        prop.location.id = self.device;
-        prop.requestedHandleTypes =
-            sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
-        prop
-    }
-
-    /// Free VRAM on the GPU now, bytes.
-    fn free_vram(&self) -> Result<u64, StoreError> {
-        let (free, _total) = checked(result::mem_get_info(), "cuMemGetInfo")?;
-        Ok(free as u64)
-    }
-
-    fn allocate(&mut self, opts: &CudaStoreOptions) -> Result<(), StoreError> {
-        let prop = self.prop();
-        let mut gran = 0usize;
-        // SAFETY: valid out-pointers.
-        check(
-            unsafe {
-                sys::cuMemGetAllocationGranularity(
-                    &mut gran,
-                    &prop,
-                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-                )
-            },
-            "cuMemGetAllocationGranularity",
-        )?;
-        if gran as u64 > EXTENT || !EXTENT.is_multiple_of(gran.max(1) as u64) {
-            return Err(StoreError::Unavailable(format!(
-                "{}: VRAM allocation granularity {gran} bytes does not divide the 2 MiB extent",
-                self.name
-            )));
-        }
-        let free = self.free_vram()?;
-        // The map's slot (and the checksums') come on top of the device.
-        let overhead = u64::from(reserved_for(opts.size, self.integrity)) * EXTENT;
-        let target = granted_target(opts.size, free.saturating_sub(overhead), opts.reserve);
-        if target == 0 {
-            return Err(StoreError::TooLarge(format!(
-                "VRAM short on {}: {} MiB free, {} MiB kept in reserve, not even {} MiB left for the device",
-                self.name,
-                free >> 20,
-                opts.reserve >> 20,
-                BACKOFF_STEP >> 20
-            )));
-        }
-        // A failure stops on a chunk boundary: the device shrinks to what
-        // the chunks got hold, less the map's slot and the checksums'.
-        let mut size = target;
-        let mut chunks = Vec::new();
-        let mut i = 0;
-        let integrity = self.integrity;
-        while i < slots_for(size, integrity).div_ceil(CHUNK_SLOTS) {
-            match self.create_chunk(chunk_len(i, slots_for(size, integrity)), &prop) {
-                Ok(c) => chunks.push(c),
-                Err(e) if i > 0 => {
-                    size = size_in(i * CHUNK_SLOTS, integrity);
-                    log::warn!("VRAM allocation stopped at {} MiB: {e}", size >> 20);
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-            i += 1;
-        }
-        self.size = size;
-        self.slots = slots_for(size, integrity);
-        *self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = chunks;
-        self.map_range()?;
-        log::info!(
-            "cuda store: {} MiB on {} in {} chunks ({} MiB free before, {} MiB reserve)",
-            self.size >> 20,
-            self.name,
-            self.lock_chunks().len(),
-            free >> 20,
-            opts.reserve >> 20
-        );
-        Ok(())
-    }
-
-    fn create_chunk(
-        &self,
-        len: usize,
-        prop: &sys::CUmemAllocationProp,
-    ) -> Result<Chunk, StoreError> {
-        let mut handle = 0;
-        // SAFETY: valid out-pointers; the handle is released on every error path.
-        unsafe {
-            check(sys::cuMemCreate(&mut handle, len, prop, 0), "cuMemCreate")?;
-            let mut fd: std::ffi::c_int = -1;
-            let r = sys::cuMemExportToShareableHandle(
-                (&mut fd as *mut std::ffi::c_int).cast(),
-                handle,
-                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-                0,
-            );
-            if r != sys::CUresult::CUDA_SUCCESS || fd < 0 {
-                sys::cuMemRelease(handle);
-                return Err(StoreError::Unavailable(format!(
-                    "exporting VRAM as a file descriptor: {}",
-                    describe(DriverError(r))
-                )));
-            }
-            Ok(Chunk {
-                handle,
-                len,
-                fd: OwnedFd::from_raw_fd(fd),
-            })
-        }
-    }
-
-    /// Reserves the whole layout's address range and maps the chunks held
-    /// at its start.
-    fn map_range(&mut self) -> Result<(), StoreError> {
-        let va_len = self.full_bytes() as usize;
-        // SAFETY: valid out-pointer.
-        check(
-            unsafe { sys::cuMemAddressReserve(&mut self.base, va_len, 0, 0, 0) },
-            "cuMemAddressReserve",
-        )?;
-        let chunks = std::mem::take(self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()));
-        let mut mapped = Vec::new();
-        let mut result = Ok(());
-        for c in chunks {
-            if result.is_ok() {
-                result = self.map_chunk(mapped.len() as u32, &c);
-            }
-            mapped.push(c);
-        }
-        *self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = mapped;
-        result
-    }
-
-    /// Maps chunk `i` at its place in the range, readable and writable.
-    fn map_chunk(&self, i: u32, c: &Chunk) -> Result<(), StoreError> {
-        let at = self.base + u64::from(i) * BACKOFF_STEP;
-        // SAFETY: the range lies inside our reservation and holds no other
-        // mapping; the handle is ours.
-        unsafe {
-            check(sys::cuMemMap(at, c.len, 0, c.handle, 0), "cuMemMap")?;
-            let mut access: sys::CUmemAccessDesc = std::mem::zeroed();
-            access.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
-            access.location.id = self.device;
-            access.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-            check(sys::cuMemSetAccess(at, c.len, &access, 1), "cuMemSetAccess")
-        }
-    }
-
-    /// A fresh device: every slot zero (a free slot always is), every
-    /// extent unmapped, all slots held usable.
-    fn write_empty_map(&mut self) -> Result<(), StoreError> {
-        let extents = self.size.div_ceil(EXTENT) as u32;
-        let mut header = [0u8; MAP_HEADER as usize];
-        header[..8].copy_from_slice(&MAP_MAGIC);
-        header[8..16].copy_from_slice(&u64::from(extents).to_le_bytes());
-        header[16..24].copy_from_slice(&self.header_flags().to_le_bytes());
-        let held = self.held_bytes() as usize;
-        // SAFETY: the held bytes from the start of the range are mapped
-        // (slot 0 among them) and no queue runs yet; the header is a live
-        // local array.
-        unsafe {
-            self.zero_now(self.base, held, "zeroing the new VRAM")?;
-            checked(
-                result::memcpy_htod_sync(self.base, &header),
-                "writing the extent map",
-            )?;
-            checked(result::ctx::synchronize(), "writing the extent map")?;
-        }
-        let held = self.held_slots();
-        let reserved = reserved_for(self.size, self.integrity);
-        self.extents = Arc::new(ExtentMap::with_reserved(
-            extents, self.slots, held, reserved,
-        ));
-        Ok(())
-    }
-
-    fn header_flags(&self) -> u64 {
-        if self.integrity {
-            HEADER_INTEGRITY
-        } else {
-            0
-        }
-    }
-
-    /// For a server taking over imported VRAM, once the server that used
-    /// it before is gone: reads the map again (a standby imported it long
-    /// before; the old server has mapped and unmapped extents since) and
-    /// zeroes every slot it does not name, which the old server may have
-    /// been freeing or moving from when it died (free slots must be zero).
-    pub fn take_over(&mut self) -> Result<(), StoreError> {
-        self.make_current()?;
-        self.read_map()?;
-        for (first, count) in self.extents.free_runs() {
-            // SAFETY: free slots of held chunks (under the capacity read
-            // with the map): mapped, named by no extent, and no other
-            // server runs on this VRAM any more.
-            unsafe {
-                self.zero_now(
-                    self.slot_addr(first),
-                    (u64::from(count) * EXTENT) as usize,
-                    "zeroing free VRAM",
-                )?
-            };
-        }
-        Ok(())
-    }
-
-    /// Zeroes `len` bytes of VRAM at `at` and waits for it: the queues'
-    /// streams do not wait for the default one.
-    ///
-    /// # Safety
-    /// The range is mapped and no stream uses it meanwhile.
-    unsafe fn zero_now(&self, at: u64, len: usize, what: &str) -> Result<(), StoreError> {
-        // SAFETY: as the caller promised; then a wait on this context.
-        checked(unsafe { result::memset_d8_sync(at, 0, len) }, what)?;
-        checked(result::ctx::synchronize(), what)
-    }
-
-    /// Reads back the map a previous server left in slot 0.
-    fn read_map(&mut self) -> Result<(), StoreError> {
-        let extents = self.size.div_ceil(EXTENT) as u32;
-        let mut bytes = vec![0u8; (MAP_HEADER + 4 * u64::from(extents)) as usize];
-        // SAFETY: slot 0 is mapped and at least this long (create checked
-        // the extent count against it); the buffer is ours.
-        checked(
-            unsafe { result::memcpy_dtoh_sync(&mut bytes, self.base) },
-            "reading the extent map",
-        )?;
-        let recorded = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
-        if bytes[..8] != MAP_MAGIC || recorded != u64::from(extents) {
-            return Err(StoreError::Invalid(format!(
-                "the imported VRAM holds no extent map for a {} MiB device (left by an older vramblk?)",
-                self.size >> 20
-            )));
-        }
-        let flags = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
-        if flags != self.header_flags() {
-            let on_off = |f: u64| {
-                if f & HEADER_INTEGRITY != 0 {
-                    "on"
-                } else {
-                    "off"
-                }
-            };
-            return Err(StoreError::Invalid(format!(
-                "the imported VRAM was laid out with integrity {}, this server has it {}",
-                on_off(flags),
-                on_off(self.header_flags())
-            )));
-        }
-        let entries: Vec<u32> = bytes[MAP_HEADER as usize..]
-            .chunks_exact(4)
-            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-            .collect();
-        let held = self.held_slots();
-        let reserved = reserved_for(self.size, self.integrity);
-        self.extents = Arc::new(
-            ExtentMap::from_entries(&entries, self.slots, held, reserved)
-                .map_err(|e| StoreError::Invalid(format!("the imported extent map: {e}")))?,
-        );
-        Ok(())
-    }
-
     /// Slots the chunks held cover.
     fn held_slots(&self) -> u32 {
         (self.held_bytes() / EXTENT) as u32
@@ -675,256 +389,6 @@ impl CudaStore {
         unsafe { self.zero_now(self.slot_addr(MAP_SLOT + 1), data, "erasing VRAM") }
     }
 
-    /// Gives VRAM back while the device stays up: moves the data of the
-    /// last chunks into free slots of the first ones, then frees those
-    /// chunks, down to `target` bytes held or to what the data needs,
-    /// whichever is more. The caller tells the fds' other holders to let
-    /// the freed chunks go.
-    pub fn give_back(&self, target: u64) -> Result<Resized, StoreError> {
-        let mut chunks = self.lock_chunks();
-        self.make_current()?;
-        let before: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let held_slots = (before / EXTENT) as u32;
-        let keep_chunks = chunks_kept(target, self.extents.mapped() + self.extents.reserved());
-        if keep_chunks as usize >= chunks.len() {
-            return Ok(Resized {
-                before,
-                after: before,
-                moved: 0,
-            });
-        }
-        let keep_slots = keep_chunks * CHUNK_SLOTS;
-        self.extents.set_capacity(keep_slots);
-        let moved = match self.empty_slots_from(keep_slots) {
-            Ok(n) => n,
-            Err(e) => {
-                self.extents.set_capacity(held_slots);
-                return Err(e);
-            }
-        };
-        for (i, c) in chunks.drain(keep_chunks as usize..).enumerate() {
-            let at = self.base + u64::from(keep_chunks + i as u32) * BACKOFF_STEP;
-            // SAFETY: no extent lives in this chunk any more and no slot in
-            // it can be handed out (capacity), so no copy touches it.
-            unsafe {
-                check(sys::cuMemUnmap(at, c.len), "cuMemUnmap")?;
-                check(sys::cuMemRelease(c.handle), "cuMemRelease")?;
-            }
-        }
-        let after = chunks.iter().map(|c| c.len as u64).sum();
-        log::info!(
-            "cuda store: gave back {} MiB of VRAM ({} MiB held, {} extents moved)",
-            (before - after) >> 20,
-            after >> 20,
-            moved
-        );
-        Ok(Resized {
-            before,
-            after,
-            moved,
-        })
-    }
-
-    /// Moves every extent living in slot `from` or above below it; waits
-    /// for slots a writer took there before the capacity fell.
-    fn empty_slots_from(&self, from: u32) -> Result<u32, StoreError> {
-        let stream = SyncStream::new()?;
-        let deadline = Instant::now() + MOVE_WAIT;
-        let mut moved = 0;
-        loop {
-            for e in self.extents.mapped_at_or_above(from) {
-                if self.move_extent(e, from, &stream)? {
-                    moved += 1;
-                }
-            }
-            if self.extents.mapped_at_or_above(from).is_empty()
-                && !self.extents.any_taken_from(from)
-            {
-                return Ok(moved);
-            }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(
-                    "requests kept the last chunks busy; nothing was given back".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Moves extent `e` into a free slot under `below`; false when it needs
-    /// no move any more (unmapped or below meanwhile).
-    fn move_extent(&self, e: u32, below: u32, stream: &SyncStream) -> Result<bool, StoreError> {
-        let deadline = Instant::now() + MOVE_WAIT;
-        let from = loop {
-            if self.extents.slot_of(e).is_none_or(|s| s < below) {
-                return Ok(false);
-            }
-            if let Some(s) = self.extents.begin_move(e) {
-                break s;
-            }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(format!(
-                    "extent {e} stayed in use; nothing was given back"
-                )));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        };
-        let Some(to) = self.extents.take_below(below) else {
-            self.extents.abort_move(e);
-            return Err(StoreError::Unavailable(
-                "no free slot to move data into; nothing was given back".into(),
-            ));
-        };
-        // SAFETY: both slots are mapped and nobody else touches them (the
-        // extent is moving, the target slot is freshly taken); the entry
-        // lies in the map's slot. The map names the new slot only once the
-        // data is there, and the old slot is zero before it is free.
-        let copied = unsafe {
-            stream
-                .copy(self.slot_addr(to), self.slot_addr(from), EXTENT as usize)
-                .and_then(|()| stream.put_u32(self.entry_addr(e), to + 1))
-                .and_then(|()| stream.zero(self.slot_addr(from), EXTENT as usize))
-                .and_then(|()| stream.wait())
-        };
-        if let Err(err) = copied {
-            self.extents.free(to);
-            self.extents.abort_move(e);
-            return Err(err);
-        }
-        self.extents.end_move(e, to);
-        Ok(true)
-    }
-
-    /// Takes VRAM back up to `target` bytes held (at most the whole
-    /// device), chunk by chunk, while the GPU keeps `floor` bytes free.
-    /// The new chunks are not used until [`open_held`]: the caller first
-    /// hands their fds to the other holders, so no data lands in VRAM that
-    /// a crash would lose. Returns the bytes held now.
-    ///
-    /// [`open_held`]: CudaStore::open_held
-    pub fn take_back(&self, target: u64, floor: u64) -> Result<u64, StoreError> {
-        let mut chunks = self.lock_chunks();
-        self.make_current()?;
-        let want =
-            (target.div_ceil(EXTENT).min(u64::from(self.slots)) as u32).div_ceil(CHUNK_SLOTS);
-        let prop = self.prop();
-        while (chunks.len() as u32) < want {
-            let i = chunks.len() as u32;
-            let len = chunk_len(i, self.slots);
-            let free = self.free_vram()?;
-            if free < len as u64 + floor {
-                log::info!(
-                    "cuda store: {} MiB free on {}; not taking {} MiB more (keeping {} MiB free)",
-                    free >> 20,
-                    self.name,
-                    len >> 20,
-                    floor >> 20
-                );
-                break;
-            }
-            let c = self.create_chunk(len, &prop)?;
-            let at = self.base + u64::from(i) * BACKOFF_STEP;
-            let mapped = self.map_chunk(i, &c).and_then(|()| {
-                // SAFETY: just mapped, ours, beyond the capacity (no queue
-                // writes there yet); free slots must be zero.
-                unsafe { self.zero_now(at, len, "zeroing new VRAM") }
-            });
-            if let Err(e) = mapped {
-                // SAFETY: the handle is ours; unmapping what may be mapped.
-                unsafe {
-                    sys::cuMemUnmap(at, len);
-                    sys::cuMemRelease(c.handle);
-                }
-                return Err(e);
-            }
-            chunks.push(c);
-        }
-        Ok(chunks.iter().map(|c| c.len as u64).sum())
-    }
-
-    /// Lets writes use every slot held (after [`take_back`]).
-    ///
-    /// [`take_back`]: CudaStore::take_back
-    pub fn open_held(&self) {
-        let held = self.held_slots();
-        self.extents.set_capacity(held);
-    }
-
-    /// Room for new data, bytes: free slots under the capacity.
-    pub fn room_bytes(&self) -> u64 {
-        u64::from(self.extents.free_slots()) * EXTENT
-    }
-
-    /// Waits up to `limit` for a write that found no room (it waits, its
-    /// queue retrying, until [`room_answer`]); whether one came.
-    ///
-    /// [`room_answer`]: CudaStore::room_answer
-    pub fn wait_room_wanted(&self, limit: Duration) -> bool {
-        self.extents.wait_room_wanted(limit)
-    }
-
-    /// Whether VRAM was taken back for waiting writes; false makes writes
-    /// with no room fail (ENOSPC) until a slot frees or VRAM is had.
-    pub fn room_answer(&self, grew: bool) {
-        self.extents.room_answer(grew)
-    }
-
-    pub fn room_refused(&self) -> bool {
-        self.extents.room_refused()
-    }
-
-    /// Where the data of device byte `offset` lives in VRAM; None when its
-    /// extent holds no data.
-    fn vram_of(&self, offset: u64) -> Option<u64> {
-        let slot = self.extents.slot_of(u32::try_from(offset / EXTENT).ok()?)?;
-        Some(self.slot_addr(slot) + offset % EXTENT)
-    }
-
-    /// Test hook: flips the lowest bit of the byte at device `offset` in
-    /// VRAM, leaving its checksum as it was, as a bit flipped in the memory
-    /// itself would. False (nothing done) when its extent holds no data.
-    pub fn flip_bit(&self, offset: u64) -> Result<bool, StoreError> {
-        let Some(at) = self.vram_of(offset) else {
-            return Ok(false);
-        };
-        self.make_current()?;
-        let mut byte = [0u8];
-        // SAFETY: `at` lies in a mapped slot; a one-byte local buffer.
-        unsafe {
-            checked(
-                result::memcpy_dtoh_sync(&mut byte, at),
-                "reading a byte to flip",
-            )?;
-            byte[0] ^= 1;
-            checked(
-                result::memcpy_htod_sync(at, &byte),
-                "writing the flipped byte",
-            )?;
-        }
-        Ok(true)
-    }
-
-    /// The checksum stored for the page at device `offset` (for the GPU
-    /// checks, which compare it with [`crate::page_sum`] of the data); None
-    /// without integrity or when its extent holds no data.
-    pub fn stored_checksum(&self, offset: u64) -> Result<Option<u32>, StoreError> {
-        let e = u32::try_from(offset / EXTENT).ok();
-        if !self.integrity || self.vram_of(offset).is_none() {
-            return Ok(None);
-        }
-        let Some(e) = e else { return Ok(None) };
-        self.make_current()?;
-        let mut sum = [0u32];
-        let at = crate::integrity::sum_addr(self.base, e, offset % EXTENT);
-        // SAFETY: the checksum slots are mapped (they precede the data);
-        // a four-byte local buffer.
-        checked(
-            unsafe { result::memcpy_dtoh_sync(&mut sum, at) },
-            "reading a checksum",
-        )?;
-        Ok(Some(sum[0]))
-    }
-
     pub(crate) fn slot_addr(&self, slot: u32) -> u64 {
         slot_addr(self.base, slot)
     }
@@ -934,38 +398,12 @@ impl CudaStore {
     }
 }
 
-/// Chunks a give-back down to `target` bytes keeps while `needed` slots
-/// hold data (the mapped extents, the map and the checksums): at least the
-/// first chunk.
-fn chunks_kept(target: u64, needed: u32) -> u32 {
-    let needed = target.div_ceil(EXTENT).max(u64::from(needed)) as u32;
-    needed.div_ceil(CHUNK_SLOTS).max(1)
-}
-
-/// What a give-back to nothing would free from chunks of `lens` bytes
-/// while `needed` slots hold data.
-fn unused_of(lens: &[u64], needed: u32) -> u64 {
-    lens.iter().skip(chunks_kept(0, needed) as usize).sum()
-}
-
 /// A copy of a VRAM chunk's fd.
 fn duplicate(fd: BorrowedFd) -> Result<OwnedFd, StoreError> {
     fd.try_clone_to_owned().map_err(|e| StoreError::Os {
         what: "duplicating a VRAM fd".into(),
         source: e,
     })
-}
-
-/// Bytes to allocate: all of `asked` when free VRAM beyond `reserve` holds
-/// it, otherwise what does fit, backed off to whole 512 MiB steps (as
-/// nbd-vram does); 0 when not even one step fits.
-pub(crate) fn granted_target(asked: u64, free: u64, reserve: u64) -> u64 {
-    let usable = free.saturating_sub(reserve);
-    if asked <= usable {
-        asked
-    } else {
-        usable - usable % BACKOFF_STEP
-    }
 }
 
 impl Drop for CudaStore {
@@ -1032,43 +470,6 @@ impl Store for CudaStore {
 
     fn integrity(&self) -> bool {
         self.integrity
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{granted_target, unused_of};
-
-    const MIB: u64 = 1 << 20;
-
-    #[test]
-    fn grants_what_fits_in_whole_steps() {
-        // Plenty of VRAM: exactly what was asked, odd sizes too.
-        assert_eq!(granted_target(7 << 30, 80 << 30, 512 * MIB), 7 << 30);
-        assert_eq!(
-            granted_target((1 << 30) + 4096, 80 << 30, 512 * MIB),
-            (1 << 30) + 4096
-        );
-        // Short: back off to 512 MiB steps below free - reserve.
-        assert_eq!(granted_target(7 << 30, 6 << 30, 512 * MIB), 5632 * MIB);
-        assert_eq!(granted_target(7 << 30, 6000 * MIB, 512 * MIB), 5120 * MIB);
-        // Not one step left.
-        assert_eq!(granted_target(7 << 30, 1000 * MIB, 512 * MIB), 0);
-        assert_eq!(granted_target(7 << 30, 100 * MIB, 512 * MIB), 0);
-    }
-
-    #[test]
-    fn unused_vram_counts_whole_chunks_beyond_what_the_data_needs() {
-        // A 2 GiB device held whole: 4 chunks of 512 MiB and 2 MiB.
-        let whole = [512 * MIB, 512 * MIB, 512 * MIB, 512 * MIB, 2 * MIB];
-        // 258 MiB of data (128 extents and the map: 129 slots) keeps one chunk: 1538
-        // MiB could go.
-        assert_eq!(unused_of(&whole, 129), 1538 * MIB);
-        // 600 MiB keeps two.
-        assert_eq!(unused_of(&whole, 300), 1026 * MIB);
-        // Nothing beyond the first chunk, or nearly full: nothing.
-        assert_eq!(unused_of(&[512 * MIB], 1), 0);
-        assert_eq!(unused_of(&whole, 1025), 0);
     }
 }
 
