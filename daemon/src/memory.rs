@@ -171,16 +171,10 @@ impl Held {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
 
     /// A fresh memfd: an fd to hand around in tests.
     pub(crate) fn some_fd() -> OwnedFd {
-        // SAFETY: a fresh memfd with a static name; checked; owned here.
-        unsafe {
-            let fd = libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC);
-            assert!(fd >= 0);
-            OwnedFd::from_raw_fd(fd)
-        }
+        rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd_create")
     }
 
     #[test]

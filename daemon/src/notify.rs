@@ -57,13 +57,13 @@ pub fn listen_fds() -> Vec<(String, OwnedFd)> {
     let mut names = names.split(':');
     (0..count.clamp(0, 4096))
         .map(|i| {
-            let fd = 3 + i;
-            // SAFETY: fcntl on an fd number systemd says it passed us.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             let name = names.next().unwrap_or("unknown").to_string();
             // SAFETY: systemd passed this fd to this process (LISTEN_PID)
             // and nothing here has taken it yet.
-            (name, unsafe { OwnedFd::from_raw_fd(fd) })
+            let fd = unsafe { OwnedFd::from_raw_fd(3 + i) };
+            // Not inherited by what this process forks or runs.
+            let _ = rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC);
+            (name, fd)
         })
         .collect()
 }

@@ -346,8 +346,8 @@ impl Supervisor<'_> {
                 if let Some(p) = &self.parent {
                     p.close();
                 }
-                // The standby must see its pipe close when the supervisor
-                // goes, so no other server may hold it.
+                // The standby's wake-up eventfd is the supervisor's alone:
+                // a server holding a copy could wake the standby by mistake.
                 if let Some(fd) = self.standby.as_ref().and_then(|s| s.go.as_ref()) {
                     // SAFETY: closes this child's copy of the fd; the owner
                     // is never used or dropped here (the child exits).
