@@ -74,6 +74,8 @@ pub(crate) fn context_lost(what: &str, e: DriverError) -> ! {
          requests in flight, the next one takes them over on a fresh context",
         describe(e)
     );
+    // libc: std has no _exit, and rustix's exit_group is for runtimes
+    // that replace the C library.
     // SAFETY: _exit ends the process at once: no destructor runs, so no
     // queue answers anything and nothing touches the lost context again.
     unsafe { libc::_exit(CONTEXT_LOST_EXIT) }

@@ -108,7 +108,7 @@ pub fn spawn(
             for &fd in close_in_child {
                 // SAFETY: the caller's fds, which this forked child never
                 // uses or drops (it ends in process::exit).
-                unsafe { libc::close(fd) };
+                unsafe { rustix::io::close(fd) };
             }
             detach(&log_file);
             crate::logging::init_logging(env_logger::Target::Pipe(Box::new(

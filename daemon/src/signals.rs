@@ -20,6 +20,8 @@ extern "C" fn on_recover(_: libc::c_int) {
 }
 
 fn set(signal: libc::c_int, handler: libc::sighandler_t) {
+    // libc: rustix offers sigaction only to runtimes that replace the C
+    // library (`rustix::runtime`).
     // SAFETY: a zeroed sigaction with a handler that only stores to an
     // atomic (async-signal-safe), or SIG_IGN / SIG_DFL.
     unsafe {

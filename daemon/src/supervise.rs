@@ -335,6 +335,8 @@ impl Supervisor<'_> {
         } else {
             None
         };
+        // libc's fork, as in process::spawn (rustix has none for programs on
+        // the C library).
         // SAFETY: the supervisor never starts a thread, so the child may run
         // arbitrary code after the fork.
         match unsafe { libc::fork() } {
@@ -351,7 +353,7 @@ impl Supervisor<'_> {
                 if let Some(fd) = self.standby.as_ref().and_then(|s| s.go.as_ref()) {
                     // SAFETY: closes this child's copy of the fd; the owner
                     // is never used or dropped here (the child exits).
-                    unsafe { libc::close(std::os::fd::AsRawFd::as_raw_fd(fd)) };
+                    unsafe { rustix::io::close(std::os::fd::AsRawFd::as_raw_fd(fd)) };
                 }
                 let code = server::main(self.plan, &self.held, self.run_dir, launch, reporter, go);
                 std::process::exit(code);
