@@ -3,6 +3,7 @@
 
 use cudarc::driver::sys;
 use std::time::{Duration, Instant};
+use vramblk_cuda_store::stages::StageTotals;
 use vramblk_cuda_store::{CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
 use vramblk_store::{BufferRegion, Completion, Op, Request, Store};
 use vramblk_ublk_target::QueueEngine;
@@ -485,6 +486,7 @@ fn baseline(store: &CudaStore, write: bool, secs: f64) -> Row {
         p99: pct(&mut lat, 0.99),
         errors: 0,
         cpu_us_per_io: cpu_ns as f64 / 1e3 / n.max(1) as f64,
+        stages: StageTotals::default(),
     }
 }
 
@@ -548,6 +550,8 @@ fn run_shape(
     depth: usize,
     secs: f64,
 ) -> Row {
+    // What earlier shapes (and their drains) left is not this shape's.
+    let _ = StageTotals::take();
     let start = Instant::now();
     let outs: Vec<Outcome> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..queues)
@@ -576,5 +580,6 @@ fn run_shape(
         p99: pct(&mut lat, 0.99),
         errors,
         cpu_us_per_io: cpu_ns as f64 / 1e3 / ios.max(1) as f64,
+        stages: StageTotals::take(),
     }
 }

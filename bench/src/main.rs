@@ -145,12 +145,14 @@ fn main() -> Result<()> {
             Err(e) => format!("not measured: {e:#}\n"),
         };
         let report = format!(
-            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against the ceiling (issue 19): the copy kernel alone for 4 KiB random, raw pinned copies (cuMemcpyAsync, no store) for QD1 and sequential, same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Every shape\n\n{}",
+            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against the ceiling (issue 19): the copy kernel alone for 4 KiB random, raw pinned copies (cuMemcpyAsync, no store) for QD1 and sequential, same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Where a round's time goes (issue 19): the store's stages per round (cuda-store/src/stages.rs), 4 KiB random, auto with checksums, then without\n\n{}\n{}\n#### Every shape\n\n{}",
             table::targets(&rows, "auto"),
             table::integrity_cost(&rows),
             ceiling,
             table::host_cpu(&rows, "auto"),
             idle::line(idle_cpu, idle_wall),
+            table::stage_times(&rows, "auto"),
+            table::stage_times(&rows, table::INTEGRITY_OFF),
             table::table(&rows)
         );
         println!("{report}");

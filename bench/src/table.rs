@@ -1,5 +1,7 @@
 //! The benchmark's rows, their Markdown table and the issue's targets.
 
+use vramblk_cuda_store::stages::{Stage, StageTotals};
+
 /// The mode column of the nbd-vram-shaped baseline rows.
 pub const BASELINE: &str = "baseline";
 
@@ -24,6 +26,8 @@ pub struct Row {
     /// clocks: the engine, its polling, and the synthetic load's few
     /// instructions per request; no io_uring).
     pub cpu_us_per_io: f64,
+    /// Where the store's rounds spent their time (cuda-store's stages).
+    pub stages: StageTotals,
 }
 
 impl Row {
@@ -245,6 +249,42 @@ pub fn host_cpu(rows: &[Row], mode: &str) -> String {
     t
 }
 
+/// Where the 4 KiB random shapes' rounds spend their time, per round and
+/// per I/O: the store's CPU stages against the queue thread's whole CPU
+/// (the rest is polling and the synthetic load), and the GPU's part.
+pub fn stage_times(rows: &[Row], mode: &str) -> String {
+    let mut t = String::from(
+        "| shape | queues x depth | requests per round | translate | build | launch | gpu | finish | store CPU us/IO | thread CPU us/IO | rest (polling, load) us/IO |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows
+        .iter()
+        .filter(|r| r.mode == mode && r.is_4k_random() && r.stages.rounds > 0)
+    {
+        let s = &r.stages;
+        let cpu_ns: u64 = [Stage::Translate, Stage::Build, Stage::Launch, Stage::Finish]
+            .iter()
+            .map(|&st| s.nanos[st as usize])
+            .sum();
+        let store_cpu = cpu_ns as f64 / 1e3 / s.requests.max(1) as f64;
+        let per_round: Vec<String> = Stage::ALL
+            .iter()
+            .map(|&st| format!("{:.2} us", s.us_per_round(st)))
+            .collect();
+        t += &format!(
+            "| {} | {} x {} | {:.1} | {} | {store_cpu:.2} | {:.2} | {:.2} |\n",
+            r.name,
+            r.queues,
+            r.depth,
+            s.requests_per_round(),
+            per_round.join(" | "),
+            r.cpu_us_per_io,
+            (r.cpu_us_per_io - store_cpu).max(0.0)
+        );
+    }
+    t
+}
+
 /// A measured row for the tables' tests: `mode`, direction, block size,
 /// queues x depth and IOPS; p50 8 us, p99 20 us, 0.5 us of CPU per I/O.
 #[cfg(test)]
@@ -262,6 +302,7 @@ pub(crate) fn test_row(mode: &str, read: bool, bs: u64, q: u16, d: usize, iops: 
         p99: 20.0,
         errors: 0,
         cpu_us_per_io: 0.5,
+        stages: StageTotals::default(),
     }
 }
 
@@ -291,6 +332,35 @@ mod tests {
         assert!(table.contains(
             "| 4 KiB rand | dma | 16 x 128 | 9000000 | 36.86 | 8.0 | 20.0 | 0.50 | 90.0x |"
         ));
+    }
+
+    #[test]
+    fn stage_times_split_a_round_and_the_threads_cpu() {
+        let mut r = test_row("auto", false, 4096, 16, 128, 6e6);
+        // 10 rounds of 40 requests: 2 us translate, 1 us build, 0.5 us
+        // launch, 12 us on the GPU, 0.5 us finish per round.
+        r.stages = StageTotals {
+            nanos: [20_000, 10_000, 5_000, 120_000, 5_000],
+            rounds: 10,
+            requests: 400,
+        };
+        let mut idle = test_row("auto", true, 4096, 1, 32, 1e6);
+        idle.stages = StageTotals::default();
+        let rows = vec![r, idle, test_row("dma", true, 4096, 16, 128, 9e6)];
+        let t = stage_times(&rows, "auto");
+        // Store CPU: 40 us over 400 requests = 0.10 us; the thread's 0.50
+        // leaves 0.40 to polling and the load.
+        assert!(
+            t.contains(
+                "| 4 KiB rand | 16 x 128 | 40.0 | 2.00 us | 1.00 us | 0.50 us | 12.00 us | 0.50 us | 0.10 | 0.50 | 0.40 |"
+            ),
+            "{t}"
+        );
+        assert_eq!(
+            t.lines().count(),
+            3,
+            "rows without rounds and dma left out: {t}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod integrity;
 mod kernel;
 mod pinned;
 mod queue;
+pub mod stages;
 mod store;
 
 pub use driver::CONTEXT_LOST_EXIT;

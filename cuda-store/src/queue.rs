@@ -20,12 +20,14 @@ use crate::extents::{entry_addr, slot_addr, ExtentMap, PinRefused, Pinned, EXTEN
 use crate::integrity::{page_sum_cpu, sum_addr, PAGE, SUMS_PER_EXTENT};
 use crate::kernel::{self, flags, Desc};
 use crate::pinned::{DescTable, PinnedTable};
+use crate::stages::{self, Stage};
 use crate::CopyPolicy;
 use cudarc::driver::result::{self, stream::StreamKind, DriverError};
 use cudarc::driver::sys;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Instant;
 use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreError};
 
 /// Writes refused for want of a free slot, over every queue (for the log).
@@ -61,6 +63,8 @@ struct Round {
     cpu_checks: Vec<CpuCheck>,
     /// Extents the round's requests pinned, let go when it finishes.
     pins: Vec<u32>,
+    /// When its event was recorded (the GPU stage starts there).
+    recorded_at: Instant,
 }
 
 /// A read on the copy engines whose pages the CPU checks when its round
@@ -232,6 +236,7 @@ impl CudaQueue {
             sums: PinnedTable::empty(),
             cpu_checks: Vec::new(),
             pins: Vec::new(),
+            recorded_at: Instant::now(),
         })
     }
 
@@ -643,6 +648,7 @@ impl QueueStore for CudaQueue {
                 return;
             }
         };
+        let mut clock = Instant::now();
         self.pieces.clear();
         self.jobs.clear();
         // Lookups first: a write that takes a slot has its mapping
@@ -698,6 +704,7 @@ impl QueueStore for CudaQueue {
                 }
             }
         }
+        clock = stages::lap(Stage::Translate, clock);
         if self.jobs.is_empty() {
             // Every request waits (deferred) or has its answer: no event
             // to record while the queue retries at each poll.
@@ -799,6 +806,7 @@ impl QueueStore for CudaQueue {
                 self.jobs[c.job].failed = true;
             }
         }
+        clock = stages::lap(Stage::Build, clock);
         let launched = self.launch(&round.descs);
         round
             .completions
@@ -814,6 +822,8 @@ impl QueueStore for CudaQueue {
         let recorded = unsafe { result::event::record(round.event, self.stream) };
         match checked(recorded, "cuEventRecord") {
             Ok(()) => {
+                round.recorded_at = stages::lap(Stage::Launch, clock);
+                stages::count_round(round.completions.len());
                 self.in_flight += round.completions.len();
                 self.rounds.push_back(round);
             }
@@ -836,9 +846,11 @@ impl QueueStore for CudaQueue {
             let Some(round) = self.rounds.pop_front() else {
                 break;
             };
+            let finishing = stages::lap(Stage::Gpu, round.recorded_at);
             self.in_flight -= round.completions.len();
             let failed = !self.round_succeeded(r);
             self.finish(round, failed, done);
+            stages::lap(Stage::Finish, finishing);
         }
         if !self.deferred.is_empty() {
             let mut again = std::mem::take(&mut self.deferred);

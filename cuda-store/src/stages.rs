@@ -1,0 +1,131 @@
+//! Where a queue round's time goes (issue 19): the CPU stages of a round in
+//! `CudaQueue::submit` and `finish`, and the GPU's part as the queue sees
+//! it. Each queue times its rounds with a few clock reads (not per
+//! request) and adds them to process-wide totals, which engine-bench reads
+//! between its shapes.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// The stages of a round, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Requests to pieces: extent lookup and pin, a first write's slot and
+    /// its map record (waited for), reads of unmapped extents answered.
+    Translate,
+    /// Pieces to work: the kernel's descriptor table, the copy engines'
+    /// copies, the checksums computed or fetched on the CPU side.
+    Build,
+    /// The kernel launch and the round's event.
+    Launch,
+    /// From the event's record to the poll that finds it complete: the
+    /// GPU's work, plus how late the queue looks.
+    Gpu,
+    /// Completion bookkeeping: pins let go, checksum mismatches looked
+    /// for, answers handed back.
+    Finish,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Translate,
+        Stage::Build,
+        Stage::Launch,
+        Stage::Gpu,
+        Stage::Finish,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Translate => "translate",
+            Stage::Build => "build",
+            Stage::Launch => "launch",
+            Stage::Gpu => "gpu",
+            Stage::Finish => "finish",
+        }
+    }
+}
+
+static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static ROUNDS: AtomicU64 = AtomicU64::new(0);
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// Adds the time since `since` to `stage`; returns now, the next stage's
+/// start.
+pub(crate) fn lap(stage: Stage, since: Instant) -> Instant {
+    let now = Instant::now();
+    let ns = u64::try_from(now.duration_since(since).as_nanos()).unwrap_or(u64::MAX);
+    NANOS[stage as usize].fetch_add(ns, Relaxed);
+    now
+}
+
+/// Counts a round of `requests` that reached the GPU.
+pub(crate) fn count_round(requests: usize) {
+    ROUNDS.fetch_add(1, Relaxed);
+    REQUESTS.fetch_add(requests as u64, Relaxed);
+}
+
+/// What every queue of this process spent, per stage, since the last
+/// [`StageTotals::take`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTotals {
+    pub nanos: [u64; 5],
+    pub rounds: u64,
+    pub requests: u64,
+}
+
+impl StageTotals {
+    /// The totals so far, which start again from zero.
+    pub fn take() -> StageTotals {
+        let mut t = StageTotals::default();
+        for (n, a) in t.nanos.iter_mut().zip(&NANOS) {
+            *n = a.swap(0, Relaxed);
+        }
+        t.rounds = ROUNDS.swap(0, Relaxed);
+        t.requests = REQUESTS.swap(0, Relaxed);
+        t
+    }
+
+    /// Mean microseconds per round in `stage` (0 without rounds).
+    pub fn us_per_round(&self, stage: Stage) -> f64 {
+        if self.rounds == 0 {
+            return 0.0;
+        }
+        self.nanos[stage as usize] as f64 / 1e3 / self.rounds as f64
+    }
+
+    /// Mean requests per round.
+    pub fn requests_per_round(&self) -> f64 {
+        if self.rounds == 0 {
+            return 0.0;
+        }
+        self.requests as f64 / self.rounds as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn laps_add_up_per_stage_and_take_starts_again() {
+        // Other tests of this crate run rounds too: start from what they
+        // left and look only at what this test adds.
+        let _ = StageTotals::take();
+        let t0 = Instant::now() - Duration::from_micros(30);
+        let t1 = lap(Stage::Translate, t0);
+        assert!(t1 >= t0);
+        let before_gpu = t1 - Duration::from_micros(20);
+        lap(Stage::Gpu, before_gpu);
+        count_round(8);
+        let t = StageTotals::take();
+        assert!(t.nanos[Stage::Translate as usize] >= 30_000);
+        assert!(t.nanos[Stage::Gpu as usize] >= 20_000);
+        assert_eq!(t.nanos[Stage::Launch as usize], 0);
+        assert_eq!(t.rounds, 1);
+        assert_eq!(t.requests_per_round(), 8.0);
+        assert!(t.us_per_round(Stage::Translate) >= 30.0);
+        assert_eq!(StageTotals::take().rounds, 0);
+    }
+}
