@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use vramblk_cuda_store::stages::StageTotals;
 use vramblk_cuda_store::{CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
 use vramblk_store::{BufferRegion, Completion, Op, Request, Store};
+use vramblk_ublk_target::poll_policy::{PollPolicy, Wait};
 use vramblk_ublk_target::QueueEngine;
 
 use crate::table::{Row, BASELINE};
@@ -364,7 +365,16 @@ fn thread_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f64) -> Outcome {
+fn drive(
+    store: &CudaStore,
+    qid: u16,
+    depth: usize,
+    bs: u64,
+    p: Pattern,
+    secs: f64,
+    policy: PollPolicy,
+) -> Outcome {
+    precise_naps();
     let mut sq = SynthQueue::open(store, qid, depth);
     let mut rng = Rng(0x1234_5678 ^ (qid as u64 + 1) << 20);
     let mut free: Vec<u16> = (0..depth as u16).collect();
@@ -382,6 +392,7 @@ fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f
     let start = Instant::now();
     let stop = Duration::from_secs_f64(secs);
     let mut done = Vec::with_capacity(depth);
+    let mut last_progress = Instant::now();
     while start.elapsed() < stop {
         for tag in free.drain(..) {
             let off = match p {
@@ -412,6 +423,11 @@ fn drive(store: &CudaStore, qid: u16, depth: usize, bs: u64, p: Pattern, secs: f
             });
         }
         sq.engine.pump(|c| done.push(c));
+        if !done.is_empty() {
+            last_progress = Instant::now();
+        } else if let Wait::Nap(nap) = policy.wait(last_progress.elapsed()) {
+            std::thread::sleep(nap);
+        }
         for c in done.drain(..) {
             o.ios += 1;
             o.bytes += bs;
@@ -500,10 +516,67 @@ pub fn bench(stores: &[(&str, &CudaStore)], secs: f64) -> Vec<Row> {
     for &(mode, store) in stores {
         map_every_extent(store);
         for &(name, p, bs, queues, depth) in SHAPES {
-            rows.push(run_shape(store, mode, name, p, bs, queues, depth, secs));
+            rows.push(run_shape(
+                store,
+                mode,
+                name,
+                p,
+                bs,
+                queues,
+                depth,
+                secs,
+                PollPolicy::SPIN_ONLY,
+            ));
         }
     }
     rows
+}
+
+/// The polling policies measured side by side (issue 19): never napping
+/// (the load loop of the tables above), the server's queue loop, and
+/// napping as soon as nothing finished.
+pub const POLICIES: [(&str, PollPolicy); 3] = [
+    ("spin only", PollPolicy::SPIN_ONLY),
+    ("server: spin 50 us, then nap 20 us", PollPolicy::SERVER),
+    (
+        "nap 20 us at once",
+        PollPolicy {
+            spin: Duration::ZERO,
+            nap: Duration::from_micros(20),
+        },
+    ),
+];
+
+/// The 4 KiB random shapes at QD1, 1 x 32 and 16 x 128 under each of
+/// [`POLICIES`] on `store` (auto); the mode column names the policy.
+pub fn poll_policies(store: &CudaStore, secs: f64) -> Vec<Row> {
+    let shapes = [
+        ("4 KiB randwrite", Pattern::RandWrite, 1, 1),
+        ("4 KiB randread", Pattern::RandRead, 1, 1),
+        ("4 KiB randwrite", Pattern::RandWrite, 1, 32),
+        ("4 KiB randread", Pattern::RandRead, 1, 32),
+        ("4 KiB randwrite", Pattern::RandWrite, 16, 128),
+        ("4 KiB randread", Pattern::RandRead, 16, 128),
+    ];
+    let mut rows = Vec::new();
+    for (name, p, queues, depth) in shapes {
+        for (label, policy) in POLICIES {
+            rows.push(run_shape(
+                store, label, name, p, 4096, queues, depth, secs, policy,
+            ));
+        }
+    }
+    rows
+}
+
+/// A nap asks for 20 us: the thread's timer slack (50 us by default)
+/// would stretch every sleep by up to that much, where the server's nap in
+/// io_uring is a precise timeout. So the load threads ask for 1 us.
+fn precise_naps() {
+    // libc: rustix has no PR_SET_TIMERSLACK call.
+    // SAFETY: prctl with constant arguments on this thread; a failure only
+    // leaves the default slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000, 0, 0, 0) };
 }
 
 /// One write per 2 MiB extent, so every read below moves real VRAM (an
@@ -549,13 +622,14 @@ fn run_shape(
     queues: u16,
     depth: usize,
     secs: f64,
+    policy: PollPolicy,
 ) -> Row {
     // What earlier shapes (and their drains) left is not this shape's.
     let _ = StageTotals::take();
     let start = Instant::now();
     let outs: Vec<Outcome> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..queues)
-            .map(|q| s.spawn(move || drive(store, q, depth, bs, p, secs)))
+            .map(|q| s.spawn(move || drive(store, q, depth, bs, p, secs, policy)))
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("queue thread"))

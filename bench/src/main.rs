@@ -140,12 +140,13 @@ fn main() -> Result<()> {
         let by_mode: Vec<(&str, &CudaStore)> = stores.iter().map(|(m, s)| (*m, &**s)).collect();
         let rows = load::bench(&by_mode, secs);
         let (idle_cpu, idle_wall) = idle::cpu_over(std::time::Duration::from_secs(10));
+        let policies = load::poll_policies(&store, secs);
         let ceiling = match ceiling::measure(&store, secs) {
             Ok(c) => ceiling::table(&rows, "auto", &c),
             Err(e) => format!("not measured: {e:#}\n"),
         };
         let report = format!(
-            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against the ceiling (issue 19): the copy kernel alone for 4 KiB random, raw pinned copies (cuMemcpyAsync, no store) for QD1 and sequential, same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Where a round's time goes (issue 19): the store's stages per round (cuda-store/src/stages.rs), 4 KiB random, auto with checksums, then without\n\n{}\n{}\n#### Every shape\n\n{}",
+            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against the ceiling (issue 19): the copy kernel alone for 4 KiB random, raw pinned copies (cuMemcpyAsync, no store) for QD1 and sequential, same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Where a round's time goes (issue 19): the store's stages per round (cuda-store/src/stages.rs), 4 KiB random, auto with checksums, then without\n\n{}\n{}\n#### The queue's polling policy (issue 19): the load loop polling without a nap, with the server's queue-loop policy (ublk-target/src/poll_policy.rs; a sleep with 1 us timer slack here, an io_uring timeout there), and napping at once; auto\n\n{}\n#### Every shape\n\n{}",
             table::targets(&rows, "auto"),
             table::integrity_cost(&rows),
             ceiling,
@@ -153,6 +154,7 @@ fn main() -> Result<()> {
             idle::line(idle_cpu, idle_wall),
             table::stage_times(&rows, "auto"),
             table::stage_times(&rows, table::INTEGRITY_OFF),
+            table::poll_policy_table(&policies),
             table::table(&rows)
         );
         println!("{report}");

@@ -285,6 +285,30 @@ pub fn stage_times(rows: &[Row], mode: &str) -> String {
     t
 }
 
+/// The polling policies side by side (rows from `load::poll_policies`,
+/// whose mode column names the policy): rate, latency and the thread's CPU.
+pub fn poll_policy_table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| shape | queues x depth | policy | IOPS | p50 us | p99 us | host CPU us/IO | busy cores |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        t += &format!(
+            "| {} | {} x {} | {} | {:.0} | {:.1} | {:.1} | {:.2} | {:.1} |\n",
+            r.name,
+            r.queues,
+            r.depth,
+            r.mode,
+            r.iops,
+            r.p50,
+            r.p99,
+            r.cpu_us_per_io,
+            r.cpu_us_per_io * r.iops / 1e6
+        );
+    }
+    t
+}
+
 /// A measured row for the tables' tests: `mode`, direction, block size,
 /// queues x depth and IOPS; p50 8 us, p99 20 us, 0.5 us of CPU per I/O.
 #[cfg(test)]
@@ -361,6 +385,25 @@ mod tests {
             3,
             "rows without rounds and dma left out: {t}"
         );
+    }
+
+    #[test]
+    fn the_policy_table_has_a_row_per_policy_and_shape() {
+        let mut napping = test_row("nap 20 us at once", false, 4096, 16, 128, 5e6);
+        napping.cpu_us_per_io = 0.2;
+        let rows = vec![test_row("spin only", false, 4096, 16, 128, 6e6), napping];
+        let t = poll_policy_table(&rows);
+        assert!(
+            t.contains("| 4 KiB rand | 16 x 128 | spin only | 6000000 | 8.0 | 20.0 | 0.50 | 3.0 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "| 4 KiB rand | 16 x 128 | nap 20 us at once | 5000000 | 8.0 | 20.0 | 0.20 | 1.0 |"
+            ),
+            "{t}"
+        );
+        assert_eq!(t.lines().count(), 4);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`device`]: adding and serving a device.
 //! - [`control`]: finding, inspecting and deleting devices.
 //! - [`features`]: the kernel's ublk feature flags and which vramblk needs.
+//! - [`poll_policy`]: how a queue waits for its store (spin, then nap).
 //! - `request_timeout`: the request timeout that bounds how late older
 //!   kernels notice a dead server.
 
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod features;
 mod gate;
 mod params;
+pub mod poll_policy;
 mod queue;
 mod request_timeout;
 mod slots;

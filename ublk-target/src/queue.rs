@@ -5,6 +5,7 @@
 use crate::counters::DeviceCounters;
 use crate::engine::QueueEngine;
 use crate::gate::StartGate;
+use crate::poll_policy::{PollPolicy, Wait};
 use crate::slots::TagSlots;
 use libublk::io::{with_task_io_ring_mut, UblkDev, UblkQueue};
 use libublk::uring_async::{
@@ -17,11 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vramblk_store::{BufferRegion, IoBuf, Op, QueueStore, Request, Store};
 
-/// While the store has requests in flight the loop polls it; it spins for
-/// this long after the last progress, then naps in io_uring for
-/// `BUSY_NAP` at a time so a stalled GPU does not burn a core.
-const SPIN: Duration = Duration::from_micros(50);
-const BUSY_NAP: Duration = Duration::from_micros(20);
 /// With nothing in flight the loop sleeps in io_uring this long before
 /// libublk marks the queue idle.
 const IDLE_SECS: u64 = 20;
@@ -262,12 +258,15 @@ async fn event_loop<Q: QueueStore, T>(
                 let _ = r.submit_and_wait(0);
                 return Err(UblkError::QueueIsDown);
             }
+            // While the store has requests in flight the loop polls it,
+            // napping in io_uring as the policy says (poll_policy.rs).
             let wait = if !busy {
                 Some(io_uring::types::Timespec::new().sec(IDLE_SECS))
-            } else if last_progress.get().elapsed() > SPIN {
-                Some(io_uring::types::Timespec::from(BUSY_NAP))
             } else {
-                None
+                match PollPolicy::SERVER.wait(last_progress.get().elapsed()) {
+                    Wait::Nap(nap) => Some(io_uring::types::Timespec::from(nap)),
+                    Wait::Spin => None,
+                }
             };
             let ret = match wait {
                 Some(ts) => {
