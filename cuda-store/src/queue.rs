@@ -63,8 +63,9 @@ struct Round {
     cpu_checks: Vec<CpuCheck>,
     /// Extents the round's requests pinned, let go when it finishes.
     pins: Vec<u32>,
-    /// When its event was recorded (the GPU stage starts there).
-    recorded_at: Instant,
+    /// When its event was recorded (the GPU stage starts there), while
+    /// stages are timed (stages.rs).
+    recorded_at: Option<Instant>,
 }
 
 /// A read on the copy engines whose pages the CPU checks when its round
@@ -236,7 +237,7 @@ impl CudaQueue {
             sums: PinnedTable::empty(),
             cpu_checks: Vec::new(),
             pins: Vec::new(),
-            recorded_at: Instant::now(),
+            recorded_at: None,
         })
     }
 
@@ -648,7 +649,7 @@ impl QueueStore for CudaQueue {
                 return;
             }
         };
-        let mut clock = Instant::now();
+        let mut clock = stages::start();
         self.pieces.clear();
         self.jobs.clear();
         // Lookups first: a write that takes a slot has its mapping

@@ -1,10 +1,12 @@
 //! Where a queue round's time goes (issue 19): the CPU stages of a round in
 //! `CudaQueue::submit` and `finish`, and the GPU's part as the queue sees
-//! it. Each queue times its rounds with a few clock reads (not per
-//! request) and adds them to process-wide totals, which engine-bench reads
-//! between its shapes.
+//! it. Off unless [`enable`]d (engine-bench turns it on; a server never
+//! does, so its queues read no clock and touch no shared counter). When on,
+//! each queue times its rounds with a few clock reads (not per request)
+//! and adds them to process-wide totals, which engine-bench reads between
+//! its shapes.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 /// The stages of a round, in order.
@@ -46,23 +48,38 @@ impl Stage {
     }
 }
 
+static ENABLED: AtomicBool = AtomicBool::new(false);
 static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static ROUNDS: AtomicU64 = AtomicU64::new(0);
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
+/// Times every queue's rounds from now on, in this process.
+pub fn enable() {
+    ENABLED.store(true, Relaxed);
+}
+
+/// A round's start: now when timing is on, else None (and every
+/// [`lap`] from it does nothing).
+pub(crate) fn start() -> Option<Instant> {
+    ENABLED.load(Relaxed).then(Instant::now)
+}
+
 /// Adds the time since `since` to `stage`; returns now, the next stage's
-/// start.
-pub(crate) fn lap(stage: Stage, since: Instant) -> Instant {
+/// start (None when `since` is: timing is off).
+pub(crate) fn lap(stage: Stage, since: Option<Instant>) -> Option<Instant> {
+    let since = since?;
     let now = Instant::now();
     let ns = u64::try_from(now.duration_since(since).as_nanos()).unwrap_or(u64::MAX);
     NANOS[stage as usize].fetch_add(ns, Relaxed);
-    now
+    Some(now)
 }
 
-/// Counts a round of `requests` that reached the GPU.
+/// Counts a round of `requests` that reached the GPU, when timing is on.
 pub(crate) fn count_round(requests: usize) {
-    ROUNDS.fetch_add(1, Relaxed);
-    REQUESTS.fetch_add(requests as u64, Relaxed);
+    if ENABLED.load(Relaxed) {
+        ROUNDS.fetch_add(1, Relaxed);
+        REQUESTS.fetch_add(requests as u64, Relaxed);
+    }
 }
 
 /// What every queue of this process spent, per stage, since the last
@@ -109,15 +126,22 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn a_lap_from_no_start_does_nothing() {
+        assert_eq!(lap(Stage::Build, None), None);
+    }
+
+    #[test]
     fn laps_add_up_per_stage_and_take_starts_again() {
+        enable();
+        assert!(start().is_some(), "timing is on once enabled");
         // Other tests of this crate run rounds too: start from what they
         // left and look only at what this test adds.
         let _ = StageTotals::take();
         let t0 = Instant::now() - Duration::from_micros(30);
-        let t1 = lap(Stage::Translate, t0);
+        let t1 = lap(Stage::Translate, Some(t0)).expect("a lap from a start");
         assert!(t1 >= t0);
         let before_gpu = t1 - Duration::from_micros(20);
-        lap(Stage::Gpu, before_gpu);
+        lap(Stage::Gpu, Some(before_gpu));
         count_round(8);
         let t = StageTotals::take();
         assert!(t.nanos[Stage::Translate as usize] >= 30_000);
