@@ -33,8 +33,7 @@ check "restarts counted in the record" grep -q '"restarts": 3' /run/vramblk/ublk
 check "no kernel oops or hung task after the fio kills" no_oops
 out=$(vramblk del 0 2>&1)
 check "del after the kills" [ "$out" = "removed /dev/ublkb0" ]
-i=0
-while daemon_alive && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
+wait_for 30 daemon_gone
 check "supervisor and server exit after del" daemon_gone
 
 # --- 1b. a server killed while every tag of a queue holds a request: the
@@ -67,8 +66,7 @@ fio_verified "cuda (stub): verify-only pass after the kills: the VRAM fds outliv
 check "cuda (stub): the next servers imported the VRAM" grep -q "imported from" /run/vramblk/*.log
 out=$(vramblk del 0 2>&1)
 check "cuda (stub): del" [ "$out" = "removed /dev/ublkb0" ]
-i=0
-while daemon_alive && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
+wait_for 30 daemon_gone
 check "cuda (stub): the server erased the VRAM before letting go" grep -q "VRAM erased" /run/vramblk/*.log
 dev=$(env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 1 --copy-mode dma)
 $FIO --name=dma --filename=$dev --rw=randwrite --bsrange=4k-512k --iodepth=16 --size=100% \

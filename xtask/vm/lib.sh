@@ -181,15 +181,19 @@ kill_servers() {
     done
 }
 
+# none_waited_out_kernel: no recovering server in the logs gave up
+# waiting for the kernel to let a dead server go ("still live after").
+none_waited_out_kernel() { ! grep -q "still live after" /run/vramblk/*.log; }
+
 # takeovers_within SECS: every take-over the logs tell of ("recovered X s
 # after its server exited") served the device again within SECS seconds,
-# and none waited out the kernel ("still live after"); prints the slowest.
+# and none waited out the kernel; prints the slowest.
 takeovers_within() {
     local slowest
     slowest=$(sed -n 's/.*recovered \([0-9.]*\) s after its server exited.*/\1/p' \
         /run/vramblk/*.log | sort -n | tail -1)
     info "slowest take-over: ${slowest:-none} s"
-    [ -n "$slowest" ] && ! grep -q "still live after" /run/vramblk/*.log &&
+    [ -n "$slowest" ] && none_waited_out_kernel &&
         awk -v s="$slowest" -v lim="$1" 'BEGIN { exit !(s < lim) }'
 }
 
@@ -208,8 +212,8 @@ full_queue_kill() {
     shift 2
     dev=$("$@" 2>/tmp/add-f.txt)
     check "$fq: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-f.txt; show_logs; return 1; }
-    check "$fq: the server set the request timeout to 1 s" \
-        [ "$(cat /sys/block/ublkb0/queue/io_timeout)" = 1000 ]
+    timeout_1s() { [ "$(cat /sys/block/ublkb0/queue/io_timeout)" = 1000 ]; }
+    check "$fq: the server set the request timeout to 1 s" timeout_1s
     jobs=""
     want=0
     for c in $cpus; do
@@ -238,8 +242,7 @@ full_queue_kill() {
     info "$fq: served again $((took / 10)).$((took % 10)) s after the kill"
     check "$fq: the next server serves within 10 s (the default request timeout: 30 s)" \
         [ $took -lt 100 ] || show_logs
-    check "$fq: the new server set the request timeout too" \
-        [ "$(cat /sys/block/ublkb0/queue/io_timeout)" = 1000 ]
+    check "$fq: the new server set the request timeout too" timeout_1s
     wait $fpid
     rc=$?
     check "$fq: fio wrote through the kill with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-f.txt
@@ -247,8 +250,7 @@ full_queue_kill() {
     fio_verified "$fq: verify-only pass (crc32c)" /tmp/fio-fv.txt $common $jobs
     out=$(vramblk del 0 2>&1)
     check "$fq: del" [ "$out" = "removed /dev/ublkb0" ]
-    i=0
-    while daemon_alive && [ $i -lt 60 ]; do sleep 0.5; i=$((i + 1)); done
+    wait_for 30 daemon_gone
 }
 
 # wait_for SECS COMMAND...: true once the command succeeds, within SECS
@@ -414,8 +416,7 @@ swap_kill_run() {
     check "$run: every byte read back intact through $((k - 1)) kills" [ $rc -eq 0 ] || show_logs
     check "$run: swap was really used (pswpout grew by > 32 MiB)" [ $pages -gt 8192 ]
     check "$run: nothing was OOM-killed" no_oom
-    check "$run: no take-over waited out the kernel (\"still live after\")" \
-        sh -c '! grep -q "still live after" /run/vramblk/*.log'
+    check "$run: no take-over waited out the kernel (\"still live after\")" none_waited_out_kernel
     check "$run: no kernel oops or hung task" no_oops
     out=$(vramblk del 0 2>&1)
     check "$run: swapoff and del" [ "$out" = "removed /dev/ublkb0" ] || info "$out"
