@@ -40,6 +40,17 @@ pub enum Command {
     /// resets that count. A device of the service whose supervisor died is
     /// adopted by the service, which holds its memory too.
     Recover(RecoverArgs),
+    /// Hand live devices to the vramblk binary now on disk, swap left on.
+    ///
+    /// After the binary was replaced (a package update, `cargo xtask
+    /// install`), each device's supervisor re-executes the new binary in
+    /// place, starts a standby server of it and, once that is ready, stops
+    /// the old server: the standby takes the device over through ublk's
+    /// user recovery, the kernel holding and then re-issuing the I/O in
+    /// flight, so nothing fails and no page is lost. Devices whose
+    /// processes already run the binary on disk are left alone (unless
+    /// --force). `systemctl reload vramblk` runs this for the service.
+    Upgrade(UpgradeArgs),
     /// Print the ublk features the running kernel supports.
     Features,
     /// List the NVIDIA GPUs with their free VRAM.
@@ -134,6 +145,24 @@ pub enum Command {
     /// server must run with VRAMBLK_TEST_HOOKS=1).
     #[command(hide = true)]
     FlipBit { id: u32, offset: u64 },
+    /// A supervisor after it re-executed itself for `vramblk upgrade`:
+    /// STATE names its device, server and memory fds.
+    #[command(hide = true, name = "resume-supervisor")]
+    ResumeSupervisor {
+        #[arg(long, value_name = "DIR")]
+        run_dir: std::path::PathBuf,
+        state: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct UpgradeArgs {
+    /// Device ids (N in /dev/ublkbN); default: every vramblk device.
+    pub ids: Vec<u32>,
+    /// Hand devices over even when their processes run the binary on disk
+    /// already (restarts their servers without swapoff).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -16,6 +16,7 @@ mod sleep;
 mod status;
 mod status_output;
 mod up;
+mod upgrade;
 
 use args::{Cli, Command};
 use clap::Parser;
@@ -34,6 +35,10 @@ fn main() -> ExitCode {
         Command::Del(d) => del::run(&d),
         Command::List => list::run(),
         Command::Recover(r) => recover::run(&r),
+        Command::Upgrade(u) => upgrade::run(&u),
+        Command::ResumeSupervisor { run_dir, state } => {
+            vramblk_daemon::upgrade::resume_supervisor(&run_dir, &state)
+        }
         Command::Features => list::features(),
         Command::Gpus => status::gpus(),
         Command::Config(args::ConfigCommand::Check { path }) => config::check(&path),

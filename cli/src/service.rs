@@ -18,8 +18,8 @@ use vramblk_config::{format_size, parse_size, store_json, Backend, Config, RUN_D
 use vramblk_daemon::holder::Holder;
 use vramblk_daemon::host::{require_driver, require_root};
 use vramblk_daemon::notify::{listen_fds, notify};
-use vramblk_daemon::signals;
 use vramblk_daemon::vram_control::{self, Command, VramReply};
+use vramblk_daemon::{signals, upgrade};
 use vramblk_policy::{PowerGate, PowerReading, PressureAction, PressureGate, VramReading};
 
 /// How often VRAM pressure is looked at (NVML reads are cheap).
@@ -252,6 +252,9 @@ impl Service {
         let mut next_pressure = Instant::now();
         while !signals::stop_requested() {
             std::thread::sleep(TICK);
+            if signals::take_upgrade_request() {
+                self.re_execute();
+            }
             reap_children();
             self.holder.tick();
             if self.holder.held() != self.state.holding {
@@ -267,6 +270,25 @@ impl Service {
                 self.check_pressure(now);
             }
         }
+    }
+
+    /// `vramblk upgrade` asked: becomes the binary now on disk, handing it
+    /// the memory fds held (daemon/src/upgrade.rs). The supervisors, its
+    /// children, stay; the new image adopts none of them, as they live.
+    fn re_execute(&mut self) {
+        let path = match upgrade::binary_on_disk() {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("service: not upgrading: {e:#}");
+                return;
+            }
+        };
+        let e = upgrade::re_execute_service(&path, &self.holder.named_fds());
+        // The held fds may have been moved: exit, and systemd restarts the
+        // service with them from its fd store (ExecStop leaves the devices
+        // serving after a failure).
+        log::error!("service: re-executing {}: {e:#}; exiting", path.display());
+        std::process::exit(1);
     }
 
     fn check_power(&mut self) {

@@ -22,7 +22,7 @@ const ORPHAN_EXIT: Duration = Duration::from_secs(10);
 
 /// The plan a new supervisor serves an existing device with: its shape
 /// from the record the last server wrote.
-fn adoption_plan(record: &DeviceRecord) -> Plan {
+pub(crate) fn adoption_plan(record: &DeviceRecord) -> Plan {
     Plan {
         size: record.size,
         backend: record.backend,

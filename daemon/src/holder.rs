@@ -141,6 +141,20 @@ impl Holder {
         *HELD_FDS.lock().unwrap_or_else(|p| p.into_inner()) = fds;
     }
 
+    /// Every fd held, with its fd store name: what a re-executed service
+    /// is handed as LISTEN_FDS (upgrade.rs), as systemd would.
+    pub fn named_fds(&self) -> Vec<(String, RawFd)> {
+        self.devices
+            .iter()
+            .flat_map(|(&id, d)| {
+                d.fds
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, f)| (fd_name(id, i), f.as_raw_fd()))
+            })
+            .collect()
+    }
+
     /// Devices whose memory the service holds now.
     pub fn held(&self) -> Vec<u32> {
         self.devices.keys().copied().collect()

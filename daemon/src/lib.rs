@@ -10,6 +10,8 @@
 //! - [`supervise`], [`memory`]: the supervisor and what it holds.
 //! - [`server`], [`stats`], [`vram_control`], [`swap`]: the server and its
 //!   sockets, swap on its device.
+//! - [`upgrade`]: a supervisor re-executing the binary now on disk and
+//!   handing its device to it.
 //! - [`held_log`]: log lines held while a device recovers.
 //! - [`holder`], [`adopt`], [`announce`], [`notify`], [`signals`]: the
 //!   service's side: fds held for systemd's fd store, adoption of a device
@@ -32,6 +34,7 @@ pub mod signals;
 pub mod stats;
 pub mod supervise;
 pub mod swap;
+pub mod upgrade;
 pub mod vram_control;
 
 pub use logging::init_logging;

@@ -29,22 +29,29 @@ pub struct Launch {
     pub print_path: bool,
 }
 
-/// Runs in a forked server; returns its exit code. A standby (`go` is
-/// Some) prepares everything it can, then waits until the supervisor tells
-/// it to take over (the restart count, written to its eventfd); it dies
-/// with the supervisor meanwhile (PR_SET_PDEATHSIG).
+/// A standby's two eventfds: the supervisor writes the restart count (+1)
+/// to `go` to make it take over; it writes 1 to `ready` once it waits for
+/// that with everything prepared.
+pub struct Standby {
+    pub go: OwnedFd,
+    pub ready: OwnedFd,
+}
+
+/// Runs in a forked server; returns its exit code. A standby prepares
+/// everything it can, then waits until the supervisor tells it to take
+/// over; it dies with the supervisor meanwhile (PR_SET_PDEATHSIG).
 pub fn main(
     plan: &Plan,
     held: &Held,
     run_dir: &Path,
     mut launch: Launch,
     reporter: Reporter,
-    go: Option<OwnedFd>,
+    standby: Option<Standby>,
 ) -> i32 {
     crate::signals::reset_for_server();
     // A server forked to recover (no standby was ready): the device waits
     // on it, and memory may be exhausted.
-    let recovering = launch.start != Start::Add && go.is_none();
+    let recovering = launch.start != Start::Add && standby.is_none();
     if recovering {
         held_log::hold();
     }
@@ -63,14 +70,14 @@ pub fn main(
     };
     let result = match &held.memory {
         Memory::Host(store) => {
-            if !standby_ready(go, &mut launch, plan) {
+            if !standby_ready(standby, &mut launch, plan) {
                 return 0;
             }
             serve_store(ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|mut store| {
-                if !standby_ready(go, &mut launch, plan) {
+                if !standby_ready(standby, &mut launch, plan) {
                     return Ok(());
                 }
                 if vram.is_some() {
@@ -168,16 +175,19 @@ fn open_vram(
     Ok(Arc::new(store))
 }
 
-/// For a standby (`go` is Some): waits for the word to take over, with a
-/// cushion of locked pages set aside meanwhile and handed back to the
-/// kernel the moment it comes, for the few allocations recovery makes.
+/// For a standby: says it is ready, then waits for the word to take over,
+/// with a cushion of locked pages set aside meanwhile and handed back to
+/// the kernel the moment it comes, for the few allocations recovery makes.
 /// Returns false when no word can come.
-fn standby_ready(go: Option<OwnedFd>, launch: &mut Launch, plan: &Plan) -> bool {
-    let Some(go) = go else {
+fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> bool {
+    let Some(Standby { go, ready }) = standby else {
         return true;
     };
     process::warm_thread_stacks(plan.device.queues as usize + SPARE_THREADS);
     let cushion = process::Cushion::new(CUSHION_BYTES);
+    // An upgrade stops the old server only after this (supervise.rs).
+    let _ = rustix::io::write(&ready, &1u64.to_ne_bytes());
+    drop(ready);
     let Some(restarts) = wait_for_go(go) else {
         return false;
     };

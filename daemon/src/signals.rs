@@ -1,7 +1,8 @@
 //! The supervisor's signals: SIGTERM/SIGINT ask it to stop (swap off, then
 //! remove the device), SIGUSR1 (sent by `vramblk recover`) asks it to
-//! restart a dead server now. Handlers only set flags; the supervisor's
-//! loop acts on them.
+//! restart a dead server now, SIGUSR2 (sent by `vramblk upgrade`) to hand
+//! the device to the binary now on disk (upgrade.rs). Handlers only set
+//! flags; the supervisor's loop acts on them.
 //!
 //! libc's sigaction: rustix offers signal handlers only to runtimes that
 //! replace the C library (`rustix::runtime`).
@@ -10,6 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static RECOVER_NOW: AtomicBool = AtomicBool::new(false);
+static UPGRADE: AtomicBool = AtomicBool::new(false);
+
+/// The signal `vramblk upgrade` sends a supervisor.
+pub const UPGRADE_SIGNAL: libc::c_int = libc::SIGUSR2;
 
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -17,6 +22,10 @@ extern "C" fn on_stop(_: libc::c_int) {
 
 extern "C" fn on_recover(_: libc::c_int) {
     RECOVER_NOW.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_upgrade(_: libc::c_int) {
+    UPGRADE.store(true, Ordering::SeqCst);
 }
 
 fn set(signal: libc::c_int, handler: libc::sighandler_t) {
@@ -46,6 +55,10 @@ pub fn install_supervisor_handlers() {
         libc::SIGUSR1,
         on_recover as extern "C" fn(libc::c_int) as libc::sighandler_t,
     );
+    set(
+        UPGRADE_SIGNAL,
+        on_upgrade as extern "C" fn(libc::c_int) as libc::sighandler_t,
+    );
 }
 
 /// In a server, right after the fork: a terminal's Ctrl-C and `vramblk
@@ -54,6 +67,7 @@ pub fn install_supervisor_handlers() {
 pub fn reset_for_server() {
     set(libc::SIGINT, libc::SIG_IGN);
     set(libc::SIGUSR1, libc::SIG_IGN);
+    set(UPGRADE_SIGNAL, libc::SIG_IGN);
     set(libc::SIGTERM, libc::SIG_DFL);
 }
 
@@ -66,6 +80,29 @@ pub fn take_recover_request() -> bool {
     RECOVER_NOW.swap(false, Ordering::SeqCst)
 }
 
+/// Whether `vramblk upgrade` asked since the last call.
+pub fn take_upgrade_request() -> bool {
+    UPGRADE.swap(false, Ordering::SeqCst)
+}
+
+/// Whether process `pid` handles the upgrade signal (a supervisor of a
+/// vramblk that knows it); to any other process the signal is fatal.
+pub fn handles_upgrade(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .as_deref()
+        .and_then(caught_mask)
+        .is_some_and(|mask| mask & (1 << (UPGRADE_SIGNAL - 1)) != 0)
+}
+
+/// The SigCgt mask of a /proc/PID/status text.
+fn caught_mask(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
 /// In `vramblk service`: SIGTERM/SIGINT stop it (devices down), SIGUSR1
 /// (sent by the power udev rule) makes it look at the power supplies now.
 pub fn install_service_handlers() {
@@ -75,4 +112,27 @@ pub fn install_service_handlers() {
 /// Whether the udev rule asked for a power check since the last call.
 pub fn take_poll_request() -> bool {
     take_recover_request()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_caught_mask_names_the_upgrade_signal() {
+        // SIGUSR1 (10) and SIGUSR2 (12) caught, as in a supervisor.
+        let caught = "Name:\tvramblk\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000000a00\n";
+        let mask = caught_mask(caught).unwrap();
+        assert_ne!(mask & (1 << (UPGRADE_SIGNAL - 1)), 0);
+        assert_eq!(caught_mask("SigCgt:\tzz\n"), None);
+        assert_eq!(caught_mask("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn this_test_process_does_not_handle_it_until_installed() {
+        // The test harness catches no SIGUSR2; a supervisor does.
+        let me = crate::host::own_pid();
+        assert!(!handles_upgrade(me));
+        assert!(!handles_upgrade(u32::MAX));
+    }
 }

@@ -8,12 +8,15 @@
 //! then: swap I/O is waiting on the dead server. A crash loop ends after
 //! MAX_FAILURES tries: the device is removed so its I/O fails instead of
 //! waiting forever. A server SIGKILLed from outside is always recovered:
-//! that is no crash loop, and giving up would lose every page.
+//! that is no crash loop, and giving up would lose every page. Asked to
+//! upgrade, it re-executes the binary now on disk and hands the device to
+//! a standby of the new binary (upgrade.rs).
 
 use crate::memory::{Held, Memory};
 use crate::plan::Plan;
 use crate::process::{self, Reporter, SUPERVISOR_CUSHION_BYTES};
 use crate::server::{self, Launch};
+use crate::upgrade::{self, ResumeState};
 use crate::{announce, held_log, signals, swap};
 use anyhow::{anyhow, bail, Result};
 use std::os::fd::OwnedFd;
@@ -49,15 +52,55 @@ pub enum Mode {
 }
 
 /// A forked server: its pid, the pipe it reports on, for a standby the
-/// eventfd that tells it to take over, and a pidfd that turns readable the
-/// moment it dies (so recovery starts without waiting for a tick; None on
-/// a kernel without pidfd_open, where the tick finds the death).
+/// eventfd that tells it to take over and the one it says it is ready on,
+/// and a pidfd that turns readable the moment it dies (so recovery starts
+/// without waiting for a tick; None on a kernel without pidfd_open, where
+/// the tick finds the death).
 struct Child {
     pid: libc::pid_t,
     report: Option<OwnedFd>,
     go: Option<OwnedFd>,
+    ready: Option<OwnedFd>,
     exited: Option<OwnedFd>,
+    /// Serving already when this supervisor took it on: the server a
+    /// supervisor had before it re-executed itself (upgrade.rs).
+    already_live: bool,
 }
+
+impl Child {
+    /// The live server of the supervisor this process was before it
+    /// re-executed itself: still our child, its report long read.
+    fn inherited(pid: libc::pid_t) -> Child {
+        Child {
+            pid,
+            report: None,
+            go: None,
+            ready: None,
+            exited: pidfd_of(pid),
+            already_live: true,
+        }
+    }
+
+    /// Whether a standby has said it is ready to take over.
+    fn is_ready(&self) -> bool {
+        self.ready
+            .as_ref()
+            .is_some_and(|fd| process::readable_within(fd, 0))
+    }
+}
+
+/// A device being handed to the binary this supervisor re-executed: the
+/// old binary's server serves until a standby of the new one is ready,
+/// then it is stopped and the standby takes over as after a crash.
+struct Handover {
+    old_server: libc::pid_t,
+    started: Instant,
+    stopped: Option<Instant>,
+}
+
+/// How long a new standby may take to get ready before an upgrade is
+/// given up (the old server keeps serving).
+const HANDOVER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// How a server's run ended.
 struct Run {
@@ -133,6 +176,10 @@ struct Supervisor<'a> {
     /// When the last server death was seen, until the device is live again
     /// (the log says how long the device went unserved).
     down_since: Option<Instant>,
+    /// Restarts so far (servers record it; a standby is told its number).
+    restarts: u32,
+    /// An upgrade under way.
+    handover: Option<Handover>,
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
@@ -148,7 +195,14 @@ pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<
         foreground_swap,
         print_path,
     };
-    supervise_with(plan, run_dir, parent, Held::create(plan)?, None, first)
+    supervise_with(
+        plan,
+        run_dir,
+        Some(parent),
+        Held::create(plan)?,
+        None,
+        First::Fork(first),
+    )
 }
 
 /// A supervisor for device `id`, whose last supervisor died: it holds
@@ -171,30 +225,84 @@ pub fn adopt(
         foreground_swap: None,
         print_path: false,
     };
-    supervise_with(plan, run_dir, parent, held, Some(id), first)
+    supervise_with(
+        plan,
+        run_dir,
+        Some(parent),
+        held,
+        Some(id),
+        First::Fork(first),
+    )
+}
+
+/// The supervisor of a live device after it re-executed itself as the
+/// binary now on disk (upgrade.rs): it holds `memory` again, keeps the
+/// old binary's server serving until a standby of its own is ready, then
+/// stops that server so the standby takes over.
+pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) -> Result<()> {
+    process::harden_for_swap()?;
+    signals::install_supervisor_handlers();
+    let held = Held::with_memory(plan, memory)?;
+    log::info!(
+        "supervisor: running {} now; {} stays with server {} until a standby of this binary is ready",
+        upgrade::describe_binary(),
+        bdev_path(state.id),
+        state.server
+    );
+    let first = First::Inherited {
+        server: state.server,
+        restarts: state.restarts,
+    };
+    supervise_with(plan, run_dir, None, held, Some(state.id), first)
+}
+
+/// How a supervisor gets its first server.
+enum First {
+    /// Forks it.
+    Fork(Launch),
+    /// Has it already: the server of the binary it re-executed from,
+    /// which it hands the device on from.
+    Inherited { server: libc::pid_t, restarts: u32 },
 }
 
 fn supervise_with(
     plan: &Plan,
     run_dir: &Path,
-    parent: Reporter,
+    parent: Option<Reporter>,
     held: Held,
     id: Option<u32>,
-    first: Launch,
+    first: First,
 ) -> Result<()> {
     let mut sup = Supervisor {
         plan,
         run_dir,
         held,
-        parent: Some(parent),
+        parent,
         id,
         standby: None,
         standby_forked: None,
         announced: None,
         cushion: None,
         down_since: None,
+        restarts: 0,
+        handover: None,
     };
-    let result = sup.supervise(first);
+    let result = match first {
+        First::Fork(launch) => {
+            sup.restarts = launch.restarts;
+            sup.fork_server(launch, false)
+                .and_then(|active| sup.supervise(active))
+        }
+        First::Inherited { server, restarts } => {
+            sup.restarts = restarts;
+            sup.handover = Some(Handover {
+                old_server: server,
+                started: Instant::now(),
+                stopped: None,
+            });
+            sup.supervise(Child::inherited(server))
+        }
+    };
     // Whatever ended supervision, no line stays held.
     held_log::release();
     if let Some(s) = sup.standby.take() {
@@ -205,9 +313,7 @@ fn supervise_with(
 }
 
 impl Supervisor<'_> {
-    fn supervise(&mut self, first: Launch) -> Result<()> {
-        let mut restarts = first.restarts;
-        let mut active = self.fork_server(first, false)?;
+    fn supervise(&mut self, mut active: Child) -> Result<()> {
         let mut failures = 0u32;
         loop {
             let run = self.watch(&mut active);
@@ -224,7 +330,7 @@ impl Supervisor<'_> {
                 let mut f = failures;
                 let step = next_step(&run, true, self.held.memory.survives_server(), &mut f);
                 if step == Next::Restart(Duration::ZERO) {
-                    woken = self.wake_standby(restarts + 1);
+                    woken = self.wake_standby(self.restarts + 1);
                 }
             }
             let Some(dev) = self.id else {
@@ -261,14 +367,23 @@ impl Supervisor<'_> {
                     return self.give_up(dev, &why);
                 }
                 Next::Restart(wait) => {
-                    log::warn!(
-                        "supervisor: the server of {} (pid {}) died ({}); recovering it, try \
-                         {failures} of {MAX_FAILURES}",
-                        bdev_path(dev),
-                        run.pid,
-                        run.status
-                    );
-                    restarts += 1;
+                    if self.handing_over_from(run.pid) {
+                        log::info!(
+                            "supervisor: the old binary's server of {} (pid {}) stopped; the \
+                             new binary's standby recovers the device",
+                            bdev_path(dev),
+                            run.pid
+                        );
+                    } else {
+                        log::warn!(
+                            "supervisor: the server of {} (pid {}) died ({}); recovering it, \
+                             try {failures} of {MAX_FAILURES}",
+                            bdev_path(dev),
+                            run.pid,
+                            run.status
+                        );
+                    }
+                    self.restarts += 1;
                     self.down_since.get_or_insert_with(Instant::now);
                     if let Some(w) = woken {
                         log::info!("supervisor: standby server {} took over", w.pid);
@@ -279,7 +394,7 @@ impl Supervisor<'_> {
                         log::info!("supervisor: restart requested by hand; failure count reset");
                         failures = 0;
                     }
-                    active = self.take_over(dev, restarts)?;
+                    active = self.take_over(dev, self.restarts)?;
                 }
             }
         }
@@ -330,10 +445,10 @@ impl Supervisor<'_> {
     /// the word to take over).
     fn fork_server(&self, launch: Launch, standby: bool) -> Result<Child> {
         let (report, reporter) = process::report_pipe()?;
-        let go = if standby {
-            Some(process::eventfd()?)
+        let (go, ready) = if standby {
+            (Some(process::eventfd()?), Some(process::eventfd()?))
         } else {
-            None
+            (None, None)
         };
         // libc's fork, as in process::spawn (rustix has none for programs on
         // the C library).
@@ -355,14 +470,26 @@ impl Supervisor<'_> {
                     // is never used or dropped here (the child exits).
                     unsafe { rustix::io::close(std::os::fd::AsRawFd::as_raw_fd(fd)) };
                 }
-                let code = server::main(self.plan, &self.held, self.run_dir, launch, reporter, go);
+                let standby = go
+                    .zip(ready)
+                    .map(|(go, ready)| server::Standby { go, ready });
+                let code = server::main(
+                    self.plan,
+                    &self.held,
+                    self.run_dir,
+                    launch,
+                    reporter,
+                    standby,
+                );
                 std::process::exit(code);
             }
             pid => Ok(Child {
                 pid,
                 report: Some(report),
                 go,
+                ready,
                 exited: pidfd_of(pid),
+                already_live: false,
             }),
         }
     }
@@ -424,7 +551,7 @@ impl Supervisor<'_> {
     /// Follows the active server to its end: relays its first report to
     /// `add`, records the device id, keeps a standby, handles stop requests.
     fn watch(&mut self, server: &mut Child) -> Run {
-        let mut live_since: Option<Instant> = None;
+        let mut live_since: Option<Instant> = server.already_live.then(Instant::now);
         let mut failure = None;
         let mut stop_handled = false;
         loop {
@@ -439,6 +566,17 @@ impl Supervisor<'_> {
                 match process::read_report(fd, &self.plan.log) {
                     Ok(dev) => {
                         held_log::release();
+                        if let Some(h) = self.handover.take() {
+                            log::info!(
+                                "supervisor: {} upgraded: served by {} (server {}) {:.2} s after \
+                                 the old server stopped, {:.2} s after the upgrade began",
+                                bdev_path(dev),
+                                upgrade::describe_binary(),
+                                server.pid,
+                                h.stopped.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                                h.started.elapsed().as_secs_f64()
+                            );
+                        }
                         if self.id.is_some() {
                             let down = self.down_since.take().map(|t| t.elapsed());
                             log::info!(
@@ -495,8 +633,85 @@ impl Supervisor<'_> {
                     }
                 } else {
                     self.ensure_standby(dev);
+                    if signals::take_upgrade_request() {
+                        self.re_execute(dev, server.pid);
+                    }
+                    self.continue_handover(dev, server.pid);
                 }
             }
+        }
+    }
+
+    /// Whether `pid` is the old binary's server an upgrade stopped.
+    fn handing_over_from(&self, pid: libc::pid_t) -> bool {
+        self.handover
+            .as_ref()
+            .is_some_and(|h| h.old_server == pid && h.stopped.is_some())
+    }
+
+    /// `vramblk upgrade` asked: becomes the binary now on disk, keeping
+    /// this pid, the children and the memory (upgrade.rs). Returns only if
+    /// that failed; the device keeps its server either way.
+    fn re_execute(&mut self, dev: u32, server: libc::pid_t) {
+        if self.handover.is_some() {
+            log::warn!(
+                "supervisor: an upgrade of {} is under way already",
+                bdev_path(dev)
+            );
+            return;
+        }
+        // The standby waits on an eventfd the new image would not have:
+        // it goes, and the new binary forks its own.
+        if let Some(s) = self.standby.take() {
+            crate::host::send_signal(s.pid as u32, rustix::process::Signal::KILL);
+            let _ = wait_exit(s.pid, Duration::from_secs(5));
+        }
+        self.standby_forked = None;
+        let e = match ResumeState::new(
+            dev,
+            server,
+            self.restarts,
+            self.plan.reserve,
+            &self.held.memory,
+        ) {
+            Ok(state) => upgrade::re_execute(&state, self.run_dir),
+            Err(e) => e,
+        };
+        log::error!(
+            "supervisor: upgrading {}: {e:#}; the running binary keeps serving it",
+            bdev_path(dev)
+        );
+    }
+
+    /// After re-executing: stops the old binary's server once a standby of
+    /// this binary is ready (it then takes over as after a crash), or gives
+    /// the upgrade up if none gets ready in time.
+    fn continue_handover(&mut self, dev: u32, server: libc::pid_t) {
+        let Some(h) = &mut self.handover else {
+            return;
+        };
+        if h.stopped.is_some() || h.old_server != server {
+            return;
+        }
+        if self.standby.as_ref().is_some_and(Child::is_ready) {
+            log::info!(
+                "supervisor: standby {} of the new binary is ready; stopping the old server {} of {}",
+                self.standby.as_ref().map_or(0, |s| s.pid),
+                server,
+                bdev_path(dev)
+            );
+            h.stopped = Some(Instant::now());
+            // The kernel requeues what the server held (user recovery with
+            // reissue), exactly as after a crash.
+            crate::host::send_signal(server as u32, rustix::process::Signal::KILL);
+        } else if h.started.elapsed() > HANDOVER_PATIENCE {
+            log::error!(
+                "supervisor: no standby of the new binary got ready in {} s; {} stays with the \
+                 old server {server}",
+                HANDOVER_PATIENCE.as_secs(),
+                bdev_path(dev)
+            );
+            self.handover = None;
         }
     }
 

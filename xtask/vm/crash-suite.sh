@@ -46,6 +46,38 @@ full_queue_kill "cuda (stub), full queues" "0 1" \
     env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 8
 check "no take-over waited out the kernel, each within 10 s of its server's exit" takeovers_within 10
 
+# --- 1c. upgrades without swapoff: the binary is replaced on disk (a new
+# file renamed over it, as a package update does) and `vramblk upgrade`
+# hands the device to it under a verifying fio load, three times; the
+# supervisor keeps its pid, and every process of the device runs the new
+# file. (Under swap pressure: section 5.)
+dev=$(vramblk add --size 256M --backend host --hugepages --queues 2 --depth 16 2>/tmp/add-u.txt)
+check "upgrade: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-u.txt; show_logs; }
+out=$(vramblk upgrade 2>&1)
+check "upgrade with the binary unchanged: nothing to do" has "$out" "runs the binary on disk already"
+expect_err "upgrade of a device that does not exist" "there is no ublk device 7" vramblk upgrade 7
+$FIO --name=upg --filename=$dev --rw=randwrite --bs=4k --iodepth=16 --size=100% \
+    --rate_iops=3000 --verify=crc32c --do_verify=0 --output=/tmp/fio-u.txt &
+fpid=$!
+for n in 1 2 3; do
+    sleep 1
+    check "upgrade $n under fio: the new binary serves, the supervisor kept its pid" \
+        upgrade_device 0 "upgrade $n" || show_logs
+done
+check "fio was still writing after the third upgrade" kill -0 $fpid
+wait $fpid
+rc=$?
+check "upgrade: fio wrote through 3 upgrades with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-u.txt
+fio_verified "upgrade: verify-only pass, every block intact (crc32c)" /tmp/fio-uv.txt \
+    --name=upg --filename=$dev --rw=randwrite --bs=4k --iodepth=16 --size=100%
+check "upgrade: the supervisor logged each hand-over" \
+    [ "$(cat /run/vramblk/*.log | grep -c "upgraded: served by")" -eq 3 ] || show_logs
+standby_again() { HOLDER_FOR_CHILDREN=$(holder_pid 0); [ "$(supervisor_children | wc -l)" -eq 2 ]; }
+check "upgrade: a standby of the new binary is ready again" wait_for 20 standby_again
+out=$(vramblk del 0 2>&1)
+check "upgrade: del after the upgrades" [ "$out" = "removed /dev/ublkb0" ]
+wait_for 30 daemon_gone
+
 # --- 2. the cuda backend through the kernel path, on the stand-in libcuda
 # (cuda-store/tests/stub: host memory on huge pages behind the CUDA driver
 # calls). It runs vramblk's cuda code (allocation, export to the supervisor,
@@ -58,9 +90,11 @@ $FIO --name=cuda --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=32 --
     --rate_iops=1000 --verify=crc32c --do_verify=0 --output=/tmp/fio-g.txt &
 fpid=$!
 kill_servers 0 2 2
+check "cuda (stub): upgrade under fio: the VRAM fds and the handoff socket cross the re-execution" \
+    upgrade_device 0 "cuda upgrade" || show_logs
 wait $fpid
 rc=$?
-check "cuda (stub): fio mixed sizes wrote through 2 server kills with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-g.txt
+check "cuda (stub): fio mixed sizes wrote through 2 server kills and an upgrade with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-g.txt
 fio_verified "cuda (stub): verify-only pass after the kills: the VRAM fds outlived both servers" /tmp/fio-gv.txt \
     --name=cuda --filename=$dev --rw=randwrite --bsrange=4k-64k --iodepth=32 --size=100%
 check "cuda (stub): the next servers imported the VRAM" grep -q "imported from" /run/vramblk/*.log
@@ -292,6 +326,20 @@ s2=$!
 check "plain service restarted by hand: the surviving supervisors handed it the memfds again" wait_for 10 sh -c "grep -q 'holding the memory of /dev/ublkb0' /tmp/svc2.log && grep -q 'holding the memory of /dev/ublkb1' /tmp/svc2.log" || cat /tmp/svc2.log
 check "plain service: it adopts the device when supervisor and server die" kill_device0 "kill" /tmp/svc2.log
 check "plain service: the adopting supervisor holds its device's memfd only" [ "$(memfds 0)" = 1 ]
+# The whole service upgraded in place: both devices, then the main process,
+# which hands itself its memfds as LISTEN_FDS and adopts nothing.
+replace_binary
+out=$(vramblk upgrade 2>&1)
+echo "$out" | while read -r l; do info "service upgrade: $l"; done
+check "service upgrade: both devices served by the binary on disk" \
+    sh -c "echo '$out' | grep -q '^/dev/ublkb0: served by the binary on disk' && echo '$out' | grep -q '^/dev/ublkb1: served by the binary on disk'"
+check "service upgrade: the main process kept its pid and runs the binary on disk" \
+    runs_on_disk_binary $s2
+check "service upgrade: it said so" has "$out" "service (pid $s2): runs the binary on disk"
+check "service upgrade: the new image got both memfds back and holds them" \
+    wait_for 10 sh -c "[ \$(ls -l /proc/$s2/fd | grep -c 'memfd:vramblk') = 2 ]" || cat /tmp/svc2.log
+check "service upgrade: it adopted nothing (both supervisors live)" [ "$(grep -c 'adopting the device' /tmp/svc2.log)" = 1 ]
+check "service upgrade: both devices still swap" sh -c "grep -q '^/dev/ublkb0 ' /proc/swaps && grep -q '^/dev/ublkb1 ' /proc/swaps"
 kill -TERM $s2
 wait $s2
 check "plain service: SIGTERM takes both devices down" wait_for 30 sh -c "! [ -e /dev/ublkb0 ] && ! [ -e /dev/ublkb1 ]" || { cat /tmp/svc2.log; cat /proc/swaps; grep MemAvailable /proc/meminfo; }
@@ -301,9 +349,13 @@ dmesg | grep -E 'ublk|Oops|BUG|hung' | tail -20 | while read -r l; do info "dmes
 
 # --- 5. the promise under its hardest load: the device (defaults) is the
 # only swap under pressure and its server is SIGKILLed 20 times at random
-# moments, during take-overs too (crash-stress repeats it with more shapes)
+# moments, during take-overs too (crash-stress repeats it with more shapes);
+# then 6 upgrades under the same load
 echo 20 > /proc/sys/kernel/hung_task_timeout_secs
 rm -f /tmp/pswatch.stop
 pswatch 15 &
 swap_kill_run "swap kills" 512M "" 200 2 20
+# The same load through upgrades: the binary replaced and the device handed
+# to it again and again, with the device the only swap.
+swap_kill_run "swap upgrades" 512M "" 200 2 6 upgrade
 touch /tmp/pswatch.stop

@@ -253,6 +253,35 @@ full_queue_kill() {
     wait_for 30 daemon_gone
 }
 
+# replace_binary: puts a copy of the vramblk binary where it is, as a
+# package update does (a new file renamed over the old one): the running
+# processes' executable shows as "(deleted)" from then on.
+replace_binary() {
+    local b
+    b=$(command -v vramblk)
+    cp "$b" "$b.new" && mv -f "$b.new" "$b"
+}
+
+# runs_on_disk_binary PID: PID executes the file now at vramblk's path
+runs_on_disk_binary() {
+    local exe
+    exe=$(readlink "/proc/$1/exe") || return 1
+    [ "$exe" = "$(command -v vramblk)" ]
+}
+
+# upgrade_device ID WHAT: replaces the binary and runs `vramblk upgrade
+# ID`; true when it says a server of the binary on disk serves the device,
+# its supervisor kept its pid and runs the new binary too.
+upgrade_device() {
+    local sup out
+    sup=$(holder_pid "$1")
+    replace_binary
+    out=$(vramblk upgrade "$1" 2>&1)
+    echo "$out" | while read -r l; do info "$2: $l"; done
+    has "$out" "served by the binary on disk" && [ "$(holder_pid "$1")" = "$sup" ] &&
+        runs_on_disk_binary "$sup" && runs_on_disk_binary "$(daemon_pid "$1")"
+}
+
 # wait_for SECS COMMAND...: true once the command succeeds, within SECS
 wait_for() {
     limit=$(($1 * 2)); shift
@@ -368,9 +397,11 @@ rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 # finishes the pass it is in. Every byte must come back, nothing may be
 # OOM-killed or hang: memcheck must end within 15 minutes of the last
 # kill, or the check fails and the stacks of the blocked tasks are printed.
+# With a 7th argument "upgrade", each step replaces the binary and runs
+# `vramblk upgrade` instead of a kill, and every upgrade must succeed.
 swap_kill_run() {
-    local run=$1 size=$2 args=$3 extra=$4 passes=$5 kills=$6
-    local dev avail fill mpid k victim waited rc out0 out1 pages t0
+    local run=$1 size=$2 args=$3 extra=$4 passes=$5 kills=$6 mode=${7:-kill}
+    local dev avail fill mpid k victim waited rc out0 out1 pages t0 failed=0
     dmesg -c > /dev/null
     dev=$(vramblk add --size "$size" --backend host --hugepages --swap $args)
     check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] || { show_logs; return 1; }
@@ -387,6 +418,11 @@ swap_kill_run() {
     k=1
     while [ $k -le "$kills" ] && kill -0 $mpid 2>/dev/null; do
         sleep "$(( $(rand 38) / 10 )).$(rand 10)" 2>/dev/null || sleep 1
+        if [ "$mode" = upgrade ]; then
+            upgrade_device 0 "$run: upgrade $k" || failed=$((failed + 1))
+            k=$((k + 1))
+            continue
+        fi
         if [ $((k % 2)) -eq 1 ]; then
             victim=$(vramblk list 2>/dev/null | awk '$1 == 0 {print $NF}')
         else
@@ -412,8 +448,10 @@ swap_kill_run() {
     while read -r l; do info "$run: $l"; done < /tmp/mc
     out1=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
     pages=$((out1 - out0))
-    info "$run: pswpout $pages pages, $((k - 1)) kills in $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
-    check "$run: every byte read back intact through $((k - 1)) kills" [ $rc -eq 0 ] || show_logs
+    info "$run: pswpout $pages pages, $((k - 1)) ${mode}s in $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
+    check "$run: every byte read back intact through $((k - 1)) ${mode}s" [ $rc -eq 0 ] || show_logs
+    [ "$mode" = upgrade ] &&
+        check "$run: each of the $((k - 1)) upgrades handed the device to the new binary" [ $failed -eq 0 ]
     check "$run: swap was really used (pswpout grew by > 32 MiB)" [ $pages -gt 8192 ]
     check "$run: nothing was OOM-killed" no_oom
     check "$run: no take-over waited out the kernel (\"still live after\")" none_waited_out_kernel

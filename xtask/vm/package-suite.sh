@@ -80,9 +80,21 @@ out=$(dpkg -i /root/vramblk-2.deb 2>&1); rc=$?
 info "dpkg -i (upgrade): $(echo "$out" | tail -3 | tr '\n' ' ')"
 check "dpkg -i of the newer build succeeds" [ $rc -eq 0 ]
 check "dpkg -s: $v2 installed" sh -c "/usr/bin/dpkg -s vramblk | grep -q '^Version: $v2'"
+check "upgrade: the postinst handed the devices to the new binary" has "$out" "handing the running devices to the new version"
 check "upgrade: swap stayed on" swap_on /dev/ublkb0
-check "upgrade: the service was not restarted (MainPID $main)" [ "$(systemctl show -p MainPID --value vramblk)" = "$main" ]
-check "upgrade: the same server serves the device" [ "$(daemon_pid 0)" = "$server" ]
+main_upgraded() {
+    [ "$(systemctl show -p MainPID --value vramblk)" = "$main" ] &&
+        [ "$(readlink /proc/$main/exe)" = /usr/bin/vramblk ]
+}
+check "upgrade: the main process kept its pid ($main) and runs the new binary" main_upgraded
+check "upgrade: a new server serves the device (was $server)" [ "$(daemon_pid 0)" != "$server" ]
+device_upgraded() {
+    [ "$(readlink /proc/$(daemon_pid 0)/exe)" = /usr/bin/vramblk ] &&
+        [ "$(readlink /proc/$(holder_pid 0)/exe)" = /usr/bin/vramblk ]
+}
+check "upgrade: its server and supervisor run the new binary" device_upgraded
+check "upgrade: the service's log says so" grep -q "served by the binary on disk" $LOG ||
+    tail -20 $LOG
 check "upgrade: the edited config was kept" grep -q "edited by the user" /etc/vramblk.toml
 check "upgrade: the service is still enabled" [ "$(systemctl is-enabled vramblk 2>&1)" = enabled ]
 
