@@ -17,16 +17,7 @@ check "the record names a live supervisor apart from the server" \
     sh -c "[ -n '$holder' ] && [ '$holder' != '$(daemon_pid 0)' ] && kill -0 $holder"
 out=$(vramblk recover 0 2>&1)
 check "recover on a live device: nothing to do" sh -c "echo '$out' | grep -q 'nothing to recover'"
-$FIO --name=crash --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --size=100% \
-    --rate_iops=4000 --verify=crc32c --do_verify=0 --output=/tmp/fio-c.txt &
-fpid=$!
-kill_servers 0 3 2
-check "fio was still writing after the third recovery" kill -0 $fpid
-wait $fpid
-rc=$?
-check "fio finished its write pass with no I/O error through 3 server kills" [ $rc -eq 0 ] || tail -5 /tmp/fio-c.txt
-fio_verified "fio verify-only pass: every block intact after the kills (crc32c)" /tmp/fio-cv.txt \
-    --name=crash --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --size=100%
+fio_through "3 server kills" /tmp/fio-c.txt 32 4000 $dev kill_servers 0 3 2
 check "the supervisor logged the recoveries" grep -q "recovered" /run/vramblk/*.log
 check "restarts counted in the record" grep -q '"restarts": 3' /run/vramblk/ublkb0.json || {
     info "record: $(tr -d '\n' < /run/vramblk/ublkb0.json)"; show_logs; }
@@ -56,20 +47,14 @@ check "upgrade: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-u.txt; show_logs
 out=$(vramblk upgrade 2>&1)
 check "upgrade with the binary unchanged: nothing to do" has "$out" "runs the binary on disk already"
 expect_err "upgrade of a device that does not exist" "there is no ublk device 7" vramblk upgrade 7
-$FIO --name=upg --filename=$dev --rw=randwrite --bs=4k --iodepth=16 --size=100% \
-    --rate_iops=3000 --verify=crc32c --do_verify=0 --output=/tmp/fio-u.txt &
-fpid=$!
-for n in 1 2 3; do
-    sleep 1
-    check "upgrade $n under fio: the new binary serves, the supervisor kept its pid" \
-        upgrade_device 0 "upgrade $n" || show_logs
-done
-check "fio was still writing after the third upgrade" kill -0 $fpid
-wait $fpid
-rc=$?
-check "upgrade: fio wrote through 3 upgrades with no I/O error" [ $rc -eq 0 ] || tail -5 /tmp/fio-u.txt
-fio_verified "upgrade: verify-only pass, every block intact (crc32c)" /tmp/fio-uv.txt \
-    --name=upg --filename=$dev --rw=randwrite --bs=4k --iodepth=16 --size=100%
+three_upgrades() {
+    for n in 1 2 3; do
+        sleep 1
+        check "upgrade $n under fio: the new binary serves, the supervisor kept its pid" \
+            upgrade_device 0 "upgrade $n" || show_logs
+    done
+}
+fio_through "3 upgrades" /tmp/fio-u.txt 16 3000 $dev three_upgrades
 check "upgrade: the supervisor logged each hand-over" \
     [ "$(cat /run/vramblk/*.log | grep -c "upgraded: served by")" -eq 3 ] || show_logs
 standby_again() { HOLDER_FOR_CHILDREN=$(holder_pid 0); [ "$(supervisor_children | wc -l)" -eq 2 ]; }

@@ -314,6 +314,28 @@ fio_verified() {
     check "$fv_name" [ $fv_rc -eq 0 ] || tail -20 "$fv_out"
 }
 
+# fio_through NAME OUT DEPTH RATE DEV ACTION...: a fio random-write pass
+# over DEV (4 KiB, crc32c headers, DEPTH deep, RATE IOPS; report in OUT)
+# while the command ACTION... runs; fio must still be writing when ACTION
+# returns, end without an I/O error, and a verify-only pass must then find
+# every block intact.
+fio_through() {
+    local ft_name=$1 ft_out=$2 ft_pid ft_rc
+    local ft_common="--name=ft --filename=$5 --rw=randwrite --bs=4k --iodepth=$3 --size=100%"
+    local ft_rate=$4
+    shift 5
+    # shellcheck disable=SC2086
+    $FIO $ft_common --rate_iops=$ft_rate --verify=crc32c --do_verify=0 --output="$ft_out" &
+    ft_pid=$!
+    "$@"
+    check "$ft_name: fio was still writing after them" kill -0 $ft_pid
+    wait $ft_pid
+    ft_rc=$?
+    check "$ft_name: fio wrote through them with no I/O error" [ $ft_rc -eq 0 ] || tail -5 "$ft_out"
+    # shellcheck disable=SC2086
+    fio_verified "$ft_name: verify-only pass, every block intact (crc32c)" "$ft_out.v" $ft_common
+}
+
 # kill_device0 WHAT LOG [MAIN]: SIGKILLs device 0's supervisor and server
 # (and the service's main process MAIN, when given) at once; true when a
 # new server serves the device within 60 s, i.e. the service (or its
