@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use vramblk_cuda_store::stages::StageTotals;
 use vramblk_cuda_store::{CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
 use vramblk_store::{BufferRegion, Completion, Op, Request, Store};
+use vramblk_ublk_target::engine::round_limit;
 use vramblk_ublk_target::poll_policy::{PollPolicy, Wait};
 use vramblk_ublk_target::QueueEngine;
 
@@ -42,10 +43,16 @@ pub(crate) struct SynthQueue {
 
 impl SynthQueue {
     pub(crate) fn open(store: &CudaStore, qid: u16, depth: usize) -> SynthQueue {
+        Self::open_with_rounds(store, qid, depth, usize::MAX)
+    }
+
+    /// A queue whose engine hands the store at most `max_round` requests
+    /// per round.
+    fn open_with_rounds(store: &CudaStore, qid: u16, depth: usize, max_round: usize) -> SynthQueue {
         let bufs = BufferRegion::new(depth, MAX_IO).expect("io buffers");
         let q = store.open_queue(qid, &bufs).expect("queue");
         SynthQueue {
-            engine: QueueEngine::new(q, store.size(), depth),
+            engine: QueueEngine::new(q, store.size(), depth).with_max_round(max_round),
             bufs,
         }
     }
@@ -365,17 +372,60 @@ fn thread_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// How a load thread runs its queue: when it naps, and how its engine
+/// cuts a full batch into rounds.
+#[derive(Clone, Copy)]
+pub struct Looping {
+    pub policy: PollPolicy,
+    pub rounds: Rounds,
+}
+
+/// How many rounds a full queue's batch goes as.
+#[derive(Clone, Copy)]
+pub enum Rounds {
+    One,
+    /// Half the depth each, whatever the server does.
+    Two,
+    /// As the server's queues do (`engine::round_limit`).
+    Server,
+    Four,
+}
+
+impl Rounds {
+    fn max_round(self, queues: u16, depth: usize) -> usize {
+        match self {
+            Rounds::One => usize::MAX,
+            Rounds::Two => depth.div_ceil(2).max(1),
+            Rounds::Server => round_limit(queues as usize, depth),
+            Rounds::Four => depth.div_ceil(4).max(1),
+        }
+    }
+}
+
+impl Looping {
+    /// The tables' loop: polling without a nap, rounds as the server cuts
+    /// them.
+    const SPIN: Looping = Looping {
+        policy: PollPolicy::SPIN_ONLY,
+        rounds: Rounds::Server,
+    };
+}
+
+#[allow(clippy::too_many_arguments)]
 fn drive(
     store: &CudaStore,
     qid: u16,
+    queues: u16,
     depth: usize,
     bs: u64,
     p: Pattern,
     secs: f64,
-    policy: PollPolicy,
+    looping: Looping,
 ) -> Outcome {
     precise_naps();
-    let mut sq = SynthQueue::open(store, qid, depth);
+    let policy = looping.policy;
+    let max_round = looping.rounds.max_round(queues, depth);
+    let mut sq = SynthQueue::open_with_rounds(store, qid, depth, max_round);
     let mut rng = Rng(0x1234_5678 ^ (qid as u64 + 1) << 20);
     let mut free: Vec<u16> = (0..depth as u16).collect();
     let mut issued = vec![Instant::now(); depth];
@@ -525,7 +575,7 @@ pub fn bench(stores: &[(&str, &CudaStore)], secs: f64) -> Vec<Row> {
                 queues,
                 depth,
                 secs,
-                PollPolicy::SPIN_ONLY,
+                Looping::SPIN,
             ));
         }
     }
@@ -561,8 +611,58 @@ pub fn poll_policies(store: &CudaStore, secs: f64) -> Vec<Row> {
     let mut rows = Vec::new();
     for (name, p, queues, depth) in shapes {
         for (label, policy) in POLICIES {
+            let looping = Looping {
+                policy,
+                rounds: Rounds::Server,
+            };
             rows.push(run_shape(
-                store, label, name, p, 4096, queues, depth, secs, policy,
+                store, label, name, p, 4096, queues, depth, secs, looping,
+            ));
+        }
+    }
+    rows
+}
+
+/// Rounds per queue (issue 19): a full queue's batch as one round or as
+/// two, at 1 to 16 queues of depth 32, 64 (the server's default) and 128,
+/// 4 KiB random, on `store` (auto), polling without a nap; the mode column
+/// says which. What `engine::round_limit` was chosen by.
+pub fn round_sizes(store: &CudaStore, secs: f64) -> Vec<Row> {
+    round_sweep(store, secs, &[1, 2, 4, 8, 16], &[32, 64, 128], false)
+}
+
+/// One round beside two (and four, with `four`) for every queue count
+/// and depth given, 4 KiB random writes and reads.
+pub fn round_sweep(
+    store: &CudaStore,
+    secs: f64,
+    queue_counts: &[u16],
+    depths: &[usize],
+    four: bool,
+) -> Vec<Row> {
+    let mut shapes = Vec::new();
+    for &depth in depths {
+        for &queues in queue_counts {
+            shapes.push(("4 KiB randwrite", Pattern::RandWrite, queues, depth));
+            shapes.push(("4 KiB randread", Pattern::RandRead, queues, depth));
+        }
+    }
+    let mut rows = Vec::new();
+    for (name, p, queues, depth) in shapes {
+        for (label, rounds) in [
+            ("one round", Rounds::One),
+            ("two rounds", Rounds::Two),
+            ("four rounds", Rounds::Four),
+        ] {
+            if matches!(rounds, Rounds::Four) && !four {
+                continue;
+            }
+            let looping = Looping {
+                policy: PollPolicy::SPIN_ONLY,
+                rounds,
+            };
+            rows.push(run_shape(
+                store, label, name, p, 4096, queues, depth, secs, looping,
             ));
         }
     }
@@ -581,7 +681,7 @@ fn precise_naps() {
 
 /// One write per 2 MiB extent, so every read below moves real VRAM (an
 /// extent never written reads as zeros without touching the GPU).
-fn map_every_extent(store: &CudaStore) {
+pub(crate) fn map_every_extent(store: &CudaStore) {
     let mut sq = SynthQueue::open(store, 0, 1);
     let buf = sq.bufs.slot(0).expect("a buffer");
     for off in (0..store.size()).step_by(2 << 20) {
@@ -622,14 +722,14 @@ fn run_shape(
     queues: u16,
     depth: usize,
     secs: f64,
-    policy: PollPolicy,
+    looping: Looping,
 ) -> Row {
     // What earlier shapes (and their drains) left is not this shape's.
     let _ = StageTotals::take();
     let start = Instant::now();
     let outs: Vec<Outcome> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..queues)
-            .map(|q| s.spawn(move || drive(store, q, depth, bs, p, secs, policy)))
+            .map(|q| s.spawn(move || drive(store, q, queues, depth, bs, p, secs, looping)))
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("queue thread"))

@@ -6,10 +6,12 @@
 //! (kill and recover, as the supervisor and its servers do).
 //!
 //! usage: engine-bench [--gpu N] [--size GiB] [--secs S] [--out FILE] [--checks-only]
+//!        engine-bench [--gpu N] [--secs S] --rounds-only
 //!
 //! `--checks-only` runs the checks on 256 MiB stores and times nothing:
 //! what `cargo xtask test` runs on the stand-in libcuda (never GPU
 //! evidence) to exercise cuda-store's logic where there is no GPU.
+//! `--rounds-only` prints the rounds-per-queue table alone (issue 19).
 //!
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
@@ -47,6 +49,9 @@ fn main() -> Result<()> {
         std::process::exit(context::probe(gpu));
     }
     let checks_only = args.iter().any(|a| a == "--checks-only");
+    if args.iter().any(|a| a == "--rounds-only") {
+        return rounds_only(gpu, arg(&args, "--secs", 1) as f64);
+    }
     let size = if checks_only {
         256 << 20
     } else {
@@ -144,12 +149,13 @@ fn main() -> Result<()> {
         let rows = load::bench(&by_mode, secs);
         let (idle_cpu, idle_wall) = idle::cpu_over(std::time::Duration::from_secs(10));
         let policies = load::poll_policies(&store, secs);
+        let rounds = load::round_sizes(&store, secs);
         let ceiling = match ceiling::measure(&store, secs) {
             Ok(c) => ceiling::table(&rows, "auto", &c),
             Err(e) => format!("not measured: {e:#}\n"),
         };
         let report = format!(
-            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against the ceiling (issue 19): the copy kernel alone for 4 KiB random, raw pinned copies (cuMemcpyAsync, no store) for QD1 and sequential, same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Where a round's time goes (issue 19): the store's stages per round (cuda-store/src/stages.rs), 4 KiB random, auto with checksums, then without\n\n{}\n{}\n#### The queue's polling policy (issue 19): the load loop polling without a nap, with the server's queue-loop policy (ublk-target/src/poll_policy.rs; a sleep with 1 us timer slack here, an io_uring timeout there), and napping at once; auto\n\n{}\n#### Every shape\n\n{}",
+            "{header}\n\n#### Checks\n\n{checks}\n#### Targets (issue 3), default copy mode (auto)\n\n{}\n#### What the page checksums cost (issue 15): auto with them beside auto without, same run\n\n{}\n#### Against the ceiling (issue 19): the copy kernel alone for 4 KiB random, raw pinned copies (cuMemcpyAsync, no store) for QD1 and sequential, same run, default copy mode (auto)\n\n{}\n#### Host CPU per I/O (issue 19): the queue threads' CPU clocks (engine-bench's load loop polls without napping), default copy mode (auto)\n\n{}\n| with no I/O | measured | target | met |\n| --- | --- | --- | --- |\n{}\n#### Where a round's time goes (issue 19): the store's stages per round (cuda-store/src/stages.rs), 4 KiB random, auto with checksums, then without\n\n{}\n{}\n#### The queue's polling policy (issue 19): the load loop polling without a nap, with the server's queue-loop policy (ublk-target/src/poll_policy.rs; a sleep with 1 us timer slack here, an io_uring timeout there), and napping at once; auto\n\n{}\n#### Rounds in flight per queue (issue 19): a full queue's requests as one round or as two (so the GPU moves one while the next is built), 1-16 queues of depth 32, 64 and 128; the server splits where this measured a gain (ublk-target's engine::round_limit: depth 128, or depth 64 with at most 8 queues), and the tables above cut rounds as it does; auto, polling without a nap\n\n{}\n#### Every shape\n\n{}",
             table::targets(&rows, "auto"),
             table::integrity_cost(&rows),
             ceiling,
@@ -157,7 +163,8 @@ fn main() -> Result<()> {
             idle::line(idle_cpu, idle_wall),
             table::stage_times(&rows, "auto"),
             table::stage_times(&rows, table::INTEGRITY_OFF),
-            table::poll_policy_table(&policies),
+            table::variants_table(&policies, "policy"),
+            table::variants_table(&rounds, "rounds"),
             table::table(&rows)
         );
         println!("{report}");
@@ -171,6 +178,28 @@ fn main() -> Result<()> {
     if checks_only {
         println!("every check passed (checks only, nothing timed)");
     }
+    Ok(())
+}
+
+/// `--rounds-only`: the rounds table alone (one round beside two per
+/// queue, 1-16 queues, depths 32-128; issue 19), on one 4 GiB store;
+/// checks nothing.
+fn rounds_only(gpu: u32, secs: f64) -> Result<()> {
+    let store = match CudaStore::create(&CudaStoreOptions::new(4 << 30, gpu)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("SKIPPED: {e}");
+            std::process::exit(SKIPPED);
+        }
+    };
+    println!(
+        "GPU: {}, `engine-bench --rounds-only --secs {secs}`, {}",
+        store.gpu_name(),
+        utc_now()
+    );
+    load::map_every_extent(&store);
+    let rows = load::round_sizes(&store, secs);
+    println!("{}", table::variants_table(&rows, "rounds"));
     Ok(())
 }
 

@@ -287,9 +287,9 @@ pub fn stage_times(rows: &[Row], mode: &str) -> String {
 
 /// The polling policies side by side (rows from `load::poll_policies`,
 /// whose mode column names the policy): rate, latency and the thread's CPU.
-pub fn poll_policy_table(rows: &[Row]) -> String {
-    let mut t = String::from(
-        "| shape | queues x depth | policy | IOPS | p50 us | p99 us | host CPU us/IO | busy cores |\n\
+pub fn variants_table(rows: &[Row], what: &str) -> String {
+    let mut t = format!(
+        "| shape | queues x depth | {what} | IOPS | p50 us | p99 us | host CPU us/IO | busy cores |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
@@ -392,7 +392,7 @@ mod tests {
         let mut napping = test_row("nap 20 us at once", false, 4096, 16, 128, 5e6);
         napping.cpu_us_per_io = 0.2;
         let rows = vec![test_row("spin only", false, 4096, 16, 128, 6e6), napping];
-        let t = poll_policy_table(&rows);
+        let t = variants_table(&rows, "policy");
         assert!(
             t.contains("| 4 KiB rand | 16 x 128 | spin only | 6000000 | 8.0 | 20.0 | 0.50 | 3.0 |"),
             "{t}"

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use vramblk_config::DeviceRecord;
 use vramblk_ublk_target::control::{bdev_path, delete_device, delete_device_nowait, device_ids};
-use vramblk_ublk_target::Start;
+use vramblk_ublk_target::{QueueBuffers, Start};
 
 /// Restarts in a row that may fail (the server crashing or exiting with an
 /// error before it served for STABLE; a SIGKILL does not count) before the
@@ -242,7 +242,15 @@ pub fn adopt(
 pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) -> Result<()> {
     process::harden_for_swap()?;
     signals::install_supervisor_handlers();
-    let held = Held::with_memory(plan, memory)?;
+    // The old server still serves (swap may need it to free the pages):
+    // io buffers for the new servers may take a few tries.
+    let buffers = retried(RESUME_TRIES, RESUME_RETRY, || {
+        QueueBuffers::allocate(&plan.device).map_err(anyhow::Error::from)
+    })?;
+    let held = Held {
+        memory,
+        buffers: std::sync::Arc::new(buffers),
+    };
     log::info!(
         "supervisor: running {} now; {} stays with server {} until a standby of this binary is ready",
         upgrade::describe_binary(),
@@ -254,6 +262,28 @@ pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) 
         restarts: state.restarts,
     };
     supervise_with(plan, run_dir, None, held, Some(state.id), first)
+}
+
+/// Tries at the io buffers after re-executing, and the wait between.
+const RESUME_TRIES: u32 = 20;
+const RESUME_RETRY: Duration = Duration::from_millis(250);
+
+/// Runs `f` up to `tries` times, `wait` apart, logging the first failure.
+fn retried<T>(tries: u32, wait: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut n = 1;
+    loop {
+        match f() {
+            Ok(t) => return Ok(t),
+            Err(e) if n < tries => {
+                if n == 1 {
+                    log::warn!("supervisor: {e:#}; trying again");
+                }
+                n += 1;
+                std::thread::sleep(wait);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// How a supervisor gets its first server.
@@ -902,6 +932,26 @@ mod tests {
             next_step(&run(KILLED, Some(100)), true, false, &mut f),
             Next::GiveUp(_)
         ));
+    }
+
+    #[test]
+    fn resume_retries_then_gives_the_last_error() {
+        let mut calls = 0;
+        let got = retried(5, Duration::ZERO, || {
+            calls += 1;
+            if calls < 3 {
+                bail!("short of memory")
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(got.unwrap(), 3);
+        let mut calls = 0;
+        let e = retried(4, Duration::ZERO, || -> Result<()> {
+            calls += 1;
+            bail!("try {calls}")
+        });
+        assert_eq!(e.unwrap_err().to_string(), "try 4");
     }
 
     #[test]

@@ -7,6 +7,24 @@ use std::sync::Arc;
 use std::time::Instant;
 use vramblk_store::{Completion, Op, QueueStore, Request};
 
+/// The most requests per round for one of `queues` queues of `depth`:
+/// half of it where that was measured to help, so a full queue keeps two
+/// rounds in flight and the store builds one while the GPU moves the
+/// other; else the whole depth (one round). Measured on the H200 with
+/// engine-bench (docs/benchmarks.md), 4 KiB random, two rounds against
+/// one: depth 128, 1.03-1.45x at every queue count from 1 to 16; depth
+/// 64, 1.08-1.36x at 1-8 queues but 0.68-1.00x at 16 (runs differ);
+/// depth 32 (rounds of 16), 1.07-1.13x at one queue but 0.63-0.90x at
+/// 8-16. Where it could lose, one round stays.
+pub fn round_limit(queues: usize, depth: usize) -> usize {
+    let split = depth >= 128 || (depth >= 64 && queues <= 8);
+    if split {
+        depth.div_ceil(2)
+    } else {
+        depth.max(1)
+    }
+}
+
 /// The queue times one request in this many for its latency histogram.
 const LATENCY_SAMPLE: u64 = 16;
 
@@ -15,6 +33,12 @@ pub struct QueueEngine<Q: QueueStore> {
     store: Q,
     size: u64,
     batch: Vec<Request>,
+    /// The most requests one store submission (one round) takes; a larger
+    /// batch goes as several rounds, so the store can work on one while
+    /// the next is built (see [`QueueEngine::with_max_round`]).
+    max_round: usize,
+    /// The round being split off `batch`.
+    round: Vec<Request>,
     done: Vec<Completion>,
     stats: QueueStats,
     /// The device's counters and this queue's index in them.
@@ -41,11 +65,21 @@ impl<Q: QueueStore> QueueEngine<Q> {
             store,
             size,
             batch: Vec::with_capacity(depth),
+            max_round: usize::MAX,
+            round: Vec::with_capacity(depth),
             done: Vec::with_capacity(depth),
             stats: QueueStats::default(),
             counters: None,
             started: Vec::new(),
         }
+    }
+
+    /// Hands the store at most `n` requests per round (at least 1): a
+    /// full queue's batch then goes as several rounds in flight at once
+    /// instead of one the store finishes before the next can start.
+    pub fn with_max_round(mut self, n: usize) -> Self {
+        self.max_round = n.max(1);
+        self
     }
 
     /// Counts this queue's requests into `counters` (as queue `qid`).
@@ -120,6 +154,14 @@ impl<Q: QueueStore> QueueEngine<Q> {
     /// Sends the collected batch to the store, polls it, and hands every
     /// finished request to `complete`. Returns how many finished.
     pub fn pump(&mut self, mut complete: impl FnMut(Completion)) -> usize {
+        while self.batch.len() > self.max_round {
+            // The first max_round requests go now; the rest stay for the
+            // next round, submitted in this same pump.
+            self.round.extend(self.batch.drain(..self.max_round));
+            self.stats.batches += 1;
+            self.stats.largest_batch = self.stats.largest_batch.max(self.round.len());
+            self.store.submit(&mut self.round, &mut self.done);
+        }
         if !self.batch.is_empty() {
             self.stats.batches += 1;
             self.stats.largest_batch = self.stats.largest_batch.max(self.batch.len());
@@ -210,6 +252,51 @@ mod tests {
         assert!(!e.has_work());
         assert_eq!(e.stats().batches, 1);
         assert_eq!(e.stats().largest_batch, 8);
+    }
+
+    #[test]
+    fn rounds_are_split_only_where_measured_to_help() {
+        assert_eq!(round_limit(16, 128), 64);
+        assert_eq!(round_limit(1, 128), 64);
+        assert_eq!(round_limit(8, 64), 32);
+        assert_eq!(round_limit(16, 64), 64, "16 queues of 64 keep one round");
+        assert_eq!(round_limit(1, 32), 32, "rounds of 16 lose at many queues");
+        assert_eq!(round_limit(1, 255), 128);
+        assert_eq!(round_limit(4, 0), 1);
+    }
+
+    #[test]
+    fn a_batch_larger_than_a_round_goes_as_several_rounds() {
+        let bufs = BufferRegion::new(10, 4096).unwrap();
+        let mut e = QueueEngine::new(LaggingStore::default(), 1 << 20, 10).with_max_round(4);
+        for tag in 0..10u16 {
+            e.enqueue(Request {
+                tag,
+                op: Op::Read,
+                offset: tag as u64 * 4096,
+                len: 4096,
+                buf: bufs.slot(tag as usize).unwrap(),
+            });
+        }
+        let mut seen = Vec::new();
+        e.pump(|c| seen.push(c.tag));
+        assert_eq!(e.store_mut().batches, vec![4, 4, 2], "in order, none lost");
+        seen.sort_unstable();
+        assert_eq!(seen, (0..10).collect::<Vec<u16>>());
+        assert_eq!((e.stats().batches, e.stats().largest_batch), (3, 4));
+        // Zero means one request a round, not none.
+        let mut e = QueueEngine::new(LaggingStore::default(), 1 << 20, 2).with_max_round(0);
+        for tag in 0..2u16 {
+            e.enqueue(Request {
+                tag,
+                op: Op::Read,
+                offset: 0,
+                len: 4096,
+                buf: bufs.slot(tag as usize).unwrap(),
+            });
+        }
+        e.pump(|_| {});
+        assert_eq!(e.store_mut().batches, vec![1, 1]);
     }
 
     #[test]

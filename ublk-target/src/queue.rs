@@ -3,7 +3,7 @@
 //! submission. Every backend runs this same loop.
 
 use crate::counters::DeviceCounters;
-use crate::engine::QueueEngine;
+use crate::engine::{round_limit, QueueEngine};
 use crate::gate::StartGate;
 use crate::poll_policy::{PollPolicy, Wait};
 use crate::slots::TagSlots;
@@ -126,7 +126,9 @@ fn try_serve_queue<S: Store>(
     };
     let depth = bufs.len();
     let engine = Rc::new(RefCell::new(
-        QueueEngine::new(qstore, store.size(), depth).with_counters(counters, qid),
+        QueueEngine::new(qstore, store.size(), depth)
+            .with_max_round(round_limit(dev.dev_info.nr_hw_queues as usize, depth))
+            .with_counters(counters, qid),
     ));
     let slots = TagSlots::new(depth);
     let exe = Rc::new(smol::LocalExecutor::new());

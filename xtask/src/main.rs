@@ -14,6 +14,8 @@
 //! - `bench-engine`: the CUDA store's GPU checks and benchmark (engine-bench)
 //!   here when there is a GPU, or `--report FILE` from a run elsewhere;
 //!   rewrites docs/benchmarks.md's GPU part.
+//! - `corpus`: a corpus of real swap content and how it compresses page
+//!   by page on the CPU (issue 18).
 //! - `deb`: the Debian package (cargo-deb, installed under target/tools
 //!   when missing), checked: its files, conffile and man pages.
 //! - `install` / `uninstall`: the binary, systemd units, udev rule and
@@ -21,6 +23,7 @@
 
 mod bench;
 mod bench_engine;
+mod corpus;
 mod deb;
 mod deps;
 mod docs;
@@ -66,6 +69,11 @@ pub enum Task {
     /// The Debian package (target/debian/, or target/debian/VERSION/ with
     /// --deb-version), checked.
     Deb(deb::Options),
+    /// A corpus of real swap content (programs' resident anonymous pages,
+    /// random pages) under target/corpus, and how it compresses page by
+    /// page on the CPU (same-filled, LZ4, zstd); `--report` writes the table
+    /// into docs/benchmarks.md.
+    Corpus(corpus::Options),
     /// Install the binary, units, udev rule and default config under /usr/local and /etc.
     Install(install::Options),
     /// Remove what `install` installed (keeps /etc/vramblk.toml).
@@ -101,6 +109,7 @@ fn run(task: Task) -> Result<()> {
         Task::Uninstall(o) => install::uninstall(&o),
         Task::Deb(o) => deb::build(&root()?, &o).map(|_| ()),
         Task::BenchEngine(o) => bench_engine::run(&root()?, &o),
+        Task::Corpus(o) => corpus::run(&root()?, &o),
     }
 }
 
