@@ -46,6 +46,9 @@ pub struct DeviceStatus {
     pub standby_vram: Option<u64>,
     pub uptime_secs: Option<u64>,
     pub restarts: u32,
+    /// Its server or supervisor runs a binary replaced on disk since it
+    /// started (`vramblk upgrade` hands the device to the new one).
+    pub binary_replaced: bool,
     /// The config entry it serves (`vramblk up` / the service).
     pub config_entry: Option<usize>,
     pub swap: Option<SwapStatus>,
@@ -176,6 +179,10 @@ pub fn collect() -> Result<Status> {
                     .into_iter()
                     .find(|&c| Some(c) != d.server_pid)
             });
+            d.binary_replaced = [d.server_pid, d.supervisor_pid]
+                .into_iter()
+                .flatten()
+                .any(vramblk_daemon::upgrade::runs_replaced_binary);
             d.uptime_secs = r.live_since.map(|t| now.saturating_sub(t));
             d.restarts = r.restarts;
             d.config_entry = r.origin;
@@ -277,6 +284,12 @@ fn print_device(d: &DeviceStatus) {
         ),
         (None, Some(h)) => println!("  no server (supervisor {h} is recovering it)"),
         _ => {}
+    }
+    if d.binary_replaced {
+        println!(
+            "  runs a vramblk binary replaced on disk since it started: `vramblk upgrade` hands it \
+             to the new one, swap left on"
+        );
     }
     if let Some(s) = d.standby_pid {
         let vram = |b: Option<u64>| b.map(|b| format!(", {} of VRAM", human_size(b)));

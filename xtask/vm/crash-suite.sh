@@ -47,6 +47,10 @@ check "upgrade: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-u.txt; show_logs
 out=$(vramblk upgrade 2>&1)
 check "upgrade with the binary unchanged: nothing to do" has "$out" "runs the binary on disk already"
 expect_err "upgrade of a device that does not exist" "there is no ublk device 7" vramblk upgrade 7
+replace_binary
+check "status says the device runs a binary replaced on disk" \
+    sh -c "vramblk status | grep -q 'replaced on disk since it started'"
+check "status --json says so too" sh -c "vramblk status --json | grep -q '\"binary_replaced\": *true'"
 three_upgrades() {
     for n in 1 2 3; do
         sleep 1
@@ -59,6 +63,8 @@ check "upgrade: the supervisor logged each hand-over" \
     [ "$(cat /run/vramblk/*.log | grep -c "upgraded: served by")" -eq 3 ] || show_logs
 standby_again() { HOLDER_FOR_CHILDREN=$(holder_pid 0); [ "$(supervisor_children | wc -l)" -eq 2 ]; }
 check "upgrade: a standby of the new binary is ready again" wait_for 20 standby_again
+check "upgrade: status no longer says the binary was replaced" \
+    sh -c "! vramblk status | grep -q 'replaced on disk'"
 out=$(vramblk del 0 2>&1)
 check "upgrade: del after the upgrades" [ "$out" = "removed /dev/ublkb0" ]
 wait_for 30 daemon_gone

@@ -67,7 +67,16 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         println!("== corpus: running in a release build of xtask (the codecs are timed)");
         return crate::sh(
             std::process::Command::new(crate::cargo())
-                .args(["run", "--release", "--quiet", "-p", "xtask", "--bin", "xtask", "--"])
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "xtask",
+                    "--bin",
+                    "xtask",
+                    "--",
+                ])
                 .args(std::env::args_os().skip(1))
                 .env(RELEASE_ENV, "1")
                 .current_dir(root),
