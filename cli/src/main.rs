@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         Command::Recover(r) => recover::run(&r),
         Command::Upgrade(u) => upgrade::run(&u),
         Command::ResumeSupervisor { run_dir, state } => {
-            vramblk_daemon::upgrade::resume_supervisor(&run_dir, &state)
+            vramblk_daemon::resume::resume_supervisor(&run_dir, &state)
         }
         Command::Features => list::features(),
         Command::Gpus => status::gpus(),

@@ -10,8 +10,8 @@
 //! - [`supervise`], [`memory`]: the supervisor and what it holds.
 //! - [`server`], [`stats`], [`vram_control`], [`swap`]: the server and its
 //!   sockets, swap on its device.
-//! - [`upgrade`]: a supervisor re-executing the binary now on disk and
-//!   handing its device to it.
+//! - [`upgrade`], [`resume`]: a supervisor re-executing the binary now on
+//!   disk and handing its device to it.
 //! - [`held_log`]: log lines held while a device recovers.
 //! - [`holder`], [`adopt`], [`announce`], [`notify`], [`signals`]: the
 //!   service's side: fds held for systemd's fd store, adoption of a device
@@ -29,6 +29,7 @@ pub mod memory;
 pub mod notify;
 pub mod plan;
 pub mod process;
+pub mod resume;
 pub mod server;
 pub mod signals;
 pub mod stats;

@@ -5,7 +5,7 @@
 use crate::host::cpu_count;
 use anyhow::Result;
 use std::path::PathBuf;
-use vramblk_config::{defaults, Backend, CopyMode, DeviceConfig};
+use vramblk_config::{defaults, Backend, CopyMode, DeviceConfig, DeviceRecord};
 use vramblk_ublk_target::DeviceOptions;
 
 /// Everything `add` decided before touching the kernel.
@@ -27,6 +27,29 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan a new supervisor serves an existing device with (one that
+    /// adopts it, one re-executed for an upgrade): its shape from the record
+    /// the last server wrote.
+    pub fn from_record(record: &DeviceRecord) -> Plan {
+        Plan {
+            size: record.size,
+            backend: record.backend,
+            hugetlb: false,
+            gpu: record.gpu.unwrap_or(0),
+            reserve: 0,
+            copy_mode: record.copy_mode,
+            integrity: Some(record.integrity),
+            device: DeviceOptions {
+                id: record.id as i32,
+                queues: record.queues,
+                depth: record.depth,
+                max_io_bytes: defaults::MAX_IO_BYTES,
+            },
+            log: record.log.clone(),
+            origin: record.origin,
+        }
+    }
+
     /// The plan for entry `index` of the config file.
     pub fn from_config(d: &DeviceConfig, index: usize) -> Result<Plan> {
         let device = DeviceOptions {
@@ -48,5 +71,38 @@ impl Plan {
             log: PathBuf::from("-"),
             origin: Some(index),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adoption_plan_keeps_the_device_shape() {
+        let record = DeviceRecord {
+            id: 4,
+            size: 1 << 30,
+            backend: Backend::Cuda,
+            store: "cuda".into(),
+            gpu: Some(1),
+            queues: 3,
+            depth: 64,
+            pid: 10,
+            log: "/run/vramblk/x.log".into(),
+            holder_pid: Some(9),
+            restarts: 0,
+            origin: Some(2),
+            live_since: None,
+            backing: vec![1 << 29, 1 << 29],
+            copy_mode: vramblk_config::CopyMode::Dma,
+            integrity: true,
+        };
+        let plan = Plan::from_record(&record);
+        assert_eq!(plan.device.id, 4);
+        assert_eq!((plan.device.queues, plan.device.depth), (3, 64));
+        assert_eq!((plan.gpu, plan.origin), (1, Some(2)));
+        assert_eq!(plan.copy_mode, vramblk_config::CopyMode::Dma);
+        assert_eq!(plan.integrity, Some(true), "the layout the record names");
     }
 }

@@ -9,7 +9,6 @@
 //! fails and no page is lost (supervise.rs).
 
 use crate::memory::{HeldVram, Memory};
-use crate::plan::Plan;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -17,7 +16,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use vramblk_config::DeviceRecord;
 use vramblk_host_store::HostStore;
 
 /// The hidden command a supervisor re-executes itself as.
@@ -201,6 +199,11 @@ pub fn binary_path() -> Result<PathBuf> {
     Ok(strip_deleted(&link))
 }
 
+/// The path an exe link (`/proc/PID/exe`) names, " (deleted)" left off.
+pub fn exe_path(link: &str) -> Option<PathBuf> {
+    std::fs::read_link(link).ok().map(|l| strip_deleted(&l))
+}
+
 fn strip_deleted(link: &Path) -> PathBuf {
     let text = link.to_string_lossy();
     PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text))
@@ -341,7 +344,7 @@ fn inherited(fd: RawFd) -> Result<OwnedFd> {
 }
 
 /// The memory the previous image held, from the fds it named.
-fn memory_from(state: &ResumeState) -> Result<Memory> {
+pub(crate) fn memory_from(state: &ResumeState) -> Result<Memory> {
     let fds = state.fds();
     let mut unique = fds.clone();
     unique.sort_unstable();
@@ -368,40 +371,6 @@ fn memory_from(state: &ResumeState) -> Result<Memory> {
             sockets: (inherited(handoff.0)?, inherited(handoff.1)?),
         },
     })
-}
-
-/// `vramblk resume-supervisor`: the supervisor after re-executing itself.
-/// Logs where it logged before, then supervises the device on.
-pub fn resume_supervisor(run_dir: &Path, state_text: &str) -> Result<()> {
-    let state: ResumeState = state_text.parse()?;
-    let record = DeviceRecord::load(run_dir, state.id)
-        .ok_or_else(|| anyhow!("no record of device {} in {}", state.id, run_dir.display()))?;
-    let plan = Plan {
-        reserve: state.reserve,
-        ..crate::adopt::adoption_plan(&record)
-    };
-    init_log(&plan.log);
-    let result = memory_from(&state)
-        .and_then(|memory| crate::supervise::resume(&plan, run_dir, memory, &state));
-    if let Err(e) = &result {
-        log::error!("supervisor: {e:#}");
-    }
-    result
-}
-
-/// The same log file the previous image wrote (stderr already points
-/// there for a daemon), through the held log, as process::spawn sets it up.
-fn init_log(log: &Path) {
-    if log == Path::new("-") {
-        crate::init_logging(env_logger::Target::Stderr);
-        return;
-    }
-    match std::fs::File::options().append(true).open(log) {
-        Ok(file) => crate::init_logging(env_logger::Target::Pipe(Box::new(
-            crate::held_log::HeldLog::new(file),
-        ))),
-        Err(_) => crate::init_logging(env_logger::Target::Stderr),
-    }
 }
 
 #[cfg(test)]

@@ -232,19 +232,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_round_is_one_batch() {
-        let bufs = BufferRegion::new(8, 4096).unwrap();
-        let mut e = QueueEngine::new(LaggingStore::default(), 1 << 20, 8);
-        for tag in 0..8u16 {
+    /// Enqueues one 4 KiB `op` on each of tags 0..n, tag t at page t.
+    fn enqueue_pages(e: &mut QueueEngine<LaggingStore>, bufs: &BufferRegion, op: Op, n: u16) {
+        for tag in 0..n {
             e.enqueue(Request {
                 tag,
-                op: Op::Write,
+                op,
                 offset: tag as u64 * 4096,
                 len: 4096,
                 buf: bufs.slot(tag as usize).unwrap(),
             });
         }
+    }
+
+    #[test]
+    fn one_round_is_one_batch() {
+        let bufs = BufferRegion::new(8, 4096).unwrap();
+        let mut e = QueueEngine::new(LaggingStore::default(), 1 << 20, 8);
+        enqueue_pages(&mut e, &bufs, Op::Write, 8);
         let mut seen = Vec::new();
         e.pump(|c| seen.push(c.tag));
         assert_eq!(e.store_mut().batches, vec![8]);
@@ -269,15 +274,7 @@ mod tests {
     fn a_batch_larger_than_a_round_goes_as_several_rounds() {
         let bufs = BufferRegion::new(10, 4096).unwrap();
         let mut e = QueueEngine::new(LaggingStore::default(), 1 << 20, 10).with_max_round(4);
-        for tag in 0..10u16 {
-            e.enqueue(Request {
-                tag,
-                op: Op::Read,
-                offset: tag as u64 * 4096,
-                len: 4096,
-                buf: bufs.slot(tag as usize).unwrap(),
-            });
-        }
+        enqueue_pages(&mut e, &bufs, Op::Read, 10);
         let mut seen = Vec::new();
         e.pump(|c| seen.push(c.tag));
         assert_eq!(e.store_mut().batches, vec![4, 4, 2], "in order, none lost");
@@ -286,15 +283,7 @@ mod tests {
         assert_eq!((e.stats().batches, e.stats().largest_batch), (3, 4));
         // Zero means one request a round, not none.
         let mut e = QueueEngine::new(LaggingStore::default(), 1 << 20, 2).with_max_round(0);
-        for tag in 0..2u16 {
-            e.enqueue(Request {
-                tag,
-                op: Op::Read,
-                offset: 0,
-                len: 4096,
-                buf: bufs.slot(tag as usize).unwrap(),
-            });
-        }
+        enqueue_pages(&mut e, &bufs, Op::Read, 2);
         e.pump(|_| {});
         assert_eq!(e.store_mut().batches, vec![1, 1]);
     }
