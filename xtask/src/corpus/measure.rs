@@ -38,7 +38,20 @@ pub struct Measured {
     /// same-filled (a page that does not shrink is stored whole), and the
     /// time compressing them took.
     pub stored: [u64; 3],
+    /// The same in slots of whole CLASS-byte steps (the last step is the
+    /// whole page): what a store with fixed
+    /// size classes, as zsmalloc's or the VRAM slots issue 18 plans,
+    /// would hold.
+    pub stored_in_classes: [u64; 3],
     pub compress_time: [Duration; 3],
+}
+
+/// The step between size classes: 8 classes per page.
+pub const CLASS: usize = 512;
+
+/// The slot a compressed page of `len` bytes takes in CLASS steps.
+pub fn class_of(len: usize) -> usize {
+    (len.div_ceil(CLASS).max(1) * CLASS).min(PAGE)
 }
 
 impl Measured {
@@ -46,6 +59,12 @@ impl Measured {
     /// (zramctl's DATA / COMPR).
     pub fn ratio(&self, codec: usize) -> f64 {
         let stored = self.stored[codec].max(1);
+        (self.pages * PAGE as u64) as f64 / stored as f64
+    }
+
+    /// The ratio with every page in its size class.
+    pub fn class_ratio(&self, codec: usize) -> f64 {
+        let stored = self.stored_in_classes[codec].max(1);
         (self.pages * PAGE as u64) as f64 / stored as f64
     }
 
@@ -66,6 +85,7 @@ impl Measured {
         self.zero += o.zero;
         for i in 0..3 {
             self.stored[i] += o.stored[i];
+            self.stored_in_classes[i] += o.stored_in_classes[i];
             self.compress_time[i] += o.compress_time[i];
         }
     }
@@ -128,6 +148,7 @@ pub fn measure(data: &[u8]) -> Result<Measured> {
                 bail!("{} did not give a page back as it was", codec.name());
             }
             m.stored[i] += len.min(PAGE) as u64;
+            m.stored_in_classes[i] += class_of(len) as u64;
         }
     }
     Ok(m)
@@ -147,6 +168,16 @@ mod tests {
         // Repeating a word, not a byte.
         let word: Vec<u8> = (0..PAGE).map(|i| (i % 8) as u8).collect();
         assert!(same_filled(&word).is_some());
+    }
+
+    #[test]
+    fn pages_take_whole_classes_and_big_ones_a_page() {
+        assert_eq!(class_of(1), CLASS);
+        assert_eq!(class_of(512), 512);
+        assert_eq!(class_of(513), 1024);
+        assert_eq!(class_of(3584), 3584);
+        assert_eq!(class_of(3585), PAGE, "the last class would save nothing");
+        assert_eq!(class_of(5000), PAGE);
     }
 
     #[test]
@@ -170,6 +201,8 @@ mod tests {
                 "{m:?}"
             );
             assert!(m.ratio(i) > 2.5 && m.ratio(i) < 3.0, "{}", m.ratio(i));
+            // In classes the text page takes 512 bytes.
+            assert_eq!(m.stored_in_classes[i], (PAGE + CLASS) as u64);
         }
         assert!(measure(&data[..100]).is_err());
     }

@@ -107,7 +107,9 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             "{BEGIN}\n## Compression of real swap content, page by page, on the CPU (`cargo xtask corpus`)\n\n\
              Each 4 KiB page on its own, as a swap store compresses: same-filled pages (every\n\
              8-byte word equal, zram's `same_pages`) cost nothing; a page that does not shrink is\n\
-             stored whole. Ratio = bytes of pages over bytes stored (zramctl's DATA / COMPR). Speed:\n\
+             stored whole. Ratio = bytes of pages over bytes stored (zramctl's DATA / COMPR); \"in\n\
+             512 B classes\": each page in a slot of whole 512-byte steps, a page needing more than\n\
+             3.5 KiB stored whole (what fixed size classes, as planned for VRAM, would hold). Speed:\n\
              compression only, one thread of this machine's CPU, over the pages not same-filled. Every\n\
              page is decompressed and compared. The sources are programs' resident anonymous\n\
              memory, read from /proc when the command ran, and random pages.\n\n{table}\n{END}"
@@ -122,11 +124,17 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
 fn table(rows: &[(&Source, Measured)]) -> String {
     let mut t = String::from("| source | MiB | same-filled (zero) |");
     for c in CODECS {
-        let _ = write!(t, " {} ratio | {} MB/s |", c.name(), c.name());
+        let _ = write!(
+            t,
+            " {} ratio | in {} B classes | {} MB/s |",
+            c.name(),
+            measure::CLASS,
+            c.name()
+        );
     }
     t.push_str("\n| --- | ---: | ---: |");
     for _ in CODECS {
-        t.push_str(" ---: | ---: |");
+        t.push_str(" ---: | ---: | ---: |");
     }
     t.push('\n');
     let mut all = Measured::default();
@@ -141,7 +149,13 @@ fn table(rows: &[(&Source, Measured)]) -> String {
             pct(m.zero)
         );
         for i in 0..CODECS.len() {
-            let _ = write!(t, " {:.2} | {:.0} |", m.ratio(i), m.speed_mb_s(i));
+            let _ = write!(
+                t,
+                " {:.2} | {:.2} | {:.0} |",
+                m.ratio(i),
+                m.class_ratio(i),
+                m.speed_mb_s(i)
+            );
         }
         t.push('\n');
     };
