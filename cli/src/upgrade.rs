@@ -17,6 +17,9 @@ use vramblk_ublk_target::DeviceState;
 /// How long one device may take: a standby of the new binary gets ready
 /// (60 s at most, supervise.rs), then takes over.
 const WAIT: Duration = Duration::from_secs(90);
+/// How long a supervisor may take to execute the new binary (an execve
+/// and a few file reads).
+const EXEC_WITHIN: Duration = Duration::from_secs(10);
 
 pub fn run(a: &UpgradeArgs) -> Result<()> {
     require_root("upgrade")?;
@@ -173,6 +176,16 @@ fn upgrade_one(run_dir: &Path, record: &DeviceRecord, force: bool) -> Result<Str
         if !pid_alive(supervisor) {
             bail!(
                 "its supervisor (pid {supervisor}) exited while upgrading; see the log {}",
+                record.log.display()
+            );
+        }
+        // A supervisor that could not execute the new binary keeps running
+        // the old one (and logs why): no need to wait the whole time.
+        if started.elapsed() > EXEC_WITHIN && runs_replaced_binary(supervisor) {
+            bail!(
+                "its supervisor (pid {supervisor}) did not execute the new binary within {} s; \
+                 the device keeps its server; see the log {}",
+                EXEC_WITHIN.as_secs(),
                 record.log.display()
             );
         }
