@@ -51,6 +51,20 @@ pub(crate) fn vramblk_records(run_dir: &Path) -> Vec<DeviceRecord> {
         .collect()
 }
 
+/// The record of device `id`, which must exist and be vramblk's.
+pub(crate) fn vramblk_record(run_dir: &Path, id: u32) -> Result<DeviceRecord> {
+    if !device_ids().contains(&id) {
+        bail!("there is no ublk device {id}");
+    }
+    DeviceRecord::load(run_dir, id).with_context(|| {
+        format!(
+            "{} was not added by vramblk (no record in {})",
+            bdev_path(id),
+            run_dir.display()
+        )
+    })
+}
+
 pub(crate) fn delete_one(run_dir: &Path, id: u32) -> Result<()> {
     if !device_ids().contains(&id) {
         DeviceRecord::remove(run_dir, id);

@@ -1,13 +1,14 @@
 //! `vramblk recover ID`: ask a device's supervisor to restart its server now.
 
 use crate::args::RecoverArgs;
+use crate::del::vramblk_record;
 use crate::service::ServiceState;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vramblk_config::{DeviceRecord, RUN_DIR};
 use vramblk_daemon::host::{pid_alive, require_driver, require_root};
-use vramblk_ublk_target::control::{bdev_path, device_ids, device_info};
+use vramblk_ublk_target::control::{bdev_path, device_info};
 use vramblk_ublk_target::DeviceState;
 
 /// How long `recover` waits to see the device live again.
@@ -18,12 +19,7 @@ pub fn run(a: &RecoverArgs) -> Result<()> {
     require_driver()?;
     let id = a.id;
     let path = bdev_path(id);
-    if !device_ids().contains(&id) {
-        bail!("there is no ublk device {id}");
-    }
-    let Some(record) = DeviceRecord::load(Path::new(RUN_DIR), id) else {
-        bail!("{path} was not added by vramblk (no record in {RUN_DIR})");
-    };
+    let record = vramblk_record(Path::new(RUN_DIR), id)?;
     let server_alive = pid_alive(record.pid);
     let info = device_info(id)?;
     if info.state == DeviceState::Live && server_alive {

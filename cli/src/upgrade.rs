@@ -2,16 +2,16 @@
 //! the binary now on disk, swap left on (their side: daemon/src/upgrade.rs).
 
 use crate::args::UpgradeArgs;
-use crate::del::vramblk_records;
+use crate::del::{vramblk_record, vramblk_records};
 use crate::service::ServiceState;
 use anyhow::{bail, Result};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 use vramblk_config::{DeviceRecord, RUN_DIR};
 use vramblk_daemon::host::{pid_alive, require_driver, require_root, send_signal};
-use vramblk_daemon::signals::handles_upgrade;
+use vramblk_daemon::signals::{handles_upgrade, UPGRADE_SIGNAL};
 use vramblk_daemon::upgrade::runs_replaced_binary;
-use vramblk_ublk_target::control::{bdev_path, device_ids, device_info};
+use vramblk_ublk_target::control::{bdev_path, device_info};
 use vramblk_ublk_target::DeviceState;
 
 /// How long one device may take: a standby of the new binary gets ready
@@ -28,20 +28,10 @@ pub fn run(a: &UpgradeArgs) -> Result<()> {
     let records: Vec<DeviceRecord> = if a.ids.is_empty() {
         vramblk_records(run_dir)
     } else {
-        let mut found = Vec::new();
-        for &id in &a.ids {
-            if !device_ids().contains(&id) {
-                bail!("there is no ublk device {id}");
-            }
-            match DeviceRecord::load(run_dir, id) {
-                Some(r) => found.push(r),
-                None => bail!(
-                    "{} was not added by vramblk (no record in {RUN_DIR})",
-                    bdev_path(id)
-                ),
-            }
-        }
-        found
+        a.ids
+            .iter()
+            .map(|&id| vramblk_record(run_dir, id))
+            .collect::<Result<_>>()?
     };
     if records.is_empty() {
         println!("no vramblk devices to upgrade");
@@ -93,7 +83,7 @@ fn upgrade_service(force: bool) -> Result<Option<String>> {
     }
     let started = Instant::now();
     let asked = SystemTime::now();
-    if !send_signal(pid, rustix::process::Signal::USR2) {
+    if !send_signal(pid, UPGRADE_SIGNAL) {
         bail!("could not signal its main process (pid {pid})");
     }
     // The new image writes its state once it has started.
@@ -145,7 +135,7 @@ fn upgrade_one(run_dir: &Path, record: &DeviceRecord, force: bool) -> Result<Str
         ));
     }
     let started = Instant::now();
-    if !send_signal(supervisor, rustix::process::Signal::USR2) {
+    if !send_signal(supervisor, UPGRADE_SIGNAL) {
         bail!("could not signal its supervisor (pid {supervisor})");
     }
     while started.elapsed() < WAIT {

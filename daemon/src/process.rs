@@ -111,9 +111,7 @@ pub fn spawn(
                 unsafe { rustix::io::close(fd) };
             }
             detach(&log_file);
-            crate::logging::init_logging(env_logger::Target::Pipe(Box::new(
-                crate::held_log::HeldLog::new(log_file),
-            )));
+            log_into(log_file);
             let code = match serve(reporter.clone()) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -194,6 +192,14 @@ fn parse_report(text: &str, log: &Path) -> Result<u32> {
         "the daemon exited before the device came up; see {}",
         log.display()
     )
+}
+
+/// A daemon's logging: into its log file, through the held log (lines
+/// wait in memory set aside for them while a device recovers).
+pub fn log_into(file: File) {
+    crate::logging::init_logging(env_logger::Target::Pipe(Box::new(
+        crate::held_log::HeldLog::new(file),
+    )));
 }
 
 /// New session, stdin/stdout on /dev/null, stderr into the log.

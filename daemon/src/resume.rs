@@ -29,16 +29,13 @@ pub fn resume_supervisor(run_dir: &Path, state_text: &str) -> Result<()> {
 }
 
 /// The same log file the previous image wrote (stderr already points
-/// there for a daemon), through the held log, as process::spawn sets it up.
+/// there for a daemon), as process::spawn sets it up.
 fn init_log(log: &Path) {
-    if log == Path::new("-") {
-        crate::init_logging(env_logger::Target::Stderr);
-        return;
-    }
-    match std::fs::File::options().append(true).open(log) {
-        Ok(file) => crate::init_logging(env_logger::Target::Pipe(Box::new(
-            crate::held_log::HeldLog::new(file),
-        ))),
-        Err(_) => crate::init_logging(env_logger::Target::Stderr),
+    let file = (log != Path::new("-"))
+        .then(|| std::fs::File::options().append(true).open(log).ok())
+        .flatten();
+    match file {
+        Some(file) => crate::process::log_into(file),
+        None => crate::init_logging(env_logger::Target::Stderr),
     }
 }

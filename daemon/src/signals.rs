@@ -13,8 +13,8 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static RECOVER_NOW: AtomicBool = AtomicBool::new(false);
 static UPGRADE: AtomicBool = AtomicBool::new(false);
 
-/// The signal `vramblk upgrade` sends a supervisor.
-pub const UPGRADE_SIGNAL: libc::c_int = libc::SIGUSR2;
+/// The signal `vramblk upgrade` sends a supervisor (and the service).
+pub const UPGRADE_SIGNAL: rustix::process::Signal = rustix::process::Signal::USR2;
 
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -56,7 +56,7 @@ pub fn install_supervisor_handlers() {
         on_recover as extern "C" fn(libc::c_int) as libc::sighandler_t,
     );
     set(
-        UPGRADE_SIGNAL,
+        UPGRADE_SIGNAL.as_raw(),
         on_upgrade as extern "C" fn(libc::c_int) as libc::sighandler_t,
     );
 }
@@ -67,7 +67,7 @@ pub fn install_supervisor_handlers() {
 pub fn reset_for_server() {
     set(libc::SIGINT, libc::SIG_IGN);
     set(libc::SIGUSR1, libc::SIG_IGN);
-    set(UPGRADE_SIGNAL, libc::SIG_IGN);
+    set(UPGRADE_SIGNAL.as_raw(), libc::SIG_IGN);
     set(libc::SIGTERM, libc::SIG_DFL);
 }
 
@@ -92,7 +92,7 @@ pub fn handles_upgrade(pid: u32) -> bool {
         .ok()
         .as_deref()
         .and_then(caught_mask)
-        .is_some_and(|mask| mask & (1 << (UPGRADE_SIGNAL - 1)) != 0)
+        .is_some_and(|mask| mask & (1 << (UPGRADE_SIGNAL.as_raw() - 1)) != 0)
 }
 
 /// The SigCgt mask of a /proc/PID/status text.
@@ -123,13 +123,13 @@ mod tests {
         // SIGUSR1 (10) and SIGUSR2 (12) caught, as in a supervisor.
         let caught = "Name:\tvramblk\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000000a00\n";
         let mask = caught_mask(caught).unwrap();
-        assert_ne!(mask & (1 << (UPGRADE_SIGNAL - 1)), 0);
+        assert_ne!(mask & (1 << (UPGRADE_SIGNAL.as_raw() - 1)), 0);
         assert_eq!(caught_mask("SigCgt:\tzz\n"), None);
         assert_eq!(caught_mask("Name:\tx\n"), None);
     }
 
     #[test]
-    fn this_test_process_does_not_handle_it_until_installed() {
+    fn a_process_without_the_handler_does_not_handle_it() {
         // The test harness catches no SIGUSR2; a supervisor does.
         let me = crate::host::own_pid();
         assert!(!handles_upgrade(me));

@@ -524,18 +524,13 @@ impl Supervisor<'_> {
         }
     }
 
-    /// A standby imported the VRAM as it was; after a change (VRAM given
-    /// back or taken back) it would hold freed chunks and miss new ones,
-    /// so it goes and a new one imports what is held now. It serves
-    /// nothing yet, so SIGKILL loses nothing.
-    fn retire_standby(&mut self) {
+    /// Ends the standby, for `why`; the next one is forked at once. It
+    /// serves nothing yet, so SIGKILL loses nothing.
+    fn retire_standby(&mut self, why: &str) {
         if let Some(s) = self.standby.take() {
             crate::host::send_signal(s.pid as u32, rustix::process::Signal::KILL);
             let _ = wait_exit(s.pid, Duration::from_secs(5));
-            log::info!(
-                "supervisor: standby server {} retired (the VRAM changed)",
-                s.pid
-            );
+            log::info!("supervisor: standby server {} retired ({why})", s.pid);
         }
         self.standby_forked = None;
     }
@@ -636,7 +631,11 @@ impl Supervisor<'_> {
             match self.held.memory.take_handoff() {
                 Ok(true) => {
                     self.announced = None;
-                    self.retire_standby();
+                    // A standby imported the VRAM as it was; after a change
+                    // (VRAM given back or taken back) it would hold freed
+                    // chunks and miss new ones, so a new one imports what
+                    // is held now.
+                    self.retire_standby("the VRAM changed");
                 }
                 Ok(false) => {}
                 Err(e) => log::warn!("supervisor: {e:#}"),
@@ -692,11 +691,7 @@ impl Supervisor<'_> {
         }
         // The standby waits on an eventfd the new image would not have:
         // it goes, and the new binary forks its own.
-        if let Some(s) = self.standby.take() {
-            crate::host::send_signal(s.pid as u32, rustix::process::Signal::KILL);
-            let _ = wait_exit(s.pid, Duration::from_secs(5));
-        }
-        self.standby_forked = None;
+        self.retire_standby("the supervisor re-executes");
         let e = match ResumeState::new(
             dev,
             server,

@@ -195,9 +195,11 @@ impl FromStr for ResumeState {
 /// The path this binary was started from, also after it was replaced or
 /// removed there (the kernel then adds " (deleted)" to the link).
 pub fn binary_path() -> Result<PathBuf> {
-    let link = std::fs::read_link("/proc/self/exe").context("reading /proc/self/exe")?;
-    Ok(strip_deleted(&link))
+    exe_path("/proc/self/exe").context("reading /proc/self/exe")
 }
+
+/// What the kernel adds to an exe link whose file was replaced or removed.
+const DELETED: &str = " (deleted)";
 
 /// The path an exe link (`/proc/PID/exe`) names, " (deleted)" left off.
 pub fn exe_path(link: &str) -> Option<PathBuf> {
@@ -206,7 +208,7 @@ pub fn exe_path(link: &str) -> Option<PathBuf> {
 
 fn strip_deleted(link: &Path) -> PathBuf {
     let text = link.to_string_lossy();
-    PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text))
+    PathBuf::from(text.strip_suffix(DELETED).unwrap_or(&text))
 }
 
 /// This binary's version and path, for the logs.
@@ -219,7 +221,7 @@ pub fn describe_binary() -> String {
 /// removed on disk: what an upgrade is for.
 pub fn runs_replaced_binary(pid: u32) -> bool {
     std::fs::read_link(format!("/proc/{pid}/exe"))
-        .is_ok_and(|l| l.to_string_lossy().ends_with(" (deleted)"))
+        .is_ok_and(|l| l.to_string_lossy().ends_with(DELETED))
 }
 
 /// The binary at the path this one was started from, if a file is there.
