@@ -38,7 +38,7 @@ no_oops() {
 # after) as INFO lines, so that the failed check shows what it was.
 no_faults_in() {
     awk '{ring[NR % 6] = $0}
-         /Oops|BUG:|blocked for more than|hung_task/ {hit = 1}
+         /Oops|BUG:|blocked (in I\/O wait )?for more than|hung_task/ {hit = 1}
          /NMI backtrace for cpu|\] task:/ {asked = 1}
          /Call Trace/ && !asked {hit = 1}
          /<\/TASK>/ {asked = 0}

@@ -74,6 +74,12 @@ check "the metrics say the service runs" grep -q '^vramblk_service_up 1$' $prom
 main=$(systemctl show -p MainPID --value vramblk)
 server=$(daemon_pid 0)
 
+# From here the device is the only swap with RAM full: a hand-over that
+# stalls it hangs the guest. pswatch prints where everything waits if tasks
+# stay blocked, and a task blocked 20 s fails the boot's last check.
+echo 20 > /proc/sys/kernel/hung_task_timeout_secs
+rm -f /tmp/pswatch.stop
+pswatch 15 &
 hold_in_swap 150 /tmp/mc-pkg
 info "held: $(awk '$1 == "/dev/ublkb0" {print int($4 / 1024)}' /proc/swaps) MiB in swap, MemAvailable $(mem MemAvailable) MiB"
 out=$(dpkg -i /root/vramblk-2.deb 2>&1); rc=$?
@@ -109,6 +115,7 @@ check "the refused removal started the service again" wait_for 30 sh -c "[ \"\$(
 touch /tmp/go
 wait $mc
 rc=$?
+touch /tmp/pswatch.stop
 while read -r l; do info "$l"; done < /tmp/mc-pkg
 check "memcheck through the upgrade and the refused removal: every byte intact" [ $rc -eq 0 ]
 

@@ -1,8 +1,8 @@
-//! Guest-side helper for the crash suite: shows where processes wait
-//! while the system is stuck. Locks itself in memory, then every SECS
-//! seconds prints each process's state and kernel wait channel (and, when
-//! tasks stay blocked, has the kernel print their stacks), until
-//! /tmp/pswatch.stop appears.
+//! Guest-side helper for the crash and package suites: shows where
+//! processes wait while the system is stuck. Locks itself in memory, then
+//! every SECS seconds prints each process's state and kernel wait channel
+//! (and, when tasks stay blocked, their stacks and the kernel's view of
+//! every blocked task), until /tmp/pswatch.stop appears.
 //!
 //! usage: pswatch SECS
 
@@ -54,7 +54,10 @@ fn main() {
         blocked_rounds = if blocked { blocked_rounds + 1 } else { 0 };
         if blocked_rounds == 2 {
             // Ask the kernel for the stacks of every blocked task, of what
-            // runs on each CPU, and for the memory picture.
+            // runs on each CPU, and for the memory picture. It prints them
+            // at info level, below the guests' console loglevel (4): raise
+            // it so they reach the console log too, not only dmesg.
+            let _ = std::fs::write("/proc/sys/kernel/printk", "7");
             for key in ["w", "l", "m"] {
                 let _ = std::fs::write("/proc/sysrq-trigger", key);
             }
@@ -63,7 +66,8 @@ fn main() {
     }
 }
 
-/// The kernel stack of every vramblk thread (where a running one spins).
+/// The kernel stack of every vramblk thread (where a running one spins)
+/// and of every other task blocked (state D).
 fn vramblk_stacks() -> String {
     let mut out = String::from("INFO pswatch stacks:");
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -72,7 +76,8 @@ fn vramblk_stacks() -> String {
     for e in dir.flatten() {
         let pid = e.file_name().to_string_lossy().into_owned();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() != "vramblk" {
+        let comm = comm.trim();
+        if comm != "vramblk" && !blocked(&pid) {
             continue;
         }
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -86,10 +91,18 @@ fn vramblk_stacks() -> String {
                 .lines()
                 .filter_map(|l| l.split_whitespace().nth(1))
                 .collect();
-            out.push_str(&format!(" [{pid}/{tid}: {}]", frames.join(" < ")));
+            out.push_str(&format!(" [{pid}/{tid} {comm}: {}]", frames.join(" < ")));
         }
     }
     out
+}
+
+/// Whether the task `pid` is in uninterruptible sleep.
+fn blocked(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|c| stat[c + 1..].split_whitespace().next())
+        == Some("D")
 }
 
 /// "[tid:state:wchan ...]" for every thread of a process but the first.
