@@ -565,18 +565,8 @@ pub fn bench(stores: &[(&str, &CudaStore)], secs: f64) -> Vec<Row> {
     let mut rows = vec![baseline(first, true, secs), baseline(first, false, secs)];
     for &(mode, store) in stores {
         map_every_extent(store);
-        for &(name, p, bs, queues, depth) in SHAPES {
-            rows.push(run_shape(
-                store,
-                mode,
-                name,
-                p,
-                bs,
-                queues,
-                depth,
-                secs,
-                Looping::SPIN,
-            ));
+        for &shape in SHAPES {
+            rows.push(spin_shape(store, mode, shape, secs));
         }
     }
     rows
@@ -696,7 +686,7 @@ pub(crate) fn map_every_extent(store: &CudaStore) {
     }
 }
 
-const SHAPES: &[(&str, Pattern, u64, u16, usize)] = &[
+const SHAPES: &[Shape] = &[
     ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 1),
     ("4 KiB randread", Pattern::RandRead, 4096, 1, 1),
     ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 32),
@@ -711,6 +701,31 @@ const SHAPES: &[(&str, Pattern, u64, u16, usize)] = &[
     ("512 KiB seq write", Pattern::SeqWrite, 512 << 10, 4, 32),
     ("512 KiB seq read", Pattern::SeqRead, 512 << 10, 4, 32),
 ];
+
+/// The shapes the several-GPU table times (issue 21): 4 KiB random at
+/// 16 x 128 and 512 KiB sequential at 4 x 32, each way.
+pub const GPU_SHAPES: usize = 4;
+
+/// Shape `i` of the several-GPU table on `store` (the tables' loop).
+pub fn gpu_shape(store: &CudaStore, i: usize, secs: f64) -> Row {
+    let shape: Shape = [
+        ("4 KiB randwrite", Pattern::RandWrite, 4096, 16, 128),
+        ("4 KiB randread", Pattern::RandRead, 4096, 16, 128),
+        ("512 KiB seq write", Pattern::SeqWrite, 512 << 10, 4, 32),
+        ("512 KiB seq read", Pattern::SeqRead, 512 << 10, 4, 32),
+    ][i % GPU_SHAPES];
+    spin_shape(store, "auto", shape, secs)
+}
+
+/// A shape: its name, pattern, block size, queues and depth.
+type Shape = (&'static str, Pattern, u64, u16, usize);
+
+/// `shape` on `store` under the tables' loop (polling without a nap,
+/// rounds as the server cuts them).
+fn spin_shape(store: &CudaStore, mode: &str, shape: Shape, secs: f64) -> Row {
+    let (name, p, bs, queues, depth) = shape;
+    run_shape(store, mode, name, p, bs, queues, depth, secs, Looping::SPIN)
+}
 
 #[allow(clippy::too_many_arguments)]
 fn run_shape(

@@ -7,11 +7,14 @@
 //!
 //! usage: engine-bench [--gpu N] [--size GiB] [--secs S] [--out FILE] [--checks-only]
 //!        engine-bench [--gpu N] [--secs S] --rounds-only
+//!        engine-bench --gpu all|N,M,... [--size GiB] [--secs S] [--out FILE]
 //!
 //! `--checks-only` runs the checks on 256 MiB stores and times nothing:
 //! what `cargo xtask test` runs on the stand-in libcuda (never GPU
 //! evidence) to exercise cuda-store's logic where there is no GPU.
 //! `--rounds-only` prints the rounds-per-queue table alone (issue 19).
+//! `--gpu all` (or a list) times the several-GPU table alone (issue 21):
+//! each GPU alone, then all at once, each with its own store and queues.
 //!
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
@@ -21,6 +24,7 @@ mod context;
 mod idle;
 mod integrity;
 mod load;
+mod multi;
 mod recovery;
 mod table;
 mod thin;
@@ -44,6 +48,15 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args: Vec<String> = std::env::args().collect();
+    let gpu_arg = args
+        .iter()
+        .position(|a| a == "--gpu")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_default();
+    if gpu_arg == "all" || gpu_arg.contains(',') {
+        return several_gpus(&gpu_arg, &args);
+    }
     let gpu = arg(&args, "--gpu", 0) as u32;
     if args.iter().any(|a| a == "--context-probe") {
         std::process::exit(context::probe(gpu));
@@ -200,6 +213,62 @@ fn rounds_only(gpu: u32, secs: f64) -> Result<()> {
     load::map_every_extent(&store);
     let rows = load::round_sizes(&store, secs);
     println!("{}", table::variants_table(&rows, "rounds"));
+    Ok(())
+}
+
+/// `--gpu all` or `--gpu N,M,...`: the several-GPU table alone, on a
+/// store of `--size` GiB (default 4) per GPU.
+fn several_gpus(which: &str, args: &[String]) -> Result<()> {
+    let gpus: Vec<u32> = if which == "all" {
+        match vramblk_cuda_store::probe::gpu_count() {
+            Ok(n) => (0..n).collect(),
+            Err(e) => {
+                println!("SKIPPED: {e}");
+                std::process::exit(SKIPPED);
+            }
+        }
+    } else {
+        which
+            .split(',')
+            .map(|g| g.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("--gpu {which}: give all or indices (0,1)"))?
+    };
+    let size = arg(args, "--size", 4) << 30;
+    let secs = arg(args, "--secs", 1) as f64;
+    let mut stores = Vec::new();
+    for &g in &gpus {
+        match CudaStore::create(&CudaStoreOptions::new(size, g)) {
+            Ok(s) => {
+                load::map_every_extent(&s);
+                stores.push((g, s));
+            }
+            Err(e) => {
+                println!("SKIPPED: GPU {g}: {e}");
+                std::process::exit(SKIPPED);
+            }
+        }
+    }
+    let names: Vec<String> = stores
+        .iter()
+        .map(|(g, s)| format!("{g}: {}", s.gpu_name()))
+        .collect();
+    let report = format!(
+        "GPUs: {}; {} MiB store each, `engine-bench --gpu {which} --size {} --secs {secs}`, {}\n\n#### Every GPU at once (issue 21): each GPU alone, then all of them together, each with its own store and queues, same process; auto\n\n{}",
+        names.join(", "),
+        size >> 20,
+        size >> 30,
+        utc_now(),
+        multi::table(&stores, secs)
+    );
+    println!("{report}");
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+    {
+        std::fs::write(path, report)?;
+    }
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! `vramblk add`.
 
 use crate::args::{AddArgs, BackendArg, CopyModeArg, IntegrityArg};
+use crate::{del, gpu};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vramblk_config::{
-    defaults, parse_size, parse_size_or_zero, Backend, CopyMode, DeviceRecord, RUN_DIR,
+    defaults, format_size, parse_size, parse_size_or_zero, split_by_room, Backend, CopyMode,
+    DeviceRecord, GpuRoom, RUN_DIR,
 };
 use vramblk_daemon::budget;
 use vramblk_daemon::host::{cpu_count, require_root, require_ublk_features};
@@ -16,16 +18,29 @@ use vramblk_host_store::{HostStore, HostStoreOptions, MemInfo};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
 use vramblk_ublk_target::DeviceOptions;
 
-fn plan(a: &AddArgs) -> Result<Plan> {
+/// The size asked, checked.
+fn size_asked(a: &AddArgs) -> Result<u64> {
     let size = parse_size(&a.size).map_err(|e| anyhow!("--size: {e}"))?;
     if size % 4096 != 0 {
         bail!("--size: {size} bytes is not a multiple of 4 KiB");
     }
-    let backend = match a.backend {
+    Ok(size)
+}
+
+fn backend(a: &AddArgs) -> Backend {
+    match a.backend {
         BackendArg::Cuda => Backend::Cuda,
         BackendArg::Host => Backend::Host,
-    };
-    let reserve = parse_size_or_zero(&a.reserve).map_err(|e| anyhow!("--reserve: {e}"))?;
+    }
+}
+
+fn reserve(a: &AddArgs) -> Result<u64> {
+    parse_size_or_zero(&a.reserve).map_err(|e| anyhow!("--reserve: {e}"))
+}
+
+/// The plan for one device of `size` bytes on GPU `gpu`.
+fn plan(a: &AddArgs, gpu: u32, size: u64) -> Result<Plan> {
+    let backend = backend(a);
     if a.hugepages && backend != Backend::Host {
         bail!("--hugepages applies to --backend host only");
     }
@@ -40,8 +55,8 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         size,
         backend,
         hugetlb: a.hugepages,
-        gpu: a.gpu,
-        reserve,
+        gpu,
+        reserve: reserve(a)?,
         copy_mode: match a.copy_mode {
             CopyModeArg::Auto => CopyMode::Auto,
             CopyModeArg::Dma => CopyMode::Dma,
@@ -54,11 +69,94 @@ fn plan(a: &AddArgs) -> Result<Plan> {
         device,
         log: PathBuf::from("-"),
         origin: None,
+        place: None,
     })
 }
 
+/// One plan per device `add` makes: one, or one per GPU of --gpu, each
+/// placed near its GPU.
+fn plans(a: &AddArgs) -> Result<Vec<Plan>> {
+    let size = size_asked(a)?;
+    reserve(a)?;
+    if backend(a) == Backend::Host {
+        if a.gpu.single().is_none() {
+            bail!("--gpu {} applies to --backend cuda only", a.gpu);
+        }
+        return Ok(vec![plan(a, 0, size)?]);
+    }
+    if let Some(gpu) = a.gpu.single() {
+        let mut p = plan(a, gpu, size)?;
+        p.place = place_near(gpu, &gpu::inventory(), &a.sysfs);
+        return Ok(vec![p]);
+    }
+    if a.id.is_some() {
+        bail!("--id names one device; --gpu {} adds one per GPU", a.gpu);
+    }
+    if a.foreground {
+        bail!(
+            "--foreground serves one device; --gpu {} adds one per GPU",
+            a.gpu
+        );
+    }
+    let gpus = gpu::inventory().context("--gpu: listing the GPUs")?;
+    let chosen = a
+        .gpu
+        .resolve(gpus.len() as u32)
+        .map_err(|e| anyhow!("--gpu {}: {e}", a.gpu))?;
+    let reserve = reserve(a)?;
+    let rooms: Vec<GpuRoom> = chosen
+        .iter()
+        .map(|&g| GpuRoom {
+            gpu: g,
+            room: gpus[g as usize].free.saturating_sub(reserve),
+        })
+        .collect();
+    let shares = split_by_room(size, &rooms).map_err(|e| {
+        anyhow!(
+            "--gpu {}: {e} ({} reserved on each)",
+            a.gpu,
+            format_size(reserve)
+        )
+    })?;
+    let inventory = Ok(gpus);
+    shares
+        .into_iter()
+        .map(|(gpu, share)| {
+            let mut p = plan(a, gpu, share)?;
+            p.place = place_near(gpu, &inventory, &a.sysfs);
+            Ok(p)
+        })
+        .collect()
+}
+
+/// Places a cuda plan near its GPU (a device of the config file).
+pub fn place_near_gpu(plan: &mut Plan, sysfs: &Path) {
+    if plan.backend == Backend::Cuda && plan.place.is_none() {
+        plan.place = place_near(plan.gpu, &gpu::inventory(), sysfs);
+    }
+}
+
+/// Where GPU `gpu` sits, from the GPU list; None (and a warning) when
+/// there is no list: the device then runs unpinned.
+fn place_near(
+    gpu: u32,
+    gpus: &Result<Vec<gpu::GpuEntry>>,
+    sysfs: &Path,
+) -> Option<vramblk_config::GpuPlace> {
+    match gpus {
+        Ok(list) => list
+            .iter()
+            .find(|g| g.index == gpu)
+            .map(|g| vramblk_daemon::locality::place_of(sysfs, &g.pci_bus_id)),
+        Err(e) => {
+            log::warn!("GPU {gpu}: where it sits is unknown ({e:#}); not pinning");
+            None
+        }
+    }
+}
+
 pub fn run(a: &AddArgs) -> Result<()> {
-    let mut plan = plan(a)?;
+    let mut plans = plans(a)?;
     require_root("add")?;
     require_ublk_features()?;
     if let Some(id) = a.id {
@@ -67,7 +165,7 @@ pub fn run(a: &AddArgs) -> Result<()> {
         }
     }
     if a.foreground {
-        preflight(&plan)?;
+        preflight(&plans[0])?;
     }
     let run_dir = Path::new(RUN_DIR);
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {RUN_DIR}"))?;
@@ -75,14 +173,42 @@ pub fn run(a: &AddArgs) -> Result<()> {
     if a.foreground {
         vramblk_daemon::init_logging(env_logger::Target::Stderr);
         let swap = a.swap.then_some((a.priority, a.discard));
-        return supervise::run(&plan, run_dir, Reporter::none(), Mode::Foreground { swap });
+        return supervise::run(
+            &plans[0],
+            run_dir,
+            Reporter::none(),
+            Mode::Foreground { swap },
+        );
     }
-    let id = launch(
-        &mut plan,
-        run_dir,
-        a.swap.then_some((a.priority, a.discard)),
-    )?;
-    println!("{}", bdev_path(id));
+    let several = plans.len() > 1;
+    let mut added = Vec::new();
+    for plan in &mut plans {
+        let gpu = plan.gpu;
+        match launch(plan, run_dir, a.swap.then_some((a.priority, a.discard))) {
+            Ok(id) => {
+                println!("{}", bdev_path(id));
+                added.push(id);
+            }
+            Err(e) if several => {
+                // All or nothing: the devices this command added go again
+                // (fresh, so their swap comes off quickly).
+                if !added.is_empty() {
+                    eprintln!(
+                        "vramblk: the device on GPU {gpu} did not come up; removing the {} added \
+                         before it",
+                        added.len()
+                    );
+                }
+                for &id in added.iter().rev() {
+                    if let Err(e) = del::delete_one(run_dir, id) {
+                        eprintln!("vramblk: {}: {e:#}", bdev_path(id));
+                    }
+                }
+                return Err(e.context(format!("the device on GPU {gpu}")));
+            }
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 

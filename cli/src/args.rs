@@ -53,11 +53,14 @@ pub enum Command {
     Upgrade(UpgradeArgs),
     /// Print the ublk features the running kernel supports.
     Features,
-    /// List the NVIDIA GPUs with their free VRAM.
+    /// List the NVIDIA GPUs with their free VRAM and where each sits.
     ///
-    /// Index (as --gpu takes it), name, free and total VRAM, from NVML;
-    /// needs no ublk and takes no VRAM.
-    Gpus,
+    /// Index (as --gpu takes it), name, free and total VRAM, PCI address,
+    /// and the NUMA node and CPUs nearest it (where the machine has more
+    /// than one node: a device on that GPU runs there). From NVML, which
+    /// takes no VRAM; where NVML is missing, from CUDA, which holds a
+    /// context on each GPU for a moment. Needs no ublk.
+    Gpus(GpusArgs),
     /// Work with the configuration file (/etc/vramblk.toml).
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -224,6 +227,16 @@ pub enum CopyModeArg {
 }
 
 #[derive(Args, Debug)]
+pub struct GpusArgs {
+    /// Print JSON (index, name, free, total, pci_bus_id) instead.
+    #[arg(long)]
+    pub json: bool,
+    /// Ask CUDA even where NVML is there (to check one against the other).
+    #[arg(long, hide = true)]
+    pub cuda: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct AddArgs {
     /// Device size: 7G, 7GiB, 512M, 1073741824 (binary units; a multiple of 4 KiB).
     #[arg(long, value_name = "SIZE")]
@@ -233,9 +246,13 @@ pub struct AddArgs {
     #[arg(long, value_enum, default_value = "cuda")]
     pub backend: BackendArg,
 
-    /// GPU index for --backend cuda, in PCI bus order (as nvidia-smi counts).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub gpu: u32,
+    /// GPU for --backend cuda, in PCI bus order (as nvidia-smi counts):
+    /// an index (0), a list (0,2) or all. Over several GPUs it adds one
+    /// device per GPU, --size split between them by each GPU's VRAM free
+    /// beyond --reserve, all swap at the same priority (the kernel then
+    /// spreads pages over them in turn); one line per device.
+    #[arg(long, value_name = "N|N,M|all", default_value = "0")]
+    pub gpu: vramblk_config::GpuChoice,
 
     /// VRAM left free for the display and other GPU work (--backend cuda).
     /// The size is a ceiling: when VRAM is short the device gets less, in
@@ -291,6 +308,11 @@ pub struct AddArgs {
     /// Ask for this device id instead of the next free one.
     #[arg(long, value_name = "ID")]
     pub id: Option<u32>,
+
+    /// Where sysfs is mounted (where a GPU's NUMA node and CPUs are
+    /// read); for tests.
+    #[arg(long, value_name = "DIR", default_value = "/sys", hide = true)]
+    pub sysfs: std::path::PathBuf,
 }
 
 #[derive(Args, Debug)]

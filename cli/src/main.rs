@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             vramblk_daemon::resume::resume_supervisor(&run_dir, &state)
         }
         Command::Features => list::features(),
-        Command::Gpus => status::gpus(),
+        Command::Gpus(g) => status::gpus(g.json, g.cuda),
         Command::Config(args::ConfigCommand::Check { path }) => config::check(&path),
         Command::Up(c) => up::up(&c.config),
         Command::Down => up::down(),

@@ -135,7 +135,7 @@ pub fn run(a: &ServiceArgs) -> Result<()> {
     require_root("service")?;
     require_driver()?;
     vramblk_daemon::init_logging(env_logger::Target::Stderr);
-    let config = Config::load(&a.config)?;
+    let config = crate::gpu::one_device_per_gpu(Config::load(&a.config)?)?;
     signals::install_service_handlers();
     std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
     let holder = Holder::open(Path::new(RUN_DIR), handed_back)?;
@@ -196,7 +196,7 @@ impl Service {
             .devices
             .iter()
             .filter(|d| d.backend == Backend::Cuda)
-            .map(|d| d.gpu)
+            .filter_map(|d| d.gpu.single())
             .collect();
         let pressure = gpus
             .into_iter()
@@ -225,7 +225,10 @@ impl Service {
             .enumerate()
             .filter(|(_, d)| {
                 d.backend == Backend::Cuda
-                    && self.pressure.get(&d.gpu).is_some_and(|g| g.released())
+                    && d.gpu
+                        .single()
+                        .and_then(|g| self.pressure.get(&g))
+                        .is_some_and(|g| g.released())
             })
             .map(|(i, _)| i)
             .collect()
@@ -330,7 +333,7 @@ impl Service {
                 .devices
                 .iter()
                 .enumerate()
-                .filter(|(_, d)| d.backend == Backend::Cuda && d.gpu == gpu)
+                .filter(|(_, d)| d.backend == Backend::Cuda && d.gpu.single() == Some(gpu))
                 .map(|(i, _)| i)
                 .collect();
             let sizes: u64 = on_gpu.iter().map(|&i| self.config.devices[i].size).sum();

@@ -34,6 +34,11 @@ pub struct DeviceStatus {
     pub gpu: Option<u32>,
     pub gpu_name: Option<String>,
     pub gpu_free_vram: Option<u64>,
+    /// Where its GPU sits (PCI address, NUMA node, the CPUs its processes
+    /// were pinned to), from the record.
+    pub gpu_place: Option<vramblk_config::GpuPlace>,
+    /// The CPUs its server may run on now (/proc/PID/status).
+    pub server_cpus: Option<String>,
     pub queues: Option<u16>,
     pub depth: Option<u16>,
     pub server_pid: Option<u32>,
@@ -104,19 +109,31 @@ pub fn parse_block_stat(text: &str) -> Option<BlockStat> {
 }
 
 /// `vramblk gpus`.
-pub fn gpus() -> Result<()> {
-    let gpus = Gpus::open()?;
-    let count = gpus.count()?;
-    if count == 0 {
+pub fn gpus(json: bool, cuda: bool) -> Result<()> {
+    let (gpus, source) = if cuda {
+        (crate::gpu::from_cuda()?, crate::gpu::Source::Cuda)
+    } else {
+        crate::gpu::list_here()?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&gpus)?);
+        return Ok(());
+    }
+    if source == crate::gpu::Source::Cuda {
+        eprintln!("(from CUDA: NVML is not there; each GPU held a context for a moment)");
+    }
+    if gpus.is_empty() {
         println!("no NVIDIA GPU");
     }
-    for i in 0..count {
-        let g = gpus.info(i)?;
+    for g in gpus {
+        let place = vramblk_daemon::locality::place_of(Path::new("/sys"), &g.pci_bus_id);
         println!(
-            "{i}: {}, {} free of {}",
+            "{}: {}, {} free of {}, {}",
+            g.index,
             g.name,
             human_size(g.free),
-            human_size(g.total)
+            human_size(g.total),
+            place.describe()
         );
     }
     Ok(())
@@ -172,7 +189,9 @@ pub fn collect() -> Result<Status> {
             d.backend = Some(r.backend);
             d.store = Some(r.store);
             d.gpu = r.gpu;
+            d.gpu_place = r.place;
             d.server_pid = Some(r.pid).filter(|_| server_alive);
+            d.server_cpus = d.server_pid.and_then(allowed_cpus);
             d.supervisor_pid = r.holder_pid.filter(|_| holder_alive);
             d.standby_pid = d.supervisor_pid.and_then(|h| {
                 vramblk_daemon::host::children_of(h)
@@ -215,6 +234,15 @@ pub fn collect() -> Result<Status> {
     Ok(Status { devices, service })
 }
 
+/// The CPUs process `pid` may run on ("0-15").
+fn allowed_cpus(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|l| l.trim().to_string())
+}
+
 /// `vramblk status` as text.
 pub fn print_text(s: &Status) {
     if s.devices.is_empty() {
@@ -252,6 +280,13 @@ fn print_device(d: &DeviceStatus) {
             _ => String::new(),
         };
         println!("  store: {store}{gpu}");
+        if let (Some(g), Some(place)) = (d.gpu, &d.gpu_place) {
+            println!(
+                "  GPU {g}: {}; server on CPUs {}",
+                place.describe(),
+                d.server_cpus.as_deref().unwrap_or("?")
+            );
+        }
         if let Some(v) = &d.vram {
             println!(
                 "  VRAM: holds {} ({} of it data; {} when whole)",

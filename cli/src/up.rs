@@ -1,10 +1,10 @@
 //! `vramblk up` and `vramblk down`: the devices of the config file, as swap.
 
-use crate::add::launch;
+use crate::add::{launch, place_near_gpu};
 use crate::del::{delete_one, lock, vramblk_records};
 use anyhow::{bail, Result};
 use std::path::Path;
-use vramblk_config::{format_size, Config, RUN_DIR};
+use vramblk_config::{format_size, Backend, Config, RUN_DIR};
 use vramblk_daemon::host::{pid_alive, require_driver, require_root};
 use vramblk_daemon::plan::Plan;
 use vramblk_ublk_target::control::bdev_path;
@@ -32,28 +32,36 @@ pub fn bring_up(config: &Config, wanted: impl Fn(usize) -> bool) -> Result<Vec<u
         if !wanted(index) {
             continue;
         }
+        // The file's entry, as `config check` numbers it (an entry over
+        // several GPUs is several devices).
+        let entry = d.entry;
         if let Some((_, id)) = up.iter().find(|(i, _)| *i == index) {
-            println!("device {index}: already up as {}", bdev_path(*id));
+            println!("device {entry}: already up as {}", bdev_path(*id));
             ids.push(*id);
             continue;
         }
-        let result = Plan::from_config(d, index)
-            .and_then(|mut plan| launch(&mut plan, run_dir, Some((d.priority, d.discard))));
+        let result = Plan::from_config(d, index).and_then(|mut plan| {
+            place_near_gpu(&mut plan, Path::new("/sys"));
+            launch(&mut plan, run_dir, Some((d.priority, d.discard)))
+        });
         match result {
             Ok(id) => {
+                let on = match (d.backend, d.gpu.single()) {
+                    (Backend::Cuda, Some(g)) => format!("cuda (GPU {g})"),
+                    (b, _) => b.to_string(),
+                };
                 println!(
-                    "device {index}: {} up, {} on {}, swap priority {}",
+                    "device {entry}: {} up, {} on {on}, swap priority {}",
                     bdev_path(id),
                     format_size(d.size),
-                    d.backend,
                     d.priority
                 );
-                log::info!("up: device {index} is {}", bdev_path(id));
+                log::info!("up: device {entry} is {} ({on})", bdev_path(id));
                 ids.push(id);
             }
             Err(e) => {
-                eprintln!("vramblk: device {index}: {e:#}");
-                log::error!("up: device {index}: {e:#}");
+                eprintln!("vramblk: device {entry}: {e:#}");
+                log::error!("up: device {entry}: {e:#}");
                 failed += 1;
             }
         }
@@ -94,7 +102,7 @@ pub fn take_down(wanted: impl Fn(usize) -> bool) -> Result<()> {
 pub fn up(path: &Path) -> Result<()> {
     require_root("up")?;
     require_driver()?;
-    let config = Config::load(path)?;
+    let config = crate::gpu::one_device_per_gpu(Config::load(path)?)?;
     if config.devices.is_empty() {
         println!(
             "{}: no [[device]] entries; nothing to bring up",

@@ -18,6 +18,7 @@ mod extents;
 mod integrity;
 mod kernel;
 mod pinned;
+pub mod probe;
 mod queue;
 pub mod stages;
 mod store;

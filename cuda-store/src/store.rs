@@ -219,6 +219,17 @@ impl CudaStore {
         Ok(store)
     }
 
+    /// GPU `gpu`'s primary context, made current, with nothing loaded
+    /// (what the probe reads the GPU through).
+    pub(crate) fn context_only_plain(gpu: u32) -> Result<CudaStore, StoreError> {
+        Self::open_device(gpu)
+    }
+
+    /// The CUDA device this store is on.
+    pub(crate) fn device_handle(&self) -> sys::CUdevice {
+        self.device
+    }
+
     /// Copies of each chunk's fd with its length, in mapping order: what
     /// [`import`] needs in another process.
     ///

@@ -99,6 +99,7 @@ mod tests {
             },
             log: PathBuf::from("-"),
             origin: None,
+            place: None,
         }
     }
 

@@ -5,7 +5,8 @@
 //! The commands (cli/) parse arguments and print; this crate does the rest.
 //! docs/process-model.md draws it on one page.
 //!
-//! - [`plan`]: what a device will be; [`budget`]: the RAM it will lock.
+//! - [`plan`]: what a device will be; [`budget`]: the RAM it will lock;
+//!   [`locality`]: the CPUs and memory node nearest its GPU.
 //! - [`process`]: forking a daemon, its report pipe, hardening for swap.
 //! - [`supervise`], [`memory`]: the supervisor and what it holds.
 //! - [`server`], [`stats`], [`vram_control`], [`swap`]: the server and its
@@ -24,6 +25,7 @@ pub mod budget;
 pub mod held_log;
 pub mod holder;
 pub mod host;
+pub mod locality;
 pub mod logging;
 pub mod memory;
 pub mod notify;

@@ -3,9 +3,9 @@
 //! what supervisors, servers and adoption act on.
 
 use crate::host::cpu_count;
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use std::path::PathBuf;
-use vramblk_config::{defaults, Backend, CopyMode, DeviceConfig, DeviceRecord};
+use vramblk_config::{defaults, Backend, CopyMode, DeviceConfig, DeviceRecord, GpuPlace};
 use vramblk_ublk_target::DeviceOptions;
 
 /// Everything `add` decided before touching the kernel.
@@ -24,6 +24,8 @@ pub struct Plan {
     /// The `[[device]]` entry of the config file it comes from (`up`), or
     /// None for a device added by hand.
     pub origin: Option<usize>,
+    /// Where its GPU sits; its processes run on the CPUs named there.
+    pub place: Option<GpuPlace>,
 }
 
 impl Plan {
@@ -47,11 +49,20 @@ impl Plan {
             },
             log: record.log.clone(),
             origin: record.origin,
+            place: record.place.clone(),
         }
     }
 
-    /// The plan for entry `index` of the config file.
+    /// The plan for device `index` of the config file's devices, one per
+    /// GPU (`Config::per_gpu`: an entry over several GPUs is several).
     pub fn from_config(d: &DeviceConfig, index: usize) -> Result<Plan> {
+        let gpu = d.gpu.single().ok_or_else(|| {
+            anyhow!(
+                "device {}: gpu = \"{}\" names several GPUs: one device each",
+                d.entry,
+                d.gpu
+            )
+        })?;
         let device = DeviceOptions {
             id: -1,
             queues: d.queues.unwrap_or_else(cpu_count),
@@ -63,13 +74,14 @@ impl Plan {
             size: d.size,
             backend: d.backend,
             hugetlb: d.hugepages,
-            gpu: d.gpu,
+            gpu,
             reserve: d.reserve,
             copy_mode: d.copy_mode,
             integrity: d.integrity,
             device,
             log: PathBuf::from("-"),
             origin: Some(index),
+            place: None,
         })
     }
 }
@@ -97,6 +109,11 @@ mod tests {
             backing: vec![1 << 29, 1 << 29],
             copy_mode: vramblk_config::CopyMode::Dma,
             integrity: true,
+            place: Some(GpuPlace {
+                pci_bus_id: "0000:41:00.0".into(),
+                numa_node: Some(1),
+                cpus: Some("16-31".into()),
+            }),
         };
         let plan = Plan::from_record(&record);
         assert_eq!(plan.device.id, 4);
@@ -104,5 +121,6 @@ mod tests {
         assert_eq!((plan.gpu, plan.origin), (1, Some(2)));
         assert_eq!(plan.copy_mode, vramblk_config::CopyMode::Dma);
         assert_eq!(plan.integrity, Some(true), "the layout the record names");
+        assert_eq!(plan.place, record.place, "pinned where it was");
     }
 }

@@ -323,6 +323,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         backing: store.backing_layout(),
         copy_mode: plan.copy_mode,
         integrity: store.integrity(),
+        place: plan.place.clone(),
     };
     let dir = run_dir.to_path_buf();
     let counters = Arc::new(DeviceCounters::new(plan.device.queues));

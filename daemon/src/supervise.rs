@@ -17,7 +17,7 @@ use crate::plan::Plan;
 use crate::process::{self, Reporter, SUPERVISOR_CUSHION_BYTES};
 use crate::server::{self, Launch};
 use crate::upgrade::{self, ResumeState};
-use crate::{announce, held_log, signals, swap};
+use crate::{announce, held_log, locality, signals, swap};
 use anyhow::{anyhow, bail, Result};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
@@ -184,6 +184,7 @@ struct Supervisor<'a> {
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
     process::harden_for_swap()?;
+    pin_near_gpu(plan);
     signals::install_supervisor_handlers();
     let (foreground_swap, print_path) = match mode {
         Mode::Foreground { swap } => (swap, true),
@@ -217,6 +218,7 @@ pub fn adopt(
     restarts: u32,
 ) -> Result<()> {
     process::harden_for_swap()?;
+    pin_near_gpu(plan);
     signals::install_supervisor_handlers();
     let held = Held::with_memory(plan, memory)?;
     let first = Launch {
@@ -241,6 +243,7 @@ pub fn adopt(
 /// stops that server so the standby takes over.
 pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) -> Result<()> {
     process::harden_for_swap()?;
+    pin_near_gpu(plan);
     signals::install_supervisor_handlers();
     // The old server still serves (swap may need it to free the pages):
     // io buffers for the new servers may take a few tries.
@@ -262,6 +265,26 @@ pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) 
         restarts: state.restarts,
     };
     supervise_with(plan, run_dir, None, held, Some(state.id), first)
+}
+
+/// Runs this supervisor, and so every server it forks and their queue
+/// threads, on the CPUs nearest the device's GPU; called before the io
+/// buffers are allocated, so that they are placed on that node too.
+fn pin_near_gpu(plan: &Plan) {
+    let Some(place) = &plan.place else {
+        return;
+    };
+    let Some(cpus) = &place.cpus else {
+        return;
+    };
+    match locality::pin_to(cpus) {
+        Ok(()) => log::info!(
+            "supervisor: running on CPUs {cpus}, nearest GPU {} ({})",
+            plan.gpu,
+            place.describe()
+        ),
+        Err(e) => log::warn!("supervisor: {e:#}; running on every CPU"),
+    }
 }
 
 /// Tries at the io buffers after re-executing, and the wait between.

@@ -213,5 +213,111 @@ $FIO --name=q4 --filename=/dev/ublkb0 --rw=randwrite --bs=4k --iodepth=8 --size=
 check "more queues than CPUs: fio write + verify" sh -c "! grep -q 'verify: bad' /tmp/fio-q4.txt" || tail -5 /tmp/fio-q4.txt
 vramblk del 0 > /dev/null 2>&1
 
+# --- Every GPU of a host (issue 21), on two stand-in GPUs (768 and 256
+# MiB of "VRAM"; never GPU evidence): one device per GPU, the size split
+# by each GPU's free VRAM beyond the reserve, all swap at one priority, and
+# each device's processes on the CPUs sysfs names for its GPU (a fake
+# sysfs here: two memory nodes, GPU 0 near CPU 0, GPU 1 near CPU 1).
+MG_ENV="LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_GPUS=2 VRAMBLK_STUB_VRAM_MIB=768,256"
+MG_ARGS="--reserve 0 --queues 2 --depth 16 --sysfs /tmp/fakesys"
+fake=/tmp/fakesys
+mkdir -p $fake/devices/system/node $fake/bus/pci/devices/0000:41:00.0 $fake/bus/pci/devices/0000:81:00.0
+echo 0-1 > $fake/devices/system/node/online
+echo 0 > $fake/bus/pci/devices/0000:41:00.0/numa_node
+echo 0 > $fake/bus/pci/devices/0000:41:00.0/local_cpulist
+echo 1 > $fake/bus/pci/devices/0000:81:00.0/numa_node
+echo 1 > $fake/bus/pci/devices/0000:81:00.0/local_cpulist
+out=$(env $MG_ENV vramblk gpus 2>&1)
+info "gpus: $(echo "$out" | tr '\n' ' ')"
+check "gpus: both stand-in GPUs, listed through CUDA (this guest has no NVML)" \
+    has "$out" "1: vramblk stub GPU 1 (host memory, not a GPU), 256.0M free of 256.0M, PCI 0000:81:00.0"
+out=$(env $MG_ENV vramblk add --size 256M --gpu all $MG_ARGS --swap --priority 77 2>&1)
+check "add --gpu all: one device per GPU, a line each" [ "$out" = "$(printf '/dev/ublkb0\n/dev/ublkb1')" ] ||
+    { info "$out"; show_logs; }
+check "add --gpu all: GPU 0 (3/4 of the free VRAM) gets 3/4 of the size" \
+    [ "$(blockdev --getsize64 /dev/ublkb0)" = $((192 << 20)) ]
+check "add --gpu all: GPU 1 gets the rest" [ "$(blockdev --getsize64 /dev/ublkb1)" = $((64 << 20)) ]
+prio() { awk -v d="$1" '$1 == d {print $5}' /proc/swaps; }
+check "add --gpu all: both swap at the one priority asked" \
+    sh -c "[ '$(prio /dev/ublkb0)' = 77 ] && [ '$(prio /dev/ublkb1)' = 77 ]"
+vramblk status --json > /tmp/mg.json 2>&1
+check "status --json: each device on its own GPU" \
+    sh -c "[ '$(jsonq /tmp/mg.json devices.0.gpu)' = 0 ] && [ '$(jsonq /tmp/mg.json devices.1.gpu)' = 1 ]"
+cpus_of() { sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/$1/status; }
+check "each device's server runs on the CPUs of its GPU's node (0 and 1)" \
+    sh -c "[ '$(cpus_of "$(daemon_pid 0)")' = 0 ] && [ '$(cpus_of "$(daemon_pid 1)")' = 1 ]"
+check "and its supervisor too (the io buffers are placed from there)" \
+    sh -c "[ '$(cpus_of "$(holder_pid 1)")' = 1 ]"
+out=$(vramblk status 2>&1)
+check "status says where GPU 1 sits and where its server runs" \
+    has "$out" "GPU 1: PCI 0000:81:00.0, NUMA node 1, CPUs 1; server on CPUs 1"
+# Writes to an active swap device fail (ETXTBSY): fio goes on them swapped off.
+swapoff /dev/ublkb0; swapoff /dev/ublkb1
+MG_FIO="--rw=randwrite --bs=4k --iodepth=16 --size=48M --verify=crc32c"
+$FIO --name=g0 --filename=/dev/ublkb0 $MG_FIO --output=/tmp/fio-g0.txt &
+f0=$!
+$FIO --name=g1 --filename=/dev/ublkb1 $MG_FIO --output=/tmp/fio-g1.txt
+r1=$?
+wait $f0
+check "both GPUs' devices at once: fio write + verify" sh -c "[ $? -eq 0 ] && [ $r1 -eq 0 ]" ||
+    tail -5 /tmp/fio-g0.txt /tmp/fio-g1.txt
+both_gone() { nodes_gone 0 && nodes_gone 1; }
+vramblk del --all > /dev/null
+check "del --all removes both" wait_for 30 both_gone
+expect_err "--gpu naming a GPU the machine lacks is refused" "GPU 5 does not exist: this machine has 2 CUDA GPU(s) (0-1)" \
+    env $MG_ENV vramblk add --size 64M --gpu 0,5 $MG_ARGS
+expect_err "--gpu all with --id is refused" "--id names one device" \
+    env $MG_ENV vramblk add --size 64M --gpu all --id 3 $MG_ARGS
+expect_err "--gpu all with --backend host is refused" "applies to --backend cuda only" \
+    vramblk add --size 64M --backend host --gpu all
+# One GPU broken (its VRAM allocations fail): nothing is left half done.
+out=$(env $MG_ENV VRAMBLK_STUB_FAIL=cuMemCreate:1:sticky VRAMBLK_STUB_FAIL_GPU=1 \
+    vramblk add --size 128M --gpu all $MG_ARGS --swap 2>&1)
+rc=$?
+info "add --gpu all, GPU 1 broken: rc=$rc $(echo "$out" | tr '\n' ' ')"
+check "one GPU failing fails the add and names that GPU" sh -c "[ $rc -ne 0 ] && echo '$out' | grep -q 'the device on GPU 1'"
+check "and the device on the good GPU is removed again" \
+    sh -c "echo '$out' | grep -q 'removing the 1 added before it' && echo '$out' | grep -q '^removed /dev/ublkb0'"
+check "no device and no swap after the failed add" wait_for 30 both_gone
+check "the failed add left no swap" no_swap
+# The config file's gpu = "all": `up` brings one device per GPU, numbered
+# by the file's entry; `down` takes both.
+cat > /tmp/mg.toml <<'TOML'
+[[device]]
+size = "128M"
+gpu = "all"
+reserve = "0"
+queues = 2
+depth = 16
+TOML
+out=$(env $MG_ENV vramblk up --config /tmp/mg.toml 2>&1)
+info "up: $(echo "$out" | tr '\n' ' ')"
+check "up, gpu = \"all\": device 0 on GPU 0 and on GPU 1, split by free VRAM" \
+    sh -c "echo '$out' | grep -q 'device 0: /dev/ublkb0 up, 96M on cuda (GPU 0)' && echo '$out' | grep -q 'device 0: /dev/ublkb1 up, 32M on cuda (GPU 1)'"
+out=$(env $MG_ENV vramblk up --config /tmp/mg.toml 2>&1)
+check "up again: both already up" sh -c "[ \$(echo '$out' | grep -c 'already up') = 2 ]"
+vramblk down > /dev/null
+check "down takes both" wait_for 30 both_gone
+# The pressure policy watches each GPU on its own: GPU 1 short of VRAM
+# takes down its device alone; GPU 0's keeps serving as swap.
+start_pressure_service 128M /tmp/svcmg.log "$MG_ENV" 'gpu = "all"
+depth = 16'
+ms=$psvc
+both_swap() { swap_on /dev/ublkb0 && swap_on /dev/ublkb1; }
+check "service, gpu = \"all\": a device per GPU comes up as swap" wait_for 60 both_swap || cat /tmp/svcmg.log
+echo 100M > /tmp/vram/1
+check "pressure on GPU 1 takes down its device" wait_for 60 nodes_gone 1
+check "and GPU 0's device keeps serving as swap" swap_on /dev/ublkb0
+vramblk status --json > /tmp/st.json 2>&1
+check "status --json: GPU 1 released, GPU 0 not" \
+    sh -c "echo '$(jsonq /tmp/st.json service.pressure.1)' | grep -q released && ! echo '$(jsonq /tmp/st.json service.pressure.0)' | grep -q released"
+echo 8G > /tmp/vram/1
+check "GPU 1's pressure gone for calm_secs: its device comes back as swap" wait_for 60 swap_on /dev/ublkb1
+kill -TERM $ms
+wait $ms
+grep -h "GPU 1\|GPU 0" /tmp/svcmg.log | tail -6 | while read -r l; do info "service: $l"; done
+check "SIGTERM takes both down" wait_for 30 both_gone
+check "every vramblk process exits after that" wait_for 60 daemon_gone
+
 check "no kernel oops or hung task" no_oops
 dmesg | grep -E 'ublk|Oops|BUG' | tail -20 | while read -r l; do info "dmesg: $l"; done

@@ -370,12 +370,14 @@ hold_in_swap() {
 start_pressure_service() {
     mkdir -p /tmp/vram
     echo 8G > /tmp/vram/0
+    echo 8G > /tmp/vram/1
     cat > /etc/vramblk-press.toml <<CFG
 [[device]]
 size = "$1"
 backend = "cuda"
 reserve = "0"
 queues = 2
+${4:-}
 
 [pressure]
 enabled = true

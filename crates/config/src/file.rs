@@ -2,6 +2,7 @@
 //! device, plus `[power]` and `[pressure]`. Unknown keys and bad values are
 //! rejected with the file, the line and one sentence.
 
+use crate::gpus::{split_by_room, GpuChoice, GpuRoom};
 use crate::{defaults, parse_size, parse_size_or_zero, Backend};
 use serde::Deserialize;
 use std::ops::Range;
@@ -43,7 +44,7 @@ struct RawDevice {
     #[serde(default)]
     backend: Option<Backend>,
     #[serde(default)]
-    gpu: u32,
+    gpu: Option<Spanned<RawGpu>>,
     #[serde(default)]
     priority: Option<Spanned<i32>>,
     /// On unless turned off: freed swap is discarded, which lets a cuda
@@ -66,6 +67,14 @@ struct RawDevice {
     hugepages: bool,
 }
 
+/// `gpu = 1`, or `gpu = "all"` / `gpu = "0,2"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawGpu {
+    Index(u32),
+    Text(String),
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPressure {
@@ -80,9 +89,13 @@ struct RawPressure {
 /// One configured device, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
+    /// Which `[[device]]` of the file (0-based) this is, or came from
+    /// ([`Config::per_gpu`] makes one device per GPU of an entry).
+    pub entry: usize,
+    /// Bytes; over several GPUs, the sum of their devices.
     pub size: u64,
     pub backend: Backend,
-    pub gpu: u32,
+    pub gpu: GpuChoice,
     pub priority: i32,
     pub discard: bool,
     pub reserve: u64,
@@ -172,7 +185,7 @@ impl Config {
             fail(e.span(), msg)
         })?;
         let mut devices = Vec::new();
-        for d in raw.device {
+        for (entry, d) in raw.device.into_iter().enumerate() {
             let size = parse_size(d.size.get_ref())
                 .map_err(|e| fail(Some(d.size.span()), format!("size: {e}")))?;
             if size % 4096 != 0 {
@@ -221,10 +234,26 @@ impl Config {
                     "hugepages applies to backend = \"host\" only".into(),
                 ));
             }
+            let gpu = match &d.gpu {
+                None => GpuChoice::default(),
+                Some(g) => match g.get_ref() {
+                    RawGpu::Index(i) => GpuChoice::One(*i),
+                    RawGpu::Text(t) => t
+                        .parse()
+                        .map_err(|e| fail(Some(g.span()), format!("gpu: {e}")))?,
+                },
+            };
+            if gpu.single().is_none() && backend != Backend::Cuda {
+                return Err(fail(
+                    d.gpu.as_ref().map(|g| g.span()),
+                    format!("gpu = \"{gpu}\" applies to backend = \"cuda\" only"),
+                ));
+            }
             devices.push(DeviceConfig {
+                entry,
                 size,
                 backend,
-                gpu: d.gpu,
+                gpu,
                 priority,
                 discard: d.discard,
                 reserve,
@@ -257,6 +286,52 @@ impl Config {
                 calm_secs: raw.pressure.calm_secs.unwrap_or(120),
             },
         })
+    }
+}
+
+impl Config {
+    /// The devices to bring up: each entry on one GPU as it is, each entry
+    /// over several GPUs as one device per GPU (same settings, its `entry`
+    /// kept), the size split by each GPU's VRAM free beyond the entry's
+    /// reserve. `count` is the machine's number of GPUs, `free` a GPU's
+    /// free VRAM (None: unknown, and then the split is even). Entries keep
+    /// their order, and an entry's devices follow GPU order, so the same
+    /// file on the same machine numbers its devices the same way.
+    pub fn per_gpu(
+        &self,
+        count: u32,
+        free: &dyn Fn(u32) -> Option<u64>,
+    ) -> Result<Vec<DeviceConfig>, String> {
+        let mut out = Vec::new();
+        for d in &self.devices {
+            if d.gpu.single().is_some() {
+                out.push(d.clone());
+                continue;
+            }
+            let gpus = d
+                .gpu
+                .resolve(count)
+                .map_err(|e| format!("device {}: gpu = \"{}\": {e}", d.entry, d.gpu))?;
+            let known: Option<Vec<u64>> = gpus.iter().map(|&g| free(g)).collect();
+            let rooms: Vec<GpuRoom> = gpus
+                .iter()
+                .enumerate()
+                .map(|(i, &gpu)| GpuRoom {
+                    gpu,
+                    room: known.as_ref().map_or(1, |f| f[i].saturating_sub(d.reserve)),
+                })
+                .collect();
+            let shares =
+                split_by_room(d.size, &rooms).map_err(|e| format!("device {}: {e}", d.entry))?;
+            for (gpu, size) in shares {
+                out.push(DeviceConfig {
+                    gpu: GpuChoice::One(gpu),
+                    size,
+                    ..d.clone()
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -306,8 +381,8 @@ calm_secs = 60
         assert_eq!(c.devices.len(), 2);
         let d = &c.devices[0];
         assert_eq!(
-            (d.size, d.backend, d.gpu, d.priority),
-            (7 << 30, Backend::Cuda, 0, 1000)
+            (d.size, d.backend, d.gpu.single(), d.priority),
+            (7 << 30, Backend::Cuda, Some(0), 1000)
         );
         assert_eq!(
             (d.reserve, d.depth, d.queues, d.copy_mode),
@@ -402,6 +477,18 @@ calm_secs = 60
                 "/etc/vramblk.toml:2: min_free_vram: 'lots' is not a size",
             ),
             (
+                "[[device]]\nsize = \"1G\"\ngpu = \"most\"\n",
+                "/etc/vramblk.toml:3: gpu: 'most' is not a GPU choice",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\ngpu = \"0,0\"\n",
+                "/etc/vramblk.toml:3: gpu: GPU 0 is named twice",
+            ),
+            (
+                "[[device]]\nsize = \"1G\"\nbackend = \"host\"\ngpu = \"all\"\n",
+                "/etc/vramblk.toml:4: gpu = \"all\" applies to backend = \"cuda\" only",
+            ),
+            (
                 "[colour]\nx = 1\n",
                 "/etc/vramblk.toml:1: unknown field `colour`",
             ),
@@ -414,6 +501,70 @@ calm_secs = 60
                 "input {text:?}: got {got:?}, want {want:?}"
             );
         }
+    }
+
+    #[test]
+    fn gpu_takes_an_index_a_list_or_all() {
+        let c = parse(
+            "[[device]]\nsize = \"1G\"\ngpu = 2\n[[device]]\nsize = \"1G\"\ngpu = \"all\"\n\
+             [[device]]\nsize = \"1G\"\ngpu = \"0,3\"\n[[device]]\nsize = \"1G\"\ngpu = \"1\"\n",
+        )
+        .unwrap();
+        let gpus: Vec<GpuChoice> = c.devices.iter().map(|d| d.gpu.clone()).collect();
+        assert_eq!(
+            gpus,
+            vec![
+                GpuChoice::One(2),
+                GpuChoice::All,
+                GpuChoice::Some(vec![0, 3]),
+                GpuChoice::One(1)
+            ]
+        );
+        assert_eq!(
+            c.devices.iter().map(|d| d.entry).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn per_gpu_makes_one_device_per_gpu_split_by_free_vram() {
+        let c = parse(
+            "[[device]]\nsize = \"1G\"\nbackend = \"host\"\n\
+             [[device]]\nsize = \"12G\"\ngpu = \"all\"\nreserve = \"1G\"\npriority = 7\n\
+             [[device]]\nsize = \"2G\"\ngpu = 1\n",
+        )
+        .unwrap();
+        // GPU 0 has 31 GiB free, GPU 1 11 GiB, GPU 2 1 GiB: beyond the
+        // 1 GiB reserve 30, 10 and 0.
+        let free = |g: u32| Some([31u64 << 30, 11 << 30, 1 << 30][g as usize]);
+        let d = c.per_gpu(3, &free).unwrap();
+        let shape: Vec<(usize, Option<u32>, u64, i32)> = d
+            .iter()
+            .map(|d| (d.entry, d.gpu.single(), d.size, d.priority))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, Some(0), 1 << 30, 1000),
+                (1, Some(0), 9 << 30, 7),
+                (1, Some(1), 3 << 30, 7),
+                (2, Some(1), 2 << 30, 1000),
+            ]
+        );
+        // Free VRAM unknown: an even split.
+        let d = c.per_gpu(2, &|_| None).unwrap();
+        assert_eq!((d[1].size, d[2].size), (6 << 30, 6 << 30));
+        // A machine without GPUs, or none with room, says which entry.
+        let e = c.per_gpu(0, &free).unwrap_err();
+        assert!(
+            e.starts_with("device 1: gpu = \"all\"") && e.contains("no CUDA GPU"),
+            "{e}"
+        );
+        let e = c.per_gpu(3, &|_| Some(1 << 30)).unwrap_err();
+        assert!(
+            e.contains("device 1") && e.contains("beyond its reserve"),
+            "{e}"
+        );
     }
 
     #[test]

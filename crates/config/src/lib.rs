@@ -1,12 +1,14 @@
 //! Configuration types shared by the CLI, the daemon and the tools.
 
 mod file;
+mod gpus;
 mod record;
 mod size;
 
 pub use file::{
     Config, ConfigError, CopyMode, DeviceConfig, PowerConfig, PressureConfig, CONFIG_PATH,
 };
+pub use gpus::{split_by_room, GpuChoice, GpuPlace, GpuRoom, SPLIT_UNIT};
 pub use record::{store_json, DeviceRecord, RUN_DIR};
 pub use size::{format_size, human_size, parse_size, parse_size_or_zero, SizeError};
 

@@ -1,4 +1,4 @@
-use crate::{Backend, CopyMode};
+use crate::{Backend, CopyMode, GpuPlace};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -46,6 +46,10 @@ pub struct DeviceRecord {
     /// was written by a vramblk that had none: false.
     #[serde(default)]
     pub integrity: bool,
+    /// Where its GPU sits (cuda): the PCI device, its memory node and the
+    /// CPUs the device's processes run on.
+    #[serde(default)]
+    pub place: Option<GpuPlace>,
 }
 
 /// Writes `value` as JSON to `path` atomically (a temporary file renamed
@@ -101,6 +105,7 @@ mod tests {
             backing: vec![512 << 20, 512 << 20],
             copy_mode: CopyMode::Dma,
             integrity: true,
+            place: None,
         };
         r.store(&dir).unwrap();
         assert_eq!(DeviceRecord::load(&dir, 3), Some(r));

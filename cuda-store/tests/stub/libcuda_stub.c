@@ -24,7 +24,15 @@
  *     only the first process that reaches the fault fires it, creating
  *     PATH; a process that finds PATH there runs clean (so a restarted
  *     server can serve).
+ *   VRAMBLK_STUB_FAIL_GPU=I
+ *     the fault counts and fires only while stand-in GPU I's context is
+ *     current (one GPU of several broken).
  * cuGetErrorString never fails.
+ *
+ * Several GPUs: VRAMBLK_STUB_GPUS=N stand-in GPUs (default 1), and
+ * VRAMBLK_STUB_VRAM_MIB=A,B,... the VRAM of each (MiB; one number for all;
+ * default 1024). GPU i sits at PCI address 0000:XX:00.0 with XX = 0x41 +
+ * 0x40 * i. Allocations count per process, as one server serves one GPU.
  *
  * Build: cc -shared -fPIC -O2 -o libcuda.so.1 libcuda_stub.c
  */
@@ -59,6 +67,9 @@ enum {
     ERR_LAUNCH_OUT_OF_RESOURCES = 701,
 };
 
+/* Which stand-in GPU's context is current on this thread (cuCtxSetCurrent). */
+static __thread int current_dev;
+
 /* Fault injection state (see the header). */
 static int fault_parsed, fault_sticky, fault_lost, fault_clean;
 static char fault_entry[64];
@@ -87,6 +98,9 @@ static CUresult fault_check(const char *name) {
         return ERR_ILLEGAL_ADDRESS;
     if (fault_clean || !fault_at || strcmp(name, fault_entry) != 0)
         return OK;
+    const char *gpu = getenv("VRAMBLK_STUB_FAIL_GPU");
+    if (gpu && atoi(gpu) != current_dev)
+        return OK;
     if (__atomic_add_fetch(&fault_calls, 1, __ATOMIC_SEQ_CST) != fault_at)
         return OK;
     const char *once = getenv("VRAMBLK_STUB_FAIL_ONCE");
@@ -114,19 +128,39 @@ static CUresult fault_check(const char *name) {
 /* Handle h (1-based) is the memfd fds[h - 1]; 0: free slot. */
 static int fds[MAX_HANDLES];
 static size_t sizes[MAX_HANDLES];
-static size_t allocated;
+static int dev_of[MAX_HANDLES];
+/* Bytes allocated on each stand-in GPU by this process. */
+static size_t allocated_on[8];
+#define allocated allocated_on[current_dev]
 static int dummy;
 
-static size_t vram_total(void) {
-    const char *s = getenv("VRAMBLK_STUB_VRAM_MIB");
-    return (s ? strtoull(s, NULL, 10) : 1024) << 20;
+/* The stand-in GPUs, and which one's context is current. */
+static int gpu_count(void) {
+    const char *s = getenv("VRAMBLK_STUB_GPUS");
+    int n = s ? atoi(s) : 1;
+    return n < 1 ? 1 : n > 8 ? 8 : n;
 }
+static int ctx_of[8];
+
+/* GPU dev's VRAM: the dev-th number of VRAMBLK_STUB_VRAM_MIB, or its last. */
+static size_t vram_of(int dev) {
+    const char *s = getenv("VRAMBLK_STUB_VRAM_MIB");
+    unsigned long long mib = 1024;
+    for (int i = 0; s && *s && i <= dev; i++) {
+        char *end;
+        mib = strtoull(s, &end, 10);
+        s = *end == ',' ? end + 1 : end;
+    }
+    return (size_t)mib << 20;
+}
+static size_t vram_total(void) { return vram_of(current_dev); }
 
 static CUhandle put(int fd, size_t size) {
     for (int i = 0; i < MAX_HANDLES; i++)
         if (fds[i] == 0) {
             fds[i] = fd + 1; /* stored +1 so fd 0 stays distinguishable */
             sizes[i] = size;
+            dev_of[i] = current_dev;
             allocated += size;
             return (CUhandle)i + 1;
         }
@@ -147,22 +181,37 @@ CUresult cuDriverGetVersion(int *v) { FAULT("cuDriverGetVersion");
 }
 /* CU_DEVICE_ATTRIBUTE_ECC_ENABLED (32): VRAMBLK_STUB_ECC=1 makes the stand-in
  * GPU say its memory has ECC on; other attributes are 0. */
+/* The PCI domain (50), bus (33) and device (34) say where GPU dev sits. */
 CUresult cuDeviceGetAttribute(int *v, int attr, int dev) { FAULT("cuDeviceGetAttribute");
-    (void)dev;
     const char *ecc = getenv("VRAMBLK_STUB_ECC");
     *v = attr == 32 && ecc && *ecc == '1';
+    if (attr == 33) *v = 0x41 + 0x40 * dev;
     return OK;
 }
-CUresult cuDeviceGetCount(int *n) { FAULT("cuDeviceGetCount"); *n = 1; return OK; }
-CUresult cuDeviceGet(int *d, int ordinal) { FAULT("cuDeviceGet"); if (ordinal != 0) return ERR_INVALID_VALUE; *d = 0; return OK; }
+CUresult cuDeviceGetCount(int *n) { FAULT("cuDeviceGetCount"); *n = gpu_count(); return OK; }
+CUresult cuDeviceGet(int *d, int ordinal) { FAULT("cuDeviceGet");
+    if (ordinal < 0 || ordinal >= gpu_count()) return ERR_INVALID_VALUE;
+    *d = ordinal;
+    return OK;
+}
 CUresult cuDeviceGetName(char *name, int len, int dev) { FAULT("cuDeviceGetName");
-    (void)dev;
-    snprintf(name, (size_t)len, "vramblk stub GPU (host memory, not a GPU)");
+    if (gpu_count() == 1)
+        snprintf(name, (size_t)len, "vramblk stub GPU (host memory, not a GPU)");
+    else
+        snprintf(name, (size_t)len, "vramblk stub GPU %d (host memory, not a GPU)", dev);
     return OK;
 }
-CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { FAULT("cuDevicePrimaryCtxRetain"); (void)dev; *ctx = &dummy; return OK; }
+CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { FAULT("cuDevicePrimaryCtxRetain");
+    if (dev < 0 || dev >= gpu_count()) return ERR_INVALID_VALUE;
+    *ctx = &ctx_of[dev];
+    return OK;
+}
 CUresult cuDevicePrimaryCtxRelease_v2(int dev) { FAULT("cuDevicePrimaryCtxRelease_v2"); (void)dev; return OK; }
-CUresult cuCtxSetCurrent(void *ctx) { FAULT("cuCtxSetCurrent"); (void)ctx; return OK; }
+CUresult cuCtxSetCurrent(void *ctx) { FAULT("cuCtxSetCurrent");
+    for (int i = 0; i < 8; i++)
+        if (ctx == &ctx_of[i]) current_dev = i;
+    return OK;
+}
 CUresult cuCtxSynchronize(void) { FAULT("cuCtxSynchronize"); return OK; }
 CUresult cuGetErrorString(CUresult r, const char **s) {
     *s = r == OK ? "no error" : r == ERR_OUT_OF_MEMORY ? "out of memory (stub)" : "error (stub)";
@@ -214,7 +263,7 @@ CUresult cuMemRelease(CUhandle h) { FAULT("cuMemRelease");
     int fd = fd_of(h);
     if (fd < 0) return ERR_INVALID_VALUE;
     close(fd);
-    allocated -= sizes[h - 1];
+    allocated_on[dev_of[h - 1]] -= sizes[h - 1];
     fds[h - 1] = 0;
     return OK;
 }
