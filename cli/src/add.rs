@@ -73,30 +73,40 @@ fn plan(a: &AddArgs, gpu: u32, size: u64) -> Result<Plan> {
     })
 }
 
-/// One plan per device `add` makes: one, or one per GPU of --gpu, each
-/// placed near its GPU.
-fn plans(a: &AddArgs) -> Result<Vec<Plan>> {
-    let size = size_asked(a)?;
+/// Refuses what the arguments alone say is wrong, before anything is
+/// asked of the machine.
+fn check_args(a: &AddArgs) -> Result<()> {
+    size_asked(a)?;
     reserve(a)?;
-    if backend(a) == Backend::Host {
-        if a.gpu.single().is_none() {
+    plan(a, 0, 4096)?;
+    if a.gpu.single().is_none() {
+        if backend(a) == Backend::Host {
             bail!("--gpu {} applies to --backend cuda only", a.gpu);
         }
+        if a.id.is_some() {
+            bail!("--id names one device; --gpu {} adds one per GPU", a.gpu);
+        }
+        if a.foreground {
+            bail!(
+                "--foreground serves one device; --gpu {} adds one per GPU",
+                a.gpu
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One plan per device `add` makes: one, or one per GPU of --gpu, each
+/// placed near its GPU. The arguments were checked (`check_args`).
+fn plans(a: &AddArgs) -> Result<Vec<Plan>> {
+    let size = size_asked(a)?;
+    if backend(a) == Backend::Host {
         return Ok(vec![plan(a, 0, size)?]);
     }
     if let Some(gpu) = a.gpu.single() {
         let mut p = plan(a, gpu, size)?;
         p.place = place_near(gpu, &gpu::inventory(), &a.sysfs);
         return Ok(vec![p]);
-    }
-    if a.id.is_some() {
-        bail!("--id names one device; --gpu {} adds one per GPU", a.gpu);
-    }
-    if a.foreground {
-        bail!(
-            "--foreground serves one device; --gpu {} adds one per GPU",
-            a.gpu
-        );
     }
     let gpus = gpu::inventory().context("--gpu: listing the GPUs")?;
     let chosen = a
@@ -156,9 +166,10 @@ fn place_near(
 }
 
 pub fn run(a: &AddArgs) -> Result<()> {
-    let mut plans = plans(a)?;
+    check_args(a)?;
     require_root("add")?;
     require_ublk_features()?;
+    let mut plans = plans(a)?;
     if let Some(id) = a.id {
         if device_ids().contains(&id) {
             bail!("ublk device {id} already exists");

@@ -12,8 +12,14 @@ pub fn check(path: &Path) -> Result<()> {
             "  device {i}: {} on {}{}, swap priority {}, {} queues x depth {}",
             format_size(d.size),
             d.backend,
-            if d.backend == vramblk_config::Backend::Cuda {
+            if d.backend == vramblk_config::Backend::Cuda && d.gpu.single().is_some() {
                 format!(" GPU {} (reserve {})", d.gpu, format_size(d.reserve))
+            } else if d.backend == vramblk_config::Backend::Cuda {
+                format!(
+                    " GPUs {}: one device each, the size split by free VRAM (reserve {} each)",
+                    d.gpu,
+                    format_size(d.reserve)
+                )
             } else {
                 String::new()
             },
