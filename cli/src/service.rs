@@ -33,7 +33,8 @@ pub struct ServiceState {
     pub power: String,
     /// Per GPU: "holding", "released ...".
     pub pressure: BTreeMap<u32, String>,
-    /// Config entries the policies keep down now.
+    /// Configured devices the policies keep down now, by their place in
+    /// the config's devices (one per GPU of an entry over several).
     pub held_down: Vec<usize>,
     /// Devices whose memory the service holds too (and systemd's fd
     /// store, under systemd), so they outlive their supervisor.

@@ -54,7 +54,9 @@ pub struct DeviceStatus {
     /// Its server or supervisor runs a binary replaced on disk since it
     /// started (`vramblk upgrade` hands the device to the new one).
     pub binary_replaced: bool,
-    /// The config entry it serves (`vramblk up` / the service).
+    /// Which configured device it is (`vramblk up` / the service): its place
+    /// among the config's devices, an entry over several GPUs being one
+    /// device per GPU.
     pub config_entry: Option<usize>,
     pub swap: Option<SwapStatus>,
     /// The block layer's counters (/sys/block/ublkbN/stat).
@@ -120,7 +122,14 @@ pub fn gpus(json: bool, cuda: bool) -> Result<()> {
         return Ok(());
     }
     if source == crate::gpu::Source::Cuda {
-        eprintln!("(from CUDA: NVML is not there; each GPU held a context for a moment)");
+        eprintln!(
+            "(from CUDA{}; each GPU held a context for a moment)",
+            if cuda {
+                ", as asked"
+            } else {
+                ": NVML is not there"
+            }
+        );
     }
     if gpus.is_empty() {
         println!("no NVIDIA GPU");
@@ -258,7 +267,11 @@ pub fn print_text(s: &Status) {
                 println!("  GPU {g} VRAM pressure: {p}");
             }
             if !svc.held_down.is_empty() {
-                println!("  config entries held down now: {:?}", svc.held_down);
+                println!(
+                    "  configured devices held down now: {:?} (in the config's order, one per \
+                     GPU of an entry over several)",
+                    svc.held_down
+                );
             }
             if !svc.holding.is_empty() {
                 let paths: Vec<String> = svc.holding.iter().map(|&i| bdev_path(i)).collect();

@@ -21,8 +21,8 @@ pub struct Plan {
     pub device: DeviceOptions,
     /// Where the supervisor and its servers log ("-": the terminal).
     pub log: PathBuf,
-    /// The `[[device]]` entry of the config file it comes from (`up`), or
-    /// None for a device added by hand.
+    /// Which device of the config file it is (`up`; `Config::per_gpu`
+    /// numbers them), or None for a device added by hand.
     pub origin: Option<usize>,
     /// Where its GPU sits; its processes run on the CPUs named there.
     pub place: Option<GpuPlace>,

@@ -27,8 +27,9 @@ pub struct DeviceRecord {
     /// Times the server was restarted (recovered) since the device was added.
     #[serde(default)]
     pub restarts: u32,
-    /// The `[[device]]` entry of /etc/vramblk.toml this device serves
-    /// (`vramblk up`); None for a device added by hand.
+    /// Which device of /etc/vramblk.toml this is (`vramblk up`): its place
+    /// among the config's devices, a `[[device]]` over several GPUs being
+    /// one per GPU (`Config::per_gpu`); None for a device added by hand.
     #[serde(default)]
     pub origin: Option<usize>,
     /// When the device first went live (seconds since the epoch).
