@@ -13,7 +13,8 @@
 //!   sockets, swap on its device.
 //! - [`upgrade`], [`resume`]: a supervisor re-executing the binary now on
 //!   disk and handing its device to it.
-//! - [`held_log`]: log lines held while a device recovers.
+//! - [`held_log`]: log lines held while a device recovers; [`stall`]: a
+//!   take-over that does not end, said in the kernel's log.
 //! - [`holder`], [`adopt`], [`announce`], [`notify`], [`signals`]: the
 //!   service's side: fds held for systemd's fd store, adoption of a device
 //!   whose supervisor died, sd_notify, the supervisor's signals.
@@ -34,6 +35,7 @@ pub mod process;
 pub mod resume;
 pub mod server;
 pub mod signals;
+pub mod stall;
 pub mod stats;
 pub mod supervise;
 pub mod swap;

@@ -16,6 +16,7 @@ use crate::memory::{Held, Memory};
 use crate::plan::Plan;
 use crate::process::{self, Reporter, SUPERVISOR_CUSHION_BYTES};
 use crate::server::{self, Launch};
+use crate::stall::StallReporter;
 use crate::upgrade::{self, ResumeState};
 use crate::{announce, held_log, locality, signals, swap};
 use anyhow::{anyhow, bail, Result};
@@ -180,6 +181,8 @@ struct Supervisor<'a> {
     restarts: u32,
     /// An upgrade under way.
     handover: Option<Handover>,
+    /// Says in the kernel's log when a take-over does not end.
+    stall: StallReporter,
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
@@ -339,6 +342,7 @@ fn supervise_with(
         down_since: None,
         restarts: 0,
         handover: None,
+        stall: StallReporter::open(),
     };
     let result = match first {
         First::Fork(launch) => {
@@ -626,6 +630,7 @@ impl Supervisor<'_> {
                             );
                         }
                         if self.id.is_some() {
+                            self.stall.served();
                             let down = self.down_since.take().map(|t| t.elapsed());
                             log::info!(
                                 "supervisor: {} recovered{}",
@@ -669,6 +674,9 @@ impl Supervisor<'_> {
                     announce::announce(dev, &self.held.memory.fds());
                     self.announced = now;
                 }
+            }
+            if let (Some(since), Some(dev)) = (self.down_since, self.id) {
+                self.stall.check(dev, since, server.pid);
             }
             if let Some(status) = reap(server.pid) {
                 return Run {

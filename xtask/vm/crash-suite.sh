@@ -37,6 +37,27 @@ full_queue_kill "cuda (stub), full queues" "0 1" \
     env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 8
 check "no take-over waited out the kernel, each within 10 s of its server's exit" takeovers_within 10
 
+# --- 1b'. a take-over that does not end is said in the kernel's log
+# (the supervisor's own log may wait on swap then): the standby is stopped
+# (SIGSTOP) before the server is killed, so nobody serves for a while.
+dev=$(vramblk add --size 64M --backend host --hugepages --queues 1 --depth 8)
+HOLDER_FOR_CHILDREN=$(holder_pid 0)
+srv=$(daemon_pid 0)
+standby_of() { supervisor_children | grep -vx "$srv"; }
+has_standby() { [ -n "$(standby_of)" ]; }
+check "stall: a standby stands by" wait_for 30 has_standby
+sb=$(standby_of | head -1)
+kill -STOP "$sb"
+kill -9 "$srv"
+check "stall: after 10 s without a server the kernel's log says so, naming the stopped standby" \
+    wait_for 25 sh -c "dmesg | grep -q 'vramblk: /dev/ublkb0 has had no server for 1[0-9] s; pid $sb, taking it over, is T'"
+dmesg | grep "has had no server" | head -2 | while read -r l; do info "dmesg: $l"; done
+kill -CONT "$sb"
+check "stall: let go, the standby takes over" wait_recovered 0 "$srv"
+check "stall: the supervisor's log has the same words" grep -q "has had no server for" /run/vramblk/*.log
+vramblk del 0 > /dev/null
+check "stall: del" wait_for 30 nodes_gone 0
+
 # --- 1c. upgrades without swapoff: the binary is replaced on disk (a new
 # file renamed over it, as a package update does) and `vramblk upgrade`
 # hands the device to it under a verifying fio load, three times; the
