@@ -105,7 +105,7 @@ fn plans(a: &AddArgs) -> Result<Vec<Plan>> {
     }
     if let Some(gpu) = a.gpu.single() {
         let mut p = plan(a, gpu, size)?;
-        p.place = place_near(gpu, &gpu::inventory(), &a.sysfs);
+        place_near_gpu(&mut p, &a.sysfs, a.queues.is_some());
         return Ok(vec![p]);
     }
     let gpus = gpu::inventory().context("--gpu: listing the GPUs")?;
@@ -134,15 +134,33 @@ fn plans(a: &AddArgs) -> Result<Vec<Plan>> {
         .map(|(gpu, share)| {
             let mut p = plan(a, gpu, share)?;
             p.place = place_near(gpu, &inventory, &a.sysfs);
+            fit_queues(&mut p, a.queues.is_some());
             Ok(p)
         })
         .collect()
 }
 
-/// Places a cuda plan near its GPU (a device of the config file).
-pub fn place_near_gpu(plan: &mut Plan, sysfs: &Path) {
+/// Places a cuda plan near its GPU, and unless the queues were asked
+/// for, gives it one queue per CPU it will run on.
+pub fn place_near_gpu(plan: &mut Plan, sysfs: &Path, queues_asked: bool) {
     if plan.backend == Backend::Cuda && plan.place.is_none() {
         plan.place = place_near(plan.gpu, &gpu::inventory(), sysfs);
+        fit_queues(plan, queues_asked);
+    }
+}
+
+/// One queue per CPU the device is pinned to (the default is one per CPU
+/// of the machine, which a pinned device's threads would crowd).
+fn fit_queues(plan: &mut Plan, queues_asked: bool) {
+    if queues_asked {
+        return;
+    }
+    if let Some(n) = plan
+        .place
+        .as_ref()
+        .and_then(vramblk_daemon::locality::pinned_cpu_count)
+    {
+        plan.device.queues = n;
     }
 }
 

@@ -260,7 +260,8 @@ pub struct AddArgs {
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub reserve: String,
 
-    /// Hardware queues (one thread each); default: one per CPU.
+    /// Hardware queues (one thread each); default: one per CPU (per CPU of
+    /// its GPU's NUMA node where the device is pinned there).
     #[arg(long, value_name = "N")]
     pub queues: Option<u16>,
 

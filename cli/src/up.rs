@@ -41,7 +41,7 @@ pub fn bring_up(config: &Config, wanted: impl Fn(usize) -> bool) -> Result<Vec<u
             continue;
         }
         let result = Plan::from_config(d, index).and_then(|mut plan| {
-            place_near_gpu(&mut plan, Path::new("/sys"));
+            place_near_gpu(&mut plan, Path::new("/sys"), d.queues.is_some());
             launch(&mut plan, run_dir, Some((d.priority, d.discard)))
         });
         match result {

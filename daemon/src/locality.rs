@@ -38,6 +38,14 @@ pub fn place_of(sysfs: &Path, pci_bus_id: &str) -> GpuPlace {
     }
 }
 
+/// How many CPUs a device placed at `place` runs on, when it is pinned:
+/// its default queue count then (one queue thread per CPU it may use,
+/// not per CPU of the machine, or the threads would crowd those CPUs).
+pub fn pinned_cpu_count(place: &GpuPlace) -> Option<u16> {
+    let cpus = parse_cpulist(place.cpus.as_deref()?).ok()?;
+    u16::try_from(cpus.len()).ok().filter(|&n| n > 0)
+}
+
 /// Online memory nodes (1 where sysfs says nothing).
 fn node_count(sysfs: &Path) -> usize {
     std::fs::read_to_string(sysfs.join("devices/system/node/online"))
@@ -171,6 +179,20 @@ mod tests {
         assert_eq!(
             unplaced("0000:c1:00.0").describe(),
             "PCI 0000:c1:00.0, no NUMA node: not pinned"
+        );
+    }
+
+    #[test]
+    fn a_pinned_device_counts_its_node_cpus() {
+        let t = fake_sysfs("0-1", "1", "16-31,48-63");
+        assert_eq!(
+            pinned_cpu_count(&place_of(t.path(), "0000:41:00.0")),
+            Some(32)
+        );
+        let one = fake_sysfs("0", "0", "0-7");
+        assert_eq!(
+            pinned_cpu_count(&place_of(one.path(), "0000:41:00.0")),
+            None
         );
     }
 

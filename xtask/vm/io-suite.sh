@@ -264,6 +264,13 @@ check "both GPUs' devices at once: fio write + verify" sh -c "[ $? -eq 0 ] && [ 
 both_gone() { nodes_gone 0 && nodes_gone 1; }
 vramblk del --all > /dev/null
 check "del --all removes both" wait_for 30 both_gone
+# Without --queues a pinned device gets one queue per CPU it runs on (GPU
+# 1's node has CPU 1 alone), not one per CPU of the machine.
+dev=$(env $MG_ENV vramblk add --size 64M --gpu 1 --reserve 0 --depth 8 --sysfs $fake 2>&1)
+check "a device pinned to one CPU gets one queue (this guest has $(nproc) CPUs)" \
+    sh -c "[ '$dev' = /dev/ublkb0 ] && [ \$(ls /sys/block/ublkb0/mq | wc -l) = 1 ]" || info "$dev"
+check "and runs there" sh -c "[ '$(cpus_of "$(daemon_pid 0)")' = 1 ]"
+vramblk del 0 > /dev/null
 expect_err "--gpu naming a GPU the machine lacks is refused" "GPU 5 does not exist: this machine has 2 CUDA GPU(s) (0-1)" \
     env $MG_ENV vramblk add --size 64M --gpu 0,5 $MG_ARGS
 expect_err "--gpu all with --id is refused" "--id names one device" \
