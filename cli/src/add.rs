@@ -164,8 +164,9 @@ fn fit_queues(plan: &mut Plan, queues_asked: bool) {
     }
 }
 
-/// Where GPU `gpu` sits, from the GPU list; None (and a warning) when
-/// there is no list: the device then runs unpinned.
+/// Where GPU `gpu` sits, from the GPU list; None when there is no list
+/// (the service logs why): the device then runs unpinned, and a missing
+/// GPU is its server's error to report.
 fn place_near(
     gpu: u32,
     gpus: &Result<Vec<gpu::GpuEntry>>,

@@ -236,17 +236,10 @@ pub fn harden_for_swap() -> Result<()> {
 /// server forked to recover, while memory may be exhausted, asks for
 /// nothing it does not need.
 pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
-    // libc here: rustix has no PR_SET_IO_FLUSHER call, and mallopt is the
-    // C library's own.
-    // SAFETY: prctl and mallopt with constant arguments; failures are
-    // reported and harmless.
+    // libc here: mallopt is the C library's own.
+    // SAFETY: mallopt with constant arguments; failures are harmless.
+    set_io_flusher(true, "the server");
     unsafe {
-        if libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0 {
-            log::warn!(
-                "could not mark the server an I/O flusher: {}",
-                std::io::Error::last_os_error()
-            );
-        }
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * HEAP_KEPT as libc::c_int);
         libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_KEPT as libc::c_int);
@@ -269,6 +262,28 @@ pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
         drop(std::hint::black_box(vec![1u8; HEAP_KEPT / 2]));
     }
     Ok(())
+}
+
+/// Marks this process an I/O flusher (`on`) or not: its allocations then
+/// never write pages out to swap to make room (PF_MEMALLOC_NOIO), so they
+/// never wait on a swap device, this process's own device included, which
+/// may have no server just then. Servers are marked, and so is the
+/// supervisor once its io buffers exist: while a device has no server the
+/// supervisor must still reap, fork and wake a standby, and an allocation
+/// of its that wrote swap out to the device would wait forever (seen on
+/// 7.3: the supervisor in direct reclaim, throttled by the block layer's
+/// writeback limit on a device whose server it had yet to replace). The
+/// mark is inherited by forked children and kept across execve.
+pub fn set_io_flusher(on: bool, who: &str) {
+    // libc here: rustix has no PR_SET_IO_FLUSHER call.
+    // SAFETY: prctl with constant arguments; a failure is reported.
+    if unsafe { libc::prctl(PR_SET_IO_FLUSHER, libc::c_ulong::from(on), 0, 0, 0) } != 0 {
+        log::warn!(
+            "could not {} {who} an I/O flusher: {}",
+            if on { "mark" } else { "unmark" },
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Starts and joins `n` threads at once, so the C library keeps their

@@ -249,7 +249,10 @@ pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) 
     pin_near_gpu(plan);
     signals::install_supervisor_handlers();
     // The old server still serves (swap may need it to free the pages):
-    // io buffers for the new servers may take a few tries.
+    // io buffers for the new servers may take a few tries, and may push
+    // pages out to swap themselves (the mark survived the execve; it is
+    // set again in supervise_with).
+    process::set_io_flusher(false, "the re-executed supervisor");
     let buffers = retried(RESUME_TRIES, RESUME_RETRY, || {
         QueueBuffers::allocate(&plan.device).map_err(anyhow::Error::from)
     })?;
@@ -329,6 +332,9 @@ fn supervise_with(
     id: Option<u32>,
     first: First,
 ) -> Result<()> {
+    // From here on, no allocation of the supervisor may write swap out to
+    // the device it supervises (process::set_io_flusher says why).
+    process::set_io_flusher(true, "the supervisor");
     let mut sup = Supervisor {
         plan,
         run_dir,

@@ -406,6 +406,16 @@ supervisor_children() {
     done
 }
 
+# io_flusher PID: PID is marked PR_SET_IO_FLUSHER (PF_MEMALLOC_NOIO,
+# 0x80000, in the flags field of /proc/PID/stat): its allocations never
+# write swap out, so never wait on a device that has no server.
+io_flusher() {
+    local f
+    f=$(cut -d')' -f2 "/proc/$1/stat" 2>/dev/null | awk '{print $7}')
+    [ -n "$f" ] && [ $((f & 0x80000)) -ne 0 ]
+}
+device_flushers() { io_flusher "$(holder_pid 0)" && io_flusher "$(daemon_pid 0)"; }
+
 # rand N: a number in 0..N-1
 rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 
@@ -430,6 +440,8 @@ swap_kill_run() {
     dev=$(vramblk add --size "$size" --backend host --hugepages --swap $args)
     check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] || { show_logs; return 1; }
     locked_memory "$run"
+    check "$run: supervisor and server are I/O flushers (their allocations never wait on the device)" \
+        device_flushers
     HOLDER_FOR_CHILDREN=$(holder_pid 0)
     avail=$(mem MemAvailable)
     fill=$((avail + extra))
@@ -480,6 +492,7 @@ swap_kill_run() {
     check "$run: nothing was OOM-killed" no_oom
     check "$run: no take-over waited out the kernel (\"still live after\")" none_waited_out_kernel
     check "$run: no kernel oops or hung task" no_oops
+    check "$run: supervisor and server are still I/O flushers" device_flushers
     out=$(vramblk del 0 2>&1)
     check "$run: swapoff and del" [ "$out" = "removed /dev/ublkb0" ] || info "$out"
 }
