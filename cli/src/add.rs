@@ -38,10 +38,9 @@ fn reserve(a: &AddArgs) -> Result<u64> {
     parse_size_or_zero(&a.reserve).map_err(|e| anyhow!("--reserve: {e}"))
 }
 
-/// The plan for one device of `size` bytes on GPU `gpu`.
-fn plan(a: &AddArgs, gpu: u32, size: u64) -> Result<Plan> {
-    let backend = backend(a);
-    if a.hugepages && backend != Backend::Host {
+/// The device's shape (id, queues, depth) as asked, checked.
+fn device_options(a: &AddArgs) -> Result<DeviceOptions> {
+    if a.hugepages && backend(a) != Backend::Host {
         bail!("--hugepages applies to --backend host only");
     }
     let device = DeviceOptions {
@@ -51,9 +50,15 @@ fn plan(a: &AddArgs, gpu: u32, size: u64) -> Result<Plan> {
         max_io_bytes: defaults::MAX_IO_BYTES,
     };
     device.validate()?;
+    Ok(device)
+}
+
+/// The plan for one device of `size` bytes on GPU `gpu`.
+fn plan(a: &AddArgs, gpu: u32, size: u64) -> Result<Plan> {
+    let device = device_options(a)?;
     Ok(Plan {
         size,
-        backend,
+        backend: backend(a),
         hugetlb: a.hugepages,
         gpu,
         reserve: reserve(a)?,
@@ -78,7 +83,7 @@ fn plan(a: &AddArgs, gpu: u32, size: u64) -> Result<Plan> {
 fn check_args(a: &AddArgs) -> Result<()> {
     size_asked(a)?;
     reserve(a)?;
-    plan(a, 0, 4096)?;
+    device_options(a)?;
     if a.gpu.single().is_none() {
         if backend(a) == Backend::Host {
             bail!("--gpu {} applies to --backend cuda only", a.gpu);
@@ -105,7 +110,7 @@ fn plans(a: &AddArgs) -> Result<Vec<Plan>> {
     }
     if let Some(gpu) = a.gpu.single() {
         let mut p = plan(a, gpu, size)?;
-        place_near_gpu(&mut p, &a.sysfs, a.queues.is_some());
+        place_near_gpu(&mut p, &gpu::inventory(), &a.sysfs, a.queues.is_some());
         return Ok(vec![p]);
     }
     let gpus = gpu::inventory().context("--gpu: listing the GPUs")?;
@@ -140,11 +145,17 @@ fn plans(a: &AddArgs) -> Result<Vec<Plan>> {
         .collect()
 }
 
-/// Places a cuda plan near its GPU, and unless the queues were asked
-/// for, gives it one queue per CPU it will run on.
-pub fn place_near_gpu(plan: &mut Plan, sysfs: &Path, queues_asked: bool) {
+/// Places a cuda plan near its GPU (found in `gpus`, the GPU list), and
+/// unless the queues were asked for, gives it one queue per CPU it will
+/// run on.
+pub fn place_near_gpu(
+    plan: &mut Plan,
+    gpus: &Result<Vec<gpu::GpuEntry>>,
+    sysfs: &Path,
+    queues_asked: bool,
+) {
     if plan.backend == Backend::Cuda && plan.place.is_none() {
-        plan.place = place_near(plan.gpu, &gpu::inventory(), sysfs);
+        plan.place = place_near(plan.gpu, gpus, sysfs);
         fit_queues(plan, queues_asked);
     }
 }

@@ -8,15 +8,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use vramblk_config::Config;
 
-/// One GPU's name and memory (bytes).
-pub struct GpuInfo {
-    pub name: String,
-    pub free: u64,
-    pub total: u64,
-    /// "0000:41:00.0", as sysfs names it.
-    pub pci_bus_id: String,
-}
-
 pub struct Gpus(nvml_wrapper::Nvml);
 
 impl Gpus {
@@ -46,11 +37,12 @@ impl Gpus {
             .collect())
     }
 
-    pub fn info(&self, index: u32) -> Result<GpuInfo> {
+    pub fn info(&self, index: u32) -> Result<GpuEntry> {
         let d = self.0.device_by_index(index)?;
         let m = d.memory_info()?;
         let pci = d.pci_info()?;
-        Ok(GpuInfo {
+        Ok(GpuEntry {
+            index,
             name: d.name()?,
             free: m.free,
             total: m.total,
@@ -63,14 +55,15 @@ impl Gpus {
     }
 }
 
-/// One GPU as `vramblk gpus --json` prints it, and as the devices over
-/// several GPUs are planned from.
+/// One GPU: its name and memory (bytes), as `vramblk gpus --json` prints
+/// it and as the devices over several GPUs are planned from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuEntry {
     pub index: u32,
     pub name: String,
     pub free: u64,
     pub total: u64,
+    /// "0000:41:00.0", as sysfs names it.
     pub pci_bus_id: String,
 }
 
@@ -108,18 +101,7 @@ pub fn inventory() -> Result<Vec<GpuEntry>> {
 
 /// The GPUs NVML sees.
 pub fn from_nvml(g: &Gpus) -> Result<Vec<GpuEntry>> {
-    (0..g.count()?)
-        .map(|index| {
-            let i = g.info(index)?;
-            Ok(GpuEntry {
-                index,
-                name: i.name,
-                free: i.free,
-                total: i.total,
-                pci_bus_id: i.pci_bus_id,
-            })
-        })
-        .collect()
+    (0..g.count()?).map(|index| g.info(index)).collect()
 }
 
 /// The GPUs CUDA sees, each read through its primary context (created

@@ -2,6 +2,7 @@
 
 use crate::add::{launch, place_near_gpu};
 use crate::del::{delete_one, lock, vramblk_records};
+use crate::gpu;
 use anyhow::{bail, Result};
 use std::path::Path;
 use vramblk_config::{format_size, Backend, Config, RUN_DIR};
@@ -28,6 +29,8 @@ pub fn bring_up(config: &Config, wanted: impl Fn(usize) -> bool) -> Result<Vec<u
     let up = configured_devices(run_dir);
     let mut ids = Vec::new();
     let mut failed = 0;
+    // The GPU list, taken once for every cuda device brought up here.
+    let mut gpus = None;
     for (index, d) in config.devices.iter().enumerate() {
         if !wanted(index) {
             continue;
@@ -41,7 +44,10 @@ pub fn bring_up(config: &Config, wanted: impl Fn(usize) -> bool) -> Result<Vec<u
             continue;
         }
         let result = Plan::from_config(d, index).and_then(|mut plan| {
-            place_near_gpu(&mut plan, Path::new("/sys"), d.queues.is_some());
+            if plan.backend == Backend::Cuda {
+                let gpus = gpus.get_or_insert_with(gpu::inventory);
+                place_near_gpu(&mut plan, gpus, Path::new("/sys"), d.queues.is_some());
+            }
             launch(&mut plan, run_dir, Some((d.priority, d.discard)))
         });
         match result {

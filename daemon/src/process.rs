@@ -264,6 +264,19 @@ pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
     Ok(())
 }
 
+/// From now on, a new mapping's pages are locked as they are first
+/// touched rather than all filled when it is made (MCL_ONFAULT); pages
+/// present now stay locked. For a standby about to take over while memory
+/// may be short: a mapping it makes then and never touches (each new
+/// thread's signal stack) costs no page.
+pub fn lock_new_mappings_on_fault() {
+    use rustix::mm::MlockAllFlags;
+    let flags = MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT;
+    if let Err(e) = rustix::mm::mlockall(flags) {
+        log::warn!("mlockall(MCL_ONFAULT): {e}; new mappings stay filled when made");
+    }
+}
+
 /// Marks this process an I/O flusher (`on`) or not: its allocations then
 /// never write pages out to swap to make room (PF_MEMALLOC_NOIO), so they
 /// never wait on a swap device, this process's own device included, which

@@ -66,20 +66,22 @@ pub fn main(
         held,
         run_dir,
         reporter: reporter.clone(),
+        cushion: None,
         on_live: None,
     };
     let result = match &held.memory {
         Memory::Host(store) => {
-            if !standby_ready(standby, &mut launch, plan) {
+            let Some(cushion) = standby_ready(standby, &mut launch, plan) else {
                 return 0;
-            }
+            };
+            let ctx = ServeWith { cushion, ..ctx };
             serve_store(ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|mut store| {
-                if !standby_ready(standby, &mut launch, plan) {
+                let Some(cushion) = standby_ready(standby, &mut launch, plan) else {
                     return Ok(());
-                }
+                };
                 if vram.is_some() {
                     // Where every extent lives now (a standby imported the
                     // VRAM long before), with free slots zeroed.
@@ -88,6 +90,7 @@ pub fn main(
                         .take_over()?;
                 }
                 let ctx = ServeWith {
+                    cushion,
                     on_live: Some(vram_control_on_live(
                         run_dir,
                         store.clone(),
@@ -175,27 +178,42 @@ fn open_vram(
     Ok(Arc::new(store))
 }
 
-/// For a standby: says it is ready, then waits for the word to take over,
-/// with a cushion of locked pages set aside meanwhile and handed back to
-/// the kernel the moment it comes, for the few allocations recovery makes.
-/// Returns false when no word can come.
-fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> bool {
+/// A standby's wait: everything it can ready beforehand (thread stacks,
+/// the memory set aside for the take-over) is readied, then it says so and
+/// waits for the word to take over. None when no word can come; else the
+/// part of that memory to free right before the queue threads start
+/// (None for a server that was no standby).
+///
+/// Memory is short when the word comes, and every allocation of a server
+/// (an I/O flusher) then waits until pages are free, with nothing to free
+/// them while the device has no server. So: a quarter of the set-aside
+/// memory is freed at the word (the control commands' few pages), the rest
+/// only where the queue threads start (freed at the word, other processes'
+/// faults would take it while this server waits for the kernel, as a 7.3
+/// run once showed: a new queue thread's first page waited for good); and
+/// from the word on, new mappings are locked as they are touched, not
+/// filled at once (a thread's signal stack is mapped and never touched).
+fn standby_ready(
+    standby: Option<Standby>,
+    launch: &mut Launch,
+    plan: &Plan,
+) -> Option<Option<process::Cushion>> {
     let Some(Standby { go, ready }) = standby else {
-        return true;
+        return Some(None);
     };
     process::warm_thread_stacks(plan.device.queues as usize + SPARE_THREADS);
-    let cushion = process::Cushion::new(CUSHION_BYTES);
+    let for_control = process::Cushion::new(CUSHION_BYTES / 4);
+    let for_queues = process::Cushion::new(CUSHION_BYTES - CUSHION_BYTES / 4);
+    process::lock_new_mappings_on_fault();
     // An upgrade stops the old server only after this (supervise.rs).
     let _ = rustix::io::write(&ready, &1u64.to_ne_bytes());
     drop(ready);
-    let Some(restarts) = wait_for_go(go) else {
-        return false;
-    };
+    let restarts = wait_for_go(go)?;
     // Taking over: the device waits on this server.
     held_log::hold();
     launch.restarts = restarts;
-    drop(cushion);
-    true
+    drop(for_control);
+    Some(Some(for_queues))
 }
 
 /// Threads a server starts besides its queue threads (libublk's and the
@@ -257,6 +275,9 @@ struct ServeWith<'a> {
     held: &'a Held,
     run_dir: &'a Path,
     reporter: Reporter,
+    /// Memory a taking-over standby frees right before its queue threads
+    /// start (standby_ready).
+    cushion: Option<process::Cushion>,
     /// What the store adds once the device is live, given its id.
     on_live: Option<OnLive>,
 }
@@ -288,6 +309,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         held,
         run_dir,
         reporter,
+        cushion,
         on_live: store_on_live,
     } = ctx;
     match launch.start {
@@ -381,6 +403,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         store,
         held.buffers.clone(),
         counters,
+        move || drop(cushion),
         on_live,
     );
     if result.is_ok() {

@@ -38,6 +38,22 @@ impl StallReporter {
         self.next = FIRST;
     }
 
+    /// A server of device `id` ended on its own (a crash, an error exit:
+    /// not a SIGKILL from outside, which a script or an administrator
+    /// sends and the supervisor's log tells). Said in the kernel's log at
+    /// once, since the supervisor's own log is held until the device serves
+    /// again, and a take-over that never ends would keep the cause unsaid.
+    pub fn server_ended(&mut self, id: u32, pid: i32, status: &str) {
+        let line = format!(
+            "{}: server {pid} ended ({status}); another takes the device over",
+            bdev_path(id)
+        );
+        log::warn!("supervisor: {line}");
+        if let Some(k) = &mut self.kmsg {
+            let _ = k.write_all(format!("<4>vramblk: {line}\n").as_bytes());
+        }
+    }
+
     /// Called at each tick while device `id` has had no server since
     /// `since` and `server` (a pid) is taking it over: past the next mark,
     /// says so.
@@ -114,5 +130,29 @@ mod tests {
         assert_eq!(r.next, next, "one word per mark");
         r.served();
         assert_eq!(r.next, FIRST);
+    }
+
+    #[test]
+    fn a_crashed_server_is_named_in_the_kernels_log_at_warning_level() {
+        use std::os::unix::process::ExitStatusExt;
+        let path = std::env::temp_dir().join(format!("vramblk-kmsg-{}", std::process::id()));
+        let mut r = StallReporter {
+            kmsg: Some(std::fs::File::create(&path).unwrap()),
+            next: FIRST,
+        };
+        // What the supervisor passes: the wait status's own words.
+        let status = std::process::ExitStatus::from_raw(libc::SIGABRT).to_string();
+        r.server_ended(2, 77, &status);
+        let written = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            written.starts_with("<4>vramblk: /dev/ublkb2: server 77 ended (signal: 6 (SIGABRT)"),
+            "{written}"
+        );
+        assert!(
+            written.ends_with("); another takes the device over\n"),
+            "{written}"
+        );
+        assert_eq!(r.next, FIRST, "a crash starts no stall count");
     }
 }

@@ -396,6 +396,13 @@ impl Supervisor<'_> {
                     woken = self.wake_standby(self.restarts + 1);
                 }
             }
+            // Woken first: then said in the kernel's log (a crash, not a kill).
+            if let (Some(dev), false) = (self.id, killed_by(run.status, libc::SIGKILL)) {
+                if !run.status.success() {
+                    self.stall
+                        .server_ended(dev, run.pid, &run.status.to_string());
+                }
+            }
             let Some(dev) = self.id else {
                 // The first server never brought the device up.
                 let why = run.failure.unwrap_or_else(|| {

@@ -104,13 +104,17 @@ impl QueueBuffers {
 /// Adds a device backed by `store` (or, with [`Start::Recover`], takes over
 /// one whose server died) and serves it from `buffers` (one thread per
 /// queue) until the device is stopped or deleted. `on_live` runs once
-/// the block device serves I/O, with the control handle.
+/// the block device serves I/O, with the control handle. `before_queues`
+/// runs right before the queue threads start (a taking-over server frees
+/// the memory it set aside for them there: freed earlier, while it waits
+/// for the kernel, others would take it).
 pub fn serve<S, F>(
     opts: &DeviceOptions,
     start: Start,
     store: Arc<S>,
     buffers: Arc<QueueBuffers>,
     counters: Arc<DeviceCounters>,
+    before_queues: impl FnOnce(),
     on_live: F,
 ) -> Result<(), DeviceError>
 where
@@ -188,6 +192,7 @@ where
         }
         on_live(ctrl);
     };
+    before_queues();
     ctrl.run_target(tgt_init, q_fn, on_live)
         .map_err(DeviceError::Serve)?;
     Ok(())

@@ -416,6 +416,20 @@ io_flusher() {
 }
 device_flushers() { io_flusher "$(holder_pid 0)" && io_flusher "$(daemon_pid 0)"; }
 
+# standby_locks_on_fault: device 0's standby (the supervisor's child that
+# is not its server) has its mappings locked on fault (VmFlags "lf" in
+# smaps, MCL_ONFAULT): what it maps while taking over and never touches
+# (a new thread's signal stack) costs no page while memory is short.
+standby_locks_on_fault() {
+    local server p
+    server=$(daemon_pid 0)
+    for p in $(HOLDER_FOR_CHILDREN=$(holder_pid 0) supervisor_children); do
+        [ "$p" = "$server" ] && continue
+        grep -q '^VmFlags:.* lf' "/proc/$p/smaps" 2>/dev/null && return 0
+    done
+    return 1
+}
+
 # rand N: a number in 0..N-1
 rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 
@@ -435,13 +449,15 @@ rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 # `vramblk upgrade` instead of a kill, and every upgrade must succeed.
 swap_kill_run() {
     local run=$1 size=$2 args=$3 extra=$4 passes=$5 kills=$6 mode=${7:-kill}
-    local dev avail fill mpid k victim waited rc out0 out1 pages t0 failed=0
+    local dev avail fill mpid k victim waited rc out0 out1 pages t0 failed=0 crashes=0
     dmesg -c > /dev/null
     dev=$(vramblk add --size "$size" --backend host --hugepages --swap $args)
     check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] || { show_logs; return 1; }
     locked_memory "$run"
     check "$run: supervisor and server are I/O flushers (their allocations never wait on the device)" \
         device_flushers
+    check "$run: the standby locks what it maps from the take-over on as it is touched (MCL_ONFAULT)" \
+        wait_for 20 standby_locks_on_fault
     HOLDER_FOR_CHILDREN=$(holder_pid 0)
     avail=$(mem MemAvailable)
     fill=$((avail + extra))
@@ -456,6 +472,16 @@ swap_kill_run() {
         sleep "$(( $(rand 38) / 10 )).$(rand 10)" 2>/dev/null || sleep 1
         if [ "$mode" = upgrade ]; then
             upgrade_device 0 "$run: upgrade $k" || failed=$((failed + 1))
+            k=$((k + 1))
+            continue
+        fi
+        if [ $((k % 5)) -eq 3 ]; then
+            # A crash, not a kill: the server ends by SIGABRT as a failed
+            # assertion would (counted towards the give-up, said in the
+            # kernel's log), and its standby takes over under the same load.
+            victim=$(vramblk list 2>/dev/null | awk '$1 == 0 {print $NF}')
+            [ -n "$victim" ] && kill -ABRT $victim 2>/dev/null && crashes=$((crashes + 1))
+            info "$run: kill $k: SIGABRTed $(echo $victim)"
             k=$((k + 1))
             continue
         fi
@@ -493,6 +519,9 @@ swap_kill_run() {
     check "$run: no take-over waited out the kernel (\"still live after\")" none_waited_out_kernel
     check "$run: no kernel oops or hung task" no_oops
     check "$run: supervisor and server are still I/O flushers" device_flushers
+    [ "$mode" = kill ] && [ $crashes -gt 0 ] &&
+        check "$run: the kernel's log names the crashed servers ($crashes SIGABRTs)" \
+            sh -c "dmesg | grep -q 'vramblk: /dev/ublkb0: server [0-9]* ended (signal: 6'"
     out=$(vramblk del 0 2>&1)
     check "$run: swapoff and del" [ "$out" = "removed /dev/ublkb0" ] || info "$out"
 }

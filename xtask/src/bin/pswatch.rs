@@ -2,11 +2,17 @@
 //! processes wait while the system is stuck. Locks itself in memory, then
 //! every SECS seconds prints each process's state and kernel wait channel
 //! (and, when tasks stay blocked, their stacks and the kernel's view of
-//! every blocked task), until /tmp/pswatch.stop appears.
+//! every blocked task), until /tmp/pswatch.stop appears. It marks itself
+//! an I/O flusher too: otherwise its own allocations, in direct reclaim,
+//! write pages out to the very swap device that is stuck and it blocks
+//! with everything else (as it once did, printing nothing).
 //!
 //! usage: pswatch SECS
 
 use std::time::Duration;
+
+/// prctl's PR_SET_IO_FLUSHER (Linux 5.6), which the libc crate names only for Android.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
 fn main() {
     let secs: u64 = std::env::args()
@@ -15,6 +21,8 @@ fn main() {
         .unwrap_or(10);
     // SAFETY: mlockall has no memory-safety preconditions.
     unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+    // SAFETY: prctl(PR_SET_IO_FLUSHER) takes plain integers.
+    unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let mut line = String::with_capacity(1 << 16);
     let mut blocked_rounds = 0;
     while !std::path::Path::new("/tmp/pswatch.stop").exists() {
