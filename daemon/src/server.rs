@@ -17,7 +17,7 @@ use vramblk_config::{format_size, Backend, CopyMode, DeviceRecord};
 use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;
 use vramblk_ublk_target::control::bdev_path;
-use vramblk_ublk_target::{serve, DeviceCounters, Start};
+use vramblk_ublk_target::{serve, DeviceCounters, QueuePrep, QueueThreads, Start};
 
 /// One start of a server.
 pub struct Launch {
@@ -66,20 +66,20 @@ pub fn main(
         held,
         run_dir,
         reporter: reporter.clone(),
-        cushion: None,
+        prep: QueuePrep::default(),
         on_live: None,
     };
     let result = match &held.memory {
         Memory::Host(store) => {
-            let Some(cushion) = standby_ready(standby, &mut launch, plan) else {
+            let Some(prep) = standby_ready(standby, &mut launch, plan) else {
                 return 0;
             };
-            let ctx = ServeWith { cushion, ..ctx };
+            let ctx = ServeWith { prep, ..ctx };
             serve_store(ctx, store.clone(), &launch)
         }
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|mut store| {
-                let Some(cushion) = standby_ready(standby, &mut launch, plan) else {
+                let Some(prep) = standby_ready(standby, &mut launch, plan) else {
                     return Ok(());
                 };
                 if vram.is_some() {
@@ -90,7 +90,7 @@ pub fn main(
                         .take_over()?;
                 }
                 let ctx = ServeWith {
-                    cushion,
+                    prep,
                     on_live: Some(vram_control_on_live(
                         run_dir,
                         store.clone(),
@@ -178,30 +178,38 @@ fn open_vram(
     Ok(Arc::new(store))
 }
 
-/// A standby's wait: everything it can ready beforehand (thread stacks,
-/// the memory set aside for the take-over) is readied, then it says so and
-/// waits for the word to take over. None when no word can come; else the
-/// part of that memory to free right before the queue threads start
-/// (None for a server that was no standby).
+/// A standby's wait: everything it can ready beforehand is readied, then
+/// it says so and waits for the word to take over. None when no word can
+/// come; else what it readied for the queues (nothing for a server that
+/// was no standby).
 ///
 /// Memory is short when the word comes, and every allocation of a server
 /// (an I/O flusher) then waits until pages are free, with nothing to free
-/// them while the device has no server. So: a quarter of the set-aside
-/// memory is freed at the word (the control commands' few pages), the rest
-/// only where the queue threads start (freed at the word, other processes'
-/// faults would take it while this server waits for the kernel, as a 7.3
-/// run once showed: a new queue thread's first page waited for good); and
-/// from the word on, new mappings are locked as they are touched, not
-/// filled at once (a thread's signal stack is mapped and never touched).
-fn standby_ready(
-    standby: Option<Standby>,
-    launch: &mut Launch,
-    plan: &Plan,
-) -> Option<Option<process::Cushion>> {
+/// them while the device has no server. So the standby starts its queue
+/// threads now, each with its queue ring (ublk_target::queue_threads), and
+/// its other threads' stacks are cached; it sets memory aside, a quarter
+/// freed at the word (the control commands' few pages) and the rest right
+/// before the queues start (freed at the word, other processes' faults
+/// would take it while this server waits for the kernel, as a 7.3 run once
+/// showed: a new queue thread's first page waited for good); and from here
+/// on, new mappings are locked as they are touched, not filled at once.
+fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> Option<QueuePrep> {
     let Some(Standby { go, ready }) = standby else {
-        return Some(None);
+        return Some(QueuePrep::default());
     };
-    process::warm_thread_stacks(plan.device.queues as usize + SPARE_THREADS);
+    let threads = match QueueThreads::start(plan.device.queues, plan.device.depth) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            log::warn!("standby: its queue threads start only when it takes over ({e})");
+            None
+        }
+    };
+    let unready = if threads.is_some() {
+        0
+    } else {
+        plan.device.queues as usize
+    };
+    process::warm_thread_stacks(unready + SPARE_THREADS);
     let for_control = process::Cushion::new(CUSHION_BYTES / 4);
     let for_queues = process::Cushion::new(CUSHION_BYTES - CUSHION_BYTES / 4);
     process::lock_new_mappings_on_fault();
@@ -213,7 +221,10 @@ fn standby_ready(
     held_log::hold();
     launch.restarts = restarts;
     drop(for_control);
-    Some(Some(for_queues))
+    Some(QueuePrep {
+        threads,
+        before_start: Some(Box::new(move || drop(for_queues))),
+    })
 }
 
 /// Threads a server starts besides its queue threads (libublk's and the
@@ -275,9 +286,8 @@ struct ServeWith<'a> {
     held: &'a Held,
     run_dir: &'a Path,
     reporter: Reporter,
-    /// Memory a taking-over standby frees right before its queue threads
-    /// start (standby_ready).
-    cushion: Option<process::Cushion>,
+    /// What a standby readied for its queues (standby_ready).
+    prep: QueuePrep,
     /// What the store adds once the device is live, given its id.
     on_live: Option<OnLive>,
 }
@@ -309,7 +319,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         held,
         run_dir,
         reporter,
-        cushion,
+        prep,
         on_live: store_on_live,
     } = ctx;
     match launch.start {
@@ -403,7 +413,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         store,
         held.buffers.clone(),
         counters,
-        move || drop(cushion),
+        prep,
         on_live,
     );
     if result.is_ok() {

@@ -4,6 +4,7 @@ use crate::counters::DeviceCounters;
 use crate::gate::StartGate;
 use crate::params::device_params;
 use crate::queue::serve_queue;
+use crate::queue_threads::{self, QueuePrep, QueueThreads};
 use crate::request_timeout;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -104,17 +105,15 @@ impl QueueBuffers {
 /// Adds a device backed by `store` (or, with [`Start::Recover`], takes over
 /// one whose server died) and serves it from `buffers` (one thread per
 /// queue) until the device is stopped or deleted. `on_live` runs once
-/// the block device serves I/O, with the control handle. `before_queues`
-/// runs right before the queue threads start (a taking-over server frees
-/// the memory it set aside for them there: freed earlier, while it waits
-/// for the kernel, others would take it).
+/// the block device serves I/O, with the control handle. `prep` is what
+/// the server readied for the queues (a standby's parked threads).
 pub fn serve<S, F>(
     opts: &DeviceOptions,
     start: Start,
     store: Arc<S>,
     buffers: Arc<QueueBuffers>,
     counters: Arc<DeviceCounters>,
-    before_queues: impl FnOnce(),
+    prep: QueuePrep,
     on_live: F,
 ) -> Result<(), DeviceError>
 where
@@ -192,9 +191,42 @@ where
         }
         on_live(ctrl);
     };
-    before_queues();
-    ctrl.run_target(tgt_init, q_fn, on_live)
-        .map_err(DeviceError::Serve)?;
+    if let Some(f) = prep.before_start {
+        f();
+    }
+    run_target(&ctrl, tgt_init, q_fn, on_live, prep.threads).map_err(DeviceError::Serve)
+}
+
+/// libublk's `UblkCtrl::run_target`, with the queue threads started on
+/// `threads` where a standby made them ready (queue_threads.rs says why):
+/// the target set up, a thread per queue, the device started (or its
+/// recovery ended), `device_fn`, then until every queue thread ends.
+fn run_target<T, Q, W>(
+    ctrl: &UblkCtrl,
+    tgt_fn: T,
+    q_fn: Q,
+    device_fn: W,
+    threads: Option<QueueThreads>,
+) -> Result<(), libublk::UblkError>
+where
+    T: FnOnce(&mut UblkDev) -> Result<(), libublk::UblkError>,
+    Q: FnOnce(u16, &UblkDev) + Send + Sync + Clone + 'static,
+    W: FnOnce(&UblkCtrl),
+{
+    let dev = Arc::new(UblkDev::new(ctrl.get_name(), tgt_fn, ctrl)?);
+    let handles = queue_threads::start_queues(ctrl, &dev, q_fn, threads);
+    ctrl.start_dev(&dev)?;
+    device_fn(ctrl);
+    for h in handles {
+        if h.join().is_err() {
+            log::error!(
+                "ublk device {}: a queue thread panicked",
+                dev.dev_info.dev_id
+            );
+        }
+    }
+    // The device may have been deleted from elsewhere: ENOENT is normal.
+    let _ = ctrl.stop_dev();
     Ok(())
 }
 

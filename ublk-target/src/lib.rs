@@ -4,6 +4,8 @@
 //! - [`engine`]: the per-queue batching engine, independent of ublk so the
 //!   GPU benchmark can drive it with a synthetic load.
 //! - `queue`: the one queue loop every backend runs (libublk + smol).
+//! - [`queue_threads`]: queue threads (and their rings) a standby starts
+//!   in advance, and the start of a device's queues on them.
 //! - [`device`]: adding and serving a device.
 //! - [`control`]: finding, inspecting and deleting devices.
 //! - [`features`]: the kernel's ublk feature flags and which vramblk needs.
@@ -20,6 +22,7 @@ mod gate;
 mod params;
 pub mod poll_policy;
 mod queue;
+pub mod queue_threads;
 mod request_timeout;
 mod slots;
 
@@ -27,3 +30,4 @@ pub use control::{ControlError, DeviceInfo, DeviceState};
 pub use counters::{CounterSnapshot, DeviceCounters};
 pub use device::{serve, DeviceError, DeviceOptions, QueueBuffers, Start};
 pub use engine::QueueEngine;
+pub use queue_threads::{QueuePrep, QueueThreads};

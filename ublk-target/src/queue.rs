@@ -231,6 +231,21 @@ fn request_from_iod(tag: u16, iod: &sys::ublksrv_io_desc, buf: IoBuf) -> Result<
 /// Drives the ring and the store together: tick every ready tag task, send
 /// what they queued as one batch, deliver completions, repeat; block in
 /// io_uring only when the store has nothing in flight.
+/// How long the loop pauses after io_uring refused a turn for want of
+/// memory.
+const TRANSIENT_PAUSE: Duration = Duration::from_millis(1);
+
+/// Whether io_uring_enter's `errno` is a turn to try again, not the end of
+/// the queue: a signal (EINTR), or memory short right now (EAGAIN: no
+/// request could be allocated; ENOMEM; EBUSY: completions waiting for room
+/// that could not be flushed), exactly when a swap device is needed most.
+fn transient(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EINTR | libc::EAGAIN | libc::ENOMEM | libc::EBUSY
+    )
+}
+
 async fn event_loop<Q: QueueStore, T>(
     exe: &smol::LocalExecutor<'_>,
     q: &UblkQueue<'_>,
@@ -277,11 +292,20 @@ async fn event_loop<Q: QueueStore, T>(
                 }
                 None => r.submit(),
             };
-            match ret {
-                Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(!busy),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(false),
-                Err(e) => Err(UblkError::IOError(e)),
+            match ret.map_err(|e| (e.raw_os_error(), e)) {
                 Ok(_) => Ok(false),
+                Err((Some(errno), _)) if errno == libc::ETIME => Ok(!busy),
+                Err((Some(errno), _)) if transient(errno) => {
+                    if errno != libc::EINTR {
+                        // Memory is short (io_uring could not allocate a
+                        // request): a breath, then the next turn tries
+                        // again; ending the loop would leave the queue's
+                        // requests, swap's among them, unserved for good.
+                        std::thread::sleep(TRANSIENT_PAUSE);
+                    }
+                    Ok(false)
+                }
+                Err((_, e)) => Err(UblkError::IOError(e)),
             }
         })
     };
@@ -304,6 +328,22 @@ mod tests {
             nr_sectors,
             start_sector,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn memory_short_and_signals_are_turns_to_retry_not_the_end_of_the_queue() {
+        for errno in [libc::EINTR, libc::EAGAIN, libc::ENOMEM, libc::EBUSY] {
+            assert!(transient(errno), "{errno}");
+        }
+        for errno in [
+            libc::ENXIO,
+            libc::EBADF,
+            libc::EINVAL,
+            libc::EFAULT,
+            libc::EOWNERDEAD,
+        ] {
+            assert!(!transient(errno), "{errno}");
         }
     }
 

@@ -416,18 +416,27 @@ io_flusher() {
 }
 device_flushers() { io_flusher "$(holder_pid 0)" && io_flusher "$(daemon_pid 0)"; }
 
-# standby_locks_on_fault: device 0's standby (the supervisor's child that
-# is not its server) has its mappings locked on fault (VmFlags "lf" in
-# smaps, MCL_ONFAULT): what it maps while taking over and never touches
-# (a new thread's signal stack) costs no page while memory is short.
-standby_locks_on_fault() {
+# standby_pid: device 0's standby (the supervisor's child that is not its
+# server), if there is one.
+standby_pid() {
     local server p
     server=$(daemon_pid 0)
     for p in $(HOLDER_FOR_CHILDREN=$(holder_pid 0) supervisor_children); do
-        [ "$p" = "$server" ] && continue
-        grep -q '^VmFlags:.* lf' "/proc/$p/smaps" 2>/dev/null && return 0
+        [ "$p" != "$server" ] && echo "$p" && return 0
     done
     return 1
+}
+
+# standby_ready_to_take_over QUEUES: device 0's standby has its QUEUES
+# queue threads started in advance (named vramblk-queue, their rings
+# built) and its mappings locked on fault (VmFlags "lf" in smaps,
+# MCL_ONFAULT): a take-over while memory is short then starts no thread
+# and maps nothing it fills at once.
+standby_ready_to_take_over() {
+    local p n
+    p=$(standby_pid) || return 1
+    n=$(cat /proc/$p/task/*/comm 2>/dev/null | grep -c '^vramblk-queue$')
+    [ "$n" -ge "$1" ] && grep -q '^VmFlags:.* lf' "/proc/$p/smaps" 2>/dev/null
 }
 
 # rand N: a number in 0..N-1
@@ -456,8 +465,9 @@ swap_kill_run() {
     locked_memory "$run"
     check "$run: supervisor and server are I/O flushers (their allocations never wait on the device)" \
         device_flushers
-    check "$run: the standby locks what it maps from the take-over on as it is touched (MCL_ONFAULT)" \
-        wait_for 20 standby_locks_on_fault
+    check "$run: the standby has its queue threads started and locks new mappings on fault" \
+        wait_for 20 standby_ready_to_take_over \
+            "$(sed -n 's/.*"queues": *\([0-9]*\).*/\1/p' /run/vramblk/ublkb0.json)"
     HOLDER_FOR_CHILDREN=$(holder_pid 0)
     avail=$(mem MemAvailable)
     fill=$((avail + extra))
