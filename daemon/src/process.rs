@@ -218,8 +218,19 @@ fn detach(log: &File) {
 /// under memory pressure: a swap device whose server waits on reclaim
 /// deadlocks the machine.
 pub fn harden_for_swap() -> Result<()> {
+    harden(false)
+}
+
+/// As [`harden_for_swap`], with every page locked as it is first touched
+/// (MCL_ONFAULT) instead of all filled now: pages present now are locked
+/// as they are.
+fn harden(on_fault: bool) -> Result<()> {
     use rustix::mm::MlockAllFlags;
-    if let Err(e) = rustix::mm::mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE) {
+    let mut flags = MlockAllFlags::CURRENT | MlockAllFlags::FUTURE;
+    if on_fault {
+        flags |= MlockAllFlags::ONFAULT;
+    }
+    if let Err(e) = rustix::mm::mlockall(flags) {
         bail!("mlockall: {e} (vramblk needs CAP_IPC_LOCK to serve swap)");
     }
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
@@ -253,7 +264,12 @@ pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
     }
     // Queue threads need little stack; mlockall would lock 2 MiB each.
     std::env::set_var("RUST_MIN_STACK", QUEUE_STACK.to_string());
-    harden_for_swap()?;
+    // A server forked to recover shares its supervisor's pages until it
+    // writes them, and locking them all filled would copy every one (a
+    // private writable page is copied to be locked) exactly while memory
+    // is exhausted: it locks the pages shared now as they are, and only
+    // what it writes or maps from here becomes its own.
+    harden(!grow_heap)?;
     if grow_heap {
         // The block is below the mmap threshold, so it comes from the heap
         // (a block at the threshold would be mapped on its own and

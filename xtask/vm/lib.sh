@@ -529,6 +529,8 @@ swap_kill_run() {
     check "$run: no take-over waited out the kernel (\"still live after\")" none_waited_out_kernel
     check "$run: no kernel oops or hung task" no_oops
     check "$run: supervisor and server are still I/O flushers" device_flushers
+    check "$run: the server now serving (a standby that took over, or one forked to recover) locks its pages as touched" \
+        grep -q '^VmFlags:.* lf' "/proc/$(daemon_pid 0)/smaps"
     [ "$mode" = kill ] && [ $crashes -gt 0 ] &&
         check "$run: the kernel's log names the crashed servers ($crashes SIGABRTs)" \
             sh -c "dmesg | grep -q 'vramblk: /dev/ublkb0: server [0-9]* ended (signal: 6'"
