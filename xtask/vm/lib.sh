@@ -534,6 +534,9 @@ swap_kill_run() {
     [ "$mode" = kill ] && [ $crashes -gt 0 ] &&
         check "$run: the kernel's log names the crashed servers ($crashes SIGABRTs)" \
             sh -c "dmesg | grep -q 'vramblk: /dev/ublkb0: server [0-9]* ended (signal: 6'"
+    check "$run: no server ended on its own (the kernel's log names no end but the SIGABRTs sent)" \
+        sh -c "! dmesg | grep 'vramblk: .* server [0-9]* ended (' | grep -v 'ended (signal: 6'" ||
+        dmesg | grep 'vramblk: ' | while read -r l; do info "dmesg: $l"; done
     out=$(vramblk del 0 2>&1)
     check "$run: swapoff and del" [ "$out" = "removed /dev/ublkb0" ] || info "$out"
 }
