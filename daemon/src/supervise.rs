@@ -471,7 +471,8 @@ impl Supervisor<'_> {
     }
 
     /// Tells a live standby to take over as restart number `restarts`;
-    /// None if there is none. Allocates nothing (waitpid, an eventfd write).
+    /// None if there is none, or none ready (that one is retired). Allocates
+    /// nothing when it is ready (waitpid, a poll, an eventfd write).
     /// The next standby is forked as soon as the device is live again: the
     /// respawn limit is for standbys that die on their own, not for one
     /// that did its job (kills a few seconds apart would otherwise find
@@ -481,6 +482,17 @@ impl Supervisor<'_> {
         let s = self.standby.take()?;
         self.standby_forked = None;
         if reap(s.pid).is_some() {
+            return None;
+        }
+        if !s.is_ready() {
+            // Still readying itself, and what it still needs (memory, when
+            // it is short) may never come: the device would wait on it for
+            // good, as a 7.3 run once did. A server forked now, with the
+            // pages this supervisor set aside, is the surer way; SIGKILL
+            // gets even a standby stuck in an allocation out (the kernel
+            // lets a killed task use its reserves to exit).
+            self.standby = Some(s);
+            self.retire_standby("it was not ready yet when the device needed it");
             return None;
         }
         let go = s.go.as_ref()?;
