@@ -218,19 +218,8 @@ fn detach(log: &File) {
 /// under memory pressure: a swap device whose server waits on reclaim
 /// deadlocks the machine.
 pub fn harden_for_swap() -> Result<()> {
-    harden(false)
-}
-
-/// As [`harden_for_swap`], with every page locked as it is first touched
-/// (MCL_ONFAULT) instead of all filled now: pages present now are locked
-/// as they are.
-fn harden(on_fault: bool) -> Result<()> {
     use rustix::mm::MlockAllFlags;
-    let mut flags = MlockAllFlags::CURRENT | MlockAllFlags::FUTURE;
-    if on_fault {
-        flags |= MlockAllFlags::ONFAULT;
-    }
-    if let Err(e) = rustix::mm::mlockall(flags) {
+    if let Err(e) = rustix::mm::mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE) {
         bail!("mlockall: {e} (vramblk needs CAP_IPC_LOCK to serve swap)");
     }
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
@@ -264,12 +253,7 @@ pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
     }
     // Queue threads need little stack; mlockall would lock 2 MiB each.
     std::env::set_var("RUST_MIN_STACK", QUEUE_STACK.to_string());
-    // A server forked to recover shares its supervisor's pages until it
-    // writes them, and locking them all filled would copy every one (a
-    // private writable page is copied to be locked) exactly while memory
-    // is exhausted: it locks the pages shared now as they are, and only
-    // what it writes or maps from here becomes its own.
-    harden(!grow_heap)?;
+    harden_for_swap()?;
     if grow_heap {
         // The block is below the mmap threshold, so it comes from the heap
         // (a block at the threshold would be mapped on its own and
@@ -278,19 +262,6 @@ pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
         drop(std::hint::black_box(vec![1u8; HEAP_KEPT / 2]));
     }
     Ok(())
-}
-
-/// From now on, a new mapping's pages are locked as they are first
-/// touched rather than all filled when it is made (MCL_ONFAULT); pages
-/// present now stay locked. For a standby about to take over while memory
-/// may be short: a mapping it makes then and never touches (each new
-/// thread's signal stack) costs no page.
-pub fn lock_new_mappings_on_fault() {
-    use rustix::mm::MlockAllFlags;
-    let flags = MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT;
-    if let Err(e) = rustix::mm::mlockall(flags) {
-        log::warn!("mlockall(MCL_ONFAULT): {e}; new mappings stay filled when made");
-    }
 }
 
 /// Marks this process an I/O flusher (`on`) or not: its allocations then

@@ -191,8 +191,7 @@ fn open_vram(
 /// freed at the word (the control commands' few pages) and the rest right
 /// before the queues start (freed at the word, other processes' faults
 /// would take it while this server waits for the kernel, as a 7.3 run once
-/// showed: a new queue thread's first page waited for good); and from here
-/// on, new mappings are locked as they are touched, not filled at once.
+/// showed: a new queue thread's first page waited for good).
 fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> Option<QueuePrep> {
     let Some(Standby { go, ready }) = standby else {
         return Some(QueuePrep::default());
@@ -212,7 +211,6 @@ fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> 
     process::warm_thread_stacks(unready + SPARE_THREADS);
     let for_control = process::Cushion::new(CUSHION_BYTES / 4);
     let for_queues = process::Cushion::new(CUSHION_BYTES - CUSHION_BYTES / 4);
-    process::lock_new_mappings_on_fault();
     // An upgrade stops the old server only after this (supervise.rs).
     let _ = rustix::io::write(&ready, &1u64.to_ne_bytes());
     drop(ready);
