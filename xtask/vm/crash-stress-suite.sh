@@ -18,6 +18,7 @@ done
 
 # --- 3. a crash loop: every new server is killed at once
 dev=$(vramblk add --size 64M --backend host)
+check "crash loop: add 64M" [ "$dev" = /dev/ublkb0 ]
 holder=$(holder_pid 0)
 first=$(daemon_pid 0)
 kill -9 "$first"
