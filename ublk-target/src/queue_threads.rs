@@ -183,14 +183,17 @@ where
         threads = None;
     }
     let queues = dev.dev_info.nr_hw_queues;
+    // libublk can serve a queue's tags from several threads (vramblk asks
+    // for one); each is told its index, as libublk's run_target does.
+    let per_queue = dev.io_threads_per_queue().max(1);
     let (tid_tx, tids) = mpsc::channel();
-    let mut handles = Vec::with_capacity(queues.into());
+    let mut handles = Vec::with_capacity(usize::from(queues) * usize::from(per_queue));
     let mut started_anew = 0;
-    for qid in 0..queues {
+    for (qid, idx) in (0..queues).flat_map(|q| (0..per_queue).map(move |i| (q, i))) {
         let (dev, tid_tx, q_fn) = (dev.clone(), tid_tx.clone(), q_fn.clone());
         let job: Job = Box::new(move || {
             let tid = UblkCtrl::init_queue_thread();
-            libublk::io::set_io_thread_idx(0);
+            libublk::io::set_io_thread_idx(idx);
             if tid_tx.send((qid, tid)).is_ok() {
                 q_fn(qid, &dev);
             }
