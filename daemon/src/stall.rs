@@ -48,10 +48,7 @@ impl StallReporter {
             "{}: server {pid} ended ({status}); another takes the device over",
             bdev_path(id)
         );
-        log::warn!("supervisor: {line}");
-        if let Some(k) = &mut self.kmsg {
-            let _ = k.write_all(format!("<4>vramblk: {line}\n").as_bytes());
-        }
+        self.say(&line);
     }
 
     /// Called at each tick while device `id` has had no server since
@@ -64,6 +61,11 @@ impl StallReporter {
         }
         self.next = down + AGAIN;
         let line = describe(&bdev_path(id), down, server);
+        self.say(&line);
+    }
+
+    /// `line` in the supervisor's log and in the kernel's.
+    fn say(&mut self, line: &str) {
         log::warn!("supervisor: {line}");
         if let Some(k) = &mut self.kmsg {
             // Level 4 (warning), as the kernel's own hung-task lines.

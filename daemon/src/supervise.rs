@@ -389,16 +389,15 @@ impl Supervisor<'_> {
             // allocates, since swap I/O may be waiting on the dead server
             // and memory be short until the standby serves.
             let mut woken = None;
-            if self.id.is_some() && !run.status.success() {
+            if let (Some(dev), false) = (self.id, run.status.success()) {
                 let mut f = failures;
                 let step = next_step(&run, true, self.held.memory.survives_server(), &mut f);
                 if step == Next::Restart(Duration::ZERO) {
                     woken = self.wake_standby(self.restarts + 1);
                 }
-            }
-            // Woken first: then said in the kernel's log (a crash, not a kill).
-            if let (Some(dev), false) = (self.id, killed_by(run.status, libc::SIGKILL)) {
-                if !run.status.success() {
+                // Woken first: then said in the kernel's log (a crash, not
+                // a kill).
+                if !killed_by(run.status, libc::SIGKILL) {
                     self.stall
                         .server_ended(dev, run.pid, &run.status.to_string());
                 }

@@ -228,9 +228,6 @@ fn request_from_iod(tag: u16, iod: &sys::ublksrv_io_desc, buf: IoBuf) -> Result<
     })
 }
 
-/// Drives the ring and the store together: tick every ready tag task, send
-/// what they queued as one batch, deliver completions, repeat; block in
-/// io_uring only when the store has nothing in flight.
 /// How long the loop pauses after io_uring refused a turn for want of
 /// memory.
 const TRANSIENT_PAUSE: Duration = Duration::from_millis(1);
@@ -246,6 +243,9 @@ fn transient(errno: i32) -> bool {
     )
 }
 
+/// Drives the ring and the store together: tick every ready tag task, send
+/// what they queued as one batch, deliver completions, repeat; block in
+/// io_uring only when the store has nothing in flight.
 async fn event_loop<Q: QueueStore, T>(
     exe: &smol::LocalExecutor<'_>,
     q: &UblkQueue<'_>,

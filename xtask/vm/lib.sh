@@ -456,7 +456,7 @@ rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 # `vramblk upgrade` instead of a kill, and every upgrade must succeed.
 swap_kill_run() {
     local run=$1 size=$2 args=$3 extra=$4 passes=$5 kills=$6 mode=${7:-kill}
-    local dev avail fill mpid k victim waited rc out0 out1 pages t0 failed=0 crashes=0
+    local dev avail fill mpid k victim sig waited rc out0 out1 pages t0 failed=0 crashes=0
     dmesg -c > /dev/null
     dev=$(vramblk add --size "$size" --backend host --hugepages --swap $args)
     check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] || { show_logs; return 1; }
@@ -483,23 +483,19 @@ swap_kill_run() {
             k=$((k + 1))
             continue
         fi
-        if [ $((k % 5)) -eq 3 ]; then
-            # A crash, not a kill: the server ends by SIGABRT as a failed
-            # assertion would (counted towards the give-up, said in the
-            # kernel's log), and its standby takes over under the same load.
-            victim=$(vramblk list 2>/dev/null | awk '$1 == 0 {print $NF}')
-            [ -n "$victim" ] && kill -ABRT $victim 2>/dev/null && crashes=$((crashes + 1))
-            info "$run: kill $k: SIGABRTed $(echo $victim)"
-            k=$((k + 1))
-            continue
-        fi
-        if [ $((k % 2)) -eq 1 ]; then
+        # Every 5th kill from the 3rd is a crash, not a kill: the server
+        # ends by SIGABRT as a failed assertion would (counted towards the
+        # give-up, said in the kernel's log) and its standby takes over
+        # under the same load.
+        sig=KILL
+        [ $((k % 5)) -eq 3 ] && sig=ABRT
+        if [ $sig = ABRT ] || [ $((k % 2)) -eq 1 ]; then
             victim=$(vramblk list 2>/dev/null | awk '$1 == 0 {print $NF}')
         else
             victim=$(supervisor_children)
         fi
-        [ -n "$victim" ] && kill -9 $victim 2>/dev/null
-        info "$run: kill $k: SIGKILLed $(echo $victim)"
+        [ -n "$victim" ] && kill -$sig $victim 2>/dev/null && [ $sig = ABRT ] && crashes=$((crashes + 1))
+        info "$run: kill $k: SIG${sig}ed $(echo $victim)"
         k=$((k + 1))
     done
     touch /tmp/mc.until
