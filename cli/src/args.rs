@@ -44,10 +44,12 @@ pub enum Command {
     ///
     /// After the binary was replaced (a package update, `cargo xtask
     /// install`), each device's supervisor re-executes the new binary in
-    /// place, starts a standby server of it and, once that is ready, stops
-    /// the old server: the standby takes the device over through ublk's
-    /// user recovery, the kernel holding and then re-issuing the I/O in
-    /// flight, so nothing fails and no page is lost. Devices whose
+    /// place, starts a standby server of it and, once that is ready, hands
+    /// it the device: on kernels with UBLK_F_QUIESCE (6.16+) the kernel
+    /// holds new I/O while the old server answers what it holds and lets
+    /// go; on older ones the old server is stopped and the kernel re-issues
+    /// its I/O. The standby then takes the device over through ublk's user
+    /// recovery, so nothing fails and no page is lost. Devices whose
     /// processes already run the binary on disk are left alone (unless
     /// --force). `systemctl reload vramblk` runs this for the service.
     Upgrade(UpgradeArgs),

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Bytes of lines held at most; a recovery logs a few hundred. Lines past
@@ -21,6 +22,13 @@ struct State {
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
+
+/// Holding asked for from a signal handler, which may not take the lock.
+static HOLD_NOW: AtomicBool = AtomicBool::new(false);
+
+fn holding(s: &State) -> bool {
+    s.holding || HOLD_NOW.load(Ordering::SeqCst)
+}
 
 fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> Option<T> {
     let state = STATE.get()?;
@@ -49,7 +57,7 @@ impl HeldLog {
 impl Write for HeldLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         with_state(|s| {
-            if !s.holding {
+            if !holding(s) {
                 return s.file.write(buf);
             }
             if s.held.len() + buf.len() <= s.held.capacity() {
@@ -63,7 +71,7 @@ impl Write for HeldLog {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        with_state(|s| if s.holding { Ok(()) } else { s.file.flush() }).unwrap_or(Ok(()))
+        with_state(|s| if holding(s) { Ok(()) } else { s.file.flush() }).unwrap_or(Ok(()))
     }
 }
 
@@ -72,10 +80,18 @@ pub fn hold() {
     with_state(|s| s.holding = true);
 }
 
+/// As [`hold`], from a signal handler (async-signal-safe: one atomic
+/// store): an old server whose device is about to be quiesced for an
+/// upgrade, so that its last lines need no page while the device waits.
+pub fn hold_from_signal() {
+    HOLD_NOW.store(true, Ordering::SeqCst);
+}
+
 /// Writes the held lines and stops holding (the device serves again).
 pub fn release() {
     with_state(|s| {
         s.holding = false;
+        HOLD_NOW.store(false, Ordering::SeqCst);
         let _ = s.file.write_all(&s.held);
         if s.dropped > 0 {
             let _ = writeln!(
@@ -138,6 +154,19 @@ mod tests {
             text,
             "before\nduring 1\nduring 2\n(1 log lines written during the recovery were dropped: \
              the held buffer was full)\nafter\n"
+        );
+        // Asked from a signal handler (an old server whose device is about
+        // to be quiesced): held the same way, written at the release.
+        hold_from_signal();
+        log.write_all(b"handing over\n").unwrap();
+        let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap();
+        assert!(!read(&path).contains("handing over"), "held");
+        release();
+        log.write_all(b"gone\n").unwrap();
+        assert!(
+            read(&path).ends_with("after\nhanding over\ngone\n"),
+            "{}",
+            read(&path)
         );
         let _ = std::fs::remove_file(&path);
     }

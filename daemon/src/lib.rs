@@ -12,7 +12,8 @@
 //! - [`server`], [`stats`], [`vram_control`], [`swap`]: the server and its
 //!   sockets, swap on its device.
 //! - [`upgrade`], [`resume`]: a supervisor re-executing the binary now on
-//!   disk and handing its device to it.
+//!   disk and handing its device to it; [`handover`]: how a standby is
+//!   woken, and takes a device from a live server (quiesced where it can).
 //! - [`held_log`]: log lines held while a device recovers; [`stall`]: a
 //!   take-over that does not end, said in the kernel's log.
 //! - [`holder`], [`adopt`], [`announce`], [`notify`], [`signals`]: the
@@ -23,6 +24,7 @@
 pub mod adopt;
 pub mod announce;
 pub mod budget;
+pub mod handover;
 pub mod held_log;
 pub mod holder;
 pub mod host;

@@ -268,12 +268,14 @@ pub fn prepare_server_process(grow_heap: bool) -> Result<()> {
 /// never write pages out to swap to make room (PF_MEMALLOC_NOIO), so they
 /// never wait on a swap device, this process's own device included, which
 /// may have no server just then. Servers are marked, and so is the
-/// supervisor once its io buffers exist: while a device has no server the
-/// supervisor must still reap, fork and wake a standby, and an allocation
-/// of its that wrote swap out to the device would wait forever (seen on
-/// 7.3: the supervisor in direct reclaim, throttled by the block layer's
-/// writeback limit on a device whose server it had yet to replace). The
-/// mark is inherited by forked children and kept across execve.
+/// supervisor once its io buffers exist (one re-executed for an upgrade
+/// once it stops the old server: Supervisor::become_flusher): while a
+/// device has no server the supervisor must still reap, fork and wake a
+/// standby, and an allocation of its that wrote swap out to the device
+/// would wait forever (seen on 7.3: the supervisor in direct reclaim,
+/// throttled by the block layer's writeback limit on a device whose
+/// server it had yet to replace). The mark is the calling thread's,
+/// inherited by threads and processes it starts, and kept across execve.
 pub fn set_io_flusher(on: bool, who: &str) {
     // libc here: rustix has no PR_SET_IO_FLUSHER call.
     // SAFETY: prctl with constant arguments; a failure is reported.

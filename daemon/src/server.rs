@@ -2,6 +2,7 @@
 //! queues. The supervisor forks one per start; a server that dies is
 //! replaced by a new one that recovers the device.
 
+use crate::handover;
 use crate::held_log;
 use crate::memory::{hand_over, Held, HeldVram, Memory};
 use crate::plan::Plan;
@@ -17,7 +18,7 @@ use vramblk_config::{format_size, Backend, CopyMode, DeviceRecord};
 use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;
 use vramblk_ublk_target::control::bdev_path;
-use vramblk_ublk_target::{serve, DeviceCounters, QueuePrep, QueueThreads, Start};
+use vramblk_ublk_target::{serve, DeviceCounters, QueuePrep, QueueThreads, Served, Start};
 
 /// One start of a server.
 pub struct Launch {
@@ -29,9 +30,9 @@ pub struct Launch {
     pub print_path: bool,
 }
 
-/// A standby's two eventfds: the supervisor writes the restart count (+1)
-/// to `go` to make it take over; it writes 1 to `ready` once it waits for
-/// that with everything prepared.
+/// A standby's two eventfds: the supervisor writes to `go` to make it take
+/// over (handover.rs says what the word holds); it writes 1 to `ready` once
+/// it waits for that with everything prepared.
 pub struct Standby {
     pub go: OwnedFd,
     pub ready: OwnedFd,
@@ -80,7 +81,7 @@ pub fn main(
         Memory::Cuda { vram, sockets } => open_vram(plan, vram.as_ref(), sockets.1.as_fd())
             .and_then(|mut store| {
                 let Some(prep) = standby_ready(standby, &mut launch, plan) else {
-                    return Ok(());
+                    return Ok(Served::Removed);
                 };
                 if vram.is_some() {
                     // Where every extent lives now (a standby imported the
@@ -99,16 +100,19 @@ pub fn main(
                     )),
                     ..ctx
                 };
-                serve_store(ctx, store.clone(), &launch)?;
-                // The device is gone: zero the VRAM (swap pages can hold
-                // secrets) before the supervisor lets go of it.
-                store.erase()?;
-                log::info!("server: VRAM erased");
-                Ok(())
+                let served = serve_store(ctx, store.clone(), &launch)?;
+                if served == Served::Removed {
+                    // The device is gone: zero the VRAM (swap pages can
+                    // hold secrets) before the supervisor lets go of it.
+                    store.erase()?;
+                    log::info!("server: VRAM erased");
+                }
+                Ok(served)
             }),
     };
     let code = match result {
-        Ok(()) => 0,
+        Ok(Served::Removed) => 0,
+        Ok(Served::LeftLive) => EXIT_LEFT_LIVE,
         Err(e) => {
             log::error!("server: {e:#}");
             reporter.fail(&format!("{e:#}"));
@@ -118,6 +122,11 @@ pub fn main(
     held_log::release();
     code
 }
+
+/// A server's exit code when its queues stopped with the device still
+/// there (quiesced for an upgrade's hand-over, or a queue failed): the
+/// device waits for the next server, which the supervisor provides.
+pub const EXIT_LEFT_LIVE: i32 = 3;
 
 /// The store's copy policy for the plan's copy mode.
 fn copy_policy(plan: &Plan) -> CopyPolicy {
@@ -209,16 +218,28 @@ fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> 
         plan.device.queues as usize
     };
     process::warm_thread_stacks(unready + SPARE_THREADS);
+    if let Start::Recover(id) = launch.start {
+        if let Err(e) = vramblk_ublk_target::control::ready_control_ring(id) {
+            log::warn!("standby: its control ring is built only when it takes over ({e})");
+        }
+    }
     let for_control = process::Cushion::new(CUSHION_BYTES / 4);
     let for_queues = process::Cushion::new(CUSHION_BYTES - CUSHION_BYTES / 4);
     // An upgrade stops the old server only after this (supervise.rs).
     let _ = rustix::io::write(&ready, &1u64.to_ne_bytes());
     drop(ready);
-    let restarts = wait_for_go(go)?;
+    let go = wait_for_go(go)?;
     // Taking over: the device waits on this server.
     held_log::hold();
-    launch.restarts = restarts;
+    launch.restarts = go.restarts;
     drop(for_control);
+    if let (Some(from), Start::Recover(id)) = (go.from, launch.start) {
+        let how = handover::take_from(id, from);
+        log::info!(
+            "server: taking {} over from the old binary's server {from}: {how}",
+            bdev_path(id)
+        );
+    }
     Some(QueuePrep {
         threads,
         before_start: Some(Box::new(move || drop(for_queues))),
@@ -249,10 +270,10 @@ pub fn locked_by_processes(queues: u16) -> u64 {
         + crate::process::SUPERVISOR_CUSHION_BYTES as u64
 }
 
-/// Blocks until the supervisor writes the restart count (+1) to the
-/// eventfd (Some), or dies (None: the standby was set to get SIGKILL then,
-/// so this returns None only on a read error).
-fn wait_for_go(go: OwnedFd) -> Option<u32> {
+/// Blocks until the supervisor writes its word to the eventfd (Some), or
+/// dies (None: the standby was set to get SIGKILL then, so this returns
+/// None only on a read error).
+fn wait_for_go(go: OwnedFd) -> Option<handover::Go> {
     use rustix::process::{set_parent_process_death_signal, Signal};
     // Die with the supervisor while only standing by.
     let _ = set_parent_process_death_signal(Some(Signal::KILL));
@@ -267,8 +288,10 @@ fn wait_for_go(go: OwnedFd) -> Option<u32> {
     };
     // A server that serves must outlive its supervisor.
     let _ = set_parent_process_death_signal(None);
-    let word = u64::from_ne_bytes(word);
-    (n == Ok(8) && word > 0).then(|| (word - 1) as u32)
+    if n != Ok(8) {
+        return None;
+    }
+    handover::read_word(u64::from_ne_bytes(word))
 }
 
 /// The parent, unless it is already gone (re-parented to init).
@@ -311,7 +334,7 @@ fn vram_control_on_live(
     })
 }
 
-fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Result<()> {
+fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Result<Served> {
     let ServeWith {
         plan,
         held,
@@ -414,14 +437,22 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         prep,
         on_live,
     );
-    if result.is_ok() {
-        if let Some(id) = *id_cell.lock().unwrap_or_else(|p| p.into_inner()) {
-            DeviceRecord::remove(run_dir, id);
-            let _ = std::fs::remove_file(stats::socket_path(run_dir, id));
-            let _ = std::fs::remove_file(vram_control::socket_path(run_dir, id));
-            log::info!("server: {} removed; exiting", bdev_path(id));
+    let served = result.context("serving the device")?;
+    if let Some(id) = *id_cell.lock().unwrap_or_else(|p| p.into_inner()) {
+        match served {
+            Served::Removed => {
+                DeviceRecord::remove(run_dir, id);
+                let _ = std::fs::remove_file(stats::socket_path(run_dir, id));
+                let _ = std::fs::remove_file(vram_control::socket_path(run_dir, id));
+                log::info!("server: {} removed; exiting", bdev_path(id));
+            }
+            // Its record, sockets and VRAM are the next server's.
+            Served::LeftLive => log::info!(
+                "server: the queues of {} stopped with the device still there (quiesced for \
+                 the next server); exiting and leaving it to that server",
+                bdev_path(id)
+            ),
         }
     }
-    result.context("serving the device")?;
-    Ok(())
+    Ok(served)
 }

@@ -2,7 +2,8 @@
 //! remove the device), SIGUSR1 (sent by `vramblk recover`) asks it to
 //! restart a dead server now, SIGUSR2 (sent by `vramblk upgrade`) to hand
 //! the device to the binary now on disk (upgrade.rs). Handlers only set
-//! flags; the supervisor's loop acts on them.
+//! flags; the supervisor's loop acts on them. In a server, SIGUSR2 (from
+//! its supervisor, as an upgrade takes the device from it) holds its log.
 //!
 //! libc's sigaction: rustix offers signal handlers only to runtimes that
 //! replace the C library (`rustix::runtime`).
@@ -28,7 +29,21 @@ extern "C" fn on_upgrade(_: libc::c_int) {
     UPGRADE.store(true, Ordering::SeqCst);
 }
 
+/// The signal a supervisor sends its old server right before an upgrade's
+/// standby quiesces the device (handover.rs): from then on the server holds
+/// its log lines (held_log), since the device, perhaps the swap that must
+/// free a page for the next line, waits until the server has let go.
+pub const HANDOVER_SIGNAL: rustix::process::Signal = UPGRADE_SIGNAL;
+
+extern "C" fn on_handover(_: libc::c_int) {
+    crate::held_log::hold_from_signal();
+}
+
 fn set(signal: libc::c_int, handler: libc::sighandler_t) {
+    set_with(signal, handler, 0);
+}
+
+fn set_with(signal: libc::c_int, handler: libc::sighandler_t, flags: libc::c_int) {
     // libc: rustix offers sigaction only to runtimes that replace the C
     // library (`rustix::runtime`).
     // SAFETY: a zeroed sigaction with a handler that only stores to an
@@ -36,6 +51,7 @@ fn set(signal: libc::c_int, handler: libc::sighandler_t) {
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = handler;
+        sa.sa_flags = flags;
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(signal, &sa, std::ptr::null_mut());
     }
@@ -63,11 +79,17 @@ pub fn install_supervisor_handlers() {
 
 /// In a server, right after the fork: a terminal's Ctrl-C and `vramblk
 /// recover` are for the supervisor; SIGTERM ends the server as usual (and
-/// the supervisor recovers the device).
+/// the supervisor recovers the device); HANDOVER_SIGNAL holds its log.
 pub fn reset_for_server() {
     set(libc::SIGINT, libc::SIG_IGN);
     set(libc::SIGUSR1, libc::SIG_IGN);
-    set(UPGRADE_SIGNAL.as_raw(), libc::SIG_IGN);
+    // SA_RESTART: the signal lands in whichever thread; its blocking calls
+    // (a socket's accept, a read) go on rather than fail with EINTR.
+    set_with(
+        HANDOVER_SIGNAL.as_raw(),
+        on_handover as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        libc::SA_RESTART,
+    );
     set(libc::SIGTERM, libc::SIG_DFL);
 }
 

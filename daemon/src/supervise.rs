@@ -18,7 +18,7 @@ use crate::process::{self, Reporter, SUPERVISOR_CUSHION_BYTES};
 use crate::server::{self, Launch};
 use crate::stall::StallReporter;
 use crate::upgrade::{self, ResumeState};
-use crate::{announce, held_log, locality, signals, swap};
+use crate::{announce, handover, held_log, locality, signals, swap};
 use anyhow::{anyhow, bail, Result};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
@@ -95,8 +95,18 @@ impl Child {
 /// then it is stopped and the standby takes over as after a crash.
 struct Handover {
     old_server: libc::pid_t,
+    /// The old server leaves a quiesced device alone (ResumeState), so its
+    /// successor may quiesce the device instead of having it killed.
+    lets_go: bool,
     started: Instant,
+    /// When the old server was told to stop (killed, or its successor woken
+    /// to quiesce the device).
     stopped: Option<Instant>,
+    /// The new binary's standby, woken to quiesce the device and take it
+    /// over once the old server has let go.
+    successor: Option<Child>,
+    /// The old server was killed for not letting go (hurry_old_server).
+    hurried: bool,
 }
 
 /// How long a new standby may take to get ready before an upgrade is
@@ -183,6 +193,8 @@ struct Supervisor<'a> {
     handover: Option<Handover>,
     /// Says in the kernel's log when a take-over does not end.
     stall: StallReporter,
+    /// Marked an I/O flusher (become_flusher).
+    io_flusher: bool,
 }
 
 pub fn run(plan: &Plan, run_dir: &Path, parent: Reporter, mode: Mode) -> Result<()> {
@@ -249,9 +261,10 @@ pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) 
     pin_near_gpu(plan);
     signals::install_supervisor_handlers();
     // The old server still serves (swap may need it to free the pages):
-    // io buffers for the new servers may take a few tries, and may push
-    // pages out to swap themselves (the mark survived the execve; it is
-    // set again in supervise_with).
+    // io buffers for the new servers may take a few tries, and they and
+    // the new standby's fork may push pages out to swap (the mark survived
+    // the execve; it is set again once the device is handed over or a
+    // server dies: Supervisor::become_flusher).
     process::set_io_flusher(false, "the re-executed supervisor");
     let buffers = retried(RESUME_TRIES, RESUME_RETRY, || {
         QueueBuffers::allocate(&plan.device).map_err(anyhow::Error::from)
@@ -269,6 +282,7 @@ pub fn resume(plan: &Plan, run_dir: &Path, memory: Memory, state: &ResumeState) 
     let first = First::Inherited {
         server: state.server,
         restarts: state.restarts,
+        lets_go: state.server_lets_go,
     };
     supervise_with(plan, run_dir, None, held, Some(state.id), first)
 }
@@ -321,7 +335,11 @@ enum First {
     Fork(Launch),
     /// Has it already: the server of the binary it re-executed from,
     /// which it hands the device on from.
-    Inherited { server: libc::pid_t, restarts: u32 },
+    Inherited {
+        server: libc::pid_t,
+        restarts: u32,
+        lets_go: bool,
+    },
 }
 
 fn supervise_with(
@@ -332,9 +350,6 @@ fn supervise_with(
     id: Option<u32>,
     first: First,
 ) -> Result<()> {
-    // From here on, no allocation of the supervisor may write swap out to
-    // the device it supervises (process::set_io_flusher says why).
-    process::set_io_flusher(true, "the supervisor");
     let mut sup = Supervisor {
         plan,
         run_dir,
@@ -349,19 +364,30 @@ fn supervise_with(
         restarts: 0,
         handover: None,
         stall: StallReporter::open(),
+        io_flusher: false,
     };
+    if !matches!(first, First::Inherited { .. }) {
+        sup.become_flusher();
+    }
     let result = match first {
         First::Fork(launch) => {
             sup.restarts = launch.restarts;
             sup.fork_server(launch, false)
                 .and_then(|active| sup.supervise(active))
         }
-        First::Inherited { server, restarts } => {
+        First::Inherited {
+            server,
+            restarts,
+            lets_go,
+        } => {
             sup.restarts = restarts;
             sup.handover = Some(Handover {
                 old_server: server,
+                lets_go,
                 started: Instant::now(),
                 stopped: None,
+                successor: None,
+                hurried: false,
             });
             sup.supervise(Child::inherited(server))
         }
@@ -380,10 +406,29 @@ impl Supervisor<'_> {
         let mut failures = 0u32;
         loop {
             let run = self.watch(&mut active);
+            // A server ended: the device may have none now.
+            self.become_flusher();
             if !run.status.success() {
                 // Until a server serves again, log lines wait in memory
                 // set aside for them (held_log: a line could need a page).
                 held_log::hold();
+            }
+            if let Some(next) = self.successor_of(run.pid) {
+                // The old binary's server let go of the quiesced device (or
+                // was killed when it could not be quiesced): its successor,
+                // already woken, takes the device over.
+                log::info!(
+                    "supervisor: the old binary's server of {} (pid {}) stopped ({}); the new \
+                     binary's server {} takes the device over",
+                    self.id.map(bdev_path).unwrap_or_default(),
+                    run.pid,
+                    run.status,
+                    next.pid
+                );
+                self.restarts += 1;
+                self.down_since.get_or_insert_with(Instant::now);
+                active = next;
+                continue;
             }
             // A crash with a standby ready: wake it before anything here
             // allocates, since swap I/O may be waiting on the dead server
@@ -478,6 +523,12 @@ impl Supervisor<'_> {
     /// none ready, and a server forked then must allocate while memory is
     /// short).
     fn wake_standby(&mut self, restarts: u32) -> Option<Child> {
+        self.wake_standby_for(restarts, None)
+    }
+
+    /// As [`Self::wake_standby`]; with `from`, the standby first takes the
+    /// device from that live server (an upgrade: server.rs `hand_over`).
+    fn wake_standby_for(&mut self, restarts: u32, from: Option<libc::pid_t>) -> Option<Child> {
         let s = self.standby.take()?;
         self.standby_forked = None;
         if reap(s.pid).is_some() {
@@ -495,8 +546,7 @@ impl Supervisor<'_> {
             return None;
         }
         let go = s.go.as_ref()?;
-        // The eventfd counter carries the restart count (+1: never 0).
-        let word = u64::from(restarts) + 1;
+        let word = crate::handover::word(restarts, from);
         (rustix::io::write(go, &word.to_ne_bytes()) == Ok(8)).then_some(s)
     }
 
@@ -721,8 +771,33 @@ impl Supervisor<'_> {
                         self.re_execute(dev, server.pid);
                     }
                     self.continue_handover(dev, server.pid);
+                    self.hurry_old_server(dev, server.pid);
                 }
             }
+        }
+    }
+
+    /// The server woken to take the device from `pid`, if `pid` is the old
+    /// binary's server of an upgrade under way.
+    fn successor_of(&mut self, pid: libc::pid_t) -> Option<Child> {
+        let h = self.handover.as_mut()?;
+        if h.old_server != pid {
+            return None;
+        }
+        h.successor.take()
+    }
+
+    /// From here on, no allocation of the supervisor may write swap out to
+    /// the device it supervises (process::set_io_flusher says why): from
+    /// the start, or for a supervisor re-executed for an upgrade, once it
+    /// stops the old server or a server dies. Before that the old server
+    /// serves, and an allocation that waits for a page (the new standby's
+    /// fork, with memory exhausted) had better write one out to swap than
+    /// wait for kswapd alone (seen on 7.3: a 10 s stall in fork).
+    fn become_flusher(&mut self) {
+        if !self.io_flusher {
+            process::set_io_flusher(true, "the supervisor");
+            self.io_flusher = true;
         }
     }
 
@@ -763,36 +838,97 @@ impl Supervisor<'_> {
         );
     }
 
-    /// After re-executing: stops the old binary's server once a standby of
-    /// this binary is ready (it then takes over as after a crash), or gives
-    /// the upgrade up if none gets ready in time.
+    /// After re-executing: once a standby of this binary is ready, hands
+    /// it the device (it quiesces the device and takes it over) or, where
+    /// the old server would stop a quiesced device, kills that server (the
+    /// standby then takes over as after a crash); gives the upgrade up if
+    /// no standby gets ready in time.
     fn continue_handover(&mut self, dev: u32, server: libc::pid_t) {
-        let Some(h) = &mut self.handover else {
+        let Some(h) = &self.handover else {
             return;
         };
         if h.stopped.is_some() || h.old_server != server {
             return;
         }
-        if self.standby.as_ref().is_some_and(Child::is_ready) {
+        let (lets_go, started) = (h.lets_go, h.started);
+        let Some(standby) = self
+            .standby
+            .as_ref()
+            .filter(|s| s.is_ready())
+            .map(|s| s.pid)
+        else {
+            if started.elapsed() > HANDOVER_PATIENCE {
+                self.become_flusher();
+                log::error!(
+                    "supervisor: no standby of the new binary got ready in {} s; {} stays with \
+                     the old server {server}",
+                    HANDOVER_PATIENCE.as_secs(),
+                    bdev_path(dev)
+                );
+                self.handover = None;
+            }
+            return;
+        };
+        // The device is about to go unserved for a moment.
+        self.become_flusher();
+        if lets_go {
             log::info!(
-                "supervisor: standby {} of the new binary is ready; stopping the old server {} of {}",
-                self.standby.as_ref().map_or(0, |s| s.pid),
-                server,
-                bdev_path(dev)
-            );
-            h.stopped = Some(Instant::now());
-            // The kernel requeues what the server held (user recovery with
-            // reissue), exactly as after a crash.
-            crate::host::send_signal(server as u32, rustix::process::Signal::KILL);
-        } else if h.started.elapsed() > HANDOVER_PATIENCE {
-            log::error!(
-                "supervisor: no standby of the new binary got ready in {} s; {} stays with the \
+                "supervisor: standby {standby} of the new binary is ready; it takes {} from the \
                  old server {server}",
-                HANDOVER_PATIENCE.as_secs(),
                 bdev_path(dev)
             );
-            self.handover = None;
+            // It quiesces the device (or kills the old server where the
+            // kernel cannot), then recovers it; the old server's end is
+            // then no crash (supervise, successor_of). The old server holds
+            // its last log lines meanwhile (signals::HANDOVER_SIGNAL).
+            crate::host::send_signal(server as u32, signals::HANDOVER_SIGNAL);
+            // The device goes unserved once quiesced: lines wait in memory
+            // set aside for them until the standby serves (held_log).
+            held_log::hold();
+            let woken = self.wake_standby_for(self.restarts + 1, Some(server));
+            if woken.is_none() {
+                held_log::release();
+            }
+            if let Some(h) = &mut self.handover {
+                h.stopped = woken.is_some().then(Instant::now);
+                h.successor = woken;
+            }
+            return;
         }
+        log::info!(
+            "supervisor: standby {standby} of the new binary is ready; stopping the old server \
+             {server} of {} (its binary would stop a quiesced device)",
+            bdev_path(dev)
+        );
+        if let Some(h) = &mut self.handover {
+            h.stopped = Some(Instant::now());
+        }
+        // The kernel requeues what the server held (user recovery with
+        // reissue), exactly as after a crash.
+        crate::host::send_signal(server as u32, rustix::process::Signal::KILL);
+    }
+
+    /// Kills the old binary's server if it has not let go of the device
+    /// LET_GO_PATIENCE after its successor was woken to quiesce it (the
+    /// successor then recovers the device as after a crash).
+    fn hurry_old_server(&mut self, dev: u32, server: libc::pid_t) {
+        let Some(h) = &mut self.handover else {
+            return;
+        };
+        let late = h
+            .stopped
+            .is_some_and(|t| t.elapsed() > handover::LET_GO_PATIENCE);
+        if h.old_server != server || h.successor.is_none() || h.hurried || !late {
+            return;
+        }
+        h.hurried = true;
+        log::warn!(
+            "supervisor: the old server {server} did not let go of {} within {} s of the \
+             hand-over; killing it",
+            bdev_path(dev),
+            handover::LET_GO_PATIENCE.as_secs()
+        );
+        crate::host::send_signal(server as u32, rustix::process::Signal::KILL);
     }
 
     /// Removes the device so the I/O waiting on it fails rather than hangs.

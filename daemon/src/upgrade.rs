@@ -4,9 +4,12 @@
 //! `execve`; what the new image needs besides (which device, which child
 //! serves it, which fd holds what) travels as one argument, a
 //! [`ResumeState`]. The new image forks a standby of its own and, once it
-//! is ready, stops the old server: the standby recovers the device as
-//! after a crash (the kernel requeues what was in flight), so no request
-//! fails and no page is lost (supervise.rs).
+//! is ready, hands it the device: where the kernel has UBLK_F_QUIESCE
+//! (6.16+) the standby quiesces the device, so the old server answers what
+//! it holds and lets go; elsewhere the old server is killed and the
+//! kernel requeues what was in flight. The standby then recovers the
+//! device as after a crash, so no request fails and no page is lost
+//! (supervise.rs, server.rs).
 
 use crate::memory::{HeldVram, Memory};
 use anyhow::{anyhow, bail, Context, Result};
@@ -31,6 +34,11 @@ pub struct ResumeState {
     pub restarts: u32,
     pub reserve: u64,
     pub memory: MemoryFds,
+    /// The server lets go of a quiesced device without stopping it, so
+    /// the new binary may quiesce it (`quiesce=1`; a binary before that
+    /// writes nothing, and its server, which stops a device whose queues
+    /// end, is killed instead).
+    pub server_lets_go: bool,
 }
 
 /// The fds behind the device's memory, by number.
@@ -85,6 +93,9 @@ impl ResumeState {
             restarts,
             reserve,
             memory,
+            // This binary's servers (its own, forked before it re-executes)
+            // leave a quiesced device alone (device.rs, Served::LeftLive).
+            server_lets_go: true,
         })
     }
 
@@ -102,7 +113,7 @@ impl ResumeState {
     }
 }
 
-/// `id=0 server=812 restarts=3 reserve=0 host=SIZE@FD` or
+/// `id=0 server=812 restarts=3 reserve=0 [quiesce=1] host=SIZE@FD` or
 /// `... cuda=SIZE:LEN@FD,LEN@FD handoff=FD,FD`.
 impl fmt::Display for ResumeState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -111,6 +122,9 @@ impl fmt::Display for ResumeState {
             "id={} server={} restarts={} reserve={}",
             self.id, self.server, self.restarts, self.reserve
         )?;
+        if self.server_lets_go {
+            write!(f, " quiesce=1")?;
+        }
         match &self.memory {
             MemoryFds::Host { size, memfd } => write!(f, " host={size}@{memfd}"),
             MemoryFds::Cuda {
@@ -188,6 +202,7 @@ impl FromStr for ResumeState {
             restarts: num("restarts", get("restarts")?)?,
             reserve: num("reserve", get("reserve")?)?,
             memory,
+            server_lets_go: fields.get("quiesce") == Some(&"1"),
         })
     }
 }
@@ -391,12 +406,20 @@ mod tests {
                 size: 1 << 30,
                 memfd: 7,
             },
+            server_lets_go: true,
         };
         assert_eq!(
             host.to_string(),
-            "id=3 server=812 restarts=2 reserve=0 host=1073741824@7"
+            "id=3 server=812 restarts=2 reserve=0 quiesce=1 host=1073741824@7"
         );
         assert_eq!(host.to_string().parse::<ResumeState>().unwrap(), host);
+        // What a binary from before quiesced hand-overs writes: its server
+        // would stop a quiesced device, so it is not quiesced.
+        let old = "id=3 server=812 restarts=2 reserve=0 host=1073741824@7"
+            .parse::<ResumeState>()
+            .unwrap();
+        assert!(!old.server_lets_go);
+        assert_eq!(old.to_string().parse::<ResumeState>().unwrap(), old);
         let cuda = ResumeState {
             id: 0,
             server: 9,
@@ -407,6 +430,7 @@ mod tests {
                 chunks: vec![(1 << 29, 5), (1 << 29, 6), (1 << 29, 8)],
                 handoff: (10, 11),
             },
+            server_lets_go: false,
         };
         assert_eq!(cuda.to_string().parse::<ResumeState>().unwrap(), cuda);
         assert_eq!(cuda.fds(), vec![5, 6, 8, 10, 11]);
@@ -464,6 +488,7 @@ mod tests {
                 chunks: vec![(1 << 29, 5)],
                 handoff: (5, 6),
             },
+            server_lets_go: true,
         };
         let e = memory_from(&state).err().unwrap().to_string();
         assert!(e.contains("names an fd twice"), "{e}");

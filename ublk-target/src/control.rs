@@ -30,6 +30,8 @@ pub enum ControlError {
     NoDevice(u32),
     #[error("deleting ublk device {id}: {why}")]
     Delete { id: u32, why: String },
+    #[error("quiescing ublk device {id}: {why}")]
+    Quiesce { id: u32, why: String },
 }
 
 /// The kernel's view of a device's state.
@@ -232,6 +234,43 @@ fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
             why: std::io::Error::from_raw_os_error(-e).to_string(),
         }),
     }
+}
+
+/// Asks the kernel to quiesce live device `id` for a hand-over: it holds
+/// new requests, waits up to `timeout` for those in flight to be answered
+/// by the running server, then ends that server's fetches (its queues stop
+/// and it exits, leaving the device to the next one). Ok(false) when the
+/// device was added without UBLK_F_QUIESCE (a kernel before 6.16); an
+/// error leaves the device refusing new requests until a new server
+/// recovers it (the kernel does not undo the quiesce's first step).
+pub fn quiesce(id: u32, timeout: std::time::Duration) -> Result<bool, ControlError> {
+    let fail = |why: String| ControlError::Quiesce { id, why };
+    // In a thread of its own, as `delete` (libublk's control ring is per
+    // thread).
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ctrl = open(id)?;
+            if ctrl.dev_info().flags & sys::UBLK_F_QUIESCE as u64 == 0 {
+                return Ok(false);
+            }
+            let ms = u64::try_from(timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            ctrl.quiesce_dev(ms)
+                .map(|_| true)
+                .map_err(|e| fail(e.to_string()))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(fail("the quiescing thread panicked".into())))
+    })
+}
+
+/// Builds this thread's control ring now (libublk makes one per thread, on
+/// its first command) by looking at device `id`: a standby does this while
+/// memory is plentiful, so that the commands of its take-over, sent while
+/// the device has no server and memory may be exhausted, allocate no ring.
+pub fn ready_control_ring(id: u32) -> Result<(), ControlError> {
+    open(id).map(drop)
 }
 
 /// The kernel's "interrupted, restart" code, which can surface through

@@ -24,6 +24,17 @@ const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVE
 /// the request timeout or the 5 s monitor of older ones: request_timeout.rs).
 const QUIESCE_WAIT: Duration = Duration::from_secs(30);
 
+/// How a server's time with a device ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// The device was stopped or deleted: the server's work is done.
+    Removed,
+    /// The queues stopped with the device still there: quiesced for a
+    /// hand-over to the next server (or a queue failed). It waits for a
+    /// new server, so nothing of it may be stopped, erased or forgotten.
+    LeftLive,
+}
+
 /// Whether to add a new device or take over one whose server died.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Start {
@@ -115,7 +126,7 @@ pub fn serve<S, F>(
     counters: Arc<DeviceCounters>,
     prep: QueuePrep,
     on_live: F,
-) -> Result<(), DeviceError>
+) -> Result<Served, DeviceError>
 where
     S: Store,
     F: FnOnce(&UblkCtrl) + Send + Sync + 'static,
@@ -127,10 +138,14 @@ where
             "device size must be a multiple of 4096 bytes (got {size})"
         )));
     }
+    // Flags used where the kernel offers them (QUIESCE, for upgrades);
+    // a recovery takes the device's own.
+    let offered =
+        libublk::ctrl::UblkCtrl::get_features().map_or(0, crate::features::offered_in_use);
     let builder = UblkCtrlBuilder::default()
         .name("vramblk")
         .io_buf_bytes(opts.max_io_bytes)
-        .ctrl_flags(RECOVERY_FLAGS);
+        .ctrl_flags(RECOVERY_FLAGS | offered);
     let ctrl = match start {
         Start::Add => builder
             .id(opts.id)
@@ -200,14 +215,15 @@ where
 /// libublk's `UblkCtrl::run_target`, with the queue threads started on
 /// `threads` where a standby made them ready (queue_threads.rs says why):
 /// the target set up, a thread per queue, the device started (or its
-/// recovery ended), `device_fn`, then until every queue thread ends.
+/// recovery ended), `device_fn`, then until every queue thread ends. It
+/// stops the device afterwards only if it is not still there (Served).
 fn run_target<T, Q, W>(
     ctrl: &UblkCtrl,
     tgt_fn: T,
     q_fn: Q,
     device_fn: W,
     threads: Option<QueueThreads>,
-) -> Result<(), libublk::UblkError>
+) -> Result<Served, libublk::UblkError>
 where
     T: FnOnce(&mut UblkDev) -> Result<(), libublk::UblkError>,
     Q: FnOnce(u16, &UblkDev) + Send + Sync + Clone + 'static,
@@ -225,9 +241,35 @@ where
             );
         }
     }
-    // The device may have been deleted from elsewhere: ENOENT is normal.
+    // The device's own file goes first: a quiesced device turns QUIESCED,
+    // and the next server may recover it, the moment it is closed.
+    drop(dev);
+    if left_live(ctrl) {
+        // Quiesced for a hand-over (its fetches aborted with the device
+        // kept): STOP_DEV would take the disk away from the next server,
+        // and so would this control's drop (libublk deletes a device it
+        // added unless told it is disowned).
+        ctrl.disown();
+        return Ok(Served::LeftLive);
+    }
+    // Deleted from elsewhere: the stop finds it gone (ENOENT) or stopped.
     let _ = ctrl.stop_dev();
-    Ok(())
+    Ok(Served::Removed)
+}
+
+/// Whether the device is still there, not stopped, after its queues
+/// ended: a stop or delete leaves it DEAD or gone; a quiesce (or a queue
+/// that failed) leaves it LIVE until this server lets go, then QUIESCED.
+/// Asked on the control's own ring: a server leaving a quiesced device
+/// may be short of memory (the device's swap waits on the next server).
+fn left_live(ctrl: &UblkCtrl) -> bool {
+    if ctrl.read_dev_info().is_err() {
+        return false;
+    }
+    matches!(
+        ctrl.dev_info().state as u32,
+        sys::UBLK_S_DEV_LIVE | sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO
+    )
 }
 
 /// Waits until the kernel has quiesced device `id` (its old server gone);

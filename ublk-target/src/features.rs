@@ -8,6 +8,9 @@ use libublk::sys;
 pub enum Use {
     /// Every device needs it; `add` refuses a kernel without it.
     Required(&'static str),
+    /// Used where the kernel offers it; without it vramblk does the same
+    /// job another way.
+    WhereOffered(&'static str),
     /// Not used (yet).
     Unused,
 }
@@ -54,7 +57,14 @@ pub const KNOWN: &[(u64, &str, Use)] = &[
     (1 << 9, "USER_RECOVERY_FAIL_IO", Use::Unused),
     (sys::UBLK_F_UPDATE_SIZE as u64, "UPDATE_SIZE", Use::Unused),
     (sys::UBLK_F_AUTO_BUF_REG as u64, "AUTO_BUF_REG", Use::Unused),
-    (sys::UBLK_F_QUIESCE as u64, "QUIESCE", Use::Unused),
+    (
+        sys::UBLK_F_QUIESCE as u64,
+        "QUIESCE",
+        Use::WhereOffered(
+            "an upgrade drains the old server's requests before the new one takes over \
+             (elsewhere the old server is killed and its requests issued again)",
+        ),
+    ),
     (1 << 13, "PER_IO_DAEMON", Use::Unused),
     (1 << 14, "BUF_REG_OFF_DAEMON", Use::Unused),
     (sys::UBLK_F_BATCH_IO as u64, "BATCH_IO", Use::Unused),
@@ -74,12 +84,23 @@ pub fn describe(features: u64) -> Vec<String> {
             continue;
         }
         lines.push(match KNOWN.iter().find(|(f, _, _)| *f == flag) {
-            Some((_, name, Use::Required(why))) => format!("{name:<24} used: {why}"),
+            Some((_, name, Use::Required(why) | Use::WhereOffered(why))) => {
+                format!("{name:<24} used: {why}")
+            }
             Some((_, name, Use::Unused)) => format!("{name:<24} not used"),
             None => format!("{:<24} not known to this vramblk", format!("bit {bit}")),
         });
     }
     lines
+}
+
+/// The flags vramblk adds its devices with, of those `features` offers
+/// and vramblk uses where offered.
+pub fn offered_in_use(features: u64) -> u64 {
+    KNOWN
+        .iter()
+        .filter(|(flag, _, u)| matches!(u, Use::WhereOffered(_)) && features & flag != 0)
+        .fold(0, |all, (flag, _, _)| all | flag)
 }
 
 /// The required features `features` lacks, with why each is needed.
@@ -110,10 +131,21 @@ mod tests {
         assert!(
             lines[20].starts_with("bit 20") && lines[20].ends_with("not known to this vramblk")
         );
+        assert!(
+            lines[12].starts_with("QUIESCE ") && lines[12].contains("used:"),
+            "{lines:?}"
+        );
         // Debian's 6.12: 0x1fe.
         let lines = describe(0x1fe);
         assert_eq!(lines.len(), 8);
         assert!(missing(0x1fe).is_empty());
+    }
+
+    #[test]
+    fn quiesce_is_asked_for_only_where_the_kernel_offers_it() {
+        assert_eq!(offered_in_use(0x1f_ffff), sys::UBLK_F_QUIESCE as u64);
+        assert_eq!(offered_in_use(0x1fe), 0);
+        assert_eq!(offered_in_use(0), 0);
     }
 
     #[test]

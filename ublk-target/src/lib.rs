@@ -28,6 +28,6 @@ mod slots;
 
 pub use control::{ControlError, DeviceInfo, DeviceState};
 pub use counters::{CounterSnapshot, DeviceCounters};
-pub use device::{serve, DeviceError, DeviceOptions, QueueBuffers, Start};
+pub use device::{serve, DeviceError, DeviceOptions, QueueBuffers, Served, Start};
 pub use engine::QueueEngine;
 pub use queue_threads::{QueuePrep, QueueThreads};

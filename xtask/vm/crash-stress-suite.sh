@@ -1,4 +1,4 @@
-# Opt-in boot (VRAMBLK_VM_SUITE=crash-stress; 1 GiB RAM, 256 huge pages):
+# Opt-in boot (VRAMBLK_VM_SUITE=crash-stress; 1.25 GiB RAM, 256 huge pages):
 # the swap-kill shape (swap_kill_run in lib.sh) run after run, with the
 # defaults and other queue shapes, then a crash loop.
 . /lib/vm/lib.sh

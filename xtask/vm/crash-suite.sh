@@ -82,6 +82,16 @@ three_upgrades() {
 fio_through "3 upgrades" /tmp/fio-u.txt 16 3000 $dev three_upgrades
 check "upgrade: the supervisor logged each hand-over" \
     [ "$(cat /run/vramblk/*.log | grep -c "upgraded: served by")" -eq 3 ] || show_logs
+check "upgrade: each hand-over took the device the kernel's way ($(handover_way))" \
+    [ "$(handovers_the_kernels_way)" -eq 3 ] || show_logs
+if kernel_quiesces; then
+    check "upgrade (quiesced, memory plentiful): each hand-over quiesced the device" \
+        [ "$(cat /run/vramblk/*.log | grep -c "over from the old binary's server [0-9]*: quiesced: it answered its requests and let go")" -eq 3 ]
+    check "upgrade (quiesced): each old server answered its requests, let go and exited 3" \
+        [ "$(cat /run/vramblk/*.log | grep -c "server of /dev/ublkb0 (pid [0-9]*) stopped (exit status: 3)")" -eq 3 ]
+    check "upgrade (quiesced): and left the device to the next server" \
+        [ "$(cat /run/vramblk/*.log | grep -c "stopped with the device still there")" -eq 3 ]
+fi
 standby_again() { HOLDER_FOR_CHILDREN=$(holder_pid 0); [ "$(supervisor_children | wc -l)" -eq 2 ]; }
 check "upgrade: a standby of the new binary is ready again" wait_for 20 standby_again
 check "upgrade: status no longer says the binary was replaced" \

@@ -282,6 +282,32 @@ upgrade_device() {
         runs_on_disk_binary "$sup" && runs_on_disk_binary "$(daemon_pid "$1")"
 }
 
+# kernel_quiesces: the running kernel offers UBLK_F_QUIESCE (6.16+), so
+# an upgrade quiesces the device instead of killing its old server
+kernel_quiesces() { vramblk features | grep -qE '^ *QUIESCE +used'; }
+
+# handover_way: how an upgrade's standby takes the device on this kernel,
+# as a pattern (grep -E) of its log line's words: quiesced, or (with memory
+# short) the old server killed; on a kernel without QUIESCE, killed
+handover_way() {
+    if kernel_quiesces; then
+        echo "quiesced: it answered its requests|killed \(memory is short"
+    else
+        echo "killed \(the device was added without QUIESCE"
+    fi
+}
+
+# handovers_the_kernels_way: how many hand-overs the logs say took the
+# device this kernel's way, less those whose old server had to be killed
+# for not letting go of a quiesced device
+handovers_the_kernels_way() {
+    local way late
+    way=$(cat /run/vramblk/*.log | grep "over from the old binary's server [0-9]*: " |
+        grep -cE "$(handover_way)")
+    late=$(cat /run/vramblk/*.log | grep -c "did not let go of")
+    echo $((way - late))
+}
+
 # wait_for SECS COMMAND...: true once the command succeeds, within SECS
 wait_for() {
     limit=$(($1 * 2)); shift
@@ -397,6 +423,18 @@ locked_memory() {
     done
 }
 
+# memory_holders RUN: what holds the guest's RAM, for a refused add: the
+# meminfo lines the budget check reads, the largest processes and files in
+# the RAM-backed root
+memory_holders() {
+    local p
+    info "$1: meminfo: $(grep -E '^(MemTotal|MemFree|MemAvailable|Buffers|Cached|Shmem|Unevictable|Mlocked|SwapTotal|SwapFree|HugePages_Total|HugePages_Free):' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
+    for p in /proc/[0-9]*; do
+        echo "$(awk '/^VmRSS:/ {print $2}' $p/status 2>/dev/null) ${p#/proc/} $(cat $p/comm 2>/dev/null)"
+    done | sort -rn | head -8 | while read -r l; do info "$1: rss kB pid comm: $l"; done
+    du -ak /tmp /root /run 2>/dev/null | sort -rn | head -8 | while read -r l; do info "$1: du kB: $l"; done
+}
+
 # supervisor_children HOLDER: the pids of HOLDER's live children (its
 # server, a standby, a server taking over).
 supervisor_children() {
@@ -456,10 +494,12 @@ rand() { echo $(( $(od -An -N2 -tu2 /dev/urandom) % $1 )); }
 # `vramblk upgrade` instead of a kill, and every upgrade must succeed.
 swap_kill_run() {
     local run=$1 size=$2 args=$3 extra=$4 passes=$5 kills=$6 mode=${7:-kill}
-    local dev avail fill mpid k victim sig waited rc out0 out1 pages t0 failed=0 crashes=0
+    local dev avail fill mpid k victim sig waited rc out0 out1 pages t0 ways0 quiesced0 failed=0 crashes=0
     dmesg -c > /dev/null
+    info "$run: MemAvailable before the add: $(mem MemAvailable) MiB"
     dev=$(vramblk add --size "$size" --backend host --hugepages --swap $args)
-    check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] || { show_logs; return 1; }
+    check "$run: add $size${args:+ $args} --swap" [ "$dev" = /dev/ublkb0 ] ||
+        { memory_holders "$run"; show_logs; return 1; }
     locked_memory "$run"
     check "$run: supervisor and server are I/O flushers (their allocations never wait on the device)" \
         device_flushers
@@ -467,6 +507,8 @@ swap_kill_run() {
         wait_for 20 standby_ready_to_take_over \
             "$(sed -n 's/.*"queues": *\([0-9]*\).*/\1/p' /run/vramblk/ublkb0.json)"
     HOLDER_FOR_CHILDREN=$(holder_pid 0)
+    [ "$mode" = upgrade ] && ways0=$(handovers_the_kernels_way) &&
+        quiesced0=$(cat /run/vramblk/*.log | grep -c "over from the old binary's server [0-9]*: quiesced")
     avail=$(mem MemAvailable)
     fill=$((avail + extra))
     info "$run: MemAvailable $avail MiB; memcheck fills $fill MiB over $passes passes; $kills kills"
@@ -517,7 +559,12 @@ swap_kill_run() {
     info "$run: pswpout $pages pages, $((k - 1)) ${mode}s in $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
     check "$run: every byte read back intact through $((k - 1)) ${mode}s" [ $rc -eq 0 ] || show_logs
     [ "$mode" = upgrade ] &&
-        check "$run: each of the $((k - 1)) upgrades handed the device to the new binary" [ $failed -eq 0 ]
+        info "$run: $(( $(cat /run/vramblk/*.log | grep -c "over from the old binary's server [0-9]*: quiesced") - quiesced0 )) of the $((k - 1)) hand-overs quiesced" &&
+        check "$run: each of the $((k - 1)) upgrades handed the device to the new binary" [ $failed -eq 0 ] &&
+        { check "$run: each took the device the kernel's way ($(handover_way))" \
+            [ $(( $(handovers_the_kernels_way) - ways0 )) -eq $((k - 1)) ] ||
+            cat /run/vramblk/*.log | sort | grep -E "over from the old binary's server|let go of|quiesc" |
+                tail -20 | while read -r l; do info "$run: $l"; done; }
     check "$run: swap was really used (pswpout grew by > 32 MiB)" [ $pages -gt 8192 ]
     check "$run: nothing was OOM-killed" no_oom
     check "$run: no take-over waited out the kernel (\"still live after\")" none_waited_out_kernel
