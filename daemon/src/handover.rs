@@ -70,6 +70,10 @@ pub const LET_GO_PATIENCE: Duration = Duration::from_secs(30);
 /// opened before; the recovery's commands go through the control ring the
 /// standby built while readying).
 pub fn take_from(id: u32, from: u32) -> String {
+    if !control::quiesce_supported(id).unwrap_or(false) {
+        kill(from);
+        return WITHOUT_QUIESCE.into();
+    }
     // With memory short, a quiesce would have the old server run (drain
     // its requests, unwind its queues) while the device holds new I/O, and
     // what it runs may wait for memory only the device can free (7.3
@@ -96,10 +100,7 @@ pub fn take_from(id: u32, from: u32) -> String {
             // now re-issues nothing.
             "quiesced: it answered its requests, then was killed (it had not exited 2 s later)"
         }
-        Ok(false) => {
-            "killed (the device was added without QUIESCE: kernel before 6.16); its requests \
-             are issued again"
-        }
+        Ok(false) => WITHOUT_QUIESCE,
         Err(e) => {
             log::warn!("server: {e}; killing server {from} instead");
             "killed (the quiesce failed); its requests are issued again"
@@ -108,6 +109,9 @@ pub fn take_from(id: u32, from: u32) -> String {
     kill(from);
     how.into()
 }
+
+const WITHOUT_QUIESCE: &str = "killed (the device was added without QUIESCE: kernel before \
+                               6.16); its requests are issued again";
 
 /// Whether memory is too short for a quiesced hand-over: less available
 /// than twice what must stay free for the rest of the machine.

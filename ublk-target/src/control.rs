@@ -236,6 +236,12 @@ fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
     }
 }
 
+/// Whether device `id` was added with UBLK_F_QUIESCE (so [`quiesce`] can
+/// work on it).
+pub fn quiesce_supported(id: u32) -> Result<bool, ControlError> {
+    Ok(open(id)?.dev_info().flags & sys::UBLK_F_QUIESCE as u64 != 0)
+}
+
 /// Asks the kernel to quiesce live device `id` for a hand-over: it holds
 /// new requests, waits up to `timeout` for those in flight to be answered
 /// by the running server, then ends that server's fetches (its queues stop
