@@ -82,7 +82,7 @@ three_upgrades() {
 fio_through "3 upgrades" /tmp/fio-u.txt 16 3000 $dev three_upgrades
 check "upgrade: the supervisor logged each hand-over" \
     [ "$(cat /run/vramblk/*.log | grep -c "upgraded: served by")" -eq 3 ] || show_logs
-check "upgrade: each hand-over took the device the kernel's way ($(handover_way))" \
+check "upgrade: each hand-over took the device the kernel's way ($(handover_words))" \
     [ "$(handovers_the_kernels_way)" -eq 3 ] || show_logs
 if kernel_quiesces; then
     check "upgrade (quiesced, memory plentiful): each hand-over quiesced the device" \

@@ -297,6 +297,9 @@ handover_way() {
     fi
 }
 
+# handover_words: handover_way in words, for a check's name
+handover_words() { handover_way | sed 's/\\//g; s/|/ or /'; }
+
 # handovers_the_kernels_way: how many hand-overs the logs say took the
 # device this kernel's way, less those whose old server had to be killed
 # for not letting go of a quiesced device
@@ -561,7 +564,7 @@ swap_kill_run() {
     [ "$mode" = upgrade ] &&
         info "$run: $(( $(cat /run/vramblk/*.log | grep -c "over from the old binary's server [0-9]*: quiesced") - quiesced0 )) of the $((k - 1)) hand-overs quiesced" &&
         check "$run: each of the $((k - 1)) upgrades handed the device to the new binary" [ $failed -eq 0 ] &&
-        { check "$run: each took the device the kernel's way ($(handover_way))" \
+        { check "$run: each took the device the kernel's way ($(handover_words))" \
             [ $(( $(handovers_the_kernels_way) - ways0 )) -eq $((k - 1)) ] ||
             cat /run/vramblk/*.log | sort | grep -E "over from the old binary's server|let go of|quiesc" |
                 tail -20 | while read -r l; do info "$run: $l"; done; }
