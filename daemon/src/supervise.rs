@@ -92,7 +92,8 @@ impl Child {
 
 /// A device being handed to the binary this supervisor re-executed: the
 /// old binary's server serves until a standby of the new one is ready,
-/// then it is stopped and the standby takes over as after a crash.
+/// which then takes the device from it (quiesced, or the old server
+/// killed: handover.rs) and recovers it.
 struct Handover {
     old_server: libc::pid_t,
     /// The old server leaves a quiesced device alone (ResumeState), so its
@@ -527,7 +528,7 @@ impl Supervisor<'_> {
     }
 
     /// As [`Self::wake_standby`]; with `from`, the standby first takes the
-    /// device from that live server (an upgrade: server.rs `hand_over`).
+    /// device from that live server (an upgrade: handover.rs `take_from`).
     fn wake_standby_for(&mut self, restarts: u32, from: Option<libc::pid_t>) -> Option<Child> {
         let s = self.standby.take()?;
         self.standby_forked = None;
