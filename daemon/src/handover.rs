@@ -91,7 +91,7 @@ pub fn take_from(id: u32, from: u32) -> String {
     let exited = rustix::process::Pid::from_raw(from as i32)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let how = match control::quiesce(id, QUIESCE_TIMEOUT) {
-        Ok(true) => {
+        Ok(()) => {
             let [gone] = crate::process::wait_readable(&[exited.as_ref()], LET_GO_MS);
             if gone {
                 return "quiesced: it answered its requests and let go".into();
@@ -100,7 +100,6 @@ pub fn take_from(id: u32, from: u32) -> String {
             // now re-issues nothing.
             "quiesced: it answered its requests, then was killed (it had not exited 2 s later)"
         }
-        Ok(false) => WITHOUT_QUIESCE,
         Err(e) => {
             log::warn!("server: {e}; killing server {from} instead");
             "killed (the quiesce failed); its requests are issued again"

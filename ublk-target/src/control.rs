@@ -44,6 +44,19 @@ pub enum DeviceState {
     Unknown(u16),
 }
 
+impl DeviceState {
+    /// The state the kernel reports in a device's info.
+    pub fn from_kernel(state: u16) -> DeviceState {
+        match u32::from(state) {
+            sys::UBLK_S_DEV_LIVE => DeviceState::Live,
+            sys::UBLK_S_DEV_DEAD => DeviceState::Dead,
+            sys::UBLK_S_DEV_QUIESCED => DeviceState::Quiesced,
+            sys::UBLK_S_DEV_FAIL_IO => DeviceState::FailIo,
+            _ => DeviceState::Unknown(state),
+        }
+    }
+}
+
 impl std::fmt::Display for DeviceState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -139,16 +152,9 @@ fn open(id: u32) -> Result<UblkCtrl, ControlError> {
 pub fn device_info(id: u32) -> Result<DeviceInfo, ControlError> {
     let ctrl = open(id)?;
     let info = ctrl.dev_info();
-    let state = match info.state as u32 {
-        sys::UBLK_S_DEV_LIVE => DeviceState::Live,
-        sys::UBLK_S_DEV_DEAD => DeviceState::Dead,
-        sys::UBLK_S_DEV_QUIESCED => DeviceState::Quiesced,
-        sys::UBLK_S_DEV_FAIL_IO => DeviceState::FailIo,
-        n => DeviceState::Unknown(n as u16),
-    };
     Ok(DeviceInfo {
         id,
-        state,
+        state: DeviceState::from_kernel(info.state),
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
         daemon_pid: info.ublksrv_pid,
@@ -245,25 +251,22 @@ pub fn quiesce_supported(id: u32) -> Result<bool, ControlError> {
 /// Asks the kernel to quiesce live device `id` for a hand-over: it holds
 /// new requests, waits up to `timeout` for those in flight to be answered
 /// by the running server, then ends that server's fetches (its queues stop
-/// and it exits, leaving the device to the next one). Ok(false) when the
-/// device was added without UBLK_F_QUIESCE (a kernel before 6.16); an
-/// error leaves the device refusing new requests until a new server
-/// recovers it (the kernel does not undo the quiesce's first step).
-pub fn quiesce(id: u32, timeout: std::time::Duration) -> Result<bool, ControlError> {
+/// and it exits, leaving the device to the next one). The device must have
+/// been added with UBLK_F_QUIESCE ([`quiesce_supported`]); an error leaves
+/// the device refusing new requests until a new server recovers it (the
+/// kernel does not undo the quiesce's first step).
+pub fn quiesce(id: u32, timeout: std::time::Duration) -> Result<(), ControlError> {
     let fail = |why: String| ControlError::Quiesce { id, why };
     // In a thread of its own, as `delete` (libublk's control ring is per
     // thread).
     std::thread::scope(|s| {
         s.spawn(|| {
             let ctrl = open(id)?;
-            if ctrl.dev_info().flags & sys::UBLK_F_QUIESCE as u64 == 0 {
-                return Ok(false);
-            }
             let ms = u64::try_from(timeout.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
             ctrl.quiesce_dev(ms)
-                .map(|_| true)
+                .map(drop)
                 .map_err(|e| fail(e.to_string()))
         })
         .join()

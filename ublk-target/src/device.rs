@@ -263,13 +263,12 @@ where
 /// Asked on the control's own ring: a server leaving a quiesced device
 /// may be short of memory (the device's swap waits on the next server).
 fn left_live(ctrl: &UblkCtrl) -> bool {
-    if ctrl.read_dev_info().is_err() {
-        return false;
-    }
-    matches!(
-        ctrl.dev_info().state as u32,
-        sys::UBLK_S_DEV_LIVE | sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO
-    )
+    use crate::control::DeviceState;
+    ctrl.read_dev_info().is_ok()
+        && matches!(
+            DeviceState::from_kernel(ctrl.dev_info().state),
+            DeviceState::Live | DeviceState::Quiesced | DeviceState::FailIo
+        )
 }
 
 /// Waits until the kernel has quiesced device `id` (its old server gone);

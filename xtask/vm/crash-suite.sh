@@ -86,7 +86,7 @@ check "upgrade: each hand-over took the device the kernel's way ($(handover_word
     [ "$(handovers_the_kernels_way)" -eq 3 ] || show_logs
 if kernel_quiesces; then
     check "upgrade (quiesced, memory plentiful): each hand-over quiesced the device" \
-        [ "$(cat /run/vramblk/*.log | grep -c "over from the old binary's server [0-9]*: quiesced: it answered its requests and let go")" -eq 3 ]
+        [ "$(handovers_saying "quiesced: it answered its requests and let go")" -eq 3 ]
     check "upgrade (quiesced): each old server answered its requests, let go and exited 3" \
         [ "$(cat /run/vramblk/*.log | grep -c "server of /dev/ublkb0 (pid [0-9]*) stopped (exit status: 3)")" -eq 3 ]
     check "upgrade (quiesced): and left the device to the next server" \

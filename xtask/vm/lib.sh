@@ -300,13 +300,18 @@ handover_way() {
 # handover_words: handover_way in words, for a check's name
 handover_words() { handover_way | sed 's/\\//g; s/|/ or /'; }
 
+# handovers_saying PATTERN: how many hand-overs the logs say took the
+# device in words matching PATTERN (grep -E)
+handovers_saying() {
+    cat /run/vramblk/*.log | grep "over from the old binary's server [0-9]*: " | grep -cE "$1"
+}
+
 # handovers_the_kernels_way: how many hand-overs the logs say took the
 # device this kernel's way, less those whose old server had to be killed
 # for not letting go of a quiesced device
 handovers_the_kernels_way() {
     local way late
-    way=$(cat /run/vramblk/*.log | grep "over from the old binary's server [0-9]*: " |
-        grep -cE "$(handover_way)")
+    way=$(handovers_saying "$(handover_way)")
     late=$(cat /run/vramblk/*.log | grep -c "did not let go of")
     echo $((way - late))
 }
@@ -511,7 +516,7 @@ swap_kill_run() {
             "$(sed -n 's/.*"queues": *\([0-9]*\).*/\1/p' /run/vramblk/ublkb0.json)"
     HOLDER_FOR_CHILDREN=$(holder_pid 0)
     [ "$mode" = upgrade ] && ways0=$(handovers_the_kernels_way) &&
-        quiesced0=$(cat /run/vramblk/*.log | grep -c "over from the old binary's server [0-9]*: quiesced")
+        quiesced0=$(handovers_saying "quiesced")
     avail=$(mem MemAvailable)
     fill=$((avail + extra))
     info "$run: MemAvailable $avail MiB; memcheck fills $fill MiB over $passes passes; $kills kills"
@@ -562,7 +567,7 @@ swap_kill_run() {
     info "$run: pswpout $pages pages, $((k - 1)) ${mode}s in $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
     check "$run: every byte read back intact through $((k - 1)) ${mode}s" [ $rc -eq 0 ] || show_logs
     [ "$mode" = upgrade ] &&
-        info "$run: $(( $(cat /run/vramblk/*.log | grep -c "over from the old binary's server [0-9]*: quiesced") - quiesced0 )) of the $((k - 1)) hand-overs quiesced" &&
+        info "$run: $(( $(handovers_saying "quiesced") - quiesced0 )) of the $((k - 1)) hand-overs quiesced" &&
         check "$run: each of the $((k - 1)) upgrades handed the device to the new binary" [ $failed -eq 0 ] &&
         { check "$run: each took the device the kernel's way ($(handover_words))" \
             [ $(( $(handovers_the_kernels_way) - ways0 )) -eq $((k - 1)) ] ||
