@@ -8,6 +8,7 @@
 //! usage: engine-bench [--gpu N] [--size GiB] [--secs S] [--out FILE] [--checks-only]
 //!        engine-bench [--gpu N] [--secs S] --rounds-only
 //!        engine-bench --gpu all|N,M,... [--size GiB] [--secs S] [--out FILE]
+//!        engine-bench [--gpu N] [--secs S] [--mib M] --compress-check [FILE...]
 //!
 //! `--checks-only` runs the checks on 256 MiB stores and times nothing:
 //! what `cargo xtask test` runs on the stand-in libcuda (never GPU
@@ -15,11 +16,15 @@
 //! `--rounds-only` prints the rounds-per-queue table alone (issue 19).
 //! `--gpu all` (or a list) times the several-GPU table alone (issue 21):
 //! each GPU alone, then all at once, each with its own store and queues.
+//! `--compress-check` holds the page codec's GPU kernels to the Rust
+//! reference on the FILEs' pages (the corpus) and times them (issue 18;
+//! compress.rs); `--secs 0` checks only.
 //!
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
 
 mod ceiling;
+mod compress;
 mod context;
 mod idle;
 mod integrity;
@@ -35,7 +40,7 @@ use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;
 
 /// Exit status for "no GPU here" (automake's SKIP).
-const SKIPPED: i32 = 77;
+pub(crate) const SKIPPED: i32 = 77;
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -60,6 +65,20 @@ fn main() -> Result<()> {
     let gpu = arg(&args, "--gpu", 0) as u32;
     if args.iter().any(|a| a == "--context-probe") {
         std::process::exit(context::probe(gpu));
+    }
+    if let Some(at) = args.iter().position(|a| a == "--compress-check") {
+        let files: Vec<std::path::PathBuf> = args[at + 1..]
+            .iter()
+            .take_while(|a| !a.starts_with("--"))
+            .map(Into::into)
+            .collect();
+        let code = compress::run(
+            gpu,
+            &files,
+            arg(&args, "--mib", 8),
+            arg(&args, "--secs", 1) as f64,
+        )?;
+        std::process::exit(code);
     }
     let checks_only = args.iter().any(|a| a == "--checks-only");
     if args.iter().any(|a| a == "--rounds-only") {
@@ -273,7 +292,7 @@ fn several_gpus(which: &str, args: &[String]) -> Result<()> {
 }
 
 /// The time now in UTC, as `date -u` prints it (no date crate for one line).
-fn utc_now() -> String {
+pub(crate) fn utc_now() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()

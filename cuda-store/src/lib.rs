@@ -17,6 +17,7 @@ mod driver;
 mod extents;
 mod integrity;
 mod kernel;
+pub mod page_kernels;
 mod pinned;
 pub mod probe;
 mod queue;

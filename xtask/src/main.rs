@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: the project's automation (cargo-xtask convention).
 //!
-//! - `test`: unit tests, `systemd-analyze verify` on the units, the cuda
+//! - `test`: unit tests, the committed PTX against its CUDA C (where
+//!   NVRTC can be fetched), `systemd-analyze verify` on the units, the cuda
 //!   store's checks on a stand-in libcuda, then the VM suite (the README's
 //!   test command).
 //! - `unit-test`: `cargo test` for the workspace.
@@ -16,6 +17,8 @@
 //!   rewrites docs/benchmarks.md's GPU part.
 //! - `corpus`: a corpus of real swap content and how it compresses page
 //!   by page on the CPU (issue 18).
+//! - `ptx`: the GPU kernels' PTX from their CUDA C (NVRTC from PyPI),
+//!   committed so building vramblk needs no CUDA.
 //! - `deb`: the Debian package (cargo-deb, installed under target/tools
 //!   when missing), checked: its files, conffile and man pages.
 //! - `install` / `uninstall`: the binary, systemd units, udev rule and
@@ -30,6 +33,7 @@ mod docs;
 mod initramfs;
 mod install;
 mod kernel;
+mod ptx;
 mod qemu;
 mod suite;
 mod tidy;
@@ -74,6 +78,9 @@ pub enum Task {
     /// page on the CPU (same-filled, LZ4, zstd); `--report` writes the table
     /// into docs/benchmarks.md.
     Corpus(corpus::Options),
+    /// The GPU kernels' PTX (cuda-store/kernels/*.ptx) from their CUDA C,
+    /// with NVRTC fetched from PyPI into target/nvrtc; `--check` compares.
+    Ptx(ptx::Options),
     /// Install the binary, units, udev rule and default config under /usr/local and /etc.
     Install(install::Options),
     /// Remove what `install` installed (keeps /etc/vramblk.toml).
@@ -92,6 +99,7 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Test => {
             unit_test()?;
+            ptx::check_where_possible(&root()?)?;
             deps::ensure()?;
             units::verify(&root()?)?;
             units::stub_checks(&root()?)?;
@@ -107,6 +115,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(o) => bench::run(&root()?, &o),
         Task::Install(o) => install::install(&root()?, &o),
         Task::Uninstall(o) => install::uninstall(&o),
+        Task::Ptx(o) => ptx::run(&root()?, &o),
         Task::Deb(o) => deb::build(&root()?, &o).map(|_| ()),
         Task::BenchEngine(o) => bench_engine::run(&root()?, &o),
         Task::Corpus(o) => corpus::run(&root()?, &o),

@@ -1,21 +1,25 @@
 //! How well the corpus compresses page by page, as a swap store must (each
 //! 4 KiB page on its own, as zram does): same-filled pages (every 8-byte
 //! word equal: zram's `same_pages`, stored as the word alone), then LZ4
-//! and zstd (levels 1 and 3) from the lz4_flex and zstd crates on this
-//! CPU, one thread. Each compressed page is decompressed and compared, so
-//! a figure never comes from a codec that lost data.
+//! and zstd (levels 1 and 3) from the lz4_flex and zstd crates, and
+//! vramblk's own page codec (vramblk-compress: the format and the search
+//! the GPU kernels run), on this CPU, one thread. Each compressed page is
+//! decompressed and compared, so a figure never comes from a codec that
+//! lost data.
 
 use super::capture::PAGE;
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
 
 /// The codecs measured, in report order.
-pub const CODECS: [Codec; 3] = [Codec::Lz4, Codec::Zstd(1), Codec::Zstd(3)];
+pub const CODECS: [Codec; 4] = [Codec::Lz4, Codec::Zstd(1), Codec::Zstd(3), Codec::Vramblk];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Codec {
     Lz4,
     Zstd(i32),
+    /// vramblk-compress's LZ4 blocks (crates/compress).
+    Vramblk,
 }
 
 impl Codec {
@@ -23,6 +27,7 @@ impl Codec {
         match self {
             Codec::Lz4 => "lz4".into(),
             Codec::Zstd(l) => format!("zstd-{l}"),
+            Codec::Vramblk => "vramblk".into(),
         }
     }
 }
@@ -37,21 +42,20 @@ pub struct Measured {
     /// Per codec (CODECS order): bytes stored for the pages that are not
     /// same-filled (a page that does not shrink is stored whole), and the
     /// time compressing them took.
-    pub stored: [u64; 3],
-    /// The same in slots of whole CLASS-byte steps (the last step is the
-    /// whole page): what a store with fixed
-    /// size classes, as zsmalloc's or the VRAM slots issue 18 plans,
-    /// would hold.
-    pub stored_in_classes: [u64; 3],
-    pub compress_time: [Duration; 3],
+    pub stored: [u64; CODECS.len()],
+    /// The same in the size classes of vramblk-compress (slots of whole
+    /// CLASS-byte steps; a block larger than the last class takes the
+    /// whole page): what a compressed VRAM store holds.
+    pub stored_in_classes: [u64; CODECS.len()],
+    pub compress_time: [Duration; CODECS.len()],
 }
 
-/// The step between size classes: 8 classes per page.
-pub const CLASS: usize = 512;
+/// The step between size classes.
+pub const CLASS: usize = vramblk_compress::CLASS_STEP;
 
-/// The slot a compressed page of `len` bytes takes in CLASS steps.
+/// The slot a compressed page of `len` bytes takes.
 pub fn class_of(len: usize) -> usize {
-    (len.div_ceil(CLASS).max(1) * CLASS).min(PAGE)
+    vramblk_compress::class_of(len).map_or(PAGE, |c| c.bytes())
 }
 
 impl Measured {
@@ -83,7 +87,7 @@ impl Measured {
         self.pages += o.pages;
         self.same += o.same;
         self.zero += o.zero;
-        for i in 0..3 {
+        for i in 0..CODECS.len() {
             self.stored[i] += o.stored[i];
             self.stored_in_classes[i] += o.stored_in_classes[i];
             self.compress_time[i] += o.compress_time[i];
@@ -93,11 +97,7 @@ impl Measured {
 
 /// The word a same-filled page repeats, if it is one.
 pub fn same_filled(page: &[u8]) -> Option<u64> {
-    let mut words = page
-        .chunks_exact(8)
-        .map(|w| u64::from_ne_bytes(w.try_into().unwrap()));
-    let first = words.next()?;
-    words.all(|w| w == first).then_some(first)
+    vramblk_compress::same_filled(page.try_into().ok()?)
 }
 
 /// Measures `data`, a whole number of pages.
@@ -110,7 +110,7 @@ pub fn measure(data: &[u8]) -> Result<Measured> {
         .iter()
         .filter_map(|c| match c {
             Codec::Zstd(l) => Some(zstd::bulk::Compressor::new(*l)),
-            Codec::Lz4 => None,
+            Codec::Lz4 | Codec::Vramblk => None,
         })
         .collect::<std::io::Result<_>>()
         .context("creating a zstd compressor")?;
@@ -134,6 +134,21 @@ pub fn measure(data: &[u8]) -> Result<Measured> {
                         len,
                         lz4_flex::block::decompress(&out[..len], PAGE).context("lz4")?,
                     )
+                }
+                Codec::Vramblk => {
+                    let page: &[u8; PAGE] = page.try_into().context("a page")?;
+                    let len = vramblk_compress::lz::compress(page, &mut out);
+                    m.compress_time[i] += started.elapsed();
+                    let mut back = [0u8; PAGE];
+                    match len {
+                        Some(len) => {
+                            vramblk_compress::lz::decompress(&out[..len], &mut back)
+                                .context("vramblk's page codec")?;
+                            (len, back.to_vec())
+                        }
+                        // Too large for a slot: stored whole.
+                        None => (PAGE, page.to_vec()),
+                    }
                 }
                 Codec::Zstd(_) => {
                     let z = &mut zstd[i - 1];
@@ -174,9 +189,13 @@ mod tests {
     fn pages_take_whole_classes_and_big_ones_a_page() {
         assert_eq!(class_of(1), CLASS);
         assert_eq!(class_of(512), 512);
-        assert_eq!(class_of(513), 1024);
-        assert_eq!(class_of(3584), 3584);
-        assert_eq!(class_of(3585), PAGE, "the last class would save nothing");
+        assert_eq!(class_of(513), 512 + CLASS);
+        assert_eq!(class_of(PAGE - CLASS), PAGE - CLASS);
+        assert_eq!(
+            class_of(PAGE - CLASS + 1),
+            PAGE,
+            "the last class would save nothing"
+        );
         assert_eq!(class_of(5000), PAGE);
     }
 
@@ -194,15 +213,17 @@ mod tests {
         }));
         let m = measure(&data).unwrap();
         assert_eq!((m.pages, m.same, m.zero), (3, 1, 1));
-        for i in 0..3 {
+        for i in 0..CODECS.len() {
             // The text page shrinks a lot; the random one is stored whole.
             assert!(
                 m.stored[i] > PAGE as u64 && m.stored[i] < PAGE as u64 + 400,
                 "{m:?}"
             );
             assert!(m.ratio(i) > 2.5 && m.ratio(i) < 3.0, "{}", m.ratio(i));
-            // In classes the text page takes 512 bytes.
-            assert_eq!(m.stored_in_classes[i], (PAGE + CLASS) as u64);
+            // In classes the text page takes one slot of a few hundred bytes.
+            let text_slot = m.stored_in_classes[i] - PAGE as u64;
+            assert!(text_slot > 0 && text_slot < 512, "{m:?}");
+            assert_eq!(text_slot % CLASS as u64, 0, "{m:?}");
         }
         assert!(measure(&data[..100]).is_err());
     }

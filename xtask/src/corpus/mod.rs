@@ -108,11 +108,12 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
              Each 4 KiB page on its own, as a swap store compresses: same-filled pages (every\n\
              8-byte word equal, zram's `same_pages`) cost nothing; a page that does not shrink is\n\
              stored whole. Ratio = bytes of pages over bytes stored (zramctl's DATA / COMPR); \"in\n\
-             512 B classes\": each page in a slot of whole 512-byte steps, a page needing more than\n\
-             3.5 KiB stored whole (what fixed size classes, as planned for VRAM, would hold). Speed:\n\
-             compression only, one thread of this machine's CPU, over the pages not same-filled. Every\n\
-             page is decompressed and compared. The sources are programs' resident anonymous\n\
-             memory, read from /proc when the command ran, and random pages.\n\n{table}\n{END}"
+             128 B classes\": each page in a slot of whole 128-byte steps, a page needing more than\n\
+             3968 bytes stored whole (the size classes of vramblk-compress, what compressed VRAM\n\
+             holds). `vramblk`: vramblk's own page codec (LZ4 blocks, the GPU kernels' search, on\n\
+             the CPU here). Speed: compression only, one thread of this machine's CPU, over the pages\n\
+             not same-filled. Every page is decompressed and compared. The sources are programs'\n\
+             resident anonymous memory, read from /proc when the command ran, and random pages.\n\n{table}\n{END}"
         );
         crate::docs::splice(&root.join("docs/benchmarks.md"), BEGIN, END, &section)?;
         println!("wrote the table into docs/benchmarks.md");

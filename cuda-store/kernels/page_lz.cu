@@ -1,0 +1,315 @@
+// vramblk's page codec on the GPU: one warp per 4 KiB page.
+//
+// The format and every step of the search are those of the Rust reference,
+// crates/compress/src/lz.rs (read it first): this file must give byte for
+// byte what `vramblk_compress::lz::compress` gives, and engine-bench's
+// compress check holds it to that on the GPU. The constants below are that
+// crate's; a tidy test compares them.
+//
+// `cargo xtask ptx` turns this file into page_lz.ptx (NVRTC, compute_70),
+// which is committed, so building vramblk needs no CUDA.
+
+#define PAGE 4096
+#define HASH_BITS 11
+#define TABLE (1 << HASH_BITS)
+#define CHAIN 4
+#define MF_LIMIT 12
+#define LAST_LITERALS 5
+#define MIN_MATCH 4
+#define MAX_COMPRESSED 3968
+#define MATCH_STARTS (PAGE - MF_LIMIT)
+#define EMPTY 0xffff
+
+// Warps (pages) per block: 2 x 16 KiB of shared memory.
+#define WARPS 2
+#define FULL 0xffffffffu
+
+// What a page became (PageJob::kind).
+#define KIND_COMPRESSED 0
+#define KIND_SAME 1
+#define KIND_RAW 2
+// Set by decompress_pages on a block that is not a page.
+#define KIND_CORRUPT 0x80000000u
+
+// One page's job, 32 bytes (cuda-store/src/page_kernels.rs mirrors it).
+// compress_pages: src the page, dst a 4096-byte staging slot; it sets
+// kind, len (block bytes; 4096 for a raw page, copied whole) and word.
+// decompress_pages: src the block (or raw page), dst the page; kind, len
+// and word as compress_pages left them.
+struct PageJob {
+    unsigned long long src;
+    unsigned long long dst;
+    unsigned long long word;
+    unsigned int len;
+    unsigned int kind;
+};
+
+__device__ __forceinline__ unsigned int read32(const unsigned char* p, int i) {
+    return (unsigned int)p[i] | ((unsigned int)p[i + 1] << 8) |
+           ((unsigned int)p[i + 2] << 16) | ((unsigned int)p[i + 3] << 24);
+}
+
+__device__ __forceinline__ unsigned int hash(unsigned int seq) {
+    return (seq * 2654435761u) >> (32 - HASH_BITS);
+}
+
+// Bytes a length beyond the token's 15 takes (255s, then the rest).
+__device__ __forceinline__ int length_bytes(int n) {
+    return n >= 15 ? (n - 15) / 255 + 1 : 0;
+}
+
+// Lane 0 writes the length extension of `n` at out[o]; returns the new o.
+__device__ __forceinline__ int write_length(unsigned char* out, int o, int n, int lane) {
+    if (n < 15) return o;
+    n -= 15;
+    int bytes = n / 255 + 1;
+    if (lane == 0) {
+        for (int k = 0; k < bytes - 1; k++) out[o + k] = 255;
+        out[o + bytes - 1] = (unsigned char)(n % 255);
+    }
+    return o + bytes;
+}
+
+// Whether one of position i's CHAIN candidates holds its 4 bytes.
+__device__ __forceinline__ bool has_match(const unsigned char* page,
+                                          const unsigned short* cand, int i) {
+    unsigned int seq = read32(page, i);
+    unsigned short c = cand[i];
+    for (int k = 0; k < CHAIN && c != EMPTY; k++) {
+        if (read32(page, c) == seq) return true;
+        c = cand[c];
+    }
+    return false;
+}
+
+__device__ __forceinline__ void copy_out(unsigned long long dst, const unsigned char* from,
+                                         int bytes, int lane) {
+    uint4* d = (uint4*)dst;
+    const uint4* s = (const uint4*)from;
+    for (int k = lane; k < (bytes + 15) / 16; k += 32) d[k] = s[k];
+}
+
+extern "C" __global__ void compress_pages(PageJob* jobs, unsigned int n) {
+    __shared__ __align__(16) unsigned char s_page[WARPS][PAGE];
+    // The hash table during pass 1, the block being written after it.
+    __shared__ __align__(16) unsigned short s_table[WARPS][TABLE];
+    __shared__ unsigned short s_cand[WARPS][MATCH_STARTS];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned int idx = blockIdx.x * WARPS + warp;
+    if (idx >= n) return;
+    PageJob* job = &jobs[idx];
+    unsigned char* page = s_page[warp];
+    unsigned short* table = s_table[warp];
+    unsigned short* cand = s_cand[warp];
+
+    const uint4* src = (const uint4*)job->src;
+    for (int k = lane; k < PAGE / 16; k += 32) ((uint4*)page)[k] = src[k];
+    __syncwarp();
+
+    // Same-filled: every 8-byte word equal.
+    const unsigned long long* words = (const unsigned long long*)page;
+    const unsigned long long first = words[0];
+    bool same = true;
+    for (int k = lane; k < PAGE / 8; k += 32) same &= words[k] == first;
+    if (__all_sync(FULL, same)) {
+        if (lane == 0) {
+            job->word = first;
+            job->len = 0;
+            job->kind = KIND_SAME;
+        }
+        return;
+    }
+
+    // Pass 1: each position's candidate, 32 positions a step. Lanes whose
+    // positions hash alike take their nearest lower peer; the highest of
+    // them leaves its position in the table for the next step.
+    for (int k = lane; k < TABLE; k += 32) table[k] = EMPTY;
+    __syncwarp();
+    for (int base = 0; base < MATCH_STARTS; base += 32) {
+        const int pos = base + lane;
+        const bool valid = pos < MATCH_STARTS;
+        const unsigned int h = valid ? hash(read32(page, pos)) : TABLE + lane;
+        const unsigned int peers = __match_any_sync(FULL, h);
+        const unsigned int lower = peers & ((1u << lane) - 1u);
+        unsigned short c = EMPTY;
+        if (lower) c = (unsigned short)(base + 31 - __clz(lower));
+        else if (valid) c = table[h];
+        __syncwarp();
+        if (valid) {
+            cand[pos] = c;
+            if (lane == 31 - __clz(peers)) table[h] = (unsigned short)pos;
+        }
+        __syncwarp();
+    }
+
+    // Pass 2: the parse, every lane walking it alike.
+    unsigned char* out = (unsigned char*)table;
+    int op = 0, anchor = 0, i = 0;
+    bool fits = true;
+    while (i < MATCH_STARTS) {
+        const int pos = i + lane;
+        const unsigned int hits = __ballot_sync(FULL, pos < MATCH_STARTS && has_match(page, cand, pos));
+        if (!hits) {
+            i += 32;
+            continue;
+        }
+        i += __ffs(hits) - 1;
+        // The candidate reaching furthest; each extension 32 bytes a step.
+        const unsigned int seq = read32(page, i);
+        int best_end = 0, best_off = 0;
+        unsigned short c = cand[i];
+        for (int k = 0; k < CHAIN && c != EMPTY; k++) {
+            if (read32(page, c) == seq) {
+                const int off = i - c;
+                int end = i + MIN_MATCH;
+                for (;;) {
+                    const int p = end + lane;
+                    const bool eq = p < PAGE - LAST_LITERALS && page[p] == page[p - off];
+                    const unsigned int miss = __ballot_sync(FULL, !eq);
+                    if (miss) {
+                        end += __ffs(miss) - 1;
+                        break;
+                    }
+                    end += 32;
+                }
+                if (end > best_end) {
+                    best_end = end;
+                    best_off = off;
+                }
+            }
+            c = cand[c];
+        }
+        int start = i;
+        while (start > anchor && start > best_off && page[start - 1] == page[start - 1 - best_off])
+            start--;
+        const int lit = start - anchor, ml = best_end - start - MIN_MATCH;
+        if (op + 1 + length_bytes(lit) + lit + 2 + length_bytes(ml) > MAX_COMPRESSED) {
+            fits = false;
+            break;
+        }
+        if (lane == 0) out[op] = (unsigned char)(((lit < 15 ? lit : 15) << 4) | (ml < 15 ? ml : 15));
+        int o = write_length(out, op + 1, lit, lane);
+        for (int k = lane; k < lit; k += 32) out[o + k] = page[anchor + k];
+        o += lit;
+        if (lane == 0) {
+            out[o] = (unsigned char)(best_off & 0xff);
+            out[o + 1] = (unsigned char)(best_off >> 8);
+        }
+        op = write_length(out, o + 2, ml, lane);
+        i = best_end;
+        anchor = best_end;
+    }
+    if (fits) {
+        const int lit = PAGE - anchor;
+        if (op + 1 + length_bytes(lit) + lit > MAX_COMPRESSED) {
+            fits = false;
+        } else {
+            if (lane == 0) out[op] = (unsigned char)((lit < 15 ? lit : 15) << 4);
+            int o = write_length(out, op + 1, lit, lane);
+            for (int k = lane; k < lit; k += 32) out[o + k] = page[anchor + k];
+            op = o + lit;
+        }
+    }
+    __syncwarp();
+    if (fits) {
+        copy_out(job->dst, out, op, lane);
+    } else {
+        copy_out(job->dst, page, PAGE, lane);
+        op = PAGE;
+    }
+    if (lane == 0) {
+        job->word = 0;
+        job->len = (unsigned int)op;
+        job->kind = fits ? KIND_COMPRESSED : KIND_RAW;
+    }
+}
+
+extern "C" __global__ void decompress_pages(PageJob* jobs, unsigned int n) {
+    __shared__ __align__(16) unsigned char s_page[WARPS][PAGE];
+    __shared__ __align__(16) unsigned char s_block[WARPS][PAGE];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned int idx = blockIdx.x * WARPS + warp;
+    if (idx >= n) return;
+    PageJob* job = &jobs[idx];
+    const unsigned int kind = job->kind;
+    uint4* dst = (uint4*)job->dst;
+
+    if (kind == KIND_SAME) {
+        const unsigned long long w = job->word;
+        const uint4 v = make_uint4((unsigned int)w, (unsigned int)(w >> 32), (unsigned int)w,
+                                   (unsigned int)(w >> 32));
+        for (int k = lane; k < PAGE / 16; k += 32) dst[k] = v;
+        return;
+    }
+    if (kind == KIND_RAW) {
+        const uint4* src = (const uint4*)job->src;
+        for (int k = lane; k < PAGE / 16; k += 32) dst[k] = src[k];
+        return;
+    }
+    const int len = (int)job->len;
+    if (kind != KIND_COMPRESSED || len < 1 || len > MAX_COMPRESSED) {
+        if (lane == 0) job->kind = kind | KIND_CORRUPT;
+        return;
+    }
+    unsigned char* page = s_page[warp];
+    unsigned char* block = s_block[warp];
+    const uint4* src = (const uint4*)job->src;
+    for (int k = lane; k < (len + 15) / 16; k += 32) ((uint4*)block)[k] = src[k];
+    __syncwarp();
+
+    int ip = 0, op = 0;
+    bool bad = false;
+    for (;;) {
+        if (ip >= len) { bad = true; break; }
+        const int token = block[ip++];
+        int lit = token >> 4;
+        if (lit == 15) {
+            int b;
+            do {
+                if (ip >= len) { bad = true; break; }
+                b = block[ip++];
+                lit += b;
+            } while (b == 255 && lit <= PAGE);
+            if (bad || lit > PAGE) { bad = true; break; }
+        }
+        if (ip + lit > len || op + lit > PAGE) { bad = true; break; }
+        for (int k = lane; k < lit; k += 32) page[op + k] = block[ip + k];
+        __syncwarp();
+        ip += lit;
+        op += lit;
+        if (ip == len) break;
+        if (ip + 2 > len) { bad = true; break; }
+        const int off = block[ip] | (block[ip + 1] << 8);
+        ip += 2;
+        if (off == 0 || off > op) { bad = true; break; }
+        int ml = token & 15;
+        if (ml == 15) {
+            int b;
+            do {
+                if (ip >= len) { bad = true; break; }
+                b = block[ip++];
+                ml += b;
+            } while (b == 255 && ml <= PAGE);
+            if (bad || ml > PAGE) { bad = true; break; }
+        }
+        ml += MIN_MATCH;
+        if (op + ml > PAGE) { bad = true; break; }
+        // A match may overlap what it writes: at most `off` bytes a round.
+        while (ml > 0) {
+            int step = ml < off ? ml : off;
+            if (step > 32) step = 32;
+            if (lane < step) page[op + lane] = page[op + lane - off];
+            __syncwarp();
+            op += step;
+            ml -= step;
+        }
+    }
+    if (bad || op != PAGE) {
+        if (lane == 0) job->kind = kind | KIND_CORRUPT;
+        return;
+    }
+    __syncwarp();
+    for (int k = lane; k < PAGE / 16; k += 32) dst[k] = ((const uint4*)page)[k];
+}
