@@ -427,7 +427,7 @@ fn timings(
         .map(|_| stream::create(stream::StreamKind::NonBlocking))
         .collect::<Result<_, _>>()
         .context("cuStreamCreate")?;
-    println!("| pages | shape | compress pages/s | GB/s | launch p50 us | decompress pages/s | GB/s | launch p50 us | copy kernel alone (write / read) |");
+    println!("| pages | shape | compress pages/s | GB/s | round p50 us | decompress pages/s | GB/s | round p50 us | copy kernel alone (write / read) |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (set, range) in sets {
         if range.is_empty() {

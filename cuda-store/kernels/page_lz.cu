@@ -20,6 +20,9 @@
 #define MATCH_STARTS (PAGE - MF_LIMIT)
 #define EMPTY 0xffff
 
+// The parse extends the chain's candidates in groups of 8 lanes.
+static_assert(CHAIN * 8 == 32, "one group of 8 lanes per candidate");
+
 // Warps (pages) per block: 2 x 16 KiB of shared memory.
 #define WARPS 2
 #define FULL 0xffffffffu
@@ -44,9 +47,11 @@ struct PageJob {
     unsigned int kind;
 };
 
+// The 4 bytes at p[i] as a little-endian word: two aligned loads and a
+// funnel shift (p is 16-byte aligned; i + 4 stays inside the page).
 __device__ __forceinline__ unsigned int read32(const unsigned char* p, int i) {
-    return (unsigned int)p[i] | ((unsigned int)p[i + 1] << 8) |
-           ((unsigned int)p[i + 2] << 16) | ((unsigned int)p[i + 3] << 24);
+    const unsigned int* w = (const unsigned int*)p + (i >> 2);
+    return __funnelshift_r(w[0], w[1], (i & 3) * 8);
 }
 
 __device__ __forceinline__ unsigned int hash(unsigned int seq) {
@@ -94,6 +99,9 @@ extern "C" __global__ void compress_pages(PageJob* jobs, unsigned int n) {
     // The hash table during pass 1, the block being written after it.
     __shared__ __align__(16) unsigned short s_table[WARPS][TABLE];
     __shared__ unsigned short s_cand[WARPS][MATCH_STARTS];
+    // Bit p of word w: position 32 w + p starts a match (pass 1's result
+    // for the parse, found 32 positions at a time).
+    __shared__ unsigned int s_hits[WARPS][(MATCH_STARTS + 31) / 32];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned int idx = blockIdx.x * WARPS + warp;
@@ -102,9 +110,16 @@ extern "C" __global__ void compress_pages(PageJob* jobs, unsigned int n) {
     unsigned char* page = s_page[warp];
     unsigned short* table = s_table[warp];
     unsigned short* cand = s_cand[warp];
+    unsigned int* hits = s_hits[warp];
 
+    // Every load issued before the first store: the page may be in host
+    // memory, a PCIe round trip away.
     const uint4* src = (const uint4*)job->src;
-    for (int k = lane; k < PAGE / 16; k += 32) ((uint4*)page)[k] = src[k];
+    uint4 v[PAGE / 16 / 32];
+#pragma unroll
+    for (int k = 0; k < PAGE / 16 / 32; k++) v[k] = src[lane + 32 * k];
+#pragma unroll
+    for (int k = 0; k < PAGE / 16 / 32; k++) ((uint4*)page)[lane + 32 * k] = v[k];
     __syncwarp();
 
     // Same-filled: every 8-byte word equal.
@@ -143,42 +158,60 @@ extern "C" __global__ void compress_pages(PageJob* jobs, unsigned int n) {
         __syncwarp();
     }
 
+    // Which positions start a match, 32 at a time.
+    for (int base = 0; base < MATCH_STARTS; base += 32) {
+        const int pos = base + lane;
+        const unsigned int m = __ballot_sync(FULL, pos < MATCH_STARTS && has_match(page, cand, pos));
+        if (lane == 0) hits[base / 32] = m;
+    }
+    __syncwarp();
+
     // Pass 2: the parse, every lane walking it alike.
     unsigned char* out = (unsigned char*)table;
     int op = 0, anchor = 0, i = 0;
     bool fits = true;
+    // Lanes in 4 groups of 8: group g extends the chain's g-th candidate,
+    // 8 bytes a step, all four at once.
+    const int group = lane / 8, sub = lane % 8;
     while (i < MATCH_STARTS) {
-        const int pos = i + lane;
-        const unsigned int hits = __ballot_sync(FULL, pos < MATCH_STARTS && has_match(page, cand, pos));
-        if (!hits) {
-            i += 32;
+        unsigned int word = hits[i / 32] & (FULL << (i % 32));
+        if (!word) {
+            i = (i / 32 + 1) * 32;
             continue;
         }
-        i += __ffs(hits) - 1;
-        // The candidate reaching furthest; each extension 32 bytes a step.
+        i = (i / 32) * 32 + __ffs(word) - 1;
+        if (i >= MATCH_STARTS) break;
         const unsigned int seq = read32(page, i);
-        int best_end = 0, best_off = 0;
         unsigned short c = cand[i];
-        for (int k = 0; k < CHAIN && c != EMPTY; k++) {
-            if (read32(page, c) == seq) {
-                const int off = i - c;
-                int end = i + MIN_MATCH;
-                for (;;) {
-                    const int p = end + lane;
-                    const bool eq = p < PAGE - LAST_LITERALS && page[p] == page[p - off];
-                    const unsigned int miss = __ballot_sync(FULL, !eq);
-                    if (miss) {
-                        end += __ffs(miss) - 1;
-                        break;
-                    }
-                    end += 32;
-                }
-                if (end > best_end) {
-                    best_end = end;
-                    best_off = off;
+        for (int k = 0; k < group && c != EMPTY; k++) c = cand[c];
+        const bool valid = c != EMPTY && read32(page, c) == seq;
+        const int off = i - (int)c;
+        int end = i + MIN_MATCH;
+        bool open = valid;
+        for (;;) {
+            const int p = end + sub;
+            const bool eq = open && p < PAGE - LAST_LITERALS && page[p] == page[p - off];
+            const unsigned int stops = (__ballot_sync(FULL, !eq) >> (group * 8)) & 0xffu;
+            if (open) {
+                if (stops) {
+                    end += __ffs(stops) - 1;
+                    open = false;
+                } else {
+                    end += 8;
                 }
             }
-            c = cand[c];
+            if (!__any_sync(FULL, open)) break;
+        }
+        // The furthest-reaching candidate, the nearest of equals.
+        int best_end = 0, best_off = 0;
+#pragma unroll
+        for (int g = 0; g < CHAIN; g++) {
+            const int e = __shfl_sync(FULL, valid ? end : 0, g * 8);
+            const int o = __shfl_sync(FULL, off, g * 8);
+            if (e > best_end) {
+                best_end = e;
+                best_off = o;
+            }
         }
         int start = i;
         while (start > anchor && start > best_off && page[start - 1] == page[start - 1 - best_off])
