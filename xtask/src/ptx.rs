@@ -193,15 +193,22 @@ mod tests {
         }
     }
 
-    /// The `#define`s of the page kernels that the Rust reference owns.
+    /// The `#define`s of the page kernels (and of the stand-in libcuda's C
+    /// port of them) that the Rust reference owns.
     #[test]
     fn the_page_kernels_use_the_reference_constants() {
-        let source = std::fs::read_to_string(root().join(KERNELS[0].0)).unwrap();
+        for path in [KERNELS[0].0, "cuda-store/tests/stub/libcuda_stub.c"] {
+            page_constants_match(path);
+        }
+    }
+
+    fn page_constants_match(path: &str) {
+        let source = std::fs::read_to_string(root().join(path)).unwrap();
         let define = |name: &str| -> usize {
             source
                 .lines()
                 .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
-                .unwrap_or_else(|| panic!("no #define {name}"))
+                .unwrap_or_else(|| panic!("{path}: no #define {name}"))
                 .trim()
                 .parse()
                 .unwrap()

@@ -55,7 +55,8 @@ pub fn verify(root: &Path) -> Result<()> {
 
 /// engine-bench's checks (`--checks-only`) on the stand-in libcuda: the
 /// cuda store's allocation, hand-over and import, copy kernel descriptor
-/// tables, back-off and erase, run where there is no GPU. Host memory
+/// tables, back-off and erase, run where there is no GPU; then its page
+/// codec check (`--compress-check`) on pages it makes. Host memory
 /// behind the driver calls: it says nothing about a GPU.
 pub fn stub_checks(root: &Path) -> Result<()> {
     println!(
@@ -77,5 +78,15 @@ pub fn stub_checks(root: &Path) -> Result<()> {
         )
         .with_context(|| format!("cuda-store checks on the stub as driver {driver}"))?;
     }
+    // The page codec's kernels as the stand-in runs them (its C port of
+    // the format) against the Rust reference, through cuda-store's
+    // launches: what the GPU's own check holds the real kernels to.
+    println!("== the page codec's kernels on the stand-in (engine-bench --compress-check)");
+    crate::sh(
+        Command::new(root.join("target/release/engine-bench"))
+            .args(["--compress-check", "--secs", "0"])
+            .env("LD_LIBRARY_PATH", dir),
+    )
+    .context("the page kernels' check on the stub")?;
     Ok(())
 }

@@ -5,7 +5,9 @@
  * memory swap relieves, as VRAM does); export/import pass its fd, so the
  * supervisor hand-over and recovery run for real; copies are memcpy, the
  * copy kernel is interpreted (its descriptor table walked on the CPU, page
- * checksums included), every operation completes at once.
+ * checksums included), as are the page codec's kernels (compress_pages and
+ * decompress_pages: vramblk-compress's format and search, written again
+ * here in C), every operation completes at once.
  *
  * It lets the --backend cuda path run through the real kernel path where
  * there is no GPU. It is never GPU evidence: no figure from it counts.
@@ -405,28 +407,194 @@ static void run_desc(struct desc *d) {
     }
 }
 
-static int module_token, function_token;
+/* The page codec's kernels (cuda-store/kernels/page_lz.cu; the format and
+ * every step of the search are crates/compress/src/lz.rs's), run page by
+ * page: each job {u64 src, dst, word; u32 len, kind}. */
+struct page_job {
+    unsigned long long src, dst, word;
+    unsigned len, kind;
+};
+#define PAGE 4096
+#define HASH_BITS 11
+#define CHAIN 4
+#define MF_LIMIT 12
+#define LAST_LITERALS 5
+#define MIN_MATCH 4
+#define MAX_COMPRESSED 3968
+#define MATCH_STARTS (PAGE - MF_LIMIT)
+#define EMPTY 0xffff
+enum { K_COMPRESSED = 0, K_SAME = 1, K_RAW = 2 };
+#define K_CORRUPT 0x80000000u
+/* Launch shape: 2 pages (warps of 32) per block, as page_lz.cu. */
+#define PAGES_PER_BLOCK 2
+
+static unsigned read32(const unsigned char *p, int i) {
+    return p[i] | (unsigned)p[i + 1] << 8 | (unsigned)p[i + 2] << 16 | (unsigned)p[i + 3] << 24;
+}
+static unsigned lz_hash(unsigned seq) { return (seq * 2654435761u) >> (32 - HASH_BITS); }
+
+/* Appends to out[*o], refusing to pass MAX_COMPRESSED; 0 when it would. */
+static int lz_put(unsigned char *out, int *o, const unsigned char *b, int n) {
+    if (*o + n > MAX_COMPRESSED) return 0;
+    memcpy(out + *o, b, n);
+    *o += n;
+    return 1;
+}
+static int lz_put_byte(unsigned char *out, int *o, unsigned char b) { return lz_put(out, o, &b, 1); }
+static int lz_put_length(unsigned char *out, int *o, int n) {
+    for (; n >= 255; n -= 255)
+        if (!lz_put_byte(out, o, 255)) return 0;
+    return lz_put_byte(out, o, (unsigned char)n);
+}
+
+/* The block's length, or -1 when it would pass MAX_COMPRESSED. */
+static int lz_compress(const unsigned char *page, unsigned char *out) {
+    static __thread unsigned short table[1 << HASH_BITS], cand[MATCH_STARTS];
+    memset(table, 0xff, sizeof table);
+    for (int i = 0; i < MATCH_STARTS; i++) {
+        unsigned h = lz_hash(read32(page, i));
+        cand[i] = table[h];
+        table[h] = (unsigned short)i;
+    }
+    int o = 0, anchor = 0, i = 0;
+    while (i < MATCH_STARTS) {
+        unsigned seq = read32(page, i);
+        int best_end = 0, best_off = 0;
+        unsigned c = cand[i];
+        for (int k = 0; k < CHAIN && c != EMPTY; k++) {
+            if (read32(page, c) == seq) {
+                int off = i - (int)c, end = i + MIN_MATCH;
+                while (end < PAGE - LAST_LITERALS && page[end] == page[end - off]) end++;
+                if (end > best_end) { best_end = end; best_off = off; }
+            }
+            c = cand[c];
+        }
+        if (!best_end) { i++; continue; }
+        int start = i;
+        while (start > anchor && start > best_off && page[start - 1] == page[start - 1 - best_off]) start--;
+        int lit = start - anchor, ml = best_end - start - MIN_MATCH;
+        unsigned char token = (unsigned char)((lit < 15 ? lit : 15) << 4 | (ml < 15 ? ml : 15));
+        unsigned char offset[2] = {(unsigned char)best_off, (unsigned char)(best_off >> 8)};
+        if (!lz_put_byte(out, &o, token) || (lit >= 15 && !lz_put_length(out, &o, lit - 15)) ||
+            !lz_put(out, &o, page + anchor, lit) || !lz_put(out, &o, offset, 2) ||
+            (ml >= 15 && !lz_put_length(out, &o, ml - 15)))
+            return -1;
+        i = anchor = best_end;
+    }
+    int lit = PAGE - anchor;
+    if (!lz_put_byte(out, &o, (unsigned char)((lit < 15 ? lit : 15) << 4)) ||
+        (lit >= 15 && !lz_put_length(out, &o, lit - 15)) || !lz_put(out, &o, page + anchor, lit))
+        return -1;
+    return o;
+}
+
+/* 0 when `block` decodes to exactly one page. */
+static int lz_decompress(const unsigned char *block, int len, unsigned char *page) {
+    int ip = 0, op = 0;
+    for (;;) {
+        if (ip >= len) return -1;
+        int token = block[ip++], lit = token >> 4, b;
+        if (lit == 15)
+            do {
+                if (ip >= len) return -1;
+                lit += b = block[ip++];
+                if (lit > PAGE) return -1;
+            } while (b == 255);
+        if (ip + lit > len || op + lit > PAGE) return -1;
+        memcpy(page + op, block + ip, lit);
+        ip += lit;
+        op += lit;
+        if (ip == len) break;
+        if (ip + 2 > len) return -1;
+        int off = block[ip] | block[ip + 1] << 8, ml = token & 15;
+        ip += 2;
+        if (off == 0 || off > op) return -1;
+        if (ml == 15)
+            do {
+                if (ip >= len) return -1;
+                ml += b = block[ip++];
+                if (ml > PAGE) return -1;
+            } while (b == 255);
+        ml += MIN_MATCH;
+        if (op + ml > PAGE) return -1;
+        for (int k = 0; k < ml; k++, op++) page[op] = page[op - off];
+    }
+    return op == PAGE ? 0 : -1;
+}
+
+static void compress_job(struct page_job *j) {
+    const unsigned char *page = (const unsigned char *)(uintptr_t)j->src;
+    unsigned char *dst = (unsigned char *)(uintptr_t)j->dst;
+    unsigned long long first;
+    memcpy(&first, page, 8);
+    int same = 1;
+    for (int k = 8; k < PAGE && same; k += 8) same = memcmp(page + k, &first, 8) == 0;
+    if (same) { j->word = first; j->len = 0; j->kind = K_SAME; return; }
+    unsigned char out[MAX_COMPRESSED];
+    int len = lz_compress(page, out);
+    j->word = 0;
+    if (len < 0) { memcpy(dst, page, PAGE); j->len = PAGE; j->kind = K_RAW; return; }
+    memcpy(dst, out, len);
+    j->len = (unsigned)len;
+    j->kind = K_COMPRESSED;
+}
+
+static void decompress_job(struct page_job *j) {
+    unsigned char *dst = (unsigned char *)(uintptr_t)j->dst;
+    if (j->kind == K_SAME) {
+        for (int k = 0; k < PAGE; k += 8) memcpy(dst + k, &j->word, 8);
+        return;
+    }
+    if (j->kind == K_RAW) { memcpy(dst, (const void *)(uintptr_t)j->src, PAGE); return; }
+    unsigned char page[PAGE];
+    if (j->kind != K_COMPRESSED || j->len < 1 || j->len > MAX_COMPRESSED ||
+        lz_decompress((const unsigned char *)(uintptr_t)j->src, (int)j->len, page) != 0) {
+        j->kind |= K_CORRUPT;
+        return;
+    }
+    memcpy(dst, page, PAGE);
+}
+
+/* Modules and functions are tokens: the copy kernel's module, the page
+ * codec's. */
+static int copy_module, page_module, copy_function, compress_function, decompress_function;
 CUresult cuModuleLoadData(void **m, const void *image) { FAULT("cuModuleLoadData");
-    if (!strstr((const char *)image, ".entry copy_list")) return ERR_INVALID_VALUE;
-    *m = &module_token;
+    if (strstr((const char *)image, ".entry copy_list")) *m = &copy_module;
+    else if (strstr((const char *)image, ".entry compress_pages(") &&
+             strstr((const char *)image, ".entry decompress_pages("))
+        *m = &page_module;
+    else return ERR_INVALID_VALUE;
     return OK;
 }
 CUresult cuModuleUnload(void *m) { FAULT("cuModuleUnload"); (void)m; return OK; }
 CUresult cuModuleGetFunction(void **f, void *m, const char *name) { FAULT("cuModuleGetFunction");
-    (void)m;
-    if (strcmp(name, "copy_list") != 0) return ERR_NOT_FOUND;
-    *f = &function_token;
+    if (m == &copy_module && strcmp(name, "copy_list") == 0) *f = &copy_function;
+    else if (m == &page_module && strcmp(name, "compress_pages") == 0) *f = &compress_function;
+    else if (m == &page_module && strcmp(name, "decompress_pages") == 0) *f = &decompress_function;
+    else return ERR_NOT_FOUND;
     return OK;
 }
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared, void *stream, void **params, void **extra) { FAULT("cuLaunchKernel");
-    (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shared; (void)stream; (void)extra;
-    if (f != &function_token || !params) return ERR_INVALID_VALUE;
-    struct desc *d = (struct desc *)(uintptr_t)*(CUdeviceptr *)params[0];
+    (void)gy; (void)gz; (void)by; (void)bz; (void)shared; (void)stream; (void)extra;
+    if (!params) return ERR_INVALID_VALUE;
     unsigned n = *(unsigned *)params[1];
-    if (gx != n) return ERR_INVALID_VALUE; /* one block per descriptor */
-    for (unsigned i = 0; i < n; i++)
-        run_desc(&d[i]);
+    if (f == &copy_function) {
+        struct desc *d = (struct desc *)(uintptr_t)*(CUdeviceptr *)params[0];
+        if (gx != n) return ERR_INVALID_VALUE; /* one block per descriptor */
+        for (unsigned i = 0; i < n; i++)
+            run_desc(&d[i]);
+        return OK;
+    }
+    if (f != &compress_function && f != &decompress_function) return ERR_INVALID_VALUE;
+    /* The shape page_lz.cu needs: a warp per page, PAGES_PER_BLOCK a block. */
+    if (bx != 32 * PAGES_PER_BLOCK || gx != (n + PAGES_PER_BLOCK - 1) / PAGES_PER_BLOCK)
+        return ERR_INVALID_VALUE;
+    struct page_job *j = (struct page_job *)(uintptr_t)*(CUdeviceptr *)params[0];
+    for (unsigned i = 0; i < n; i++) {
+        if (f == &compress_function) compress_job(&j[i]);
+        else decompress_job(&j[i]);
+    }
     return OK;
 }
 
