@@ -48,6 +48,10 @@ pub struct Measured {
     /// whole page): what a compressed VRAM store holds.
     pub stored_in_classes: [u64; CODECS.len()],
     pub compress_time: [Duration; CODECS.len()],
+    /// Time decoding the compressed pages back (pages stored whole not
+    /// counted), and how many were decoded.
+    pub decode_time: [Duration; CODECS.len()],
+    pub decoded: [u64; CODECS.len()],
 }
 
 /// The step between size classes.
@@ -72,6 +76,14 @@ impl Measured {
         (self.pages * PAGE as u64) as f64 / stored as f64
     }
 
+    /// Microseconds to decode one page, over the pages decoded.
+    pub fn decode_us(&self, codec: usize) -> f64 {
+        if self.decoded[codec] == 0 {
+            return 0.0;
+        }
+        self.decode_time[codec].as_secs_f64() * 1e6 / self.decoded[codec] as f64
+    }
+
     /// Compression speed over the pages it compressed, MB/s.
     pub fn speed_mb_s(&self, codec: usize) -> f64 {
         let bytes = (self.pages - self.same) * PAGE as u64;
@@ -91,6 +103,8 @@ impl Measured {
             self.stored[i] += o.stored[i];
             self.stored_in_classes[i] += o.stored_in_classes[i];
             self.compress_time[i] += o.compress_time[i];
+            self.decode_time[i] += o.decode_time[i];
+            self.decoded[i] += o.decoded[i];
         }
     }
 }
@@ -130,10 +144,11 @@ pub fn measure(data: &[u8]) -> Result<Measured> {
                     let len =
                         lz4_flex::block::compress_into(page, &mut out).context("lz4 compress")?;
                     m.compress_time[i] += started.elapsed();
-                    (
-                        len,
-                        lz4_flex::block::decompress(&out[..len], PAGE).context("lz4")?,
-                    )
+                    let decoding = Instant::now();
+                    let back = lz4_flex::block::decompress(&out[..len], PAGE).context("lz4")?;
+                    m.decode_time[i] += decoding.elapsed();
+                    m.decoded[i] += 1;
+                    (len, back)
                 }
                 Codec::Vramblk => {
                     let page: &[u8; PAGE] = page.try_into().context("a page")?;
@@ -142,8 +157,11 @@ pub fn measure(data: &[u8]) -> Result<Measured> {
                     let mut back = [0u8; PAGE];
                     match len {
                         Some(len) => {
+                            let decoding = Instant::now();
                             vramblk_compress::lz::decompress(&out[..len], &mut back)
                                 .context("vramblk's page codec")?;
+                            m.decode_time[i] += decoding.elapsed();
+                            m.decoded[i] += 1;
                             (len, back.to_vec())
                         }
                         // Too large for a slot: stored whole.
@@ -156,7 +174,11 @@ pub fn measure(data: &[u8]) -> Result<Measured> {
                         .compress_to_buffer(page, &mut out[..])
                         .context("zstd compress")?;
                     m.compress_time[i] += started.elapsed();
-                    (len, unzstd.decompress(&out[..len], PAGE).context("zstd")?)
+                    let decoding = Instant::now();
+                    let back = unzstd.decompress(&out[..len], PAGE).context("zstd")?;
+                    m.decode_time[i] += decoding.elapsed();
+                    m.decoded[i] += 1;
+                    (len, back)
                 }
             };
             if back != page {

@@ -169,6 +169,16 @@ fn table(rows: &[(&Source, Measured)]) -> String {
     }
     line("**every program above**", &real);
     line("**all, random included**", &all);
+    let decode: Vec<String> = CODECS
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} {:.2} us", c.name(), real.decode_us(i)))
+        .collect();
+    let _ = write!(
+        t,
+        "\nDecoding a compressed page of the programs, one thread of this CPU: {}.\n",
+        decode.join(", ")
+    );
     t
 }
 
