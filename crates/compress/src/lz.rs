@@ -325,6 +325,66 @@ mod tests {
         }
     }
 
+    /// Pages stitched from pieces of every kind at random lengths: runs,
+    /// copies of earlier bytes at random distances (overlapping ones too),
+    /// noise, near the end of the page above all, where LZ4's end rules
+    /// bite.
+    #[test]
+    fn thousands_of_stitched_pages_come_back_through_both_decoders() {
+        let mut x = 0x1234_5678_9ABC_DEF1u64;
+        let mut rand = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let (mut compressed, mut whole) = (0, 0);
+        for n in 0..3000 {
+            let mut page = [0u8; PAGE];
+            let mut at = 0;
+            while at < PAGE {
+                let len = (1 + rand(300)).min(PAGE - at);
+                // One page in ten is noise alone: it must be stored whole.
+                match if n % 10 == 0 { 2 } else { rand(4) } {
+                    0 => page[at..at + len].fill(rand(256) as u8),
+                    1 if at > 0 => {
+                        let back = 1 + rand(at);
+                        for k in at..at + len {
+                            page[k] = page[k - back];
+                        }
+                    }
+                    2 => {
+                        for b in &mut page[at..at + len] {
+                            *b = rand(256) as u8;
+                        }
+                    }
+                    _ => {
+                        for b in &mut page[at..at + len] {
+                            *b = b"abcab"[rand(5)];
+                        }
+                    }
+                }
+                at += len;
+            }
+            let mut out = [0u8; PAGE];
+            let Some(len) = compress(&page, &mut out) else {
+                whole += 1;
+                continue;
+            };
+            compressed += 1;
+            assert!(len <= MAX_COMPRESSED);
+            let mut back = [0u8; PAGE];
+            decompress(&out[..len], &mut back).unwrap();
+            assert_eq!(back, page);
+            let theirs = lz4_flex::block::decompress(&out[..len], PAGE).unwrap();
+            assert_eq!(&theirs[..], &page[..]);
+        }
+        assert!(
+            compressed > 2500 && whole >= 300,
+            "{compressed} compressed, {whole} whole"
+        );
+    }
+
     #[test]
     fn blocks_other_encoders_write_decode_too() {
         for page in sample_pages() {
