@@ -188,18 +188,7 @@ fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
             } else {
                 ctrl.del_dev()
             };
-            Ok(match r {
-                Ok(_) => None,
-                Err(libublk::UblkError::UringIOError(e) | libublk::UblkError::OtherError(e)) => {
-                    Some(e)
-                }
-                Err(e) => {
-                    return Err(ControlError::Delete {
-                        id,
-                        why: e.to_string(),
-                    })
-                }
-            })
+            delete_answer(r).map_err(|why| ControlError::Delete { id, why })
         })
         .join()
         .unwrap_or_else(|_| {
@@ -239,6 +228,25 @@ fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
             id,
             why: std::io::Error::from_raw_os_error(-e).to_string(),
         }),
+    }
+}
+
+/// What libublk's delete answered: None for done, Some(errno) for the
+/// kernel's answer (`delete` tells which of those mean "going anyway"),
+/// or why it failed otherwise.
+fn delete_answer(r: Result<i32, libublk::UblkError>) -> Result<Option<i32>, String> {
+    match r {
+        Ok(_) => Ok(None),
+        Err(libublk::UblkError::UringIOError(e) | libublk::UblkError::OtherError(e)) => Ok(Some(e)),
+        // The command went through; then libublk removes its JSON export
+        // of the device, and the server, seeing its device go, removes the
+        // same file: whichever comes second finds it gone (seen in the VM:
+        // `del` said it failed and the device was gone). The kernel's part
+        // is done or under way: answered as a device already going.
+        Err(libublk::UblkError::IOError(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(Some(-libc::ENOENT))
+        }
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -314,6 +322,25 @@ pub fn cdev_path(id: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delete_whose_export_the_server_removed_first_is_a_device_going() {
+        use libublk::UblkError;
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert_eq!(
+            delete_answer(Err(UblkError::IOError(gone))),
+            Ok(Some(-libc::ENOENT))
+        );
+        assert_eq!(delete_answer(Ok(0)), Ok(None));
+        assert_eq!(
+            delete_answer(Err(UblkError::UringIOError(-libc::EBUSY))),
+            Ok(Some(-libc::EBUSY))
+        );
+        // Any other file error is a failure, said as such.
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(delete_answer(Err(UblkError::IOError(denied))).is_err());
+        assert!(delete_answer(Err(UblkError::InvalidVal)).is_err());
+    }
 
     #[test]
     fn a_kernel_built_without_ublk_is_told_from_one_not_loaded() {
