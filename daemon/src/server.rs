@@ -218,11 +218,23 @@ fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> 
         plan.device.queues as usize
     };
     process::warm_thread_stacks(unready + SPARE_THREADS);
-    if let Start::Recover(id) = launch.start {
-        if let Err(e) = vramblk_ublk_target::control::ready_control_ring(id) {
-            log::warn!("standby: its control ring is built only when it takes over ({e})");
+    // The control it will recover the device with, built while the device
+    // is served (take_over.rs: a take-over must not read a
+    // file that may sit in swap on this device).
+    let recovery = match launch.start {
+        Start::Recover(id) => {
+            match vramblk_ublk_target::take_over::prepare_recovery(plan.device.max_io_bytes, id) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    log::warn!(
+                        "standby: its recovery control is built only when it takes over ({e})"
+                    );
+                    None
+                }
+            }
         }
-    }
+        Start::Add => None,
+    };
     let for_control = process::Cushion::new(CUSHION_BYTES / 4);
     let for_queues = process::Cushion::new(CUSHION_BYTES - CUSHION_BYTES / 4);
     // An upgrade stops the old server only after this (supervise.rs).
@@ -243,6 +255,7 @@ fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> 
     Some(QueuePrep {
         threads,
         before_start: Some(Box::new(move || drop(for_queues))),
+        recovery,
     })
 }
 

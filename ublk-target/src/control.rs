@@ -282,14 +282,6 @@ pub fn quiesce(id: u32, timeout: std::time::Duration) -> Result<(), ControlError
     })
 }
 
-/// Builds this thread's control ring now (libublk makes one per thread, on
-/// its first command) by looking at device `id`: a standby does this while
-/// memory is plentiful, so that the commands of its take-over, sent while
-/// the device has no server and memory may be exhausted, allocate no ring.
-pub fn ready_control_ring(id: u32) -> Result<(), ControlError> {
-    open(id).map(drop)
-}
-
 /// The kernel's "interrupted, restart" code, which can surface through
 /// io_uring where a syscall would have restarted.
 const ERESTARTSYS: i32 = 512;

@@ -6,23 +6,13 @@ use crate::params::device_params;
 use crate::queue::serve_queue;
 use crate::queue_threads::{self, QueuePrep, QueueThreads};
 use crate::request_timeout;
-use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use crate::take_over::{self, RecoverError};
+use libublk::ctrl::UblkCtrl;
 use libublk::io::UblkDev;
-use libublk::{sys, UblkFlags};
+use libublk::UblkFlags;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use thiserror::Error;
 use vramblk_store::{BufferRegion, Store};
-
-/// Every device is added with user recovery and re-issue: when its server
-/// dies the kernel keeps `/dev/ublkbN`, holds new I/O and requeues what was
-/// in flight, until a new server attaches with [`Start::Recover`].
-const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
-
-/// How long a recovering server waits for the kernel to notice the old
-/// server is gone and quiesce the device (at once on new kernels; within
-/// the request timeout or the 5 s monitor of older ones: request_timeout.rs).
-const QUIESCE_WAIT: Duration = Duration::from_secs(30);
 
 /// How a server's time with a device ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,8 +48,8 @@ pub enum DeviceError {
     Create(libublk::UblkError),
     #[error("serving the ublk device: {0}")]
     Serve(libublk::UblkError),
-    #[error("recovering ublk device {id}: {why}")]
-    Recover { id: u32, why: String },
+    #[error(transparent)]
+    Recover(#[from] RecoverError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -138,40 +128,16 @@ where
             "device size must be a multiple of 4096 bytes (got {size})"
         )));
     }
-    // Flags used where the kernel offers them (QUIESCE, for upgrades);
-    // a recovery takes the device's own.
-    let offered =
-        libublk::ctrl::UblkCtrl::get_features().map_or(0, crate::features::offered_in_use);
-    let builder = UblkCtrlBuilder::default()
-        .name("vramblk")
-        .io_buf_bytes(opts.max_io_bytes)
-        .ctrl_flags(RECOVERY_FLAGS | offered);
+    let mut prep = prep;
     let ctrl = match start {
-        Start::Add => builder
+        Start::Add => take_over::control_builder(opts.max_io_bytes)
             .id(opts.id)
             .nr_queues(opts.queues)
             .depth(opts.depth)
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
             .map_err(DeviceError::Create)?,
-        Start::Recover(id) => {
-            let (queues, depth) = wait_quiesced(id)?;
-            // Everything that can be done before START_USER_RECOVERY is:
-            // from there until every queue fetched, a death of this server
-            // can break the device (gate.rs).
-            let ctrl = builder
-                .id(id as i32)
-                .nr_queues(queues)
-                .depth(depth)
-                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-                .build()
-                .map_err(|e| DeviceError::Recover {
-                    id,
-                    why: e.to_string(),
-                })?;
-            start_recovery(&ctrl, id)?;
-            ctrl
-        }
+        Start::Recover(id) => take_over::recover(prep.recovery.take(), opts.max_io_bytes, id)?,
     };
     // The kernel's count, not the one asked for: 6.12 gives a device at
     // most one queue per CPU, and libublk starts a thread per queue it has.
@@ -269,57 +235,4 @@ fn left_live(ctrl: &UblkCtrl) -> bool {
             DeviceState::from_kernel(ctrl.dev_info().state),
             DeviceState::Live | DeviceState::Quiesced | DeviceState::FailIo
         )
-}
-
-/// Waits until the kernel has quiesced device `id` (its old server gone);
-/// returns the device's queue shape.
-fn wait_quiesced(id: u32) -> Result<(u16, u16), DeviceError> {
-    let fail = |why: String| DeviceError::Recover { id, why };
-    let deadline = Instant::now() + QUIESCE_WAIT;
-    loop {
-        let ctrl = UblkCtrl::new_simple(id as i32)
-            .map_err(|e| fail(format!("the device cannot be opened ({e})")))?;
-        let info = ctrl.dev_info();
-        if info.flags & RECOVERY_FLAGS == 0 {
-            return Err(fail("it was added without user recovery".into()));
-        }
-        match info.state as u32 {
-            sys::UBLK_S_DEV_QUIESCED => return Ok((info.nr_hw_queues, info.queue_depth)),
-            sys::UBLK_S_DEV_LIVE if Instant::now() < deadline => {
-                // The kernel has not yet seen the old server die.
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            sys::UBLK_S_DEV_LIVE => {
-                return Err(fail(format!(
-                    "it is still live after {} s: is its server running?",
-                    QUIESCE_WAIT.as_secs()
-                )))
-            }
-            state => return Err(fail(format!("it is in state {state}, not quiesced"))),
-        }
-    }
-}
-
-/// START_USER_RECOVERY on a quiesced device. Kernels before ublk's recovery
-/// rework refuse it (EINVAL) when the last server died after its own START
-/// and before any of its queues was ready: the kernel has already reset the
-/// queues for a new server then, so this one goes on from there (the
-/// command buffer mapping tells: if the dead server had mapped it, the
-/// queues fail to map it and the device cannot be recovered on that
-/// kernel; gate.rs).
-fn start_recovery(ctrl: &UblkCtrl, id: u32) -> Result<(), DeviceError> {
-    match ctrl.start_user_recover() {
-        Ok(_) => Ok(()),
-        Err(libublk::UblkError::UringIOError(e)) if e == -libc::EINVAL => {
-            log::warn!(
-                "ublk device {id}: START_USER_RECOVERY refused (EINVAL): its last server died in \
-                 the middle of its own recovery; resuming that recovery"
-            );
-            Ok(())
-        }
-        Err(e) => Err(DeviceError::Recover {
-            id,
-            why: format!("START_USER_RECOVERY failed ({e})"),
-        }),
-    }
 }

@@ -7,6 +7,8 @@
 //! - [`queue_threads`]: queue threads (and their rings) a standby starts
 //!   in advance, and the start of a device's queues on them.
 //! - [`device`]: adding and serving a device.
+//! - [`take_over`]: the control a new server recovers a device with,
+//!   opened without reading a file that may sit in swap on the device.
 //! - [`control`]: finding, inspecting and deleting devices.
 //! - [`features`]: the kernel's ublk feature flags and which vramblk needs.
 //! - [`poll_policy`]: how a queue waits for its store (spin, then nap).
@@ -25,6 +27,7 @@ mod queue;
 pub mod queue_threads;
 mod request_timeout;
 mod slots;
+pub mod take_over;
 
 pub use control::{ControlError, DeviceInfo, DeviceState};
 pub use counters::{CounterSnapshot, DeviceCounters};

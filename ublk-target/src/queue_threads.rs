@@ -59,6 +59,9 @@ pub struct QueuePrep {
     /// memory it set aside for them there: freed earlier, while it waits
     /// for the kernel, other processes would take it).
     pub before_start: Option<Box<dyn FnOnce()>>,
+    /// The control a standby built for recovering the device while the
+    /// device was still served ([`crate::take_over::prepare_recovery`]).
+    pub recovery: Option<crate::take_over::PreparedRecovery>,
 }
 
 /// Threads parked with their queue rings built, for a device whose queues

@@ -321,11 +321,13 @@ pub fn build_guest_bins(root: &Path) -> Result<Vec<PathBuf>> {
             "jsonq",
             "--bin",
             "fdstore",
+            "--bin",
+            "pageout",
         ],
     )?;
     let release = root.join("target/release");
     Ok([
-        "vramblk", "memcheck", "latprobe", "pswatch", "jsonq", "fdstore",
+        "vramblk", "memcheck", "latprobe", "pswatch", "jsonq", "fdstore", "pageout",
     ]
     .iter()
     .map(|b| release.join(b))

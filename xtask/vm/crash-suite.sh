@@ -58,6 +58,66 @@ check "stall: the supervisor's log has the same words" grep -q "has had no serve
 vramblk del 0 > /dev/null
 check "stall: del" wait_for 30 nodes_gone 0
 
+# --- 1b''. a take-over reads no file that may sit in swap on its own
+# device: libublk's JSON export of the device (on tmpfs, /run/ublksrvd) is
+# pushed out to swap on the device itself, then the server is killed; the
+# standby opened its control while the device was served and recovers it
+# without the file (a 7.3 package boot hung on that read, 2026-12-03).
+# /run here is the initramfs's own filesystem; on a machine it is tmpfs,
+# whose pages swap: so this section gives the export directory a tmpfs.
+# pageout reclaims through the root cgroup's memory.reclaim.
+mkdir -p /run/ublksrvd && mount -t tmpfs -o mode=0755 tmpfs /run/ublksrvd
+[ -e /sys/fs/cgroup/memory.reclaim ] || mount -t cgroup2 cgroup2 /sys/fs/cgroup
+dev=$(vramblk add --size 128M --backend host --hugepages --queues 1 --depth 8 --swap --priority 90 2>/tmp/add-p.txt)
+check "export in swap: add as the only swap" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-p.txt; show_logs; }
+HOLDER_FOR_CHILDREN=$(holder_pid 0)
+srv=$(daemon_pid 0)
+check "export in swap: a standby stands by" wait_for 30 has_standby
+out=$(pageout /run/ublksrvd/0000.json 2>&1)
+info "export in swap: $out"
+check "export in swap: its page is in swap on the device alone" has "$out" ": 0 of 1 pages resident"
+kill -9 "$srv"
+check "export in swap: the standby takes the device over" wait_recovered 0 "$srv" || show_logs
+check "export in swap: no hung task" no_oops
+vramblk del 0 > /dev/null
+check "export in swap: del" wait_for 30 nodes_gone 0
+
+# The same for a server forked fresh because no standby is ready: the
+# standby is killed, then its successor as soon as it is forked (the
+# supervisor forks the next 5 s later), the export pushed out to swap, and
+# the server killed inside those 5 s.
+dev=$(vramblk add --size 128M --backend host --hugepages --queues 1 --depth 8 --swap --priority 90 2>/tmp/add-p.txt)
+check "export in swap, no standby: add as the only swap" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-p.txt; show_logs; }
+HOLDER_FOR_CHILDREN=$(holder_pid 0)
+srv=$(daemon_pid 0)
+check "export in swap, no standby: a standby stands by" wait_for 30 has_standby
+sb=$(standby_of | head -1)
+kill -9 "$sb"
+successor() { standby_of | grep -vx "$sb" | head -1; }
+has_successor() { [ -n "$(successor)" ]; }
+check "export in swap, no standby: the killed standby's successor is forked" wait_for 10 has_successor
+sb2=$(successor)
+kill -9 "$sb2"
+no_standby() { [ -z "$(standby_of)" ]; }
+check "export in swap, no standby: both standbys are gone" wait_for 3 no_standby
+out=$(pageout /run/ublksrvd/0000.json 2>&1)
+info "export in swap, no standby: $out"
+check "export in swap, no standby: its page is in swap on the device alone" has "$out" ": 0 of 1 pages resident"
+log0=$(jsonq /run/vramblk/ublkb0.json log)
+mark=$(wc -l < "$log0")
+check "export in swap, no standby: still none when the server is killed" no_standby
+kill -9 "$srv"
+check "export in swap, no standby: a server forked fresh takes the device over" wait_recovered 0 "$srv" || show_logs
+check "export in swap, no standby: no standby took it over" \
+    sh -c "! tail -n +$((mark + 1)) '$log0' | grep -q 'standby server [0-9]* takes over'"
+now=$(daemon_pid 0)
+neither_standby() { [ -n "$now" ] && [ "$now" != "$sb" ] && [ "$now" != "$sb2" ]; }
+check "export in swap, no standby: its server ($now) is neither standby" neither_standby
+check "export in swap, no standby: no hung task" no_oops
+vramblk del 0 > /dev/null
+check "export in swap, no standby: del" wait_for 30 nodes_gone 0
+umount /run/ublksrvd
+
 # --- 1c. upgrades without swapoff: the binary is replaced on disk (a new
 # file renamed over it, as a package update does) and `vramblk upgrade`
 # hands the device to it under a verifying fio load, three times; the

@@ -1,0 +1,246 @@
+//! Taking over a device whose server died: the control a new server
+//! recovers it with, and the wait for the kernel to quiesce it.
+//!
+//! From the old server's end until the new one's FETCHes nothing serves the
+//! device, and it may be the swap that holds pages this process needs. So a
+//! take-over reads no file: opening a libublk control for an existing
+//! device reads the device's JSON export in /run/ublksrvd, which is tmpfs,
+//! and under memory pressure that page may have gone to swap on this very
+//! device (a take-over hung so on 7.3, 2026-12-03: docs/design.md). A
+//! standby opens its control while the device is still served
+//! ([`prepare_recovery`]); a server forked fresh first replaces the export,
+//! unread, with a stand-in of its own ([`replace_export_unread`]).
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::{sys, UblkFlags};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Every device is added with user recovery and re-issue: when its server
+/// dies the kernel keeps `/dev/ublkbN`, holds new I/O and requeues what was
+/// in flight, until a new server attaches with `Start::Recover`.
+const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+
+/// How long a recovering server waits for the kernel to notice the old
+/// server is gone and quiesce the device (at once on new kernels; within
+/// the request timeout or the 5 s monitor of older ones: request_timeout.rs).
+const QUIESCE_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a device could not be taken over.
+#[derive(Debug, Error)]
+#[error("recovering ublk device {id}: {why}")]
+pub struct RecoverError {
+    pub id: u32,
+    pub why: String,
+}
+
+/// The builder every control of ours starts from: recovery asked for, and
+/// QUIESCE where the kernel offers it (for upgrades); a recovery takes the
+/// device's own flags.
+pub(crate) fn control_builder(max_io_bytes: u32) -> UblkCtrlBuilder<'static> {
+    let offered =
+        libublk::ctrl::UblkCtrl::get_features().map_or(0, crate::features::offered_in_use);
+    UblkCtrlBuilder::default()
+        .name("vramblk")
+        .io_buf_bytes(max_io_bytes)
+        .ctrl_flags(RECOVERY_FLAGS | offered)
+}
+
+/// A control for recovering a device, opened while the device was still
+/// served (by a standby, as it readies).
+pub struct PreparedRecovery {
+    ctrl: UblkCtrl,
+}
+
+/// Opens the [`PreparedRecovery`] for live device `id`, for io buffers of
+/// `max_io_bytes`; its queue count and depth are read from the device.
+pub fn prepare_recovery(max_io_bytes: u32, id: u32) -> Result<PreparedRecovery, RecoverError> {
+    let info = UblkCtrl::new_simple(id as i32)
+        .map_err(|e| RecoverError {
+            id,
+            why: format!("the device cannot be opened ({e})"),
+        })?
+        .dev_info();
+    let ctrl = recovery_control(max_io_bytes, id, info.nr_hw_queues, info.queue_depth)?;
+    Ok(PreparedRecovery { ctrl })
+}
+
+/// Takes device `id` over: with `prepared` where a standby opened it for
+/// this device, else with a control opened now; waits for the kernel to
+/// quiesce the device, then starts the recovery (START_USER_RECOVERY).
+pub(crate) fn recover(
+    prepared: Option<PreparedRecovery>,
+    max_io_bytes: u32,
+    id: u32,
+) -> Result<UblkCtrl, RecoverError> {
+    let ctrl = match prepared {
+        Some(PreparedRecovery { ctrl }) if ctrl.dev_info().dev_id == id => ctrl,
+        _ => {
+            if let Err(e) = replace_export_unread(id) {
+                // Then libublk reads the export itself, as before.
+                log::warn!("ublk device {id}: its JSON export was not replaced ({e})");
+            }
+            let probe = UblkCtrl::new_simple(id as i32).map_err(|e| RecoverError {
+                id,
+                why: format!("the device cannot be opened ({e})"),
+            })?;
+            let (queues, depth) = wait_quiesced(&probe)?;
+            recovery_control(max_io_bytes, id, queues, depth)?
+        }
+    };
+    wait_quiesced(&ctrl)?;
+    // Everything that can be done before START_USER_RECOVERY is: from there
+    // until every queue fetched, a death of this server can break the
+    // device (gate.rs).
+    start_recovery(&ctrl, id)?;
+    Ok(ctrl)
+}
+
+fn recovery_control(
+    max_io_bytes: u32,
+    id: u32,
+    queues: u16,
+    depth: u16,
+) -> Result<UblkCtrl, RecoverError> {
+    control_builder(max_io_bytes)
+        .id(id as i32)
+        .nr_queues(queues)
+        .depth(depth)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()
+        .map_err(|e| RecoverError {
+            id,
+            why: e.to_string(),
+        })
+}
+
+/// Where libublk keeps device `id`'s JSON export.
+fn export_path(id: u32) -> PathBuf {
+    PathBuf::from(format!("{}/{id:04}.json", UblkCtrl::run_dir()))
+}
+
+/// Puts an empty JSON object, written now (so resident), in place of
+/// device `id`'s export without reading the old one: libublk then reads
+/// the stand-in, takes the device's shape from the kernel, and writes the
+/// export anew once the device serves.
+fn replace_export_unread(id: u32) -> std::io::Result<()> {
+    replace_unread(&export_path(id))
+}
+
+/// Renames a fresh `{}` over `path`, if there is a file there: a rename
+/// reads no file content, and a swapped-out page of the old file is
+/// dropped with it. No file, nothing to replace.
+fn replace_unread(path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    let stand_in = path.with_extension("json.taking-over");
+    std::fs::write(&stand_in, b"{}")?;
+    std::fs::rename(&stand_in, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&stand_in);
+    })
+}
+
+/// Waits until the kernel has quiesced the device `ctrl` controls (its old
+/// server gone); returns the device's queue count and depth. Polls with
+/// GET_DEV_INFO through `ctrl`: a new control each time would read the
+/// JSON export again.
+fn wait_quiesced(ctrl: &UblkCtrl) -> Result<(u16, u16), RecoverError> {
+    let id = ctrl.dev_info().dev_id;
+    let fail = |why: String| RecoverError { id, why };
+    let deadline = Instant::now() + QUIESCE_WAIT;
+    loop {
+        ctrl.read_dev_info()
+            .map_err(|e| fail(format!("its state cannot be read ({e})")))?;
+        let info = ctrl.dev_info();
+        if info.flags & RECOVERY_FLAGS == 0 {
+            return Err(fail("it was added without user recovery".into()));
+        }
+        match info.state as u32 {
+            sys::UBLK_S_DEV_QUIESCED => return Ok((info.nr_hw_queues, info.queue_depth)),
+            sys::UBLK_S_DEV_LIVE if Instant::now() < deadline => {
+                // The kernel has not yet seen the old server die.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sys::UBLK_S_DEV_LIVE => {
+                return Err(fail(format!(
+                    "it is still live after {} s: is its server running?",
+                    QUIESCE_WAIT.as_secs()
+                )))
+            }
+            state => return Err(fail(format!("it is in state {state}, not quiesced"))),
+        }
+    }
+}
+
+/// START_USER_RECOVERY on a quiesced device. Kernels before ublk's recovery
+/// rework refuse it (EINVAL) when the last server died after its own START
+/// and before any of its queues was ready: the kernel has already reset the
+/// queues for a new server then, so this one goes on from there (the
+/// command buffer mapping tells: if the dead server had mapped it, the
+/// queues fail to map it and the device cannot be recovered on that
+/// kernel; gate.rs).
+fn start_recovery(ctrl: &UblkCtrl, id: u32) -> Result<(), RecoverError> {
+    match ctrl.start_user_recover() {
+        Ok(_) => Ok(()),
+        Err(libublk::UblkError::UringIOError(e)) if e == -libc::EINVAL => {
+            log::warn!(
+                "ublk device {id}: START_USER_RECOVERY refused (EINVAL): its last server died in \
+                 the middle of its own recovery; resuming that recovery"
+            );
+            Ok(())
+        }
+        Err(e) => Err(RecoverError {
+            id,
+            why: format!("START_USER_RECOVERY failed ({e})"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty directory of this test's own.
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("vramblk-take-over-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn the_export_is_replaced_by_an_empty_object_and_nothing_is_left_beside_it() {
+        let dir = scratch("replaced");
+        let export = dir.join("0003.json");
+        std::fs::write(&export, br#"{"dev_info":{"dev_id":3},"target":{}}"#).expect("write");
+        replace_unread(&export).expect("replace");
+        assert_eq!(std::fs::read_to_string(&export).expect("read"), "{}");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["0003.json"]);
+        // What libublk does with it: an object it parses.
+        let parsed: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&export).expect("read")).expect("json");
+        assert!(parsed.as_object().is_some_and(|o| o.is_empty()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn no_export_no_stand_in() {
+        let dir = scratch("absent");
+        let export = dir.join("0000.json");
+        replace_unread(&export).expect("nothing to do");
+        assert!(std::fs::read_dir(&dir).expect("read_dir").next().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_export_path_is_libublks() {
+        assert_eq!(export_path(7), PathBuf::from("/run/ublksrvd/0007.json"));
+    }
+}
