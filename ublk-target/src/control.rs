@@ -182,6 +182,14 @@ fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
     // ring, where the next command of the thread would read it as its own.
     let result = std::thread::scope(|s| {
         s.spawn(|| -> Result<Option<i32>, ControlError> {
+            if nowait {
+                // A give-up: the device has no server, and its JSON export,
+                // which opening a control reads, may be in swap on it
+                // (take_over.rs). It is going anyway.
+                if let Err(e) = crate::take_over::replace_export_unread(id) {
+                    log::warn!("ublk device {id}: its JSON export was not replaced ({e})");
+                }
+            }
             let ctrl = open(id)?;
             let r = if nowait {
                 ctrl.del_dev_async()

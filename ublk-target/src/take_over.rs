@@ -124,7 +124,7 @@ fn export_path(id: u32) -> PathBuf {
 /// device `id`'s export without reading the old one: libublk then reads
 /// the stand-in, takes the device's shape from the kernel, and writes the
 /// export anew once the device serves.
-fn replace_export_unread(id: u32) -> std::io::Result<()> {
+pub(crate) fn replace_export_unread(id: u32) -> std::io::Result<()> {
     replace_unread(&export_path(id))
 }
 

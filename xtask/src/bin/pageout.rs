@@ -56,6 +56,7 @@ fn main() {
             sum = sum.wrapping_add(std::ptr::read_volatile((at as *const u8).add(p * page)));
         }
         std::hint::black_box(sum);
+        let began = std::time::Instant::now();
         if libc::madvise(at, len, libc::MADV_PAGEOUT) != 0 {
             eprintln!("pageout: madvise: {}", std::io::Error::last_os_error());
             std::process::exit(1);
@@ -72,7 +73,7 @@ fn main() {
             // The written pages sit at the inactive list's tail: a little
             // reclaim takes them first. Short of its goal it says EAGAIN,
             // which is no matter here.
-            if let Err(e) = std::fs::write(RECLAIM, "4M") {
+            if let Err(e) = std::fs::write(RECLAIM, "16M") {
                 if e.raw_os_error() != Some(libc::EAGAIN) {
                     eprintln!("pageout: {RECLAIM}: {e}");
                     break;
@@ -80,6 +81,9 @@ fn main() {
             }
         }
         libc::munmap(at, len);
-        println!("{path}: {kept} of {pages} pages resident");
+        println!(
+            "{path}: {kept} of {pages} pages resident after {} ms",
+            began.elapsed().as_millis()
+        );
     }
 }
