@@ -1,6 +1,6 @@
 //! `vramblk add`.
 
-use crate::args::{AddArgs, BackendArg, CopyModeArg, IntegrityArg};
+use crate::args::{AddArgs, BackendArg, CopyModeArg, IntegrityArg, IoCommandsArg};
 use crate::{del, gpu};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use vramblk_daemon::supervise::{self, Mode};
 use vramblk_daemon::swap;
 use vramblk_host_store::{HostStore, HostStoreOptions, MemInfo};
 use vramblk_ublk_target::control::{bdev_path, device_ids};
-use vramblk_ublk_target::DeviceOptions;
+use vramblk_ublk_target::{DeviceOptions, IoCommands};
 
 /// The size asked, checked.
 fn size_asked(a: &AddArgs) -> Result<u64> {
@@ -48,6 +48,10 @@ fn device_options(a: &AddArgs) -> Result<DeviceOptions> {
         queues: a.queues.unwrap_or_else(cpu_count),
         depth: a.depth,
         max_io_bytes: defaults::MAX_IO_BYTES,
+        io_commands: match a.io_commands {
+            IoCommandsArg::Auto => IoCommands::Auto,
+            IoCommandsArg::PerTag => IoCommands::PerTag,
+        },
     };
     device.validate()?;
     Ok(device)

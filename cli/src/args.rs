@@ -47,8 +47,8 @@ pub enum Command {
     /// place, starts a standby server of it and, once that is ready, hands
     /// it the device: on kernels with UBLK_F_QUIESCE (6.16+) the kernel
     /// holds new I/O while the old server answers what it holds and lets
-    /// go; on older ones the old server is stopped and the kernel re-issues
-    /// its I/O. The standby then takes the device over through ublk's user
+    /// go; on older ones, and for a device with batch commands (7.0+), the
+    /// old server is stopped and the kernel re-issues its I/O. The standby then takes the device over through ublk's user
     /// recovery, so nothing fails and no page is lost. Devices whose
     /// processes already run the binary on disk are left alone (unless
     /// --force). `systemctl reload vramblk` runs this for the service.
@@ -228,6 +228,17 @@ pub enum CopyModeArg {
     Dma,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IoCommandsArg {
+    /// Batch commands where the kernel offers them (UBLK_F_BATCH_IO, Linux
+    /// 7.0+: one command fetches a round's requests, one commits their
+    /// results), else one command per request.
+    Auto,
+    /// One command per request on every kernel (to compare, or to work
+    /// around a kernel whose batch commands misbehave).
+    PerTag,
+}
+
 #[derive(Args, Debug)]
 pub struct GpusArgs {
     /// Print JSON (index, name, free, total, pci_bus_id) instead.
@@ -280,6 +291,11 @@ pub struct AddArgs {
     /// docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "auto")]
     pub integrity: IntegrityArg,
+
+    /// How the queues take requests from the kernel and return results
+    /// (`vramblk features` says whether this kernel has batch commands).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub io_commands: IoCommandsArg,
 
     /// Requests in flight per queue. Each holds a 512 KiB io buffer locked
     /// in RAM: queues x depth x 512 KiB in all (64 MiB for 2 queues at

@@ -96,6 +96,7 @@ mod tests {
                 queues,
                 depth,
                 max_io_bytes: 512 << 10,
+                io_commands: Default::default(),
             },
             log: PathBuf::from("-"),
             origin: None,

@@ -8,15 +8,16 @@
 //! (UBLK_F_QUIESCE, 6.16+): the kernel holds new requests, the old server
 //! answers what it holds, its fetches end and it exits, leaving the device
 //! to the standby (device.rs, `Served::LeftLive`), so no request is issued
-//! twice. Where the device cannot be quiesced, or the quiesce fails, the
-//! old server is killed and the kernel issues its requests again, as after
+//! twice. Where the device cannot be quiesced (added without QUIESCE, or
+//! with batch commands: control::HandOver says why), or the quiesce
+//! fails, the old server is killed and the kernel issues its requests again, as after
 //! a crash; so is one that does not let go in time (by the supervisor).
 //! Either way the standby then recovers the device.
 
 use rustix::process::Signal;
 use std::time::Duration;
 use vramblk_host_store::MemInfo;
-use vramblk_ublk_target::control;
+use vramblk_ublk_target::control::{self, HandOver};
 
 /// What a standby is told when it is woken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,9 +71,16 @@ pub const LET_GO_PATIENCE: Duration = Duration::from_secs(30);
 /// opened before; the recovery's commands go through the control ring the
 /// standby built while readying).
 pub fn take_from(id: u32, from: u32) -> String {
-    if !control::quiesce_supported(id).unwrap_or(false) {
-        kill(from);
-        return WITHOUT_QUIESCE.into();
+    match control::hand_over(id).unwrap_or(HandOver::NoQuiesce) {
+        HandOver::Quiesce => {}
+        HandOver::NoQuiesce => {
+            kill(from);
+            return WITHOUT_QUIESCE.into();
+        }
+        HandOver::BatchCommands => {
+            kill(from);
+            return WITH_BATCH_COMMANDS.into();
+        }
     }
     // With memory short, a quiesce would have the old server run (drain
     // its requests, unwind its queues) while the device holds new I/O, and
@@ -111,6 +119,9 @@ pub fn take_from(id: u32, from: u32) -> String {
 
 const WITHOUT_QUIESCE: &str = "killed (the device was added without QUIESCE: kernel before \
                                6.16); its requests are issued again";
+
+const WITH_BATCH_COMMANDS: &str = "killed (the device uses batch commands, whose quiesce lost \
+                                   requests on 7.3.4); its requests are issued again";
 
 /// Whether memory is too short for a quiesced hand-over: less available
 /// than twice what must stay free for the rest of the machine.

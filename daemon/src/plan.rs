@@ -6,7 +6,7 @@ use crate::host::cpu_count;
 use anyhow::{anyhow, Result};
 use std::path::PathBuf;
 use vramblk_config::{defaults, Backend, CopyMode, DeviceConfig, DeviceRecord, GpuPlace};
-use vramblk_ublk_target::DeviceOptions;
+use vramblk_ublk_target::{DeviceOptions, IoCommands};
 
 /// Everything `add` decided before touching the kernel.
 pub struct Plan {
@@ -46,6 +46,8 @@ impl Plan {
                 queues: record.queues,
                 depth: record.depth,
                 max_io_bytes: defaults::MAX_IO_BYTES,
+                // The device keeps the commands it was added with.
+                io_commands: IoCommands::Auto,
             },
             log: record.log.clone(),
             origin: record.origin,
@@ -68,6 +70,10 @@ impl Plan {
             queues: d.queues.unwrap_or_else(cpu_count),
             depth: d.depth,
             max_io_bytes: defaults::MAX_IO_BYTES,
+            io_commands: match d.io_commands {
+                vramblk_config::IoCommands::Auto => IoCommands::Auto,
+                vramblk_config::IoCommands::PerTag => IoCommands::PerTag,
+            },
         };
         device.validate()?;
         Ok(Plan {

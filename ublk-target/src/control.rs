@@ -258,17 +258,39 @@ fn delete_answer(r: Result<i32, libublk::UblkError>) -> Result<Option<i32>, Stri
     }
 }
 
-/// Whether device `id` was added with UBLK_F_QUIESCE (so [`quiesce`] can
-/// work on it).
-pub fn quiesce_supported(id: u32) -> Result<bool, ControlError> {
-    Ok(open(id)?.dev_info().flags & sys::UBLK_F_QUIESCE as u64 != 0)
+/// How a hand-over can take device `id` from its server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandOver {
+    /// Quiesced (UBLK_F_QUIESCE): the old server answers what it holds.
+    Quiesce,
+    /// The device was added without UBLK_F_QUIESCE (kernel before 6.16).
+    NoQuiesce,
+    /// The device uses batch commands (UBLK_F_BATCH_IO). On 7.3.4 the
+    /// requests a quiesce caught on their way to the old server never
+    /// reached the next one and failed with EIO at their timeout (the VM's
+    /// crash boot, 2026-12-03), while a killed server's requests are
+    /// issued again to the next one; so these are not quiesced.
+    BatchCommands,
+}
+
+/// How a hand-over can take device `id` from its server, by the flags the
+/// device was added with.
+pub fn hand_over(id: u32) -> Result<HandOver, ControlError> {
+    let flags = open(id)?.dev_info().flags;
+    Ok(if flags & sys::UBLK_F_QUIESCE as u64 == 0 {
+        HandOver::NoQuiesce
+    } else if flags & sys::UBLK_F_BATCH_IO as u64 != 0 {
+        HandOver::BatchCommands
+    } else {
+        HandOver::Quiesce
+    })
 }
 
 /// Asks the kernel to quiesce live device `id` for a hand-over: it holds
 /// new requests, waits up to `timeout` for those in flight to be answered
 /// by the running server, then ends that server's fetches (its queues stop
 /// and it exits, leaving the device to the next one). The device must have
-/// been added with UBLK_F_QUIESCE ([`quiesce_supported`]); an error leaves
+/// been added with UBLK_F_QUIESCE ([`hand_over`]); an error leaves
 /// the device refusing new requests until a new server recovers it (the
 /// kernel does not undo the quiesce's first step).
 pub fn quiesce(id: u32, timeout: std::time::Duration) -> Result<(), ControlError> {

@@ -1,6 +1,7 @@
 //! Adding a ublk device and serving it until it is stopped.
 
 use crate::counters::DeviceCounters;
+use crate::features::IoCommands;
 use crate::gate::StartGate;
 use crate::params::device_params;
 use crate::queue::serve_queue;
@@ -40,6 +41,7 @@ pub struct DeviceOptions {
     pub queues: u16,
     pub depth: u16,
     pub max_io_bytes: u32,
+    pub io_commands: IoCommands,
 }
 
 #[derive(Debug, Error)]
@@ -130,7 +132,7 @@ where
     }
     let mut prep = prep;
     let ctrl = match start {
-        Start::Add => take_over::control_builder(opts.max_io_bytes)
+        Start::Add => take_over::control_builder(opts.max_io_bytes, opts.io_commands)
             .id(opts.id)
             .nr_queues(opts.queues)
             .depth(opts.depth)

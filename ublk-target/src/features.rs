@@ -15,6 +15,17 @@ pub enum Use {
     Unused,
 }
 
+/// Which commands a device's queues take requests from the kernel with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoCommands {
+    /// Batch commands (UBLK_F_BATCH_IO, Linux 7.0+) where the kernel
+    /// offers them, else per-tag.
+    #[default]
+    Auto,
+    /// One FETCH and one COMMIT per request, on every kernel.
+    PerTag,
+}
+
 /// Every flag this vramblk knows, by bit (include/uapi/linux/ublk_cmd.h).
 pub const KNOWN: &[(u64, &str, Use)] = &[
     (
@@ -67,7 +78,14 @@ pub const KNOWN: &[(u64, &str, Use)] = &[
     ),
     (1 << 13, "PER_IO_DAEMON", Use::Unused),
     (1 << 14, "BUF_REG_OFF_DAEMON", Use::Unused),
-    (sys::UBLK_F_BATCH_IO as u64, "BATCH_IO", Use::Unused),
+    (
+        sys::UBLK_F_BATCH_IO as u64,
+        "BATCH_IO",
+        Use::WhereOffered(
+            "a queue fetches and commits each round's requests with one command each way \
+             (elsewhere one command per request; `add --io-commands per-tag` asks for that)",
+        ),
+    ),
     (1 << 16, "INTEGRITY", Use::Unused),
     (1 << 17, "SAFE_STOP_DEV", Use::Unused),
     (1 << 18, "NO_AUTO_PART_SCAN", Use::Unused),
@@ -127,7 +145,11 @@ mod tests {
             lines[3].starts_with("USER_RECOVERY ") && lines[3].contains("used:"),
             "{lines:?}"
         );
-        assert!(lines[15].starts_with("BATCH_IO") && lines[15].ends_with("not used"));
+        assert!(
+            lines[15].starts_with("BATCH_IO") && lines[15].contains("used: a queue fetches"),
+            "{lines:?}"
+        );
+        assert!(lines[16].starts_with("INTEGRITY") && lines[16].ends_with("not used"));
         assert!(
             lines[20].starts_with("bit 20") && lines[20].ends_with("not known to this vramblk")
         );
@@ -143,7 +165,10 @@ mod tests {
 
     #[test]
     fn quiesce_is_asked_for_only_where_the_kernel_offers_it() {
-        assert_eq!(offered_in_use(0x1f_ffff), sys::UBLK_F_QUIESCE as u64);
+        assert_eq!(
+            offered_in_use(0x1f_ffff),
+            (sys::UBLK_F_QUIESCE | sys::UBLK_F_BATCH_IO) as u64
+        );
         assert_eq!(offered_in_use(0x1fe), 0);
         assert_eq!(offered_in_use(0), 0);
     }

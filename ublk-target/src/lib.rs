@@ -3,7 +3,10 @@
 //!
 //! - [`engine`]: the per-queue batching engine, independent of ublk so the
 //!   GPU benchmark can drive it with a synthetic load.
-//! - `queue`: the one queue loop every backend runs (libublk + smol).
+//! - `queue`: the one queue loop every backend runs: a queue's setup, then
+//!   per-tag commands (libublk + smol, a task per tag), or where the kernel
+//!   gave the device batch I/O, `batch_loop` over `batch_io`'s commands;
+//!   both feed the same engine and turn their ring as `ring_wait` says.
 //! - [`queue_threads`]: queue threads (and their rings) a standby starts
 //!   in advance, and the start of a device's queues on them.
 //! - [`device`]: adding and serving a device.
@@ -15,6 +18,8 @@
 //! - `request_timeout`: the request timeout that bounds how late older
 //!   kernels notice a dead server.
 
+mod batch_io;
+mod batch_loop;
 pub mod control;
 pub mod counters;
 pub mod device;
@@ -25,7 +30,9 @@ mod params;
 pub mod poll_policy;
 mod queue;
 pub mod queue_threads;
+mod request;
 mod request_timeout;
+mod ring_wait;
 mod slots;
 pub mod take_over;
 
@@ -33,4 +40,5 @@ pub use control::{ControlError, DeviceInfo, DeviceState};
 pub use counters::{CounterSnapshot, DeviceCounters};
 pub use device::{serve, DeviceError, DeviceOptions, QueueBuffers, Served, Start};
 pub use engine::QueueEngine;
+pub use features::IoCommands;
 pub use queue_threads::{QueuePrep, QueueThreads};

@@ -2,10 +2,13 @@
 //! event loop that batches every request of a round into a single store
 //! submission. Every backend runs this same loop.
 
+use crate::batch_io::BatchQueue;
+use crate::batch_loop;
 use crate::counters::DeviceCounters;
 use crate::engine::{round_limit, QueueEngine};
 use crate::gate::StartGate;
-use crate::poll_policy::{PollPolicy, Wait};
+use crate::request;
+use crate::ring_wait;
 use crate::slots::TagSlots;
 use libublk::io::{with_task_io_ring_mut, UblkDev, UblkQueue};
 use libublk::uring_async::{
@@ -16,11 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vramblk_store::{BufferRegion, IoBuf, Op, QueueStore, Request, Store};
-
-/// With nothing in flight the loop sleeps in io_uring this long before
-/// libublk marks the queue idle.
-const IDLE_SECS: u64 = 20;
+use vramblk_store::{BufferRegion, IoBuf, QueueStore, Store};
 
 /// Serves queue `qid` until the device stops. Errors are logged: a queue
 /// thread has nobody to return them to, and the device fails its I/O.
@@ -125,11 +124,13 @@ fn try_serve_queue<S: Store>(
         }
     };
     let depth = bufs.len();
-    let engine = Rc::new(RefCell::new(
-        QueueEngine::new(qstore, store.size(), depth)
-            .with_max_round(round_limit(dev.dev_info.nr_hw_queues as usize, depth))
-            .with_counters(counters, qid),
-    ));
+    let engine = QueueEngine::new(qstore, store.size(), depth)
+        .with_max_round(round_limit(dev.dev_info.nr_hw_queues as usize, depth))
+        .with_counters(counters, qid);
+    if dev.dev_info.flags & sys::UBLK_F_BATCH_IO as u64 != 0 {
+        return serve_batched(qid, dev, &q, engine, buffers, &bufs, gate, announced);
+    }
+    let engine = Rc::new(RefCell::new(engine));
     let slots = TagSlots::new(depth);
     let exe = Rc::new(smol::LocalExecutor::new());
 
@@ -153,14 +154,53 @@ fn try_serve_queue<S: Store>(
     dev.notify_buffer_registration_complete(false);
     *announced = true;
     log::info!(
-        "queue {qid}: serving {} tags, {} KiB io buffers locked",
+        "queue {qid}: serving {} tags with per-tag commands, {} KiB io buffers locked",
         tasks.len(),
         buffers.len() >> 10
     );
 
     let exe2 = exe.clone();
     let result = smol::block_on(exe.run(event_loop(&exe2, &q, &engine, &slots, tasks)));
-    let stats = engine.borrow().stats();
+    log_totals(qid, &engine.borrow());
+    // The store handle and tasks are gone before `buffers` drops.
+    drop(engine);
+    result.map_err(|e| format!("event loop: {e}"))
+}
+
+/// The rest of try_serve_queue for a device with batch commands
+/// (batch_io.rs): past the gate, the kernel gets every tag's buffer at once
+/// and the batch loop serves the same engine.
+#[allow(clippy::too_many_arguments)]
+fn serve_batched<Q: QueueStore>(
+    qid: u16,
+    dev: &UblkDev,
+    q: &UblkQueue<'_>,
+    mut engine: QueueEngine<Q>,
+    buffers: &BufferRegion,
+    bufs: &[IoBuf],
+    gate: &StartGate,
+    announced: &mut bool,
+) -> Result<(), String> {
+    let mut batch = BatchQueue::new(qid, bufs.iter().map(|b| b.as_ptr() as u64).collect());
+    if !gate.arrive(true) {
+        return Err("another queue of this server could not start, so none fetches".into());
+    }
+    batch.start(q).map_err(|e| e.to_string())?;
+    dev.notify_buffer_registration_complete(false);
+    *announced = true;
+    log::info!(
+        "queue {qid}: serving {} tags with batch commands, {} KiB io buffers locked",
+        bufs.len(),
+        buffers.len() >> 10
+    );
+    let result = batch_loop::serve(q, &mut engine, &mut batch, bufs);
+    batch.release(q);
+    log_totals(qid, &engine);
+    result.map_err(|e| format!("batch loop: {e}"))
+}
+
+fn log_totals<Q: QueueStore>(qid: u16, engine: &QueueEngine<Q>) {
+    let stats = engine.stats();
     log::info!(
         "queue {qid}: {} requests ({} failed) in {} batches, largest {}",
         stats.completed,
@@ -168,9 +208,6 @@ fn try_serve_queue<S: Store>(
         stats.batches,
         stats.largest_batch
     );
-    // The store handle and tasks are gone before `buffers` drops.
-    drop(engine);
-    result.map_err(|e| format!("event loop: {e}"))
 }
 
 /// One tag's life: fetch a request, run it through the engine, commit the
@@ -186,7 +223,7 @@ async fn serve_tag<Q: QueueStore>(
     q.submit_io_prep_cmd(tag, desc.clone(), 0, None).await?;
     loop {
         let iod = q.get_iod(tag);
-        let result = match request_from_iod(tag, iod, buf) {
+        let result = match request::from_iod(tag, iod, buf) {
             Ok(req) => {
                 engine.borrow_mut().enqueue(req);
                 slots.wait(tag).await
@@ -195,52 +232,6 @@ async fn serve_tag<Q: QueueStore>(
         };
         q.submit_io_commit_cmd(tag, desc.clone(), result).await?;
     }
-}
-
-/// Translates the kernel's io descriptor; unsupported ops fail with
-/// EOPNOTSUPP rather than reaching the store.
-fn request_from_iod(tag: u16, iod: &sys::ublksrv_io_desc, buf: IoBuf) -> Result<Request, i32> {
-    let op = match iod.op_flags & 0xff {
-        sys::UBLK_IO_OP_READ => Op::Read,
-        sys::UBLK_IO_OP_WRITE => Op::Write,
-        sys::UBLK_IO_OP_FLUSH => Op::Flush,
-        sys::UBLK_IO_OP_DISCARD => Op::Discard,
-        sys::UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
-        _ => return Err(-libc::EOPNOTSUPP),
-    };
-    if op == Op::Flush {
-        // A flush carries no range; the block layer leaves its sector at -1.
-        return Ok(Request {
-            tag,
-            op,
-            offset: 0,
-            len: 0,
-            buf,
-        });
-    }
-    let len = (iod.nr_sectors as u64) << 9;
-    Ok(Request {
-        tag,
-        op,
-        offset: iod.start_sector.checked_mul(512).ok_or(-libc::EINVAL)?,
-        len: u32::try_from(len).map_err(|_| -libc::EINVAL)?,
-        buf,
-    })
-}
-
-/// How long the loop pauses after io_uring refused a turn for want of
-/// memory.
-const TRANSIENT_PAUSE: Duration = Duration::from_millis(1);
-
-/// Whether io_uring_enter's `errno` is a turn to try again, not the end of
-/// the queue: a signal (EINTR), or memory short right now (EAGAIN: no
-/// request could be allocated; ENOMEM; EBUSY: completions waiting for room
-/// that could not be flushed), exactly when a swap device is needed most.
-fn transient(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::EINTR | libc::EAGAIN | libc::ENOMEM | libc::EBUSY
-    )
 }
 
 /// Drives the ring and the store together: tick every ready tag task, send
@@ -277,36 +268,7 @@ async fn event_loop<Q: QueueStore, T>(
             }
             // While the store has requests in flight the loop polls it,
             // napping in io_uring as the policy says (poll_policy.rs).
-            let wait = if !busy {
-                Some(io_uring::types::Timespec::new().sec(IDLE_SECS))
-            } else {
-                match PollPolicy::SERVER.wait(last_progress.get().elapsed()) {
-                    Wait::Nap(nap) => Some(io_uring::types::Timespec::from(nap)),
-                    Wait::Spin => None,
-                }
-            };
-            let ret = match wait {
-                Some(ts) => {
-                    let args = io_uring::types::SubmitArgs::new().timespec(&ts);
-                    r.submitter().submit_with_args(1, &args)
-                }
-                None => r.submit(),
-            };
-            match ret.map_err(|e| (e.raw_os_error(), e)) {
-                Ok(_) => Ok(false),
-                Err((Some(errno), _)) if errno == libc::ETIME => Ok(!busy),
-                Err((Some(errno), _)) if transient(errno) => {
-                    if errno != libc::EINTR {
-                        // Memory is short (io_uring could not allocate a
-                        // request): a breath, then the next turn tries
-                        // again; ending the loop would leave the queue's
-                        // requests, swap's among them, unserved for good.
-                        std::thread::sleep(TRANSIENT_PAUSE);
-                    }
-                    Ok(false)
-                }
-                Err((_, e)) => Err(UblkError::IOError(e)),
-            }
+            ring_wait::turn(r, busy, last_progress.get().elapsed())
         })
     };
     let reap = |idle_timeout| {
@@ -316,53 +278,4 @@ async fn event_loop<Q: QueueStore, T>(
     };
     let is_done = || tasks.iter().all(|t| t.is_finished());
     run_uring_tasks(poll_uring, reap, run_ops, is_done).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn iod(op: u32, start_sector: u64, nr_sectors: u32) -> sys::ublksrv_io_desc {
-        sys::ublksrv_io_desc {
-            op_flags: op,
-            nr_sectors,
-            start_sector,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn memory_short_and_signals_are_turns_to_retry_not_the_end_of_the_queue() {
-        for errno in [libc::EINTR, libc::EAGAIN, libc::ENOMEM, libc::EBUSY] {
-            assert!(transient(errno), "{errno}");
-        }
-        for errno in [
-            libc::ENXIO,
-            libc::EBADF,
-            libc::EINVAL,
-            libc::EFAULT,
-            libc::EOWNERDEAD,
-        ] {
-            assert!(!transient(errno), "{errno}");
-        }
-    }
-
-    #[test]
-    fn translates_kernel_requests() {
-        let bufs = BufferRegion::new(1, 4096).unwrap();
-        let buf = bufs.slot(0).unwrap();
-        let r = request_from_iod(3, &iod(sys::UBLK_IO_OP_WRITE, 8, 8), buf).unwrap();
-        assert_eq!((r.tag, r.op, r.offset, r.len), (3, Op::Write, 4096, 4096));
-        // The block layer's flush requests carry sector -1.
-        let r = request_from_iod(1, &iod(sys::UBLK_IO_OP_FLUSH, u64::MAX, 0), buf).unwrap();
-        assert_eq!((r.op, r.offset, r.len), (Op::Flush, 0, 0));
-        assert_eq!(
-            request_from_iod(1, &iod(sys::UBLK_IO_OP_READ, u64::MAX, 8), buf).unwrap_err(),
-            -libc::EINVAL
-        );
-        assert_eq!(
-            request_from_iod(1, &iod(sys::UBLK_IO_OP_ZONE_OPEN, 0, 8), buf).unwrap_err(),
-            -libc::EOPNOTSUPP
-        );
-    }
 }

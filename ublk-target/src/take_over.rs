@@ -11,6 +11,7 @@
 //! ([`prepare_recovery`]); a server forked fresh first replaces the export,
 //! unread, with a stand-in of its own ([`replace_export_unread`]).
 
+use crate::features::IoCommands;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::{sys, UblkFlags};
 use std::path::{Path, PathBuf};
@@ -36,11 +37,14 @@ pub struct RecoverError {
 }
 
 /// The builder every control of ours starts from: recovery asked for, and
-/// QUIESCE where the kernel offers it (for upgrades); a recovery takes the
-/// device's own flags.
-pub(crate) fn control_builder(max_io_bytes: u32) -> UblkCtrlBuilder<'static> {
-    let offered =
+/// QUIESCE (for upgrades) and, unless `commands` says per-tag, BATCH_IO
+/// where the kernel offers them; a recovery takes the device's own flags.
+pub(crate) fn control_builder(max_io_bytes: u32, commands: IoCommands) -> UblkCtrlBuilder<'static> {
+    let mut offered =
         libublk::ctrl::UblkCtrl::get_features().map_or(0, crate::features::offered_in_use);
+    if commands == IoCommands::PerTag {
+        offered &= !(sys::UBLK_F_BATCH_IO as u64);
+    }
     UblkCtrlBuilder::default()
         .name("vramblk")
         .io_buf_bytes(max_io_bytes)
@@ -103,7 +107,9 @@ fn recovery_control(
     queues: u16,
     depth: u16,
 ) -> Result<UblkCtrl, RecoverError> {
-    control_builder(max_io_bytes)
+    // The device keeps the commands it was added with: the kernel's flags
+    // replace these when the control reads the device (wait_quiesced).
+    control_builder(max_io_bytes, IoCommands::Auto)
         .id(id as i32)
         .nr_queues(queues)
         .depth(depth)

@@ -141,7 +141,11 @@ pub struct Kernel {
 /// The kernel of `VRAMBLK_VM_KERNEL`'s series, fetched into `vm_dir`
 /// unless it already is.
 pub fn fetch(vm_dir: &Path) -> Result<Kernel> {
-    let series = Series::from_env()?;
+    fetch_series(vm_dir, Series::from_env()?)
+}
+
+/// The newest build of `series`, fetched into `vm_dir` unless it already is.
+pub fn fetch_series(vm_dir: &Path, series: Series) -> Result<Kernel> {
     let cache = vm_dir.join(format!("kernel-{}", series.name));
     let tree = cache.join("tree");
     let release_file = cache.join("release");

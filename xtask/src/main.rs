@@ -67,6 +67,9 @@ pub enum Task {
     /// vramblk beside NBD, zram and rublk in one VM boot; rewrites
     /// docs/benchmarks.md's VM part.
     Bench(bench::Options),
+    /// Batch commands (UBLK_F_BATCH_IO) beside per-tag commands in one VM
+    /// boot of a 7.x kernel; rewrites that table of docs/benchmarks.md.
+    BenchCommands(bench::commands::Options),
     /// The CUDA store's GPU checks and benchmark (engine-bench) here, or
     /// record a report from elsewhere; rewrites docs/benchmarks.md's GPU part.
     BenchEngine(bench_engine::Options),
@@ -113,6 +116,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::VmTest => suite::run_all(&root()?),
         Task::Bench(o) => bench::run(&root()?, &o),
+        Task::BenchCommands(o) => bench::commands::run(&root()?, &o),
         Task::Install(o) => install::install(&root()?, &o),
         Task::Uninstall(o) => install::uninstall(&o),
         Task::Ptx(o) => ptx::run(&root()?, &o),

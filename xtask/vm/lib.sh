@@ -286,14 +286,39 @@ upgrade_device() {
 # an upgrade quiesces the device instead of killing its old server
 kernel_quiesces() { vramblk features | grep -qE '^ *QUIESCE +used'; }
 
+# kernel_batches: the running kernel offers UBLK_F_BATCH_IO (7.0+) and
+# vramblk asks for it, so a device's queues use batch commands by default
+kernel_batches() { vramblk features | grep -qE '^ *BATCH_IO +used'; }
+
+# default_commands: the commands a device added without --io-commands
+# serves with on this kernel, as its log words them
+default_commands() { if kernel_batches; then echo batch; else echo per-tag; fi; }
+
+# device_log ID: the log of device ID's supervisor and servers
+device_log() { sed -n 's/.*"log": *"\([^"]*\)".*/\1/p' /run/vramblk/ublkb$1.json 2>/dev/null; }
+
+# queues_serve_with ID WORD: device ID's servers started their queues with
+# WORD (batch or per-tag) commands, and never with the other kind
+queues_serve_with() {
+    local log other=batch
+    log=$(device_log $1)
+    [ "$2" = batch ] && other=per-tag
+    [ -n "$log" ] && wait_for 10 grep -q "tags with $2 commands" "$log" &&
+        ! grep -q "tags with $other commands" "$log"
+}
+
 # handover_way: how an upgrade's standby takes the device on this kernel,
 # as a pattern (grep -E) of its log line's words: quiesced, or (with memory
-# short) the old server killed; on a kernel without QUIESCE, killed
+# short) the old server killed; on a kernel without QUIESCE, or for a
+# device with batch commands (DEVICE_COMMANDS, else this kernel's default),
+# killed
 handover_way() {
-    if kernel_quiesces; then
-        echo "quiesced: it answered its requests|killed \(memory is short"
-    else
+    if ! kernel_quiesces; then
         echo "killed \(the device was added without QUIESCE"
+    elif [ "${DEVICE_COMMANDS:-$(default_commands)}" = batch ]; then
+        echo "killed \(the device uses batch commands"
+    else
+        echo "quiesced: it answered its requests|killed \(memory is short"
     fi
 }
 

@@ -26,6 +26,18 @@ pub enum CopyMode {
     Dma,
 }
 
+/// Which commands a device's queues take requests from the kernel with
+/// (issue 16): `auto` batches each round into one command each way where
+/// the kernel offers it (UBLK_F_BATCH_IO, Linux 7.0+), `per-tag` uses one
+/// command per request everywhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoCommands {
+    #[default]
+    Auto,
+    PerTag,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
@@ -55,6 +67,8 @@ struct RawDevice {
     reserve: Option<Spanned<String>>,
     #[serde(default)]
     copy_mode: CopyMode,
+    #[serde(default)]
+    io_commands: IoCommands,
     /// Every page in VRAM carries a checksum; absent: where the GPU's
     /// memory has no ECC.
     #[serde(default)]
@@ -100,6 +114,7 @@ pub struct DeviceConfig {
     pub discard: bool,
     pub reserve: u64,
     pub copy_mode: CopyMode,
+    pub io_commands: IoCommands,
     /// Per-page checksums in VRAM, checked on every read (cuda); None:
     /// where the GPU's memory has no ECC.
     pub integrity: Option<bool>,
@@ -258,6 +273,7 @@ impl Config {
                 discard: d.discard,
                 reserve,
                 copy_mode: d.copy_mode,
+                io_commands: d.io_commands,
                 integrity: d.integrity,
                 queues: d.queues.map(|q| q.into_inner()),
                 depth,
@@ -363,6 +379,7 @@ priority = 50
 queues = 2
 depth = 64
 copy_mode = "dma"
+io_commands = "per-tag"
 reserve = "1G"
 discard = true
 integrity = false
@@ -399,6 +416,10 @@ calm_secs = 60
         assert_eq!(
             (h.copy_mode, h.reserve, h.discard),
             (CopyMode::Dma, 1 << 30, true)
+        );
+        assert_eq!(
+            (d.io_commands, h.io_commands),
+            (IoCommands::Auto, IoCommands::PerTag)
         );
         assert_eq!(
             c.power,

@@ -6,7 +6,8 @@ mod record;
 mod size;
 
 pub use file::{
-    Config, ConfigError, CopyMode, DeviceConfig, PowerConfig, PressureConfig, CONFIG_PATH,
+    Config, ConfigError, CopyMode, DeviceConfig, IoCommands, PowerConfig, PressureConfig,
+    CONFIG_PATH,
 };
 pub use gpus::{split_by_room, GpuChoice, GpuPlace, GpuRoom, SPLIT_UNIT};
 pub use record::{store_json, DeviceRecord, RUN_DIR};

@@ -3,6 +3,7 @@
 //! memory pressure; writes the tables and a picture into
 //! docs/benchmarks.md.
 
+pub mod commands;
 mod parse;
 mod report;
 
@@ -71,29 +72,13 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     let vm_dir = root.join("target/vm");
     let kernel = kernel::fetch(&vm_dir)?;
     println!("== guest kernel: Debian's {}", kernel.release);
-    let stage = vm_dir.join("stage-bench");
-    let initrd = vm_dir.join("initrd-bench.cpio");
-    let io_script = format!(
-        "export BENCH_SECS={} BENCH_ROUNDS={}\n{BENCH_IO}",
-        o.secs, o.rounds
-    );
-    initramfs::build(
-        &stage,
-        &initrd,
-        &initramfs::Spec {
-            host_bins: HOST_BINS,
-            built_bins: &guest_bins,
-            copies: &[],
-            modules: &kernel.modules,
-            files: &[
-                ("/init", INIT),
-                ("/lib/vm/lib.sh", LIB),
-                ("/lib/vm/run-jobs.sh", RUN_JOBS),
-                ("/lib/vm/devices.sh", DEVICES_SH),
-                ("/lib/vm/suite.sh", &io_script),
-                ("/lib/vm/swap.sh", BENCH_SWAP),
-            ],
-        },
+    let initrd = bench_initrd(
+        &vm_dir,
+        "bench",
+        &kernel,
+        &guest_bins,
+        &bench_script(BENCH_IO, o.secs, o.rounds),
+        &[("/lib/vm/swap.sh", BENCH_SWAP)],
     )?;
     let qemu_version = qemu_version();
 
@@ -156,21 +141,72 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     out.write(root)
 }
 
+/// A benchmark boot's script: `body` with its seconds per job and rounds.
+fn bench_script(body: &str, secs: u32, rounds: u32) -> String {
+    format!("export BENCH_SECS={secs} BENCH_ROUNDS={rounds}\n{body}")
+}
+
+/// The initramfs of benchmark boot `name`: the guest binaries, the
+/// kernel's modules, the job and device scripts, `suite` as the script the
+/// guest runs, and `extra` files.
+fn bench_initrd(
+    vm_dir: &Path,
+    name: &str,
+    kernel: &kernel::Kernel,
+    guest_bins: &[PathBuf],
+    suite: &str,
+    extra: &[(&str, &str)],
+) -> Result<PathBuf> {
+    let initrd = vm_dir.join(format!("initrd-{name}.cpio"));
+    let mut files = vec![
+        ("/init", INIT),
+        ("/lib/vm/lib.sh", LIB),
+        ("/lib/vm/run-jobs.sh", RUN_JOBS),
+        ("/lib/vm/devices.sh", DEVICES_SH),
+        ("/lib/vm/suite.sh", suite),
+    ];
+    files.extend_from_slice(extra);
+    initramfs::build(
+        &vm_dir.join(format!("stage-{name}")),
+        &initrd,
+        &initramfs::Spec {
+            host_bins: HOST_BINS,
+            built_bins: guest_bins,
+            copies: &[],
+            modules: &kernel.modules,
+            files: &files,
+        },
+    )?;
+    Ok(initrd)
+}
+
+/// Now, as the generated sections date themselves.
+fn utc_now() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The benchmark guest: kernel and initramfs, booted once per job set.
-struct Guest<'a> {
-    vm_dir: &'a Path,
-    vmlinuz: &'a Path,
-    initrd: &'a Path,
+pub(super) struct Guest<'a> {
+    pub(super) vm_dir: &'a Path,
+    pub(super) vmlinuz: &'a Path,
+    pub(super) initrd: &'a Path,
 }
 
 /// How long a boot may take, and how long its console may stay silent.
-struct Limits {
-    total_s: u64,
-    quiet: Option<Duration>,
+pub(super) struct Limits {
+    pub(super) total_s: u64,
+    pub(super) quiet: Option<Duration>,
 }
 
 impl Guest<'_> {
-    fn boot(
+    pub(super) fn boot(
         &self,
         name: &str,
         memory: &str,
@@ -214,7 +250,7 @@ fn install_rublk(root: &Path) -> Result<PathBuf> {
     )
 }
 
-fn qemu_version() -> String {
+pub(super) fn qemu_version() -> String {
     Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -261,14 +297,7 @@ impl Report<'_> {
                     .map(|(_, v)| v.trim().to_string())
             })
             .unwrap_or_else(|| "unknown CPU".into());
-        let date = Command::new("date")
-            .arg("-u")
-            .arg("+%Y-%m-%d %H:%M UTC")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        let date = utc_now();
         let o = self.options;
         let mut md = format!(
             "{BEGIN}\n## Side by side in one VM boot (`cargo xtask bench`)\n\n\

@@ -67,7 +67,7 @@ fn header(head: &str) -> Option<(&str, &str, u32)> {
     Some((d, j, r))
 }
 
-fn sample(device: &str, job: &str, round: u32, value: f64) -> Sample {
+pub fn sample(device: &str, job: &str, round: u32, value: f64) -> Sample {
     Sample {
         device: device.to_string(),
         job: job.to_string(),
