@@ -98,6 +98,76 @@ struct Commit {
     taken: usize,
 }
 
+/// What a COMMIT's completion did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Taken {
+    /// Every element taken; its id is free again.
+    All,
+    /// A part taken; the rest must be sent again under the same id.
+    Part,
+    /// None taken (an error, or a byte count that is no whole number of
+    /// elements): these many requests got no result; its id is free again.
+    Refused(usize),
+    /// No COMMIT in flight has this id.
+    Unknown,
+}
+
+/// The COMMITs in flight, by id (a finished one's id is reused).
+#[derive(Default)]
+struct Commits {
+    slots: Vec<Option<Commit>>,
+}
+
+impl Commits {
+    /// Keeps `elements` until the kernel has taken them; their id.
+    fn add(&mut self, elements: Vec<Element>) -> u16 {
+        let commit = Some(Commit { elements, taken: 0 });
+        match self.slots.iter().position(Option::is_none) {
+            Some(free) => {
+                self.slots[free] = commit;
+                free as u16
+            }
+            None => {
+                self.slots.push(commit);
+                (self.slots.len() - 1) as u16
+            }
+        }
+    }
+
+    /// The elements of COMMIT `id` the kernel has not taken yet.
+    fn rest(&self, id: u16) -> Option<&[Element]> {
+        let commit = self.slots.get(id as usize)?.as_ref()?;
+        Some(&commit.elements[commit.taken..])
+    }
+
+    /// Records COMMIT `id`'s completion with result `res` (bytes taken, or
+    /// -errno).
+    fn completed(&mut self, id: u16, res: i32) -> Taken {
+        let Some(slot) = self.slots.get_mut(id as usize) else {
+            return Taken::Unknown;
+        };
+        let Some(commit) = slot.as_mut() else {
+            return Taken::Unknown;
+        };
+        if res <= 0 || !(res as usize).is_multiple_of(ELEMENT_BYTES) {
+            let left = commit.elements.len() - commit.taken;
+            *slot = None;
+            return Taken::Refused(left);
+        }
+        commit.taken += res as usize / ELEMENT_BYTES;
+        if commit.taken >= commit.elements.len() {
+            *slot = None;
+            Taken::All
+        } else {
+            Taken::Part
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+}
+
 /// One queue's batch commands and the buffers the kernel writes tags into.
 pub(crate) struct BatchQueue {
     qid: u16,
@@ -106,8 +176,7 @@ pub(crate) struct BatchQueue {
     tag_buffers: Vec<Box<[u16]>>,
     /// Tag buffers handed back to the kernel and not yet confirmed.
     provides_in_flight: usize,
-    /// COMMITs by id; a finished one's slot is reused.
-    commits: Vec<Option<Commit>>,
+    commits: Commits,
     fetch_armed: bool,
     /// The kernel ended the FETCH for good: the device stops, is deleted
     /// or quiesced, and this queue serves no more requests.
@@ -126,7 +195,7 @@ impl BatchQueue {
                 .collect(),
             buffer_addrs,
             provides_in_flight: 0,
-            commits: Vec::new(),
+            commits: Commits::default(),
             fetch_armed: false,
             fetch_aborted: false,
         }
@@ -188,9 +257,7 @@ impl BatchQueue {
     /// Whether the kernel ended the FETCH and nothing this queue sent is
     /// still in flight: the queue is done once it also holds no request.
     pub(crate) fn finished(&self) -> bool {
-        self.fetch_aborted
-            && self.provides_in_flight == 0
-            && self.commits.iter().all(Option::is_none)
+        self.fetch_aborted && self.provides_in_flight == 0 && self.commits.is_empty()
     }
 
     /// Sends one COMMIT for `results` (tag, bytes done or -errno).
@@ -215,15 +282,8 @@ impl BatchQueue {
                 buf_addr,
             });
         }
-        let id = match self.commits.iter().position(Option::is_none) {
-            Some(free) => free,
-            None => {
-                self.commits.push(None);
-                self.commits.len() - 1
-            }
-        };
-        self.commits[id] = Some(Commit { elements, taken: 0 });
-        self.send_commit(q, id as u16)
+        let id = self.commits.add(elements);
+        self.send_commit(q, id)
     }
 
     /// Takes one completion from the ring; `on_request` gets each tag the
@@ -307,42 +367,32 @@ impl BatchQueue {
     }
 
     fn commit_done(&mut self, q: &UblkQueue<'_>, id: u16, res: i32) -> Result<(), BatchError> {
-        let Some(commit) = self.commits.get_mut(id as usize).and_then(Option::as_mut) else {
-            return Ok(());
-        };
-        if res <= 0 || !(res as usize).is_multiple_of(ELEMENT_BYTES) {
-            // Nothing of it was taken: a device that stops refuses results
-            // (its requests end without them); else the requests would
-            // hang, so say so.
-            if !self.fetch_aborted {
-                log::error!(
-                    "queue {}: the kernel refused the results of {} requests ({})",
-                    self.qid,
-                    commit.elements.len() - commit.taken,
-                    if res < 0 {
-                        errno(res).to_string()
-                    } else {
-                        format!("{res} bytes taken")
-                    }
-                );
+        match self.commits.completed(id, res) {
+            Taken::All | Taken::Unknown => Ok(()),
+            Taken::Part => self.send_commit(q, id),
+            Taken::Refused(left) => {
+                // A device that stops refuses results (its requests end
+                // without them); else those requests would hang, so say so.
+                if !self.fetch_aborted {
+                    log::error!(
+                        "queue {}: the kernel refused the results of {left} requests ({})",
+                        self.qid,
+                        if res < 0 {
+                            errno(res).to_string()
+                        } else {
+                            format!("{res} bytes taken")
+                        }
+                    );
+                }
+                Ok(())
             }
-            self.commits[id as usize] = None;
-            return Ok(());
-        }
-        commit.taken += res as usize / ELEMENT_BYTES;
-        if commit.taken >= commit.elements.len() {
-            self.commits[id as usize] = None;
-            Ok(())
-        } else {
-            self.send_commit(q, id)
         }
     }
 
     fn send_commit(&mut self, q: &UblkQueue<'_>, id: u16) -> Result<(), BatchError> {
-        let Some(commit) = self.commits.get(id as usize).and_then(Option::as_ref) else {
+        let Some(rest) = self.commits.rest(id) else {
             return Ok(());
         };
-        let rest = &commit.elements[commit.taken..];
         let entry = self.command(
             sys::UBLK_U_IO_COMMIT_IO_CMDS,
             rest.len(),
@@ -459,6 +509,59 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Element, buf_index), 2);
         assert_eq!(std::mem::offset_of!(Element, result), 4);
         assert_eq!(std::mem::offset_of!(Element, buf_addr), 8);
+    }
+
+    fn elements(tags: std::ops::Range<u16>) -> Vec<Element> {
+        tags.map(|tag| Element {
+            tag,
+            result: 4096,
+            ..Default::default()
+        })
+        .collect()
+    }
+
+    fn bytes(n: usize) -> i32 {
+        (n * ELEMENT_BYTES) as i32
+    }
+
+    #[test]
+    fn a_commit_the_kernel_takes_in_parts_is_sent_again_for_the_rest() {
+        let mut c = Commits::default();
+        let id = c.add(elements(0..5));
+        assert_eq!(c.completed(id, bytes(2)), Taken::Part);
+        let rest: Vec<u16> = c.rest(id).unwrap().iter().map(|e| e.tag).collect();
+        assert_eq!(rest, [2, 3, 4]);
+        assert_eq!(c.completed(id, bytes(3)), Taken::All);
+        assert!(c.is_empty());
+        assert_eq!(c.rest(id), None);
+    }
+
+    #[test]
+    fn commits_in_flight_keep_their_own_ids_and_a_finished_id_is_reused() {
+        let mut c = Commits::default();
+        let (a, b) = (c.add(elements(0..2)), c.add(elements(2..4)));
+        assert_ne!(a, b);
+        assert_eq!(c.completed(a, bytes(2)), Taken::All);
+        assert!(!c.is_empty(), "b is still in flight");
+        assert_eq!(c.add(elements(4..6)), a);
+        assert_eq!(c.rest(b).unwrap()[0].tag, 2);
+    }
+
+    #[test]
+    fn a_refused_commit_says_how_many_results_were_lost_and_frees_its_id() {
+        let mut c = Commits::default();
+        let id = c.add(elements(0..4));
+        assert_eq!(c.completed(id, bytes(1)), Taken::Part);
+        assert_eq!(c.completed(id, -libc::EINVAL), Taken::Refused(3));
+        assert!(c.is_empty());
+        // Bytes that are no whole number of elements, and nothing taken.
+        let id = c.add(elements(0..2));
+        assert_eq!(c.completed(id, 5), Taken::Refused(2));
+        let id = c.add(elements(0..2));
+        assert_eq!(c.completed(id, 0), Taken::Refused(2));
+        // A completion for an id with nothing in flight changes nothing.
+        assert_eq!(c.completed(id, bytes(2)), Taken::Unknown);
+        assert_eq!(c.completed(99, bytes(2)), Taken::Unknown);
     }
 
     #[test]

@@ -267,7 +267,7 @@ pub enum HandOver {
     NoQuiesce,
     /// The device uses batch commands (UBLK_F_BATCH_IO). On 7.3.4 the
     /// requests a quiesce caught on their way to the old server never
-    /// reached the next one and failed with EIO at their timeout (the VM's
+    /// reached the next one, and fio saw them fail with EIO (the VM's
     /// crash boot, 2026-12-03), while a killed server's requests are
     /// issued again to the next one; so these are not quiesced.
     BatchCommands,
