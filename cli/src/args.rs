@@ -48,8 +48,9 @@ pub enum Command {
     /// it the device: on kernels with UBLK_F_QUIESCE (6.16+) the kernel
     /// holds new I/O while the old server answers what it holds and lets
     /// go; on older ones, and for a device with batch commands (7.0+), the
-    /// old server is stopped and the kernel re-issues its I/O. The standby then takes the device over through ublk's user
-    /// recovery, so nothing fails and no page is lost. Devices whose
+    /// old server is stopped and the kernel re-issues its I/O. The standby
+    /// then takes the device over through ublk's user recovery, so nothing
+    /// fails and no page is lost. Devices whose
     /// processes already run the binary on disk are left alone (unless
     /// --force). `systemctl reload vramblk` runs this for the service.
     Upgrade(UpgradeArgs),

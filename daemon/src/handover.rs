@@ -10,8 +10,9 @@
 //! to the standby (device.rs, `Served::LeftLive`), so no request is issued
 //! twice. Where the device cannot be quiesced (added without QUIESCE, or
 //! with batch commands: control::HandOver says why), or the quiesce
-//! fails, the old server is killed and the kernel issues its requests again, as after
-//! a crash; so is one that does not let go in time (by the supervisor).
+//! fails, the old server is killed and the kernel issues its requests
+//! again, as after a crash; so is one that does not let go in time (by the
+//! supervisor).
 //! Either way the standby then recovers the device.
 
 use rustix::process::Signal;
@@ -71,16 +72,14 @@ pub const LET_GO_PATIENCE: Duration = Duration::from_secs(30);
 /// opened before; the recovery's commands go through the control ring the
 /// standby built while readying).
 pub fn take_from(id: u32, from: u32) -> String {
-    match control::hand_over(id).unwrap_or(HandOver::NoQuiesce) {
-        HandOver::Quiesce => {}
-        HandOver::NoQuiesce => {
-            kill(from);
-            return WITHOUT_QUIESCE.into();
-        }
-        HandOver::BatchCommands => {
-            kill(from);
-            return WITH_BATCH_COMMANDS.into();
-        }
+    let cannot_quiesce = match control::hand_over(id).unwrap_or(HandOver::NoQuiesce) {
+        HandOver::Quiesce => None,
+        HandOver::NoQuiesce => Some(WITHOUT_QUIESCE),
+        HandOver::BatchCommands => Some(WITH_BATCH_COMMANDS),
+    };
+    if let Some(how) = cannot_quiesce {
+        kill(from);
+        return how.into();
     }
     // With memory short, a quiesce would have the old server run (drain
     // its requests, unwind its queues) while the device holds new I/O, and

@@ -177,7 +177,6 @@ pub(crate) struct BatchQueue {
     /// Tag buffers handed back to the kernel and not yet confirmed.
     provides_in_flight: usize,
     commits: Commits,
-    fetch_armed: bool,
     /// The kernel ended the FETCH for good: the device stops, is deleted
     /// or quiesced, and this queue serves no more requests.
     fetch_aborted: bool,
@@ -196,7 +195,6 @@ impl BatchQueue {
             buffer_addrs,
             provides_in_flight: 0,
             commits: Commits::default(),
-            fetch_armed: false,
             fetch_aborted: false,
         }
     }
@@ -238,13 +236,11 @@ impl BatchQueue {
             .map_err(BatchError::Ring)?;
             for cqe in cqes {
                 seen += 1;
-                if let Some((Kind::Provide, _)) = Kind::of(cqe.user_data()) {
-                    self.provides_in_flight -= 1;
-                }
-                let err = (cqe.result() < 0).then(|| errno(cqe.result()));
-                match (Kind::of(cqe.user_data()), err) {
-                    (Some((Kind::Prep, _)), Some(e)) => return Err(BatchError::Prep(e)),
-                    (Some((Kind::Provide, _)), Some(e)) => return Err(BatchError::Provide(e)),
+                match Kind::of(cqe.user_data()) {
+                    Some((Kind::Provide, _)) => self.provided(cqe.result())?,
+                    Some((Kind::Prep, _)) if cqe.result() < 0 => {
+                        return Err(BatchError::Prep(errno(cqe.result())))
+                    }
                     _ => {}
                 }
             }
@@ -306,10 +302,6 @@ impl BatchQueue {
         let res = cqe.result();
         match kind {
             Kind::Fetch => {
-                let more = cqueue::more(cqe.flags());
-                if !more {
-                    self.fetch_armed = false;
-                }
                 if res == sys::UBLK_IO_RES_ABORT {
                     self.fetch_aborted = true;
                     return Ok(());
@@ -335,17 +327,13 @@ impl BatchQueue {
                     let entry = self.provide_entry(buffer);
                     push(q, entry)?;
                 }
-                if !self.fetch_armed && !self.fetch_aborted {
+                // The one FETCH stays armed while its completions say MORE.
+                if !cqueue::more(cqe.flags()) {
                     self.arm_fetch(q)?;
                 }
             }
             Kind::Commit => self.commit_done(q, id, res)?,
-            Kind::Provide => {
-                self.provides_in_flight = self.provides_in_flight.saturating_sub(1);
-                if res < 0 {
-                    return Err(BatchError::Provide(errno(res)));
-                }
-            }
+            Kind::Provide => self.provided(res)?,
             Kind::Prep | Kind::Remove => {}
         }
         Ok(())
@@ -364,6 +352,15 @@ impl BatchQueue {
                 done
             });
         }
+    }
+
+    /// A PROVIDE of a tag buffer completed with `res`.
+    fn provided(&mut self, res: i32) -> Result<(), BatchError> {
+        self.provides_in_flight = self.provides_in_flight.saturating_sub(1);
+        if res < 0 {
+            return Err(BatchError::Provide(errno(res)));
+        }
+        Ok(())
     }
 
     fn commit_done(&mut self, q: &UblkQueue<'_>, id: u16, res: i32) -> Result<(), BatchError> {
@@ -402,10 +399,8 @@ impl BatchQueue {
         push(q, entry)
     }
 
-    fn arm_fetch(&mut self, q: &UblkQueue<'_>) -> Result<(), BatchError> {
-        push(q, multishot_from_group(fetch_entry(self.qid), FETCH_GROUP))?;
-        self.fetch_armed = true;
-        Ok(())
+    fn arm_fetch(&self, q: &UblkQueue<'_>) -> Result<(), BatchError> {
+        push(q, multishot_from_group(fetch_entry(self.qid), FETCH_GROUP))
     }
 
     fn provide_entry(&mut self, id: u16) -> squeue::Entry {
@@ -424,16 +419,9 @@ impl BatchQueue {
 
     /// A PREP or COMMIT of `count` elements at `addr`.
     fn command(&self, op: u32, count: usize, addr: u64, user_data: u64) -> squeue::Entry {
-        let header = sys::ublk_batch_io {
-            q_id: self.qid,
-            flags: sys::UBLK_BATCH_F_HAS_BUF_ADDR as u16,
-            nr_elem: count as u16,
-            elem_bytes: ELEMENT_BYTES as u8,
-            reserved: 0,
-            reserved2: 0,
-        };
+        let flags = sys::UBLK_BATCH_F_HAS_BUF_ADDR as u16;
         opcode::UringCmd16::new(types::Fixed(0), op)
-            .cmd(header_bytes(header))
+            .cmd(header(self.qid, flags, count as u16, ELEMENT_BYTES as u8))
             .addr(Some(addr))
             .build()
             .user_data(user_data)
@@ -443,16 +431,8 @@ impl BatchQueue {
 /// A FETCH for queue `qid`'s tags (u16 each), before it is made
 /// multishot.
 fn fetch_entry(qid: u16) -> squeue::Entry {
-    let header = sys::ublk_batch_io {
-        q_id: qid,
-        flags: 0,
-        nr_elem: 0,
-        elem_bytes: size_of::<u16>() as u8,
-        reserved: 0,
-        reserved2: 0,
-    };
     opcode::UringCmd16::new(types::Fixed(0), sys::UBLK_U_IO_FETCH_IO_CMDS)
-        .cmd(header_bytes(header))
+        .cmd(header(qid, 0, 0, size_of::<u16>() as u8))
         .build()
         .flags(squeue::Flags::BUFFER_SELECT)
         .user_data(Kind::Fetch.user_data(0))
@@ -469,8 +449,18 @@ fn errno(res: i32) -> std::io::Error {
     std::io::Error::from_raw_os_error(-res)
 }
 
-fn header_bytes(header: sys::ublk_batch_io) -> [u8; 16] {
+/// A batch command's header (`struct ublk_batch_io`) as the SQE's 16
+/// command bytes.
+fn header(q_id: u16, flags: u16, nr_elem: u16, elem_bytes: u8) -> [u8; 16] {
     const _: () = assert!(size_of::<sys::ublk_batch_io>() == 16);
+    let header = sys::ublk_batch_io {
+        q_id,
+        flags,
+        nr_elem,
+        elem_bytes,
+        reserved: 0,
+        reserved2: 0,
+    };
     // SAFETY: ublk_batch_io is a 16-byte repr(C) struct of integers with no
     // padding (u16, u16, u16, u8, u8, u64), so every byte is initialised.
     unsafe { std::mem::transmute::<sys::ublk_batch_io, [u8; 16]>(header) }

@@ -14,8 +14,8 @@ use vramblk_store::{IoBuf, QueueStore};
 
 /// Serves the queue until the kernel ends its FETCH (the device stopped,
 /// deleted or quiesced), every request it delivered is answered and what
-/// the queue sent has completed. `batch` is
-/// started (batch_io.rs); `bufs[t]` is tag t's io buffer.
+/// the queue sent has completed. `batch` is started (batch_io.rs);
+/// `bufs[t]` is tag t's io buffer.
 pub(crate) fn serve<Q: QueueStore>(
     q: &UblkQueue<'_>,
     engine: &mut QueueEngine<Q>,
@@ -38,9 +38,12 @@ pub(crate) fn serve<Q: QueueStore>(
             return Ok(());
         }
         let busy = engine.in_flight() > 0;
-        with_task_io_ring_mut(|r| ring_wait::turn(r, busy, last_progress.elapsed()))
-            .map_err(|e| format!("the ring: {e}"))?;
-        with_task_io_ring_mut(|r| cqes.extend(r.completion()));
+        with_task_io_ring_mut(|r| {
+            ring_wait::turn(r, busy, last_progress.elapsed())?;
+            cqes.extend(r.completion());
+            Ok::<_, libublk::UblkError>(())
+        })
+        .map_err(|e| format!("the ring: {e}"))?;
         for cqe in cqes.drain(..) {
             batch
                 .handle(q, &cqe, |tag| {

@@ -146,18 +146,8 @@ fn try_serve_queue<S: Store>(
             }
         }));
     }
-    if !gate.arrive(true) {
-        return Err("another queue of this server could not start, so none fetches".into());
-    }
-    // Our io buffers are one region, mapped and locked above, rather than
-    // libublk IoBufs, so we tell libublk this queue's buffers are ready.
-    dev.notify_buffer_registration_complete(false);
-    *announced = true;
-    log::info!(
-        "queue {qid}: serving {} tags with per-tag commands, {} KiB io buffers locked",
-        tasks.len(),
-        buffers.len() >> 10
-    );
+    pass_gate(gate)?;
+    announce(qid, dev, announced, tasks.len(), "per-tag", buffers);
 
     let exe2 = exe.clone();
     let result = smol::block_on(exe.run(event_loop(&exe2, &q, &engine, &slots, tasks)));
@@ -182,21 +172,41 @@ fn serve_batched<Q: QueueStore>(
     announced: &mut bool,
 ) -> Result<(), String> {
     let mut batch = BatchQueue::new(qid, bufs.iter().map(|b| b.as_ptr() as u64).collect());
-    if !gate.arrive(true) {
-        return Err("another queue of this server could not start, so none fetches".into());
-    }
+    pass_gate(gate)?;
     batch.start(q).map_err(|e| e.to_string())?;
-    dev.notify_buffer_registration_complete(false);
-    *announced = true;
-    log::info!(
-        "queue {qid}: serving {} tags with batch commands, {} KiB io buffers locked",
-        bufs.len(),
-        buffers.len() >> 10
-    );
+    announce(qid, dev, announced, bufs.len(), "batch", buffers);
     let result = batch_loop::serve(q, &mut engine, &mut batch, bufs);
     batch.release(q);
     log_totals(qid, &engine);
     result.map_err(|e| format!("batch loop: {e}"))
+}
+
+/// Arrives at the gate ready; an error if another queue could not start.
+fn pass_gate(gate: &StartGate) -> Result<(), String> {
+    if gate.arrive(true) {
+        Ok(())
+    } else {
+        Err("another queue of this server could not start, so none fetches".into())
+    }
+}
+
+/// Tells libublk this queue's io buffers are ready (they are one region,
+/// mapped and locked by the setup, not libublk IoBufs) and logs how the
+/// queue serves its `tags`: with `commands` ("per-tag" or "batch").
+fn announce(
+    qid: u16,
+    dev: &UblkDev,
+    announced: &mut bool,
+    tags: usize,
+    commands: &str,
+    buffers: &BufferRegion,
+) {
+    dev.notify_buffer_registration_complete(false);
+    *announced = true;
+    log::info!(
+        "queue {qid}: serving {tags} tags with {commands} commands, {} KiB io buffers locked",
+        buffers.len() >> 10
+    );
 }
 
 fn log_totals<Q: QueueStore>(qid: u16, engine: &QueueEngine<Q>) {

@@ -172,10 +172,10 @@ upgrade_run() {
     check "$label: the supervisor logged each hand-over" \
         [ "$(grep -c "upgraded: served by" "$log")" -eq 3 ] || show_logs
     check "$label: each hand-over took the device the kernel's way ($(handover_words))" \
-        [ "$(grep "over from the old binary's server [0-9]*: " "$log" | grep -cE "$(handover_way)")" -eq 3 ] || show_logs
+        [ "$(handovers_the_kernels_way "$log")" -eq 3 ] || show_logs
     if kernel_quiesces && [ "${DEVICE_COMMANDS:-$(default_commands)}" = per-tag ]; then
         check "$label (quiesced, memory plentiful): each hand-over quiesced the device" \
-            [ "$(grep -c "quiesced: it answered its requests and let go" "$log")" -eq 3 ]
+            [ "$(handovers_saying "quiesced: it answered its requests and let go" "$log")" -eq 3 ]
         check "$label (quiesced): each old server answered its requests, let go and exited 3" \
             [ "$(grep -c "server of /dev/ublkb0 (pid [0-9]*) stopped (exit status: 3)" "$log")" -eq 3 ]
         check "$label (quiesced): and left the device to the next server" \

@@ -325,19 +325,24 @@ handover_way() {
 # handover_words: handover_way in words, for a check's name
 handover_words() { handover_way | sed 's/\\//g; s/|/ or /'; }
 
-# handovers_saying PATTERN: how many hand-overs the logs say took the
-# device in words matching PATTERN (grep -E)
+# handovers_saying PATTERN [LOG...]: how many hand-overs the logs (every
+# daemon log, or LOG...) say took the device in words matching PATTERN
+# (grep -E)
 handovers_saying() {
-    cat /run/vramblk/*.log | grep "over from the old binary's server [0-9]*: " | grep -cE "$1"
+    local pattern=$1
+    shift
+    [ $# -gt 0 ] || set -- /run/vramblk/*.log
+    cat "$@" | grep "over from the old binary's server [0-9]*: " | grep -cE "$pattern"
 }
 
-# handovers_the_kernels_way: how many hand-overs the logs say took the
-# device this kernel's way, less those whose old server had to be killed
-# for not letting go of a quiesced device
+# handovers_the_kernels_way [LOG...]: how many hand-overs the logs (every
+# daemon log, or LOG...) say took the device this kernel's way, less those
+# whose old server had to be killed for not letting go of a quiesced device
 handovers_the_kernels_way() {
     local way late
-    way=$(handovers_saying "$(handover_way)")
-    late=$(cat /run/vramblk/*.log | grep -c "did not let go of")
+    [ $# -gt 0 ] || set -- /run/vramblk/*.log
+    way=$(handovers_saying "$(handover_way)" "$@")
+    late=$(cat "$@" | grep -c "did not let go of")
     echo $((way - late))
 }
 

@@ -5,7 +5,7 @@
 //! docs/benchmarks.md.
 
 use super::parse::{self, Sample};
-use super::report::{paired, JOBS};
+use super::report::{mean, of, paired, JOBS};
 use super::{bench_initrd, bench_script, qemu_version, utc_now, Guest, Limits};
 use crate::{deps, kernel, suite};
 use anyhow::{bail, Result};
@@ -88,11 +88,6 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     Ok(())
 }
 
-fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
-    let v: Vec<f64> = xs.collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-}
-
 fn fmt(x: Option<f64>) -> String {
     match x {
         Some(x) if x >= 100.0 => format!("{x:.0}"),
@@ -110,13 +105,7 @@ fn table(samples: &[Sample]) -> String {
          | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for job in JOBS {
-        let of = |device: &str| -> Vec<&Sample> {
-            samples
-                .iter()
-                .filter(|s| s.device == device && s.job == job.name)
-                .collect()
-        };
-        let (b, p) = (of(BATCH), of(PER_TAG));
+        let (b, p) = (of(samples, BATCH, job.name), of(samples, PER_TAG, job.name));
         if b.is_empty() || p.is_empty() {
             continue;
         }

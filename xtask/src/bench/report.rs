@@ -88,7 +88,8 @@ pub const DEVICES: &[(&str, &str)] = &[
 
 pub const BASELINE: &str = "nbd";
 
-fn of<'a>(samples: &'a [Sample], device: &str, job: &str) -> Vec<&'a Sample> {
+/// `device`'s samples of `job`, by round.
+pub fn of<'a>(samples: &'a [Sample], device: &str, job: &str) -> Vec<&'a Sample> {
     let mut v: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.device == device && s.job == job)
@@ -97,7 +98,7 @@ fn of<'a>(samples: &'a [Sample], device: &str, job: &str) -> Vec<&'a Sample> {
     v
 }
 
-fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+pub fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     let v: Vec<f64> = xs.collect();
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
