@@ -240,7 +240,7 @@ pub fn run(gpu: u32, files: &[PathBuf], mib: u64, secs: f64) -> Result<i32> {
     mem.put_jobs(&jobs)?;
     // SAFETY: n jobs in the job array, each naming memory alive until the
     // stream is synchronised below.
-    unsafe { kernels.compress(mem.jobs, n as u32, stream) }?;
+    unsafe { kernels.launcher().compress(mem.jobs, n as u32, stream) }?;
     stream_sync(stream)?;
     mem.get_jobs(&mut jobs)?;
     let mut staged = vec![0u8; n * PAGE];
@@ -315,7 +315,7 @@ pub fn run(gpu: u32, files: &[PathBuf], mib: u64, secs: f64) -> Result<i32> {
     let mut after = back.clone();
     mem.put_jobs(&back)?;
     // SAFETY: as above.
-    unsafe { kernels.decompress(mem.jobs, n as u32, stream) }?;
+    unsafe { kernels.launcher().decompress(mem.jobs, n as u32, stream) }?;
     stream_sync(stream)?;
     mem.get_jobs(&mut after)?;
     let flagged = after.iter().filter(|j| j.kind & kind::CORRUPT != 0).count();
@@ -361,7 +361,11 @@ pub fn run(gpu: u32, files: &[PathBuf], mib: u64, secs: f64) -> Result<i32> {
     let mut seen = truncated.clone();
     mem.put_jobs(&truncated)?;
     // SAFETY: as above.
-    unsafe { kernels.decompress(mem.jobs, truncated.len() as u32, stream) }?;
+    unsafe {
+        kernels
+            .launcher()
+            .decompress(mem.jobs, truncated.len() as u32, stream)
+    }?;
     stream_sync(stream)?;
     mem.get_jobs(&mut seen)?;
     let caught = seen.iter().filter(|j| j.kind & kind::CORRUPT != 0).count();
@@ -471,9 +475,9 @@ fn timings(
                         // the memory they name lives until the syncs below.
                         unsafe {
                             if decompress {
-                                kernels.decompress(at, count as u32, *st)?
+                                kernels.launcher().decompress(at, count as u32, *st)?
                             } else {
-                                kernels.compress(at, count as u32, *st)?
+                                kernels.launcher().compress(at, count as u32, *st)?
                             }
                         }
                         pages += count as u64;

@@ -4,7 +4,7 @@
 use cudarc::driver::sys;
 use std::time::{Duration, Instant};
 use vramblk_cuda_store::stages::StageTotals;
-use vramblk_cuda_store::{CudaQueue, CudaStore, CudaStoreOptions, BACKOFF_STEP};
+use vramblk_cuda_store::{CudaStore, CudaStoreOptions, StoreQueue, BACKOFF_STEP};
 use vramblk_store::{BufferRegion, Completion, Op, Request, Store};
 use vramblk_ublk_target::engine::round_limit;
 use vramblk_ublk_target::poll_policy::{PollPolicy, Wait};
@@ -14,15 +14,15 @@ use crate::table::{Row, BASELINE};
 
 const MAX_IO: usize = 512 << 10;
 
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -37,7 +37,7 @@ pub(crate) fn slice(buf: vramblk_store::IoBuf) -> &'static mut [u8] {
 /// io buffers it reads and writes (declared after the engine, so they
 /// outlive its pinned registration).
 pub(crate) struct SynthQueue {
-    pub(crate) engine: QueueEngine<CudaQueue>,
+    pub(crate) engine: QueueEngine<StoreQueue>,
     pub(crate) bufs: BufferRegion,
 }
 
@@ -69,16 +69,82 @@ impl SynthQueue {
 /// 4 KiB pages, as the device's 4 KiB logical blocks ask of the kernel;
 /// without them, any sector.
 fn io_unit(store: &CudaStore) -> u64 {
-    if store.integrity() {
+    if store.integrity() || store.compress().is_on() {
         4096
     } else {
         512
     }
 }
 
+/// What the pages a check writes hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Content {
+    /// Random bytes (incompressible).
+    Random,
+    /// Per page, one of: zeros, one repeated word, text-like bytes that
+    /// compress, random bytes (every way a compressed store keeps a page).
+    Mixed,
+}
+
+/// Fills `b` (whole pages for `Mixed`) with `content`.
+pub(crate) fn fill_content(b: &mut [u8], content: Content, rng: &mut Rng) {
+    if content == Content::Random {
+        for x in b.iter_mut() {
+            *x = rng.next() as u8;
+        }
+        return;
+    }
+    for page in b.chunks_mut(4096) {
+        match rng.below(4) {
+            0 => page.fill(0),
+            1 => {
+                let word = rng.next().to_ne_bytes();
+                for (i, x) in page.iter_mut().enumerate() {
+                    *x = word[i % 8];
+                }
+            }
+            2 => {
+                // Words from a small vocabulary: compresses about 3x.
+                let words: [&[u8]; 6] = [
+                    b"swap ",
+                    b"page ",
+                    b"vram ",
+                    b"0x7f3a ",
+                    b"NULL ",
+                    b"\0\0\0\0 ",
+                ];
+                let mut at = 0;
+                while at < page.len() {
+                    let w = words[rng.below(words.len() as u64) as usize];
+                    let n = w.len().min(page.len() - at);
+                    page[at..at + n].copy_from_slice(&w[..n]);
+                    at += n;
+                }
+            }
+            _ => {
+                for x in page.iter_mut() {
+                    *x = rng.next() as u8;
+                }
+            }
+        }
+    }
+}
+
 /// Random mixed requests of random sizes against a host shadow, in batches
 /// of up to 16, on one queue over [lo, lo+len).
 pub(crate) fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed: u64) -> bool {
+    shadow_check_of(store, qid, lo, len, seed, Content::Random)
+}
+
+/// [`shadow_check`] writing pages that hold `content`.
+pub(crate) fn shadow_check_of(
+    store: &CudaStore,
+    qid: u16,
+    lo: u64,
+    len: u64,
+    seed: u64,
+    content: Content,
+) -> bool {
     let depth = 16;
     let mut sq = SynthQueue::open(store, qid, depth);
     let mut shadow = vec![0u8; len as usize];
@@ -127,9 +193,7 @@ pub(crate) fn shadow_check(store: &CudaStore, qid: u16, lo: u64, len: u64, seed:
             match op {
                 Op::Write => {
                     let b = &mut slice(buf)[..size as usize];
-                    for x in b.iter_mut() {
-                        *x = rng.next() as u8;
-                    }
+                    fill_content(b, content, &mut rng);
                     shadow[range].copy_from_slice(b);
                 }
                 Op::Read => {
@@ -348,7 +412,7 @@ fn reads_zero(store: &CudaStore) -> bool {
 }
 
 #[derive(Clone, Copy)]
-enum Pattern {
+pub(crate) enum Pattern {
     RandRead,
     RandWrite,
     Mix70,
@@ -426,6 +490,7 @@ fn drive(
     let policy = looping.policy;
     let max_round = looping.rounds.max_round(queues, depth);
     let mut sq = SynthQueue::open_with_rounds(store, qid, depth, max_round);
+    prefill(&sq, qid, depth, bs);
     let mut rng = Rng(0x1234_5678 ^ (qid as u64 + 1) << 20);
     let mut free: Vec<u16> = (0..depth as u16).collect();
     let mut issued = vec![Instant::now(); depth];
@@ -718,7 +783,46 @@ pub fn gpu_shape(store: &CudaStore, i: usize, secs: f64) -> Row {
 }
 
 /// A shape: its name, pattern, block size, queues and depth.
-type Shape = (&'static str, Pattern, u64, u16, usize);
+pub(crate) type Shape = (&'static str, Pattern, u64, u16, usize);
+
+/// What the io buffers of the tables' loads hold before their writes (a
+/// compressed store's speed depends on it): None, zeros as allocated.
+static WRITE_CONTENT: std::sync::RwLock<Option<std::sync::Arc<Vec<u8>>>> =
+    std::sync::RwLock::new(None);
+
+/// Sets what the io buffers of the loads that follow hold before their
+/// writes (whole pages, used in turn; None: zeros).
+pub(crate) fn set_write_content(pages: Option<std::sync::Arc<Vec<u8>>>) {
+    *WRITE_CONTENT.write().unwrap_or_else(|p| p.into_inner()) = pages;
+}
+
+/// Fills queue `qid`'s io buffers from the write content, if any, each tag
+/// with other pages.
+fn prefill(sq: &SynthQueue, qid: u16, depth: usize, bs: u64) {
+    let content = WRITE_CONTENT
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(pages) = content.filter(|p| p.len() >= 4096) else {
+        return;
+    };
+    let n = pages.len() / 4096;
+    for tag in 0..depth {
+        let Some(buf) = sq.bufs.slot(tag) else {
+            continue;
+        };
+        let b = &mut slice(buf)[..bs as usize];
+        for (k, page) in b.chunks_mut(4096).enumerate() {
+            let at = (usize::from(qid) * 7919 + tag * 131 + k) % n * 4096;
+            page.copy_from_slice(&pages[at..at + page.len()]);
+        }
+    }
+}
+
+/// `shape` on `store` under the tables' loop, the row named `mode`.
+pub(crate) fn shape_row(store: &CudaStore, mode: &str, shape: Shape, secs: f64) -> Row {
+    spin_shape(store, mode, shape, secs)
+}
 
 /// `shape` on `store` under the tables' loop (polling without a nap,
 /// rounds as the server cuts them).

@@ -9,6 +9,8 @@
 //!        engine-bench [--gpu N] [--secs S] --rounds-only
 //!        engine-bench --gpu all|N,M,... [--size GiB] [--secs S] [--out FILE]
 //!        engine-bench [--gpu N] [--secs S] [--mib M] --compress-check [FILE...]
+//!        engine-bench [--gpu N] --compress-checks
+//!        engine-bench [--gpu N] [--size GiB] [--secs S] [--out F] --compress-bench [FILE...]
 //!
 //! `--checks-only` runs the checks on 256 MiB stores and times nothing:
 //! what `cargo xtask test` runs on the stand-in libcuda (never GPU
@@ -18,7 +20,9 @@
 //! each GPU alone, then all at once, each with its own store and queues.
 //! `--compress-check` holds the page codec's GPU kernels to the Rust
 //! reference on the FILEs' pages (the corpus) and times them (issue 18;
-//! compress.rs); `--secs 0` checks only.
+//! compress.rs); `--secs 0` checks only. `--compress-checks` runs the
+//! compressed store's checks alone (packed.rs; `--checks-only` runs them
+//! too).
 //!
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
@@ -30,6 +34,7 @@ mod idle;
 mod integrity;
 mod load;
 mod multi;
+mod packed;
 mod recovery;
 mod table;
 mod thin;
@@ -79,6 +84,41 @@ fn main() -> Result<()> {
             arg(&args, "--secs", 1) as f64,
         )?;
         std::process::exit(code);
+    }
+    if args.iter().any(|a| a == "--compress-checks") {
+        return compressed_only(gpu);
+    }
+    if let Some(at) = args.iter().position(|a| a == "--compress-bench") {
+        let mut corpus = Vec::new();
+        for f in args[at + 1..].iter().take_while(|a| !a.starts_with("--")) {
+            corpus.extend(std::fs::read(f)?);
+        }
+        corpus.truncate(corpus.len() / 4096 * 4096);
+        let size = arg(&args, "--size", 4) << 30;
+        let secs = arg(&args, "--secs", 1) as f64;
+        let report = match packed::bench(gpu, &corpus, size, secs) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("SKIPPED: {e}");
+                std::process::exit(SKIPPED);
+            }
+        };
+        let store_name = CudaStore::context_only(gpu)
+            .map(|s| s.gpu_name().to_string())
+            .unwrap_or_default();
+        let report = format!(
+            "GPU: {store_name}, `engine-bench --compress-bench ({} MiB of corpus pages) --size {} --secs {secs}`, {}\n\n{report}",
+            corpus.len() >> 20,
+            size >> 30,
+            utc_now()
+        );
+        println!("{report}");
+        if let Some(i) = args.iter().position(|a| a == "--out") {
+            if let Some(path) = args.get(i + 1) {
+                std::fs::write(path, &report)?;
+            }
+        }
+        return Ok(());
     }
     let checks_only = args.iter().any(|a| a == "--checks-only");
     if args.iter().any(|a| a == "--rounds-only") {
@@ -169,6 +209,7 @@ fn main() -> Result<()> {
     results.extend(load::store_checks(&store));
     results.push(context::standby_context_cost(&store, gpu));
     results.extend(thin::give_back_checks(gpu));
+    results.extend(packed::checks(gpu));
     let mut checks = String::new();
     for (name, ok) in results {
         let line = format!("{} {name}", if ok { "PASS" } else { "FAIL" });
@@ -209,6 +250,23 @@ fn main() -> Result<()> {
     }
     if checks_only {
         println!("every check passed (checks only, nothing timed)");
+    }
+    Ok(())
+}
+
+/// `--compress-checks`: the compressed store's checks alone (packed.rs).
+fn compressed_only(gpu: u32) -> Result<()> {
+    if let Err(e) = CudaStore::context_only(gpu) {
+        println!("SKIPPED: {e}");
+        std::process::exit(SKIPPED);
+    }
+    let mut failures = 0;
+    for (name, ok) in packed::checks(gpu) {
+        println!("{} {name}", if ok { "PASS" } else { "FAIL" });
+        failures += usize::from(!ok);
+    }
+    if failures > 0 {
+        bail!("{failures} check(s) failed");
     }
     Ok(())
 }

@@ -1,12 +1,12 @@
 //! `vramblk add`.
 
-use crate::args::{AddArgs, BackendArg, CopyModeArg, IntegrityArg, IoCommandsArg};
+use crate::args::{AddArgs, BackendArg, CompressArg, CopyModeArg, IntegrityArg, IoCommandsArg};
 use crate::{del, gpu};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use vramblk_config::{
-    defaults, format_size, parse_size, parse_size_or_zero, split_by_room, Backend, CopyMode,
-    DeviceRecord, GpuRoom, RUN_DIR,
+    defaults, format_size, parse_size, parse_size_or_zero, split_by_room, Backend, Compress,
+    CopyMode, DeviceRecord, GpuRoom, RUN_DIR,
 };
 use vramblk_daemon::budget;
 use vramblk_daemon::host::{cpu_count, require_root, require_ublk_features};
@@ -75,6 +75,11 @@ fn plan(a: &AddArgs, gpu: u32, size: u64) -> Result<Plan> {
             IntegrityArg::On => Some(true),
             IntegrityArg::Off => Some(false),
         },
+        compress: match a.compress {
+            CompressArg::Off => Compress::Off,
+            CompressArg::Same => Compress::Same,
+            CompressArg::Lz => Compress::Lz,
+        },
         device,
         log: PathBuf::from("-"),
         origin: None,
@@ -88,6 +93,12 @@ fn check_args(a: &AddArgs) -> Result<()> {
     size_asked(a)?;
     reserve(a)?;
     device_options(a)?;
+    if a.compress != CompressArg::Off && backend(a) == Backend::Host {
+        bail!("--compress applies to --backend cuda only (the host store keeps pages whole)");
+    }
+    if a.compress != CompressArg::Off && a.copy_mode == CopyModeArg::Dma {
+        bail!("--compress needs --copy-mode auto: compressed pages move through the GPU's kernels");
+    }
     if a.gpu.single().is_none() {
         if backend(a) == Backend::Host {
             bail!("--gpu {} applies to --backend cuda only", a.gpu);

@@ -230,6 +230,19 @@ pub enum CopyModeArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompressArg {
+    /// Every page whole, in 2 MiB extents of VRAM.
+    Off,
+    /// Same-filled pages (zero pages above all) as their 8-byte word in
+    /// the page map, no VRAM; the rest whole.
+    Same,
+    /// Same-filled pages so, the rest compressed on the GPU into LZ4
+    /// blocks where they shrink: 2.3-2.7x more data than VRAM on real
+    /// programs' memory, and slower than off (docs/benchmarks.md).
+    Lz,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum IoCommandsArg {
     /// Batch commands where the kernel offers them (UBLK_F_BATCH_IO, Linux
     /// 7.0+: one command fetches a round's requests, one commits their
@@ -297,6 +310,14 @@ pub struct AddArgs {
     /// (`vramblk features` says whether this kernel has batch commands).
     #[arg(long, value_enum, default_value = "auto")]
     pub io_commands: IoCommandsArg,
+
+    /// How the device keeps its pages in VRAM (--backend cuda). Compressed
+    /// pages take VRAM only as their blocks need it, so --size may exceed
+    /// the VRAM the device holds; writes fail with ENOSPC (swap keeps the
+    /// page in RAM) once neither its VRAM nor the GPU has room, and
+    /// `vramblk status` shows DATA, COMPR and TOTAL as zramctl does.
+    #[arg(long, value_enum, default_value = "off")]
+    pub compress: CompressArg,
 
     /// Requests in flight per queue. Each holds a 512 KiB io buffer locked
     /// in RAM: queues x depth x 512 KiB in all (64 MiB for 2 queues at

@@ -294,6 +294,7 @@ mod tests {
                 full: 1 << 30,
                 integrity: true,
                 integrity_errors: 4,
+                compressed: None,
             }),
             ..DeviceStatus::default()
         }

@@ -76,6 +76,9 @@ pub struct VramUse {
     /// server started.
     pub integrity: bool,
     pub integrity_errors: u64,
+    /// A compressed device's DATA, COMPR and TOTAL (as zramctl's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<vramblk_daemon::vram_control::CompressedUse>,
 }
 
 #[derive(Debug, Serialize)]
@@ -189,6 +192,7 @@ pub fn collect() -> Result<Status> {
                     full: u.full,
                     integrity: u.integrity,
                     integrity_errors: u.integrity_errors,
+                    compressed: u.compressed,
                 }),
             path,
             ..DeviceStatus::default()
@@ -285,6 +289,34 @@ pub fn print_text(s: &Status) {
     }
 }
 
+/// Share of the VRAM held that a compressed device may fill before
+/// `status` warns: writes need the keeper to take more beyond it.
+const FULL_WARNING: f64 = 0.9;
+
+/// A compressed device's line, as zramctl's columns, and a warning when
+/// its VRAM is nearly full.
+fn print_compressed(c: &vramblk_daemon::vram_control::CompressedUse, held: u64) {
+    println!(
+        "  compress {}: DATA {}, COMPR {}, TOTAL {} (ratio {:.2}x); {} same-filled, {} compressed, \
+         {} incompressible pages",
+        c.mode,
+        human_size(c.data),
+        human_size(c.compr),
+        human_size(c.total),
+        c.ratio(),
+        c.same_pages,
+        c.compressed_pages,
+        c.incompressible_pages
+    );
+    if held > 0 && c.total as f64 >= FULL_WARNING * held as f64 {
+        println!(
+            "  warning: {:.0}% of the VRAM held is in use; writes need more (taken back while \
+             the GPU has it free), else they fail with ENOSPC and swap keeps those pages in RAM",
+            100.0 * c.total as f64 / held as f64
+        );
+    }
+}
+
 fn print_device(d: &DeviceStatus) {
     println!("{} ({}): {}", d.path, format_size(d.size), d.state);
     if let Some(store) = &d.store {
@@ -307,6 +339,9 @@ fn print_device(d: &DeviceStatus) {
                 human_size(v.used),
                 human_size(v.full)
             );
+            if let Some(c) = &v.compressed {
+                print_compressed(c, v.held);
+            }
             if v.integrity {
                 println!(
                     "  integrity: page checksums on, {} read(s) failed on a mismatch since the server started",

@@ -405,6 +405,11 @@ impl ExtentMap {
         pool.hint = 0;
     }
 
+    /// Slots that may be used (the VRAM held, in slots).
+    pub fn capacity(&self) -> u32 {
+        self.lock().capacity
+    }
+
     /// Free slots under the capacity: room for that many more extents.
     pub fn free_slots(&self) -> u32 {
         self.lock().free_below_capacity()

@@ -17,6 +17,7 @@ mod driver;
 mod extents;
 mod integrity;
 mod kernel;
+mod packed;
 pub mod page_kernels;
 mod pinned;
 pub mod probe;
@@ -27,9 +28,10 @@ mod store;
 pub use driver::CONTEXT_LOST_EXIT;
 pub use extents::EXTENT;
 pub use integrity::{page_sum, PAGE};
+pub use packed::{Compress, PackedUsage};
 pub use queue::CudaQueue;
 pub use store::give_back::Resized;
-pub use store::{CudaStore, CudaStoreOptions};
+pub use store::{CudaStore, CudaStoreOptions, StoreQueue};
 
 /// Step in which the allocation backs off when VRAM is short.
 pub const BACKOFF_STEP: u64 = 512 << 20;

@@ -4,8 +4,8 @@
 //! reference does (same-filled pages found on the way, pages that do not
 //! shrink copied whole) and decompressing them back.
 //!
-//! Not wired into the store yet (issue 18): engine-bench's compress check
-//! holds the kernels to the reference on the GPU and times them.
+//! A compressed device's queues launch them (packed/queue.rs); engine-bench's
+//! compress check holds them to the reference on the GPU and times them.
 
 use crate::driver::checked;
 use cudarc::driver::{result, sys};
@@ -80,11 +80,30 @@ impl PageKernels {
         }
     }
 
+    /// The two functions, to launch while this value (which keeps the
+    /// module loaded) lives.
+    pub fn launcher(&self) -> PageLaunch {
+        PageLaunch {
+            compress: self.compress,
+            decompress: self.decompress,
+        }
+    }
+}
+
+/// The loaded kernels' functions, as a queue holds them.
+#[derive(Clone, Copy)]
+pub struct PageLaunch {
+    compress: sys::CUfunction,
+    decompress: sys::CUfunction,
+}
+
+impl PageLaunch {
     /// Launches `compress_pages(jobs, n)` on `stream`.
     ///
     /// # Safety
     /// `jobs` is the device address of `n` jobs; they and every address in
-    /// them stay valid until the stream has passed the launch.
+    /// them stay valid until the stream has passed the launch, and the
+    /// [`PageKernels`] this came from is still loaded.
     pub unsafe fn compress(
         &self,
         jobs: sys::CUdeviceptr,
@@ -98,7 +117,7 @@ impl PageKernels {
     /// Launches `decompress_pages(jobs, n)` on `stream`.
     ///
     /// # Safety
-    /// As [`PageKernels::compress`].
+    /// As [`PageLaunch::compress`].
     pub unsafe fn decompress(
         &self,
         jobs: sys::CUdeviceptr,
@@ -121,7 +140,7 @@ impl Drop for PageKernels {
 /// One launch: a block of [`PAGES_PER_BLOCK`] warps per that many jobs.
 ///
 /// # Safety
-/// `function` is one of the loaded page kernels; see [`PageKernels::compress`].
+/// `function` is one of the loaded page kernels; see [`PageLaunch::compress`].
 unsafe fn launch(
     function: sys::CUfunction,
     jobs: sys::CUdeviceptr,

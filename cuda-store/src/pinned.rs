@@ -87,6 +87,17 @@ impl<T: Copy> PinnedTable<T> {
         Some(unsafe { self.host.add(i).read_volatile() })
     }
 
+    /// Overwrites entry `i` (false beyond the end).
+    pub(crate) fn set(&mut self, i: usize, d: T) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        // SAFETY: i < len <= cap, inside the allocation; the caller's round
+        // is finished, so no launch or copy uses it.
+        unsafe { self.host.add(i).write(d) };
+        true
+    }
+
     /// The host address of entry `i`.
     pub(crate) fn host_at(&self, i: usize) -> *mut T {
         // SAFETY (of the pointer arithmetic): callers pass i <= len.

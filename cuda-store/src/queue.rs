@@ -33,6 +33,60 @@ use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreErro
 /// Writes refused for want of a free slot, over every queue (for the log).
 static NO_ROOM: AtomicU64 = AtomicU64::new(0);
 
+/// Records extent `e`'s map entry as `entry` (slot + 1, or 0) on `stream`,
+/// after zeroing `zero` (a slot being freed) and the checksums at `sums`
+/// if given, and waits for it all; false (logged) when it failed. Shared
+/// by both kinds of queue.
+pub(crate) fn record_extent(
+    stream: &SyncStream,
+    base: u64,
+    e: u32,
+    entry: u32,
+    zero: Option<u32>,
+    sums: Option<u64>,
+) -> bool {
+    // SAFETY: the entry lies in the map's slot; a slot to zero is this
+    // extent's, held "moving" by the caller (or just taken for it), so
+    // nothing else touches it; so are its checksums.
+    let recorded = unsafe {
+        zero.map_or(Ok(()), |s| stream.zero(slot_addr(base, s), EXTENT as usize))
+            .and_then(|()| sums.map_or(Ok(()), |at| stream.zero(at, SUMS_PER_EXTENT as usize)))
+            .and_then(|()| stream.put_u32(entry_addr(base, e), entry))
+            .and_then(|()| stream.wait())
+    };
+    if let Err(err) = &recorded {
+        log::error!("recording extent {e} in the map: {err}");
+    }
+    recorded.is_ok()
+}
+
+/// Counts and logs a read that found data not matching its checksum in
+/// the `span` bytes at device `offset`.
+pub(crate) fn report_mismatch(gpu: &str, offset: u64, span: u32) {
+    let n = INTEGRITY_ERRORS.fetch_add(1, Relaxed) + 1;
+    if n <= 100 || n.is_power_of_two() {
+        log::error!(
+            "integrity: data read from VRAM on {} does not match its checksum in the {} KiB \
+             at sector {} (byte offset {offset}); that read fails with EIO ({n} so far)",
+            gpu,
+            span >> 10,
+            offset / 512
+        );
+    }
+}
+
+/// Counts and logs a write refused for want of a free slot.
+pub(crate) fn report_no_room() {
+    let n = NO_ROOM.fetch_add(1, Relaxed);
+    if n.is_power_of_two() || n == 0 {
+        log::warn!(
+            "a write found no free VRAM slot ({} so far): the device gave VRAM back and the GPU \
+             has none to take back; it fails with ENOSPC (swap keeps the page in RAM)",
+            n + 1
+        );
+    }
+}
+
 /// Reads failed because a page did not match its checksum, over every
 /// queue of the process (one store per server).
 static INTEGRITY_ERRORS: AtomicU64 = AtomicU64::new(0);
@@ -460,22 +514,9 @@ impl CudaQueue {
         let Some(stream) = &self.map_stream else {
             return false;
         };
-        // SAFETY: the entry lies in the map's slot; a slot to zero is this
-        // extent's, held "moving" by the caller, so nothing else touches it.
         // An unmapped extent's checksums are zero, as its data reads.
         let sums = (self.path.integrity && zero.is_some()).then(|| sum_addr(self.base, e, 0));
-        let recorded = unsafe {
-            zero.map_or(Ok(()), |s| {
-                stream.zero(slot_addr(self.base, s), EXTENT as usize)
-            })
-            .and_then(|()| sums.map_or(Ok(()), |at| stream.zero(at, SUMS_PER_EXTENT as usize)))
-            .and_then(|()| stream.put_u32(entry_addr(self.base, e), entry))
-            .and_then(|()| stream.wait())
-        };
-        if let Err(err) = &recorded {
-            log::error!("recording extent {e} in the map: {err}");
-        }
-        recorded.is_ok()
+        record_extent(stream, self.base, e, entry, zero, sums)
     }
 
     /// Unmaps the extents a discard covers whole and nobody uses: each is
@@ -515,19 +556,8 @@ impl CudaQueue {
         self.wait_for(self.stream, "a round of copies")
     }
 
-    /// Counts and logs a read that found data not matching its checksum in
-    /// the `span` bytes at device `offset`.
     fn mismatch(&self, offset: u64, span: u32) {
-        let n = INTEGRITY_ERRORS.fetch_add(1, Relaxed) + 1;
-        if n <= 100 || n.is_power_of_two() {
-            log::error!(
-                "integrity: data read from VRAM on {} does not match its checksum in the {} KiB \
-                 at sector {} (byte offset {offset}); that read fails with EIO ({n} so far)",
-                self.gpu,
-                span >> 10,
-                offset / 512
-            );
-        }
+        report_mismatch(&self.gpu, offset, span);
     }
 
     /// Answers a finished round's requests and lets go of what it held.
@@ -689,15 +719,7 @@ impl QueueStore for CudaQueue {
                 }
                 Err(PinRefused::NoRoom) => {
                     self.jobs.pop();
-                    let n = NO_ROOM.fetch_add(1, Relaxed);
-                    if n.is_power_of_two() || n == 0 {
-                        log::warn!(
-                            "a write found no free VRAM slot ({} so far): the device gave VRAM \
-                             back and the GPU has none to take back; it fails with ENOSPC (swap \
-                             keeps the page in RAM)",
-                            n + 1
-                        );
-                    }
+                    report_no_room();
                     done.push(Completion {
                         tag: r.tag,
                         result: -libc::ENOSPC,

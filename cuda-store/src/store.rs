@@ -23,6 +23,8 @@ use crate::driver::{check, checked, init};
 use crate::extents::{entry_addr, slot_addr, ExtentMap, EXTENT, MAP_HEADER, MAP_SLOT};
 use crate::integrity::sum_slots;
 use crate::kernel::CopyKernel;
+use crate::packed::{self, Compress, Packed, PackedQueue, PackedUsage};
+use crate::page_kernels::PageKernels;
 use crate::queue::{CopyPath, CudaQueue};
 use crate::{CopyPolicy, BACKOFF_STEP};
 use cudarc::driver::result;
@@ -30,7 +32,7 @@ use cudarc::driver::sys;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use vramblk_store::{BufferRegion, Store, StoreError};
+use vramblk_store::{BufferRegion, Completion, QueueStore, Store, StoreError};
 
 /// Largest device: as many extents as the map's slot has entries for.
 const MAX_EXTENTS: u64 = (EXTENT - MAP_HEADER) / 4;
@@ -38,27 +40,50 @@ const MAX_EXTENTS: u64 = (EXTENT - MAP_HEADER) / 4;
 /// Slots per chunk.
 pub(super) const CHUNK_SLOTS: u32 = (BACKOFF_STEP / EXTENT) as u32;
 
-/// Slots before the data of a device of `size` bytes: the map's, and with
-/// integrity the checksums'.
-fn reserved_for(size: u64, integrity: bool) -> u32 {
-    let sums = if integrity {
-        sum_slots(size.div_ceil(EXTENT) as u32)
-    } else {
-        0
-    };
-    MAP_SLOT + 1 + sums
+/// How a device is laid out in its slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Pages carry checksums (in the slots after the map's, or in a
+    /// compressed device's page map entries).
+    pub(crate) integrity: bool,
+    pub(crate) compress: Compress,
 }
 
-/// Slots (each [`EXTENT`]) a device of `size` bytes needs: one per extent
-/// plus the reserved ones.
-fn slots_for(size: u64, integrity: bool) -> u32 {
-    size.div_ceil(EXTENT) as u32 + reserved_for(size, integrity)
-}
+impl Layout {
+    /// Slots before the data of a device of `size` bytes: the map's, then
+    /// a compressed device's page map, or a plain device's checksums.
+    pub(crate) fn reserved(self, size: u64) -> u32 {
+        let after = if self.compress.is_on() {
+            packed::page_map_slots(size)
+        } else if self.integrity {
+            sum_slots(size.div_ceil(EXTENT) as u32)
+        } else {
+            0
+        };
+        MAP_SLOT + 1 + after
+    }
 
-/// The largest device whose layout fits in `slots` slots.
-fn size_in(slots: u32, integrity: bool) -> u64 {
-    let extents = slots.saturating_sub(reserved_for(u64::from(slots) * EXTENT, integrity));
-    u64::from(extents) * EXTENT
+    /// Extents the map names: the device's, or a compressed device's
+    /// pool extents.
+    pub(crate) fn map_extents(self, size: u64) -> u32 {
+        if self.compress.is_on() {
+            packed::pool_extents(size)
+        } else {
+            size.div_ceil(EXTENT) as u32
+        }
+    }
+
+    /// Slots (each [`EXTENT`]) a device of `size` bytes takes when it
+    /// holds all it may: one per extent plus the reserved ones.
+    pub(crate) fn slots(self, size: u64) -> u32 {
+        self.map_extents(size) + self.reserved(size)
+    }
+
+    /// The largest plain device whose layout fits in `slots` slots.
+    pub(crate) fn size_in(self, slots: u32) -> u64 {
+        let extents = slots.saturating_sub(self.reserved(u64::from(slots) * EXTENT));
+        u64::from(extents) * EXTENT
+    }
 }
 
 /// Length of chunk `i` of a layout of `slots` slots.
@@ -81,6 +106,9 @@ pub struct CudaStoreOptions {
     /// GDDR), since a GPU with ECC on finds those errors itself and the
     /// checksums cost a few microseconds per lone request.
     pub integrity: Option<bool>,
+    /// How pages are kept: whole, or compressed (the device may then be
+    /// larger than the VRAM it holds).
+    pub compress: Compress,
 }
 
 impl CudaStoreOptions {
@@ -92,6 +120,7 @@ impl CudaStoreOptions {
             reserve: 512 << 20,
             copy: CopyPolicy::AUTO,
             integrity: None,
+            compress: Compress::Off,
         }
     }
 }
@@ -121,6 +150,10 @@ pub struct CudaStore {
     kernel: Option<CopyKernel>,
     copy: CopyPolicy,
     integrity: bool,
+    compress: Compress,
+    /// A compressed device's page kernels and shared state.
+    page_kernels: Option<PageKernels>,
+    pub(crate) packed: Option<Arc<Packed>>,
     /// The driver's CUDA version (e.g. 12080 for 12.8).
     driver_version: i32,
 }
@@ -135,7 +168,11 @@ impl CudaStore {
     /// `opts.reserve` free; fails with one sentence when there is no driver,
     /// no such GPU, or not even one step of VRAM.
     pub fn create(opts: &CudaStoreOptions) -> Result<CudaStore, StoreError> {
-        if opts.size.div_ceil(EXTENT) > MAX_EXTENTS {
+        let layout = Layout {
+            integrity: opts.integrity.unwrap_or(false),
+            compress: opts.compress,
+        };
+        if u64::from(layout.map_extents(opts.size)) > MAX_EXTENTS {
             return Err(StoreError::TooLarge(format!(
                 "a cuda device holds at most {} GiB",
                 (MAX_EXTENTS * EXTENT) >> 30
@@ -144,6 +181,7 @@ impl CudaStore {
         let mut store = Self::open_device(opts.gpu)?;
         store.integrity = store.resolve_integrity(opts.integrity)?;
         store.load_kernel(opts.copy);
+        store.load_page_kernels(opts.compress)?;
         store.allocate(opts)?;
         store.write_empty_map()?;
         Ok(store)
@@ -163,8 +201,9 @@ impl CudaStore {
         let mut store = Self::open_device(opts.gpu)?;
         store.integrity = store.resolve_integrity(opts.integrity)?;
         store.load_kernel(opts.copy);
+        store.load_page_kernels(opts.compress)?;
         store.size = size;
-        store.slots = slots_for(size, store.integrity);
+        store.slots = store.layout().slots(size);
         let layout: Vec<usize> = (0..chunks.len() as u32)
             .map(|i| chunk_len(i, store.slots))
             .collect();
@@ -285,6 +324,43 @@ impl CudaStore {
         }
     }
 
+    /// For a compressed device: loads the page kernels, which (with the
+    /// copy kernel) every round uses; without them such a device cannot
+    /// serve, so this fails with one sentence.
+    fn load_page_kernels(&mut self, compress: Compress) -> Result<(), StoreError> {
+        self.compress = compress;
+        if !compress.is_on() {
+            return Ok(());
+        }
+        if self.kernel.is_none() {
+            return Err(StoreError::Invalid(
+                "a compressed device moves its pages with the copy kernel: --compress needs \
+                 --copy-mode auto (the kernel did not load, or dma mode was asked for)"
+                    .into(),
+            ));
+        }
+        self.page_kernels = Some(PageKernels::load()?);
+        Ok(())
+    }
+
+    /// How this device is laid out in its slots.
+    pub(crate) fn layout(&self) -> Layout {
+        Layout {
+            integrity: self.integrity,
+            compress: self.compress,
+        }
+    }
+
+    /// How the device keeps its pages.
+    pub fn compress(&self) -> Compress {
+        self.compress
+    }
+
+    /// What a compressed device's pages hold (None for a plain device).
+    pub fn packed_usage(&self) -> Option<PackedUsage> {
+        self.packed.as_ref().map(|p| p.usage())
+    }
+
     /// Whether pages carry checksums: as asked, or (None) where the GPU's
     /// memory has no ECC on.
     fn resolve_integrity(&self, asked: Option<bool>) -> Result<bool, StoreError> {
@@ -358,6 +434,9 @@ impl CudaStore {
             kernel: None,
             copy: CopyPolicy::DMA,
             integrity: false,
+            compress: Compress::Off,
+            page_kernels: None,
+            packed: None,
             driver_version,
         })
     }
@@ -425,8 +504,9 @@ impl Drop for CudaStore {
             }
         }
         let held = self.held_bytes();
-        // The module goes while its context is still retained.
+        // The modules go while their context is still retained.
         drop(self.kernel.take());
+        drop(self.page_kernels.take());
         let chunks = std::mem::take(self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()));
         // SAFETY: unmapping and releasing what this store mapped; no queue is
         // left (they hold an Arc to the store).
@@ -445,7 +525,7 @@ impl Drop for CudaStore {
 }
 
 impl Store for CudaStore {
-    type Queue = CudaQueue;
+    type Queue = StoreQueue;
 
     fn size(&self) -> u64 {
         self.size
@@ -455,7 +535,26 @@ impl Store for CudaStore {
         format!("cuda {}", self.name)
     }
 
-    fn open_queue(&self, _qid: u16, buffers: &BufferRegion) -> Result<CudaQueue, StoreError> {
+    fn open_queue(&self, qid: u16, buffers: &BufferRegion) -> Result<StoreQueue, StoreError> {
+        if let (Some(packed), Some(kernels), Some(copy)) =
+            (&self.packed, &self.page_kernels, &self.kernel)
+        {
+            let path = packed::PackedPath {
+                copy: copy.function,
+                pages: kernels.launcher(),
+                packed: Arc::clone(packed),
+            };
+            return PackedQueue::open(
+                qid,
+                self.ctx,
+                self.base,
+                self.extents.clone(),
+                buffers,
+                path,
+                self.name.as_str().into(),
+            )
+            .map(StoreQueue::Packed);
+        }
         let path = CopyPath {
             kernel: self.kernel.as_ref().map(|k| k.function),
             policy: self.copy,
@@ -473,6 +572,7 @@ impl Store for CudaStore {
             path,
             self.name.as_str().into(),
         )
+        .map(StoreQueue::Plain)
     }
 
     fn backing_layout(&self) -> Vec<u64> {
@@ -481,6 +581,35 @@ impl Store for CudaStore {
 
     fn integrity(&self) -> bool {
         self.integrity
+    }
+}
+
+/// A queue of either kind of device.
+pub enum StoreQueue {
+    Plain(CudaQueue),
+    Packed(PackedQueue),
+}
+
+impl QueueStore for StoreQueue {
+    fn submit(&mut self, batch: &mut Vec<vramblk_store::Request>, done: &mut Vec<Completion>) {
+        match self {
+            StoreQueue::Plain(q) => q.submit(batch, done),
+            StoreQueue::Packed(q) => q.submit(batch, done),
+        }
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) {
+        match self {
+            StoreQueue::Plain(q) => q.poll(done),
+            StoreQueue::Packed(q) => q.poll(done),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        match self {
+            StoreQueue::Plain(q) => q.in_flight(),
+            StoreQueue::Packed(q) => q.in_flight(),
+        }
     }
 }
 

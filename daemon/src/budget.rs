@@ -91,6 +91,7 @@ mod tests {
             reserve: 0,
             copy_mode: CopyMode::Auto,
             integrity: None,
+            compress: Default::default(),
             device: DeviceOptions {
                 id: -1,
                 queues,

@@ -5,7 +5,7 @@
 use crate::host::cpu_count;
 use anyhow::{anyhow, Result};
 use std::path::PathBuf;
-use vramblk_config::{defaults, Backend, CopyMode, DeviceConfig, DeviceRecord, GpuPlace};
+use vramblk_config::{defaults, Backend, Compress, CopyMode, DeviceConfig, DeviceRecord, GpuPlace};
 use vramblk_ublk_target::{DeviceOptions, IoCommands};
 
 /// Everything `add` decided before touching the kernel.
@@ -18,6 +18,8 @@ pub struct Plan {
     pub copy_mode: CopyMode,
     /// Per-page checksums in VRAM (cuda); None: where the GPU has no ECC.
     pub integrity: Option<bool>,
+    /// How a cuda device keeps its pages (compressed or whole).
+    pub compress: Compress,
     pub device: DeviceOptions,
     /// Where the supervisor and its servers log ("-": the terminal).
     pub log: PathBuf,
@@ -41,6 +43,7 @@ impl Plan {
             reserve: 0,
             copy_mode: record.copy_mode,
             integrity: Some(record.integrity),
+            compress: record.compress,
             device: DeviceOptions {
                 id: record.id as i32,
                 queues: record.queues,
@@ -84,6 +87,7 @@ impl Plan {
             reserve: d.reserve,
             copy_mode: d.copy_mode,
             integrity: d.integrity,
+            compress: d.compress,
             device,
             log: PathBuf::from("-"),
             origin: Some(index),
@@ -115,6 +119,7 @@ mod tests {
             backing: vec![1 << 29, 1 << 29],
             copy_mode: vramblk_config::CopyMode::Dma,
             integrity: true,
+            compress: Compress::Lz,
             place: Some(GpuPlace {
                 pci_bus_id: "0000:41:00.0".into(),
                 numa_node: Some(1),
@@ -127,6 +132,7 @@ mod tests {
         assert_eq!((plan.gpu, plan.origin), (1, Some(2)));
         assert_eq!(plan.copy_mode, vramblk_config::CopyMode::Dma);
         assert_eq!(plan.integrity, Some(true), "the layout the record names");
+        assert_eq!(plan.compress, Compress::Lz, "a compressed layout stays one");
         assert_eq!(plan.place, record.place, "pinned where it was");
     }
 }

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vramblk_config::{format_size, Backend, CopyMode, DeviceRecord};
-use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
+use vramblk_cuda_store::{Compress, CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;
 use vramblk_ublk_target::control::bdev_path;
 use vramblk_ublk_target::{serve, DeviceCounters, QueuePrep, QueueThreads, Served, Start};
@@ -144,6 +144,11 @@ fn store_options(plan: &Plan) -> CudaStoreOptions {
         reserve: plan.reserve,
         copy: copy_policy(plan),
         integrity: plan.integrity,
+        compress: match plan.compress {
+            vramblk_config::Compress::Off => Compress::Off,
+            vramblk_config::Compress::Same => Compress::Same,
+            vramblk_config::Compress::Lz => Compress::Lz,
+        },
     }
 }
 
@@ -389,6 +394,7 @@ fn serve_store<S: Store>(ctx: ServeWith, store: Arc<S>, launch: &Launch) -> Resu
         backing: store.backing_layout(),
         copy_mode: plan.copy_mode,
         integrity: store.integrity(),
+        compress: plan.compress,
         place: plan.place.clone(),
     };
     let dir = run_dir.to_path_buf();

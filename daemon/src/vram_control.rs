@@ -118,6 +118,51 @@ pub struct VramReply {
     pub integrity: bool,
     #[serde(default)]
     pub integrity_errors: u64,
+    /// A compressed device's pages (None: pages kept whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<CompressedUse>,
+}
+
+/// What a compressed device holds, as zramctl shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressedUse {
+    /// "same" or "lz".
+    pub mode: String,
+    /// Bytes of data stored: every written page whole (zramctl's DATA).
+    pub data: u64,
+    /// Bytes that data takes compressed (COMPR; same-filled pages none).
+    pub compr: u64,
+    /// VRAM the data and the maps take (TOTAL): whole pool extents.
+    pub total: u64,
+    pub same_pages: u64,
+    pub compressed_pages: u64,
+    /// Pages that did not shrink, kept whole.
+    pub incompressible_pages: u64,
+}
+
+impl CompressedUse {
+    /// DATA / TOTAL: how many times more data than the VRAM it takes.
+    pub fn ratio(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.data as f64 / self.total as f64
+        }
+    }
+}
+
+/// The compressed part of a usage reply for `store`.
+pub fn compressed_use(store: &CudaStore) -> Option<CompressedUse> {
+    let u = store.packed_usage()?;
+    Some(CompressedUse {
+        mode: format!("{:?}", store.compress()).to_lowercase(),
+        data: u.data_bytes(),
+        compr: u.compr_bytes(),
+        total: store.used_bytes(),
+        same_pages: u.same_pages,
+        compressed_pages: u.compressed_pages,
+        incompressible_pages: u.raw_pages,
+    })
 }
 
 /// Serves the socket from a thread of its own until the process ends.
@@ -210,6 +255,7 @@ impl Control {
             moved,
             integrity: self.store.integrity(),
             integrity_errors: self.store.integrity_errors(),
+            compressed: compressed_use(&self.store),
         }
     }
 

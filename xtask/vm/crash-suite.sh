@@ -41,6 +41,20 @@ check "per-tag commands: every take-over served with per-tag commands" queues_se
 vramblk del 0 > /dev/null
 check "per-tag commands: del" wait_for 30 nodes_gone 0
 
+# --- 1a'. compressed devices (issue 18) on the stand-in libcuda (its C
+# port of the page codec; never GPU evidence): servers killed while fio
+# writes compressible blocks; each new server reads the page map back.
+dev=$(env $STUB_ENV vramblk add --size 256M --reserve 0 --queues 2 --depth 16 --compress lz 2>/tmp/add-z.txt)
+check "compressed (lz, stub): add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-z.txt; show_logs; }
+FT_DATA="--buffer_compress_percentage=60 --buffer_compress_chunk=4k --refill_buffers"
+fio_through "compressed (lz, stub), 3 server kills" /tmp/fio-z.txt 16 3000 $dev kill_servers 0 3 2
+FT_DATA=""
+check "compressed: every new server read the page map back" \
+    [ "$(cat /run/vramblk/*.log | grep -c 'page map read back')" -ge 3 ]
+vramblk del 0 > /dev/null
+check "compressed: del" wait_for 30 nodes_gone 0
+wait_for 30 daemon_gone
+
 # --- 1b. a server killed while every tag of a queue holds a request: the
 # state of a device under full load (a swap device under pressure). Both
 # queues full, one full and one idle (the idle one's cancelled commands
@@ -49,6 +63,8 @@ full_queue_kill "full queues" "0 1" vramblk add --size 128M --backend host --hug
 full_queue_kill "one queue full, one idle" "0" vramblk add --size 128M --backend host --hugepages --queues 2 --depth 8
 full_queue_kill "cuda (stub), full queues" "0 1" \
     env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 8
+full_queue_kill "compressed (lz, stub), full queues" "0 1" \
+    env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 8 --compress lz
 check "no take-over waited out the kernel, each within 10 s of its server's exit" takeovers_within 10
 
 # --- 1b'. a take-over that does not end is said in the kernel's log

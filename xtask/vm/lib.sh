@@ -385,7 +385,8 @@ fio_verified() {
 # every block intact.
 fio_through() {
     local ft_name=$1 ft_out=$2 ft_pid ft_rc
-    local ft_common="--name=ft --filename=$5 --rw=randwrite --bs=4k --iodepth=$3 --size=100%"
+    # FT_DATA: more fio options for what the blocks hold (compressible data).
+    local ft_common="--name=ft --filename=$5 --rw=randwrite --bs=4k --iodepth=$3 --size=100% ${FT_DATA:-}"
     local ft_rate=$4
     shift 5
     # shellcheck disable=SC2086

@@ -38,6 +38,19 @@ pub enum IoCommands {
     PerTag,
 }
 
+/// How a cuda device keeps its pages (issue 18): `off` whole, `same`
+/// same-filled pages as their word alone (no VRAM), `lz` same-filled
+/// pages so and the rest as LZ4 blocks compressed on the GPU where they
+/// shrink; a compressed device may be larger than the VRAM it holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compress {
+    #[default]
+    Off,
+    Same,
+    Lz,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
@@ -69,6 +82,8 @@ struct RawDevice {
     copy_mode: CopyMode,
     #[serde(default)]
     io_commands: IoCommands,
+    #[serde(default)]
+    compress: Option<Spanned<Compress>>,
     /// Every page in VRAM carries a checksum; absent: where the GPU's
     /// memory has no ECC.
     #[serde(default)]
@@ -115,6 +130,8 @@ pub struct DeviceConfig {
     pub reserve: u64,
     pub copy_mode: CopyMode,
     pub io_commands: IoCommands,
+    /// How pages are kept in VRAM (cuda).
+    pub compress: Compress,
     /// Per-page checksums in VRAM, checked on every read (cuda); None:
     /// where the GPU's memory has no ECC.
     pub integrity: Option<bool>,
@@ -258,6 +275,16 @@ impl Config {
                         .map_err(|e| fail(Some(g.span()), format!("gpu: {e}")))?,
                 },
             };
+            let compress = match d.compress {
+                Some(c) if backend != Backend::Cuda && *c.get_ref() != Compress::Off => {
+                    return Err(fail(
+                        Some(c.span()),
+                        "compress applies to backend = \"cuda\" only (the host store keeps pages whole)".into(),
+                    ));
+                }
+                Some(c) => c.into_inner(),
+                None => Compress::Off,
+            };
             if gpu.single().is_none() && backend != Backend::Cuda {
                 return Err(fail(
                     d.gpu.as_ref().map(|g| g.span()),
@@ -274,6 +301,7 @@ impl Config {
                 reserve,
                 copy_mode: d.copy_mode,
                 io_commands: d.io_commands,
+                compress,
                 integrity: d.integrity,
                 queues: d.queues.map(|q| q.into_inner()),
                 depth,

@@ -6,7 +6,7 @@ mod record;
 mod size;
 
 pub use file::{
-    Config, ConfigError, CopyMode, DeviceConfig, IoCommands, PowerConfig, PressureConfig,
+    Compress, Config, ConfigError, CopyMode, DeviceConfig, IoCommands, PowerConfig, PressureConfig,
     CONFIG_PATH,
 };
 pub use gpus::{split_by_room, GpuChoice, GpuPlace, GpuRoom, SPLIT_UNIT};

@@ -1,4 +1,4 @@
-use crate::{Backend, CopyMode, GpuPlace};
+use crate::{Backend, Compress, CopyMode, GpuPlace};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -47,6 +47,9 @@ pub struct DeviceRecord {
     /// was written by a vramblk that had none: false.
     #[serde(default)]
     pub integrity: bool,
+    /// How the VRAM layout keeps pages (a record without it: off).
+    #[serde(default)]
+    pub compress: Compress,
     /// Where its GPU sits (cuda): the PCI device, its memory node and the
     /// CPUs the device's processes run on.
     #[serde(default)]
@@ -106,6 +109,7 @@ mod tests {
             backing: vec![512 << 20, 512 << 20],
             copy_mode: CopyMode::Dma,
             integrity: true,
+            compress: Compress::Lz,
             place: None,
         };
         r.store(&dir).unwrap();

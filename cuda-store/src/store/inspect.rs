@@ -9,8 +9,17 @@ use vramblk_store::StoreError;
 
 impl CudaStore {
     /// Where the data of device byte `offset` lives in VRAM; None when its
-    /// extent holds no data.
+    /// extent (a compressed device: its page) holds no data there.
     pub(super) fn vram_of(&self, offset: u64) -> Option<u64> {
+        if let Some(packed) = &self.packed {
+            // A compressed page's block: the byte as far into it as the
+            // block goes (a same-filled page has none).
+            let entry = packed.lock().entry(offset / crate::PAGE);
+            let at = entry.loc()?;
+            let slot = self.extents.slot_of(at.extent)?;
+            let within = (offset % crate::PAGE).min(entry.stored_len().saturating_sub(1));
+            return Some(self.slot_addr(slot) + at.offset() + within);
+        }
         let slot = self.extents.slot_of(u32::try_from(offset / EXTENT).ok()?)?;
         Some(self.slot_addr(slot) + offset % EXTENT)
     }
@@ -43,6 +52,10 @@ impl CudaStore {
     /// checks, which compare it with [`crate::page_sum`] of the data); None
     /// without integrity or when its extent holds no data.
     pub fn stored_checksum(&self, offset: u64) -> Result<Option<u32>, StoreError> {
+        if let Some(packed) = &self.packed {
+            let entry = packed.lock().entry(offset / crate::PAGE);
+            return Ok(entry.sum().filter(|_| self.integrity));
+        }
         let e = u32::try_from(offset / EXTENT).ok();
         if !self.integrity || self.vram_of(offset).is_none() {
             return Ok(None);

@@ -2,9 +2,7 @@
 //! exported as fds, mapped in order into one reserved range; how much to
 //! allocate when VRAM is short.
 
-use super::{
-    chunk_len, reserved_for, size_in, slots_for, Chunk, CudaStore, CudaStoreOptions, CHUNK_SLOTS,
-};
+use super::{chunk_len, Chunk, CudaStore, CudaStoreOptions, CHUNK_SLOTS};
 use crate::driver::{check, checked, describe};
 use crate::extents::EXTENT;
 use crate::BACKOFF_STEP;
@@ -52,29 +50,26 @@ impl CudaStore {
             )));
         }
         let free = self.free_vram()?;
+        let layout = self.layout();
+        if layout.compress.is_on() {
+            return self.allocate_compressed(opts, free);
+        }
         // The map's slot (and the checksums') come on top of the device.
-        let overhead = u64::from(reserved_for(opts.size, self.integrity)) * EXTENT;
+        let overhead = u64::from(layout.reserved(opts.size)) * EXTENT;
         let target = granted_target(opts.size, free.saturating_sub(overhead), opts.reserve);
         if target == 0 {
-            return Err(StoreError::TooLarge(format!(
-                "VRAM short on {}: {} MiB free, {} MiB kept in reserve, not even {} MiB left for the device",
-                self.name,
-                free >> 20,
-                opts.reserve >> 20,
-                BACKOFF_STEP >> 20
-            )));
+            return Err(self.short(free, opts.reserve, BACKOFF_STEP));
         }
         // A failure stops on a chunk boundary: the device shrinks to what
         // the chunks got hold, less the map's slot and the checksums'.
         let mut size = target;
         let mut chunks = Vec::new();
         let mut i = 0;
-        let integrity = self.integrity;
-        while i < slots_for(size, integrity).div_ceil(CHUNK_SLOTS) {
-            match self.create_chunk(chunk_len(i, slots_for(size, integrity)), &prop) {
+        while i < layout.slots(size).div_ceil(CHUNK_SLOTS) {
+            match self.create_chunk(chunk_len(i, layout.slots(size)), &prop) {
                 Ok(c) => chunks.push(c),
                 Err(e) if i > 0 => {
-                    size = size_in(i * CHUNK_SLOTS, integrity);
+                    size = layout.size_in(i * CHUNK_SLOTS);
                     log::warn!("VRAM allocation stopped at {} MiB: {e}", size >> 20);
                     break;
                 }
@@ -83,7 +78,7 @@ impl CudaStore {
             i += 1;
         }
         self.size = size;
-        self.slots = slots_for(size, integrity);
+        self.slots = layout.slots(size);
         *self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = chunks;
         self.map_range()?;
         log::info!(
@@ -95,6 +90,72 @@ impl CudaStore {
             opts.reserve >> 20
         );
         Ok(())
+    }
+
+    /// A compressed device keeps its size whatever VRAM there is: it holds
+    /// the chunks VRAM allows (at least those of its maps and one extent of
+    /// data), up to what it would need with every page whole.
+    fn allocate_compressed(
+        &mut self,
+        opts: &CudaStoreOptions,
+        free: u64,
+    ) -> Result<(), StoreError> {
+        let prop = self.prop();
+        let layout = self.layout();
+        let slots = layout.slots(opts.size);
+        let full = u64::from(slots) * EXTENT;
+        // Whole chunks that hold the maps and at least one extent of data.
+        let least = (u64::from(layout.reserved(opts.size)) * EXTENT + EXTENT)
+            .next_multiple_of(BACKOFF_STEP)
+            .min(full);
+        // The queues' staging comes out of what is left free.
+        let reserve = opts.reserve + crate::packed::STAGING_ROOM;
+        let target = granted_target(full, free, reserve);
+        if target < least {
+            return Err(self.short(free, reserve, least));
+        }
+        let wanted = (target.div_ceil(EXTENT) as u32).div_ceil(CHUNK_SLOTS);
+        let mut chunks = Vec::new();
+        for i in 0..wanted {
+            match self.create_chunk(chunk_len(i, slots), &prop) {
+                Ok(c) => chunks.push(c),
+                Err(e) if u64::from(i) * BACKOFF_STEP >= least => {
+                    log::warn!(
+                        "VRAM allocation stopped at {} MiB: {e}",
+                        (u64::from(i) * BACKOFF_STEP) >> 20
+                    );
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.size = opts.size;
+        self.slots = slots;
+        *self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()) = chunks;
+        self.map_range()?;
+        log::info!(
+            "cuda store: {} MiB compressed device on {} holding {} MiB of VRAM in {} chunks \
+             ({} MiB with every page whole; {} MiB free before, {} MiB reserve)",
+            self.size >> 20,
+            self.name,
+            self.held_bytes() >> 20,
+            self.lock_chunks().len(),
+            full >> 20,
+            free >> 20,
+            reserve >> 20
+        );
+        Ok(())
+    }
+
+    /// The error when VRAM cannot hold even `least` bytes of the device.
+    fn short(&self, free: u64, reserve: u64, least: u64) -> StoreError {
+        StoreError::TooLarge(format!(
+            "VRAM short on {}: {} MiB free, {} MiB kept in reserve, not even {} MiB left for the device",
+            self.name,
+            free >> 20,
+            reserve >> 20,
+            least >> 20
+        ))
     }
 
     pub(super) fn create_chunk(

@@ -163,7 +163,7 @@ static CUhandle put(int fd, size_t size) {
             fds[i] = fd + 1; /* stored +1 so fd 0 stays distinguishable */
             sizes[i] = size;
             dev_of[i] = current_dev;
-            allocated += size;
+            __atomic_add_fetch(&allocated, size, __ATOMIC_SEQ_CST);
             return (CUhandle)i + 1;
         }
     return 0;
@@ -265,7 +265,7 @@ CUresult cuMemRelease(CUhandle h) { FAULT("cuMemRelease");
     int fd = fd_of(h);
     if (fd < 0) return ERR_INVALID_VALUE;
     close(fd);
-    allocated_on[dev_of[h - 1]] -= sizes[h - 1];
+    __atomic_sub_fetch(&allocated_on[dev_of[h - 1]], sizes[h - 1], __ATOMIC_SEQ_CST);
     fds[h - 1] = 0;
     return OK;
 }
@@ -605,13 +605,13 @@ CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t size) { FAULT("cuMemAlloc_v2");
     void *m = calloc(1, size + sizeof(size_t));
     if (!m) return ERR_OUT_OF_MEMORY;
     *(size_t *)m = size;
-    allocated += size;
+    __atomic_add_fetch(&allocated, size, __ATOMIC_SEQ_CST);
     *p = (CUdeviceptr)(uintptr_t)((char *)m + sizeof(size_t));
     return OK;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) { FAULT("cuMemFree_v2");
     char *m = (char *)(uintptr_t)p - sizeof(size_t);
-    allocated -= *(size_t *)m;
+    __atomic_sub_fetch(&allocated, *(size_t *)m, __ATOMIC_SEQ_CST);
     free(m);
     return OK;
 }

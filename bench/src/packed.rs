@@ -1,0 +1,433 @@
+//! Compressed devices (issue 18): engine-bench's checks of the cuda store
+//! with `Compress::Lz` and `Compress::Same`, through the same queue engine
+//! a server runs: every byte against a host shadow with pages of every
+//! kind, what the pages cost in VRAM, a second server importing the VRAM
+//! (the page map read back), and give-back moving pool extents.
+//! `--checks-only` runs them on the stand-in libcuda too (not GPU
+//! evidence there).
+
+use crate::load::{
+    fill_content, set_write_content, shadow_check_of, shape_row, slice, Content, Pattern, Rng,
+    Shape, SynthQueue,
+};
+use crate::table::Row;
+use std::os::fd::AsFd;
+use vramblk_cuda_store::{Compress, CudaStore, CudaStoreOptions, EXTENT};
+use vramblk_store::{Completion, Op, Request, Store};
+
+const MIB: u64 = 1 << 20;
+
+/// Every check, each on its own store.
+pub fn checks(gpu: u32) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for (mode, integrity) in [(Compress::Lz, true), (Compress::Same, false)] {
+        let name = format!(
+            "compress {mode:?}: random mixed ops (4 KiB - 512 KiB, write/read/write-zeroes/flush) \
+             of zero, same-filled, compressible and random pages, 4 queues at once, integrity \
+             {}, every byte against a host shadow",
+            if integrity { "on" } else { "off" }
+        );
+        out.push(match create(gpu, 256 * MIB, mode, integrity) {
+            Ok(store) => (name, shadow_on_queues(&store)),
+            Err(e) => (format!("{name} (store: {e})"), false),
+        });
+    }
+    out.push(lone_pages_check(gpu));
+    out.push(usage_check(gpu));
+    out.push(import_check(gpu));
+    out.push(give_back_check(gpu));
+    out
+}
+
+fn create(gpu: u32, size: u64, mode: Compress, integrity: bool) -> Result<CudaStore, String> {
+    CudaStore::create(&CudaStoreOptions {
+        integrity: Some(integrity),
+        compress: mode,
+        ..CudaStoreOptions::new(size, gpu)
+    })
+    .map_err(|e| e.to_string())
+}
+
+fn shadow_on_queues(store: &CudaStore) -> bool {
+    let queues = 4u16;
+    let part = (store.size() / u64::from(queues)).min(64 * MIB) & !4095;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..queues)
+            .map(|q| {
+                s.spawn(move || {
+                    let lo = u64::from(q) * part;
+                    shadow_check_of(store, q, lo, part, 0x51A + u64::from(q), Content::Mixed)
+                })
+            })
+            .collect();
+        hs.into_iter().all(|h| h.join().unwrap_or(false))
+    })
+}
+
+/// Runs `op` over `data.len()` bytes from `offset` in 512 KiB requests on
+/// queue 0 (writes from `data`, reads into it); false when one failed.
+fn transfer(store: &CudaStore, op: Op, offset: u64, data: &mut [u8]) -> bool {
+    let chunk = 512 << 10;
+    let depth = 8;
+    let mut sq = SynthQueue::open(store, 0, depth);
+    let mut ok = true;
+    for (n, part) in data.chunks_mut(chunk * depth).enumerate() {
+        for (tag, piece) in part.chunks_mut(chunk).enumerate() {
+            let buf = sq.bufs.slot(tag).expect("a tag's buffer");
+            if op == Op::Write {
+                slice(buf)[..piece.len()].copy_from_slice(piece);
+            }
+            sq.engine.enqueue(Request {
+                tag: tag as u16,
+                op,
+                offset: offset + ((n * depth + tag) * chunk) as u64,
+                len: piece.len() as u32,
+                buf,
+            });
+        }
+        let mut got: Vec<Completion> = Vec::new();
+        sq.finish(|c| got.push(c));
+        for c in got {
+            ok &= c.result >= 0;
+            if op == Op::Read {
+                let tag = c.tag as usize;
+                let end = ((tag + 1) * chunk).min(part.len());
+                let piece = &mut part[tag * chunk..end];
+                let len = piece.len();
+                piece.copy_from_slice(&slice(sq.bufs.slot(tag).expect("buffer"))[..len]);
+            }
+        }
+    }
+    ok
+}
+
+/// Rounds of one request of one or two pages (the CPU's path, both ways)
+/// beside larger ones (the kernels'), against a shadow.
+fn lone_pages_check(gpu: u32) -> (String, bool) {
+    let name = "compress Lz: 3000 lone requests of 1-2 pages (compressed and decoded on the CPU) \
+                between rounds of 32 pages (on the GPU), every page of every kind against a \
+                host shadow, each page read back both ways";
+    let store = match create(gpu, 64 * MIB, Compress::Lz, true) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (store: {e})"), false),
+    };
+    let pages = 2048u64;
+    let mut shadow = vec![0u8; (pages * 4096) as usize];
+    let mut rng = Rng(0x10E);
+    let mut ok = true;
+    let mut sq = SynthQueue::open(&store, 0, 1);
+    let buf = sq.bufs.slot(0).expect("a buffer");
+    for i in 0..3000u64 {
+        let n = if i % 50 == 49 { 32 } else { 1 + rng.below(2) };
+        let at = rng.below(pages - n);
+        let range = (at * 4096) as usize..((at + n) * 4096) as usize;
+        let op = if rng.below(2) == 0 {
+            Op::Write
+        } else {
+            Op::Read
+        };
+        if op == Op::Write {
+            fill_content(&mut slice(buf)[..range.len()], Content::Mixed, &mut rng);
+            shadow[range.clone()].copy_from_slice(&slice(buf)[..range.len()]);
+        } else {
+            slice(buf)[..range.len()].fill(0xA5);
+        }
+        sq.engine.enqueue(Request {
+            tag: 0,
+            op,
+            offset: at * 4096,
+            len: range.len() as u32,
+            buf,
+        });
+        let mut got: Vec<Completion> = Vec::new();
+        sq.finish(|c| got.push(c));
+        let answered = got.iter().all(|c| c.result == range.len() as i32);
+        let same = op == Op::Write || slice(buf)[..range.len()] == shadow[range.clone()];
+        if !(answered && same) && ok {
+            println!("  request {i}: {op:?} of {n} page(s) at page {at}: answered {answered}, data right {same}");
+        }
+        ok &= answered && same;
+    }
+    (name.into(), ok)
+}
+
+/// Pages of each kind in turn: 64 zero, 64 same-filled, 64 compressible,
+/// 64 random.
+fn kinds_in_order() -> Vec<u8> {
+    let mut data = vec![0u8; 256 * 4096];
+    let mut rng = Rng(0xABCD_EF01);
+    for (i, page) in data.chunks_mut(4096).enumerate() {
+        let word = rng.next().to_ne_bytes();
+        match i / 64 {
+            0 => {}
+            1 => page
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = word[j % 8]),
+            2 => {
+                let text = format!("page {i} of a shell's heap: PATH=/usr/bin HOME=/root ");
+                for (j, x) in page.iter_mut().enumerate() {
+                    *x = text.as_bytes()[j % text.len()];
+                }
+            }
+            _ => page.iter_mut().for_each(|x| *x = rng.next() as u8),
+        }
+    }
+    data
+}
+
+/// Data VRAM (less the maps) a store holds now.
+fn data_vram(store: &CudaStore) -> u64 {
+    store.used_bytes() - store.reserved_bytes()
+}
+
+/// What each kind of page costs, and that rewriting pages frees theirs.
+fn usage_check(gpu: u32) -> (String, bool) {
+    let name = "compress Lz: 64 zero + 64 same-filled pages take no VRAM, 64 compressible pages \
+                one pool extent of their class, 64 random ones one raw extent; zeroing them all \
+                gives those extents back";
+    let store = match create(gpu, 256 * MIB, Compress::Lz, true) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (store: {e})"), false),
+    };
+    let mut data = kinds_in_order();
+    let wrote = transfer(&store, Op::Write, 8 * MIB, &mut data);
+    let u = store.packed_usage().unwrap_or_default();
+    let held = data_vram(&store);
+    let mut back = vec![0xA5u8; data.len()];
+    let read = transfer(&store, Op::Read, 8 * MIB, &mut back);
+    let mut zeros = vec![0u8; data.len()];
+    let zeroed = transfer(&store, Op::Write, 8 * MIB, &mut zeros);
+    let after = store.packed_usage().unwrap_or_default();
+    let ok = wrote
+        && read
+        && zeroed
+        && back == data
+        && (u.same_pages, u.compressed_pages, u.raw_pages) == (128, 64, 64)
+        && u.compressed_bytes < 64 * 4096 / 4
+        && held == 2 * EXTENT
+        && (after.same_pages, after.compressed_pages, after.raw_pages) == (256, 0, 0)
+        && data_vram(&store) == 0;
+    if !ok {
+        println!(
+            "  wrote {wrote} read {read} same {} zeroed {zeroed}; usage {u:?} with {} KiB of data \
+             VRAM; after zeroing {after:?} with {} KiB",
+            back == data,
+            held >> 10,
+            data_vram(&store) >> 10
+        );
+    }
+    (name.into(), ok)
+}
+
+/// A second store imports the first one's VRAM (as a recovering server
+/// does) and reads every page back.
+fn import_check(gpu: u32) -> (String, bool) {
+    let name = "compress Lz: a server importing the VRAM reads the page map back, rebuilds the \
+                pool and reads every page as written; its new writes take free slots only";
+    let size = 256 * MIB;
+    let first = match create(gpu, size, Compress::Lz, true) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (store: {e})"), false),
+    };
+    let mut data = vec![0u8; 32 * MIB as usize];
+    fill_content(&mut data, Content::Mixed, &mut Rng(0x1F0));
+    let wrote = transfer(&first, Op::Write, 0, &mut data);
+    let usage = first.packed_usage();
+    first.set_erase_on_drop(false);
+    let chunks = match first.exported_chunks() {
+        Ok(c) => c,
+        Err(e) => return (format!("{name} (export: {e})"), false),
+    };
+    let borrowed: Vec<_> = chunks.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
+    let opts = CudaStoreOptions {
+        integrity: Some(true),
+        compress: Compress::Lz,
+        ..CudaStoreOptions::new(size, gpu)
+    };
+    let second = match CudaStore::import(&opts, &borrowed) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (import: {e})"), false),
+    };
+    drop(first);
+    let mut back = vec![0u8; data.len()];
+    let read = transfer(&second, Op::Read, 0, &mut back);
+    // New pages after the old ones must not land on a slot a page holds.
+    let mut more = vec![0u8; 8 * MIB as usize];
+    fill_content(&mut more, Content::Mixed, &mut Rng(0x2F0));
+    let wrote_more = transfer(&second, Op::Write, 64 * MIB, &mut more);
+    let mut back_again = vec![0u8; data.len()];
+    let reread = transfer(&second, Op::Read, 0, &mut back_again);
+    let ok = wrote
+        && read
+        && wrote_more
+        && reread
+        && back == data
+        && back_again == data
+        && second.packed_usage().is_some()
+        && usage.is_some()
+        && usage.map(|u| u.data_bytes()) == Some(data.len() as u64);
+    if !ok {
+        println!(
+            "  wrote {wrote} read {read} same {} more {wrote_more} reread {reread} same {}; \
+             usage before {usage:?}",
+            back == data,
+            back_again == data
+        );
+    }
+    (name.into(), ok)
+}
+
+/// Giving VRAM back moves the pool extents of the last chunks into free
+/// slots of the first; every page still reads back.
+fn give_back_check(gpu: u32) -> (String, bool) {
+    let name = "compress Lz: give-back moves pool extents out of the chunks it frees while \
+                the pages stay readable";
+    let store = match create(gpu, 1 << 30, Compress::Lz, true) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (store: {e})"), false),
+    };
+    // Fill enough pool extents to spill into the second chunk, then empty
+    // the first ones, so live extents sit high and free slots low.
+    let mut filler = vec![0u8; 600 * MIB as usize];
+    fill_content(&mut filler, Content::Random, &mut Rng(0x3F0));
+    let filled = transfer(&store, Op::Write, 0, &mut filler);
+    let mut data = vec![0u8; 64 * MIB as usize];
+    fill_content(&mut data, Content::Mixed, &mut Rng(0x4F0));
+    let wrote = transfer(&store, Op::Write, 700 * MIB, &mut data);
+    let mut zeros = vec![0u8; filler.len()];
+    let emptied = transfer(&store, Op::Write, 0, &mut zeros);
+    let before = store.held_bytes();
+    let resized = store.give_back(0);
+    let mut back = vec![0u8; data.len()];
+    let read = transfer(&store, Op::Read, 700 * MIB, &mut back);
+    let (after, moved) = match &resized {
+        Ok(r) => (r.after, r.moved),
+        Err(_) => (before, 0),
+    };
+    let ok = filled && wrote && emptied && read && back == data && after < before && moved > 0;
+    if !ok {
+        println!(
+            "  filled {filled} wrote {wrote} emptied {emptied} read {read} same {}; held {} -> {} \
+             MiB, {moved} moved ({:?})",
+            back == data,
+            before >> 20,
+            after >> 20,
+            resized.err().map(|e| e.to_string())
+        );
+    }
+    (name.into(), ok)
+}
+
+/// The shapes timed with compression on beside off (issue 18's list).
+const BENCH_SHAPES: &[Shape] = &[
+    ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 1),
+    ("4 KiB randread", Pattern::RandRead, 4096, 1, 1),
+    ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 32),
+    ("4 KiB randread", Pattern::RandRead, 4096, 1, 32),
+    ("4 KiB randwrite", Pattern::RandWrite, 4096, 16, 128),
+    ("4 KiB randread", Pattern::RandRead, 4096, 16, 128),
+    ("512 KiB seq write", Pattern::SeqWrite, 512 << 10, 4, 32),
+    ("512 KiB seq read", Pattern::SeqRead, 512 << 10, 4, 32),
+];
+
+/// Writes `content` (whole pages, used in turn) over the whole store.
+fn fill_store(store: &CudaStore, content: &[u8]) -> bool {
+    let step = 64 * MIB as usize;
+    let mut block = vec![0u8; step];
+    for (i, page) in block.chunks_mut(4096).enumerate() {
+        let at = i % (content.len() / 4096) * 4096;
+        page.copy_from_slice(&content[at..at + 4096]);
+    }
+    (0..store.size()).step_by(step).all(|off| {
+        transfer(
+            store,
+            Op::Write,
+            off,
+            &mut block[..(store.size() - off).min(step as u64) as usize],
+        )
+    })
+}
+
+/// `--compress-bench`: each shape on a store with compression off and one
+/// with `lz`, both first filled with the same pages (the corpus's, then
+/// random ones), the loads' buffers holding those pages too; a markdown
+/// report.
+pub fn bench(gpu: u32, corpus: &[u8], size: u64, secs: f64) -> Result<String, String> {
+    let mut random = vec![0u8; 16 * MIB as usize];
+    fill_content(&mut random, Content::Random, &mut Rng(0x5EED));
+    let mut out = String::new();
+    let mut usage = String::new();
+    let mut rows: Vec<(String, Row, Row)> = Vec::new();
+    for (what, pages) in [("corpus", corpus), ("random", random.as_slice())] {
+        if pages.len() < 4096 {
+            continue;
+        }
+        let mut by_mode = Vec::new();
+        for mode in [Compress::Off, Compress::Lz] {
+            // Checksums off in both: the loads' random requests of many
+            // queues overlap, and a read beside a write of the same page
+            // may see one's data with the other's checksum.
+            let store = CudaStore::create(&CudaStoreOptions {
+                compress: mode,
+                integrity: Some(false),
+                ..CudaStoreOptions::new(size, gpu)
+            })
+            .map_err(|e| e.to_string())?;
+            if !fill_store(&store, pages) {
+                return Err(format!(
+                    "filling the {mode:?} store with {what} pages failed"
+                ));
+            }
+            if let Some(u) = store.packed_usage() {
+                usage += &format!(
+                    "| {what} | {} MiB | {} MiB | {} MiB | {:.2}x | {} | {} | {} |\n",
+                    u.data_bytes() >> 20,
+                    u.compr_bytes() >> 20,
+                    store.used_bytes() >> 20,
+                    u.data_bytes() as f64 / store.used_bytes().max(1) as f64,
+                    u.same_pages,
+                    u.compressed_pages,
+                    u.raw_pages
+                );
+            }
+            set_write_content(Some(std::sync::Arc::new(pages.to_vec())));
+            let label = format!("{mode:?}").to_lowercase();
+            let r: Vec<Row> = BENCH_SHAPES
+                .iter()
+                .map(|&shape| shape_row(&store, &label, shape, secs))
+                .collect();
+            set_write_content(None);
+            by_mode.push(r);
+        }
+        if let [off, lz] = &by_mode[..] {
+            for (a, b) in off.iter().zip(lz) {
+                rows.push((what.to_string(), a.clone(), b.clone()));
+            }
+        }
+    }
+    out += "| content | shape | queues x depth | off | lz | lz / off | p50 off / lz (us) | host CPU per I/O off / lz (us) | errors |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for (what, a, b) in &rows {
+        let (x, y, unit) = if a.bs >= 128 << 10 {
+            (a.gbps, b.gbps, "GB/s")
+        } else {
+            (a.iops / 1e3, b.iops / 1e3, "k IOPS")
+        };
+        out += &format!(
+            "| {what} | {} | {} x {} | {x:.1} {unit} | {y:.1} {unit} | {:.2}x | {:.1} / {:.1} | {:.2} / {:.2} | {} |\n",
+            a.name,
+            a.queues,
+            a.depth,
+            y / x.max(1e-9),
+            a.p50,
+            b.p50,
+            a.cpu_us_per_io,
+            b.cpu_us_per_io,
+            a.errors + b.errors
+        );
+    }
+    out += "\nWhat the filled `lz` store holds (DATA: pages written, whole; COMPR: their blocks; TOTAL: VRAM held for data and maps):\n\n| content | DATA | COMPR | TOTAL | DATA / TOTAL | same-filled | compressed | incompressible |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    out += &usage;
+    Ok(out)
+}

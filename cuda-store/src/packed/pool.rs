@@ -1,0 +1,223 @@
+//! The pool: which slot of which size class each compressed page's block
+//! takes (zsmalloc's idea, in 2 MiB pool extents each cut for one class).
+//!
+//! Pool extents are the extent map's extents for a compressed device: the
+//! map gives each the VRAM slot it lives in, so giving VRAM back moves
+//! them as it moves a plain device's extents. This module only counts
+//! which slots of each are taken; an extent whose last block goes is
+//! class-less again and may be unmapped. Slots are handed out from the
+//! lowest extent with room, which keeps data in few extents.
+
+use super::entry::{slots_per_extent, Loc, POOL_CLASSES};
+use std::collections::BTreeSet;
+
+#[derive(Clone, Debug, Default)]
+struct PoolExtent {
+    /// The class it is cut for while it holds any block.
+    class: Option<u8>,
+    /// One bit per slot of that class.
+    taken: Vec<u64>,
+    count: u32,
+}
+
+/// Slots of the pool, by class.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    extents: Vec<PoolExtent>,
+    /// Per class: its extents with a free slot.
+    room: Vec<BTreeSet<u32>>,
+    /// Extents of no class.
+    idle: BTreeSet<u32>,
+}
+
+/// Whether giving a slot back emptied its extent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Given {
+    Kept,
+    /// The extent holds nothing now: it may be unmapped.
+    Emptied(u32),
+}
+
+impl Pool {
+    /// `extents` pool extents, every slot free.
+    pub(crate) fn new(extents: u32) -> Pool {
+        Pool {
+            extents: vec![PoolExtent::default(); extents as usize],
+            room: vec![BTreeSet::new(); POOL_CLASSES],
+            idle: (0..extents).collect(),
+        }
+    }
+
+    /// A free slot of class `class`: in the lowest extent of that class
+    /// with room, else in the lowest idle extent. None when the pool is
+    /// used up (its size covers a device of raw pages, so never while
+    /// the map is right).
+    pub(crate) fn take(&mut self, class: usize) -> Option<Loc> {
+        let e = match self.room.get(class)?.first() {
+            Some(&e) => e,
+            None => {
+                let e = self.idle.pop_first()?;
+                let x = &mut self.extents[e as usize];
+                x.class = Some(class as u8);
+                x.taken = vec![0; slots_per_extent(class).div_ceil(64) as usize];
+                self.room[class].insert(e);
+                e
+            }
+        };
+        let slots = slots_per_extent(class);
+        let x = &mut self.extents[e as usize];
+        let (w, word) = x.taken.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
+        let index = w as u32 * 64 + word.trailing_ones();
+        if index >= slots {
+            return None;
+        }
+        x.taken[(index / 64) as usize] |= 1 << (index % 64);
+        x.count += 1;
+        if x.count == slots {
+            self.room[class].remove(&e);
+        }
+        Some(Loc {
+            extent: e,
+            class: class as u8,
+            index: index as u16,
+        })
+    }
+
+    /// Frees `at`, taken before.
+    pub(crate) fn give(&mut self, at: Loc) -> Given {
+        let class = usize::from(at.class);
+        let Some(x) = self.extents.get_mut(at.extent as usize) else {
+            return Given::Kept;
+        };
+        let bit = 1u64 << (at.index % 64);
+        let Some(word) = x.taken.get_mut(usize::from(at.index / 64)) else {
+            return Given::Kept;
+        };
+        if x.class != Some(at.class) || *word & bit == 0 {
+            log::error!("pool: {at:?} was freed but not taken; left as it is");
+            return Given::Kept;
+        }
+        *word &= !bit;
+        x.count -= 1;
+        if x.count > 0 {
+            self.room[class].insert(at.extent);
+            return Given::Kept;
+        }
+        *x = PoolExtent::default();
+        self.room[class].remove(&at.extent);
+        self.idle.insert(at.extent);
+        Given::Emptied(at.extent)
+    }
+
+    /// Marks `at` taken, as a recovering server rebuilds the pool from the
+    /// page map; Err when no such slot exists, another page has it, or its
+    /// extent is cut for another class.
+    pub(crate) fn mark(&mut self, at: Loc) -> Result<(), String> {
+        let class = usize::from(at.class);
+        let slots = slots_per_extent(class);
+        let Some(x) = self.extents.get_mut(at.extent as usize) else {
+            return Err(format!(
+                "{at:?} lies beyond the pool's {} extents",
+                self.extents.len()
+            ));
+        };
+        if u32::from(at.index) >= slots {
+            return Err(format!("{at:?}: its class has {slots} slots per extent"));
+        }
+        match x.class {
+            None => {
+                x.class = Some(at.class);
+                x.taken = vec![0; slots.div_ceil(64) as usize];
+                self.idle.remove(&at.extent);
+            }
+            Some(c) if c != at.class => {
+                return Err(format!("{at:?}: its extent holds blocks of class {c}"));
+            }
+            Some(_) => {}
+        }
+        let bit = 1u64 << (at.index % 64);
+        let word = &mut x.taken[usize::from(at.index / 64)];
+        if *word & bit != 0 {
+            return Err(format!("{at:?} is named by two pages"));
+        }
+        *word |= bit;
+        x.count += 1;
+        if x.count < slots {
+            self.room[class].insert(at.extent);
+        } else {
+            self.room[class].remove(&at.extent);
+        }
+        Ok(())
+    }
+
+    /// Whether extent `e` holds no block (may be unmapped).
+    pub(crate) fn is_idle(&self, e: u32) -> bool {
+        self.idle.contains(&e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::entry::RAW_CLASS;
+    use super::*;
+
+    #[test]
+    fn slots_fill_the_lowest_extent_of_their_class_first() {
+        let mut p = Pool::new(4);
+        let a = p.take(0).unwrap();
+        let b = p.take(RAW_CLASS).unwrap();
+        assert_eq!((a.extent, a.index), (0, 0));
+        assert_eq!((b.extent, b.index), (1, 0), "another class, another extent");
+        let c = p.take(0).unwrap();
+        assert_eq!((c.extent, c.index), (0, 1));
+        assert_eq!(p.give(a), Given::Kept);
+        assert_eq!(p.take(0).unwrap(), a, "a freed slot is used again");
+        // A raw extent holds 512 pages; the 513th opens the next one.
+        let raws: Vec<Loc> = (0..512).map(|_| p.take(RAW_CLASS).unwrap()).collect();
+        assert_eq!(raws[510].extent, 1);
+        assert_eq!(raws[511].extent, 2);
+        for r in raws.iter().filter(|r| r.extent == 2) {
+            assert_eq!(p.give(*r), Given::Emptied(2));
+        }
+        assert!(p.is_idle(2) && !p.is_idle(1));
+    }
+
+    #[test]
+    fn a_used_up_pool_refuses_and_a_bad_give_changes_nothing() {
+        let mut p = Pool::new(1);
+        for _ in 0..512 {
+            p.take(RAW_CLASS).unwrap();
+        }
+        assert_eq!(p.take(RAW_CLASS), None);
+        assert_eq!(p.take(0), None, "no idle extent for another class");
+        let stranger = Loc {
+            extent: 0,
+            class: 0,
+            index: 0,
+        };
+        assert_eq!(p.give(stranger), Given::Kept, "not of the extent's class");
+    }
+
+    #[test]
+    fn a_rebuilt_pool_refuses_what_no_map_could_hold() {
+        let mut p = Pool::new(2);
+        let at = |extent, class, index| Loc {
+            extent,
+            class,
+            index,
+        };
+        p.mark(at(0, 3, 9)).unwrap();
+        assert!(p.mark(at(0, 3, 9)).is_err(), "twice");
+        assert!(p.mark(at(0, 4, 1)).is_err(), "another class");
+        assert!(p.mark(at(2, 3, 1)).is_err(), "beyond the pool");
+        assert!(
+            p.mark(at(1, RAW_CLASS as u8, 512)).is_err(),
+            "beyond the extent"
+        );
+        // Rebuilt slots are not handed out again; the rest are.
+        let next = p.take(3).unwrap();
+        assert_eq!((next.extent, next.index), (0, 0));
+        assert_ne!(p.take(3).unwrap().index, 9);
+        assert!(p.is_idle(1));
+    }
+}

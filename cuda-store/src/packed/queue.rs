@@ -1,0 +1,664 @@
+//! One queue of a compressed device: its own stream, its io buffers
+//! pinned and device-mapped once, its rounds found done by polling an
+//! event, as a plain queue's.
+//!
+//! A round of writes takes two trips to the GPU: one launch compresses
+//! every page into staging VRAM (and finds the same-filled ones); once it
+//! is done the queue reads what each page became, takes a slot of its
+//! class, and one launch copies the blocks into their slots, a second
+//! (after it on the stream) writes their page map entries. Only then is
+//! the write answered and the page's old slot freed (state.rs), so a crash
+//! at any point leaves every page named by an entry whose block is whole.
+//! A round of reads looks its pages up, fills same-filled and unwritten
+//! pages on the CPU and decompresses the rest on the GPU straight into the
+//! io buffers. A discard or write-zeroes writes empty entries.
+//!
+//! Small rounds stay off the page kernels, which take one warp per page
+//! and so 100-300 us whatever the round's size (docs/benchmarks.md): a
+//! round of at most [`CPU_PAGES`] pages is compressed on the CPU (the
+//! reference encoder, the same bytes the kernel writes) and its blocks
+//! copied from pinned memory, and a read of at most that many stored
+//! pages has their blocks copied out and decoded on the CPU.
+//! Rounds of one queue are answered as they finish; a flush waits for
+//! every round before it. This file holds the queue and its rounds' life;
+//! queue/writes.rs the write and discard rounds, queue/reads.rs the reads.
+
+use super::entry::{Entry, Loc, RAW_CLASS};
+use super::{page_map_addr, Compress, Packed};
+use crate::driver::SyncStream;
+use crate::driver::{check, checked, context_lost, describe, is_context_fatal, retried_once};
+use crate::extents::{slot_addr, ExtentMap, PinRefused, Pinned};
+use crate::integrity::page_sum_cpu;
+use crate::kernel::{self, flags, Desc};
+use crate::page_kernels::{kind, PageJob, PageLaunch};
+use crate::pinned::{DescTable, PinnedTable};
+use crate::queue::{record_extent, report_mismatch, report_no_room};
+use cudarc::driver::result::{self, stream::StreamKind, DriverError};
+use cudarc::driver::sys;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vramblk_compress::{class_of, encode_page, fill, lz, same_filled, Stored, PAGE};
+use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreError};
+
+mod reads;
+mod writes;
+
+/// Rounds of at most this many pages are compressed, or have their
+/// blocks decoded, on the CPU (about 20 us a page to compress, 5 to
+/// decode, on one core: less than a page kernel's launch to finish).
+const CPU_PAGES: usize = 2;
+
+/// Pages one compress launch takes: a queue's staging VRAM (2 MiB). A
+/// compressed device leaves at least [`super::STAGING_ROOM`] of VRAM free
+/// for its queues' staging.
+pub(crate) const STAGING_PAGES: usize = 512;
+
+/// How long a request waits for a pool extent that give-back is moving.
+const MOVE_WAIT: Duration = Duration::from_secs(2);
+
+/// Where a round is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Writes: the compress launch is running.
+    Compressing,
+    /// Writes, discards: blocks and entries are being stored.
+    Storing,
+    /// Reads: the decompress launch is running.
+    Reading,
+    /// A flush: answered once every round before it is.
+    Barrier,
+}
+
+/// A request's result while it waits to be submitted again (a page of it
+/// was pending, see state.rs).
+const DEFERRED: i32 = i32::MIN;
+
+/// A request of a round.
+struct Req {
+    /// As the engine gave it (what is submitted again when deferred).
+    orig: Request,
+    /// Its pages are marked pending by this round.
+    marked: bool,
+    tag: u16,
+    /// Its first page and how many.
+    page: u64,
+    pages: u32,
+    buf: *mut u8,
+    /// The buffer's device address.
+    dev: u64,
+    /// Its first page's job (writes, reads).
+    job: usize,
+    /// Bytes done, or a negative errno.
+    result: i32,
+}
+
+struct Round {
+    event: sys::CUevent,
+    stage: Stage,
+    reqs: Vec<Req>,
+    /// Page jobs; for a read, each job's request, its page in that
+    /// request, and the checksum that page must have.
+    jobs: PinnedTable<PageJob>,
+    job_reqs: Vec<(usize, u32, u32)>,
+    /// Copies of blocks into slots, then of entries into the page map.
+    blocks: DescTable,
+    entry_copies: DescTable,
+    entries: PinnedTable<[u64; 2]>,
+    /// The round compresses into the queue's staging VRAM.
+    staged: bool,
+    /// Where a write round's blocks are copied from (the staging VRAM, or
+    /// `host_blocks` when the CPU compressed them).
+    blocks_from: u64,
+    /// Pinned pages for blocks the CPU compressed, or fetched to decode.
+    host_blocks: PinnedTable<[u8; PAGE]>,
+    /// Reads decoded on the CPU: job, request, page in it, block.
+    cpu_decodes: Vec<(usize, usize, u32, usize)>,
+    /// Pool extents pinned by the round, let go when it ends.
+    pins: Vec<u32>,
+    /// Slots whose pages the round rewrote, freed when it ends.
+    freed: Vec<Loc>,
+    /// A read round: the epoch its lookups belong to.
+    epoch: Option<u64>,
+}
+
+pub struct PackedQueue {
+    qid: usize,
+    ctx: sys::CUcontext,
+    base: sys::CUdeviceptr,
+    extents: Arc<ExtentMap>,
+    packed: Arc<Packed>,
+    stream: sys::CUstream,
+    map_stream: Option<SyncStream>,
+    pinned: *mut std::ffi::c_void,
+    pinned_dev: sys::CUdeviceptr,
+    pinned_len: usize,
+    copy: sys::CUfunction,
+    pages: PageLaunch,
+    rounds: VecDeque<Round>,
+    spare: Vec<Round>,
+    /// VRAM the compress launch writes into: [`STAGING_PAGES`] pages, for
+    /// one round at a time (its blocks are copied out of it by the round's
+    /// second launch).
+    staging: u64,
+    staging_busy: bool,
+    /// Requests that found a page pending: submitted again at the next
+    /// poll that finds a round done (or none in flight).
+    deferred: Vec<Request>,
+    in_flight: usize,
+    gpu: Arc<str>,
+}
+
+/// What a compressed queue is given by its store.
+pub(crate) struct PackedPath {
+    pub(crate) copy: sys::CUfunction,
+    pub(crate) pages: PageLaunch,
+    pub(crate) packed: Arc<Packed>,
+}
+
+impl PackedQueue {
+    pub(crate) fn open(
+        qid: u16,
+        ctx: sys::CUcontext,
+        base: sys::CUdeviceptr,
+        extents: Arc<ExtentMap>,
+        buffers: &BufferRegion,
+        path: PackedPath,
+        gpu: Arc<str>,
+    ) -> Result<PackedQueue, StoreError> {
+        let mut q = PackedQueue {
+            qid: qid.into(),
+            ctx,
+            base,
+            extents,
+            packed: path.packed,
+            stream: std::ptr::null_mut(),
+            map_stream: None,
+            pinned: std::ptr::null_mut(),
+            pinned_dev: 0,
+            pinned_len: buffers.len(),
+            copy: path.copy,
+            pages: path.pages,
+            rounds: VecDeque::new(),
+            spare: Vec::new(),
+            staging: 0,
+            staging_busy: false,
+            deferred: Vec::new(),
+            in_flight: 0,
+            gpu,
+        };
+        // SAFETY: the context is retained by the store, which outlives us;
+        // the queue is used only on the thread that opens it.
+        checked(unsafe { result::ctx::set_current(ctx) }, "cuCtxSetCurrent")?;
+        q.stream = checked(
+            result::stream::create(StreamKind::NonBlocking),
+            "cuStreamCreate",
+        )?;
+        q.map_stream = Some(SyncStream::new()?);
+        // SAFETY: freed in Drop.
+        q.staging = checked(
+            unsafe { result::malloc_sync(STAGING_PAGES * PAGE) },
+            "allocating the queue's staging VRAM for compression (out of the VRAM left free)",
+        )?;
+        // SAFETY: the region outlives this queue (the queue loop drops the
+        // store handle before its buffers). Host registration is not in the
+        // result layer.
+        unsafe {
+            check(
+                sys::cuMemHostRegister_v2(
+                    buffers.base().cast(),
+                    buffers.len(),
+                    sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP,
+                ),
+                "pinning the io buffers (cuMemHostRegister)",
+            )?;
+        }
+        q.pinned = buffers.base().cast();
+        // SAFETY: the range was registered with DEVICEMAP just above.
+        check(
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut q.pinned_dev, q.pinned, 0) },
+            "mapping the io buffers for the GPU (a compressed device needs it)",
+        )?;
+        Ok(q)
+    }
+
+    fn take_round(&mut self, stage: Stage) -> Result<Round, StoreError> {
+        let mut r = match self.spare.pop() {
+            Some(r) => r,
+            None => Round {
+                event: checked(
+                    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+                    "cuEventCreate",
+                )?,
+                stage,
+                reqs: Vec::new(),
+                jobs: PinnedTable::empty(),
+                job_reqs: Vec::new(),
+                blocks: DescTable::empty(),
+                entry_copies: DescTable::empty(),
+                entries: PinnedTable::empty(),
+                staged: false,
+                blocks_from: 0,
+                host_blocks: PinnedTable::empty(),
+                cpu_decodes: Vec::new(),
+                pins: Vec::new(),
+                freed: Vec::new(),
+                epoch: None,
+            },
+        };
+        r.stage = stage;
+        r.reqs.clear();
+        r.job_reqs.clear();
+        r.cpu_decodes.clear();
+        r.host_blocks.len = 0;
+        r.staged = false;
+        r.pins.clear();
+        r.freed.clear();
+        r.epoch = None;
+        r.jobs.len = 0;
+        r.blocks.len = 0;
+        r.entry_copies.len = 0;
+        r.entries.len = 0;
+        Ok(r)
+    }
+
+    /// The request as the round keeps it; None when it is not whole pages
+    /// or (a read or write) its buffer is not in the pinned region (the
+    /// device's blocks are 4 KiB and the engine hands the region's
+    /// buffers, so neither happens).
+    fn req(&self, r: &Request) -> Option<Req> {
+        let at = (r.buf.as_ptr() as usize).checked_sub(self.pinned as usize)?;
+        let whole = (r.offset | u64::from(r.len)).is_multiple_of(PAGE as u64);
+        let inside = !r.op.uses_buffer() || at + r.len as usize <= self.pinned_len;
+        (whole && inside).then(|| Req {
+            orig: *r,
+            marked: false,
+            tag: r.tag,
+            page: r.offset / PAGE as u64,
+            pages: r.len / PAGE as u32,
+            buf: r.buf.as_ptr(),
+            dev: self.pinned_dev + at as u64,
+            job: 0,
+            result: r.len as i32,
+        })
+    }
+
+    /// Pins pool extent `e` (mapping it to a fresh slot first when `write`
+    /// and it has none), waiting while give-back moves it; its slot.
+    fn pin(&self, e: u32, write: bool) -> Result<u32, PinRefused> {
+        let deadline = Instant::now() + MOVE_WAIT;
+        loop {
+            let got = self.extents.pin_recorded(e, write, &mut |s| {
+                self.map_stream
+                    .as_ref()
+                    .is_some_and(|m| record_extent(m, self.base, e, s + 1, None, None))
+            });
+            match got {
+                Ok(Pinned::Mapped(s)) => return Ok(s),
+                Ok(Pinned::Allocated(s)) => {
+                    self.packed
+                        .note_room(self.extents.free_slots(), self.extents.capacity());
+                    return Ok(s);
+                }
+                Ok(Pinned::Unmapped) => {
+                    // A block in an unmapped extent: the map is wrong.
+                    self.extents.unpin(e);
+                    log::error!("pool extent {e} holds a page's block but has no VRAM");
+                    return Err(PinRefused::NotRecorded);
+                }
+                Err(PinRefused::Moving) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(why) => return Err(why),
+            }
+        }
+    }
+
+    /// A round of `stage` for those of `reqs` none of whose pages is
+    /// pending (the others deferred); None when none is left or no round
+    /// could be had (they failed).
+    fn begin(
+        &mut self,
+        stage: Stage,
+        reqs: Vec<Req>,
+        done: &mut Vec<Completion>,
+    ) -> Option<(Round, Vec<Req>)> {
+        let reqs = self.defer_pending(reqs);
+        if reqs.is_empty() {
+            return None;
+        }
+        let pages: usize = reqs.iter().map(|r| r.pages as usize).sum();
+        let round = self.round_for(stage, pages, reqs.len(), done, &reqs)?;
+        Some((round, reqs))
+    }
+
+    /// The requests none of whose pages is pending; the others deferred.
+    fn defer_pending(&mut self, reqs: Vec<Req>) -> Vec<Req> {
+        let st = self.packed.lock();
+        let (wait, go): (Vec<Req>, Vec<Req>) = reqs
+            .into_iter()
+            .partition(|r| st.pending_any(r.page, r.pages));
+        drop(st);
+        self.deferred.extend(wait.iter().map(|r| r.orig));
+        go
+    }
+
+    /// A round of `stage` with room for `pages` jobs and `reqs` requests;
+    /// None (every request failed) when that could not be had.
+    fn round_for(
+        &mut self,
+        stage: Stage,
+        pages: usize,
+        reqs: usize,
+        done: &mut Vec<Completion>,
+        failing: &[Req],
+    ) -> Option<Round> {
+        let mut round = match self.take_round(stage) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("{e}");
+                fail_all(failing, done);
+                return None;
+            }
+        };
+        let pieces = reqs + pages * 16 / kernel::PIECE as usize + 1;
+        let reserved = round
+            .jobs
+            .reserve(pages)
+            .and_then(|()| round.blocks.reserve(pages))
+            .and_then(|()| round.entries.reserve(pages))
+            .and_then(|()| round.entry_copies.reserve(pieces));
+        if let Err(e) = reserved {
+            log::error!("{e}");
+            fail_all(failing, done);
+            self.spare.push(round);
+            return None;
+        }
+        Some(round)
+    }
+
+    /// Launches the copy kernel over `descs`; false when that failed.
+    fn launch_copies(&self, descs: &DescTable) -> bool {
+        if descs.len == 0 {
+            return true;
+        }
+        let n = descs.len as u32;
+        // SAFETY: the store's kernel; the table and every address in it
+        // (pinned buffers, staging, pinned slots, the page map) stay valid
+        // until the round's event completes.
+        let r = retried_once("copy kernel launch", || unsafe {
+            kernel::launch(self.copy, descs.dev, n, self.stream)
+        });
+        if let Err(e) = &r {
+            log::error!("copy kernel launch ({n} pieces): {}", describe(*e));
+        }
+        r.is_ok()
+    }
+
+    /// Keeps a started round in flight, its event recorded after what it
+    /// queued (a flush's barrier has none).
+    fn record(&mut self, round: Round, done: &mut Vec<Completion>) {
+        self.in_flight += round.reqs.len();
+        if round.stage == Stage::Barrier || self.record_event(&round) {
+            self.rounds.push_back(round);
+        } else {
+            // SAFETY: waiting on our own stream.
+            let ok = unsafe { result::stream::synchronize(self.stream) }.is_ok();
+            self.finish(round, !ok, done);
+        }
+    }
+
+    /// Records the round's event after what its stream holds now.
+    fn record_event(&self, round: &Round) -> bool {
+        // SAFETY: event and stream are ours.
+        let recorded = unsafe { result::event::record(round.event, self.stream) };
+        match checked(recorded, "cuEventRecord") {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{e}");
+                false
+            }
+        }
+    }
+
+    /// Answers a finished round and lets go of what it held.
+    fn finish(&mut self, mut round: Round, failed: bool, done: &mut Vec<Completion>) {
+        if round.stage == Stage::Reading && !failed {
+            self.settle_reads(&mut round);
+        }
+        for &e in &round.pins {
+            self.extents.unpin(e);
+        }
+        let packed = Arc::clone(&self.packed);
+        let mut st = packed.lock();
+        if round.epoch.is_some() {
+            let next = self.rounds.iter().find_map(|r| r.epoch);
+            st.set_reader(self.qid, next);
+        }
+        for r in round.reqs.iter().filter(|r| r.marked) {
+            st.set_pending(r.page, r.pages, false);
+        }
+        if round.staged {
+            self.staging_busy = false;
+        }
+        let mut emptied = st.retire(round.freed.drain(..));
+        emptied.extend(st.release());
+        for e in emptied {
+            if !st.pool.is_idle(e) {
+                continue;
+            }
+            // An empty pool extent gives its VRAM slot back (zeroed, the
+            // unmapping recorded); one still pinned keeps it for now.
+            if let (Some(slot), Some(m)) = (self.extents.begin_move(e), &self.map_stream) {
+                if record_extent(m, self.base, e, 0, Some(slot), None) {
+                    self.extents.end_unmap(e);
+                } else {
+                    self.extents.abort_move(e);
+                }
+            }
+        }
+        drop(st);
+        let answered = round.reqs.iter().filter(|r| r.result != DEFERRED);
+        self.in_flight -= answered.clone().count();
+        done.extend(answered.map(|r| Completion {
+            tag: r.tag,
+            result: if failed { -libc::EIO } else { r.result },
+        }));
+        self.spare.push(round);
+    }
+
+    /// Whether a round whose event answered `r` did its work.
+    fn round_succeeded(&self, r: Result<(), DriverError>) -> bool {
+        let Err(e) = r else {
+            return true;
+        };
+        if is_context_fatal(e) {
+            context_lost("a round of compressed pages", e);
+        }
+        log::warn!(
+            "a round's event query failed: {}; waiting for its stream",
+            describe(e)
+        );
+        // SAFETY: waiting on our own stream.
+        checked(
+            unsafe { result::stream::synchronize(self.stream) },
+            "a round of compressed pages",
+        )
+        .is_ok()
+    }
+}
+
+fn fail_all(reqs: &[Req], done: &mut Vec<Completion>) {
+    done.extend(reqs.iter().map(|r| Completion {
+        tag: r.tag,
+        result: -libc::EIO,
+    }));
+}
+
+impl QueueStore for PackedQueue {
+    fn submit(&mut self, batch: &mut Vec<Request>, done: &mut Vec<Completion>) {
+        let (mut reads, mut writes, mut empties) = (Vec::new(), Vec::new(), Vec::new());
+        let mut flushes = Vec::new();
+        for r in batch.drain(..) {
+            if r.op == Op::Flush {
+                flushes.push(r);
+                continue;
+            }
+            let Some(req) = self.req(&r) else {
+                log::error!(
+                    "a {:?} of {} bytes at {} is not whole pages",
+                    r.op,
+                    r.len,
+                    r.offset
+                );
+                done.push(Completion {
+                    tag: r.tag,
+                    result: -libc::EINVAL,
+                });
+                continue;
+            };
+            match r.op {
+                Op::Read => reads.push(req),
+                Op::Write => writes.push(req),
+                _ => empties.push(req),
+            }
+        }
+        if !writes.is_empty() {
+            self.start_writes(writes, done);
+        }
+        if !empties.is_empty() {
+            self.start_empties(empties, done);
+        }
+        if !reads.is_empty() {
+            self.start_reads(reads, done);
+        }
+        if flushes.is_empty() {
+            return;
+        }
+        if !self.deferred.is_empty() {
+            // Writes submitted before it wait to be submitted again: so
+            // does the flush, behind them.
+            self.deferred.extend(flushes);
+            return;
+        }
+        let flush_reqs: Vec<Req> = flushes
+            .iter()
+            .map(|r| Req {
+                orig: *r,
+                marked: false,
+                tag: r.tag,
+                page: 0,
+                pages: 0,
+                buf: std::ptr::null_mut(),
+                dev: 0,
+                job: 0,
+                result: 0,
+            })
+            .collect();
+        if self.rounds.is_empty() {
+            done.extend(flushes.iter().map(|r| Completion {
+                tag: r.tag,
+                result: 0,
+            }));
+            return;
+        }
+        if let Some(mut round) = self.round_for(Stage::Barrier, 0, 0, done, &flush_reqs) {
+            round.reqs = flush_reqs;
+            self.record(round, done);
+        }
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) {
+        let answered = done.len();
+        self.poll_rounds(done);
+        if !self.deferred.is_empty() && (done.len() > answered || self.rounds.is_empty()) {
+            let mut again = std::mem::take(&mut self.deferred);
+            self.submit(&mut again, done);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.deferred.len()
+    }
+}
+
+impl PackedQueue {
+    /// Moves every round whose event is done on: a compressed round to
+    /// storing its blocks, a finished one to its answers.
+    fn poll_rounds(&mut self, done: &mut Vec<Completion>) {
+        let mut i = 0;
+        while i < self.rounds.len() {
+            let stage = self.rounds[i].stage;
+            if stage == Stage::Barrier {
+                if i == 0 {
+                    if let Some(round) = self.rounds.pop_front() {
+                        self.finish(round, false, done);
+                    }
+                    continue;
+                }
+                i += 1;
+                continue;
+            }
+            // SAFETY: querying our own event.
+            let r = unsafe { result::event::query(self.rounds[i].event) };
+            if r == Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) {
+                i += 1;
+                continue;
+            }
+            let ok = self.round_succeeded(r);
+            if stage == Stage::Compressing && ok {
+                let Some(mut round) = self.rounds.remove(i) else {
+                    break;
+                };
+                self.store_blocks(&mut round);
+                if !self.record_event(&round) {
+                    // SAFETY: waiting on our own stream.
+                    let ok = unsafe { result::stream::synchronize(self.stream) }.is_ok();
+                    self.finish(round, !ok, done);
+                    continue;
+                }
+                self.rounds.insert(i, round);
+                i += 1;
+                continue;
+            }
+            let Some(round) = self.rounds.remove(i) else {
+                break;
+            };
+            self.finish(round, !ok, done);
+        }
+    }
+}
+
+impl Drop for PackedQueue {
+    fn drop(&mut self) {
+        // SAFETY: tearing down what open() made, after the stream drains.
+        unsafe {
+            let _ = result::ctx::set_current(self.ctx);
+            if !self.stream.is_null() {
+                let _ = result::stream::synchronize(self.stream);
+            }
+            for r in &self.rounds {
+                for &e in &r.pins {
+                    self.extents.unpin(e);
+                }
+            }
+            for mut r in self.rounds.drain(..).chain(self.spare.drain(..)) {
+                let _ = result::event::destroy(r.event);
+                r.jobs.free();
+                r.blocks.free();
+                r.entry_copies.free();
+                r.entries.free();
+                r.host_blocks.free();
+            }
+            if !self.pinned.is_null() {
+                sys::cuMemHostUnregister(self.pinned);
+            }
+            if self.staging != 0 {
+                let _ = result::free_sync(self.staging);
+            }
+            if !self.stream.is_null() {
+                let _ = result::stream::destroy(self.stream);
+            }
+        }
+    }
+}

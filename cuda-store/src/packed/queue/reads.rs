@@ -1,0 +1,194 @@
+//! A compressed queue's read rounds: looking pages up, filling what needs
+//! no VRAM on the CPU, decompressing the rest on the GPU, or for a small
+//! round fetching the blocks and decoding them on the CPU.
+
+use super::*;
+
+impl PackedQueue {
+    /// Starts a round of reads: unwritten and same-filled pages are filled
+    /// here, the rest decompressed by one launch.
+    pub(super) fn start_reads(&mut self, reqs: Vec<Req>, done: &mut Vec<Completion>) {
+        let Some((mut round, reqs)) = self.begin(Stage::Reading, reqs, done) else {
+            return;
+        };
+        if let Err(e) = round.host_blocks.reserve(CPU_PAGES) {
+            log::error!("{e}");
+            fail_all(&reqs, done);
+            self.spare.push(round);
+            return;
+        }
+        let packed = Arc::clone(&self.packed);
+        let mut st = packed.lock();
+        let stored = reqs
+            .iter()
+            .flat_map(|r| (0..u64::from(r.pages)).map(move |k| r.page + k))
+            .filter(|&p| st.entry(p).loc().is_some())
+            .count();
+        let on_cpu = stored <= CPU_PAGES;
+        let epoch = st.epoch();
+        round.epoch = Some(epoch);
+        if !self.rounds.iter().any(|r| r.epoch.is_some()) {
+            st.set_reader(self.qid, Some(epoch));
+        }
+        for mut r in reqs {
+            let i = round.reqs.len();
+            r.job = round.jobs.len;
+            for k in 0..r.pages as usize {
+                // SAFETY: page k of the read's own buffer.
+                let page = unsafe { std::slice::from_raw_parts_mut(r.buf.add(k * PAGE), PAGE) };
+                let entry = st.entry(r.page + k as u64);
+                let (at, len, sum, job_kind) = match entry {
+                    Entry::Empty => {
+                        page.fill(0);
+                        continue;
+                    }
+                    Entry::Same(w) => {
+                        fill(page.try_into().expect("a page"), w);
+                        continue;
+                    }
+                    Entry::Lz { at, len, sum } => (at, u32::from(len), sum, kind::COMPRESSED),
+                    Entry::Raw { at, sum } => (at, PAGE as u32, sum, kind::RAW),
+                };
+                let slot = match self.pin(at.extent, false) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        r.result = -libc::EIO;
+                        break;
+                    }
+                };
+                round.pins.push(at.extent);
+                let src = slot_addr(self.base, slot) + at.offset();
+                if on_cpu && !self.fetch(&mut round, src, len, job_kind, i, k, page) {
+                    r.result = -libc::EIO;
+                    break;
+                }
+                let _ = round.jobs.push(PageJob {
+                    src,
+                    dst: r.dev + (k * PAGE) as u64,
+                    word: 0,
+                    len,
+                    kind: job_kind,
+                });
+                round.job_reqs.push((i, k as u32, sum));
+            }
+            round.reqs.push(r);
+        }
+        drop(st);
+        // SAFETY: blocks in slots the round pinned, pages of its requests'
+        // pinned buffers, the job table: alive until its event.
+        let launched = if on_cpu {
+            Ok(())
+        } else {
+            unsafe {
+                self.pages
+                    .decompress(round.jobs.dev, round.jobs.len as u32, self.stream)
+            }
+        };
+        if let Err(e) = launched {
+            log::error!("decompressing a round of reads: {e}");
+            for r in &mut round.reqs {
+                r.result = -libc::EIO;
+            }
+        }
+        self.record(round, done);
+    }
+
+    /// For a read decoded on the CPU: queues the copy of a stored page's
+    /// block at `src` (a raw one straight into `page`, the read's own
+    /// buffer) for job `jobs.len` (request `req`, its page `k`); false when
+    /// the copy could not be queued.
+    #[allow(clippy::too_many_arguments)]
+    fn fetch(
+        &self,
+        round: &mut Round,
+        src: u64,
+        len: u32,
+        job_kind: u32,
+        req: usize,
+        k: usize,
+        page: &mut [u8],
+    ) -> bool {
+        let r = if job_kind == kind::RAW {
+            // SAFETY: a slot the round pinned into the read's own pinned
+            // buffer, alive until the round's event.
+            retried_once("a copy", || unsafe {
+                result::memcpy_dtoh_async(&mut page[..], src, self.stream)
+            })
+        } else {
+            let block = round.host_blocks.len;
+            if !round.host_blocks.push([0; PAGE]) {
+                return false;
+            }
+            round
+                .cpu_decodes
+                .push((round.jobs.len, req, k as u32, block));
+            let n = (len as usize).next_multiple_of(16);
+            // SAFETY: the block in a slot the round pinned (its class's slot
+            // holds the rounded length), into the round's pinned page.
+            retried_once("a copy", || unsafe {
+                result::memcpy_dtoh_async(
+                    std::slice::from_raw_parts_mut(
+                        round.host_blocks.host_at(block).cast::<u8>(),
+                        n,
+                    ),
+                    src,
+                    self.stream,
+                )
+            })
+        };
+        if let Err(e) = r {
+            log::error!("fetching a block of {len} bytes: {}", describe(e));
+            return false;
+        }
+        true
+    }
+
+    /// For a finished read round: decodes the blocks fetched for the CPU,
+    /// then fails each read whose block did not decode or whose page does
+    /// not match its checksum.
+    pub(super) fn settle_reads(&self, round: &mut Round) {
+        for &(j, i, k, block) in &round.cpu_decodes {
+            let len = round.jobs.get(j).map_or(0, |job| job.len as usize);
+            let r = &round.reqs[i];
+            // SAFETY: the round's pinned page its finished copy filled,
+            // and page k of the read's own buffer.
+            let (from, to) = unsafe {
+                (
+                    std::slice::from_raw_parts(round.host_blocks.host_at(block).cast::<u8>(), len),
+                    &mut *r.buf.add(k as usize * PAGE).cast::<[u8; PAGE]>(),
+                )
+            };
+            if lz::decompress(from, to).is_err() {
+                if let Some(mut job) = round.jobs.get(j) {
+                    job.kind |= kind::CORRUPT;
+                    round.jobs.set(j, job);
+                }
+            }
+        }
+        for (j, &(i, k, sum)) in round.job_reqs.iter().enumerate() {
+            let job = round.jobs.get(j).unwrap_or_default();
+            let r = &mut round.reqs[i];
+            if r.result < 0 {
+                continue;
+            }
+            let k = u64::from(k);
+            if job.kind & kind::CORRUPT != 0 {
+                log::error!(
+                    "a compressed block of page {} on {} does not decode; that read fails with EIO",
+                    r.page + k,
+                    self.gpu
+                );
+                r.result = -libc::EIO;
+            } else if self.packed.integrity {
+                // SAFETY: the page the finished launch filled; nothing
+                // else touches it until the read is answered.
+                let page =
+                    unsafe { std::slice::from_raw_parts(r.buf.add(k as usize * PAGE), PAGE) };
+                if page_sum_cpu(page) != sum {
+                    report_mismatch(&self.gpu, (r.page + k) * PAGE as u64, PAGE as u32);
+                    r.result = -libc::EIO;
+                }
+            }
+        }
+    }
+}
