@@ -33,6 +33,7 @@ pub fn checks(gpu: u32) -> Vec<(String, bool)> {
         });
     }
     out.push(lone_pages_check(gpu));
+    out.push(same_pages_raced_check(gpu));
     out.push(usage_check(gpu));
     out.push(import_check(gpu));
     out.push(give_back_check(gpu));
@@ -147,6 +148,104 @@ fn lone_pages_check(gpu: u32) -> (String, bool) {
             println!("  request {i}: {op:?} of {n} page(s) at page {at}: answered {answered}, data right {same}");
         }
         ok &= answered && same;
+    }
+    (name.into(), ok)
+}
+
+/// A page that says who wrote it: its first word names the queue, round
+/// and page, the rest repeats a pattern derived from it (so it
+/// compresses, and any mix of two writes shows).
+fn signed_page(page: &mut [u8], q: u64, round: u64, index: u64) {
+    let head = q << 48 | round << 24 | index;
+    for (i, w) in page.chunks_exact_mut(8).enumerate() {
+        let v = if i == 0 { head } else { head ^ (i as u64 % 7) };
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+/// Whether `page` is one [`signed_page`] wrote for page `index`.
+fn signed_right(page: &[u8], index: u64) -> bool {
+    let head = u64::from_ne_bytes(page[..8].try_into().unwrap_or_default());
+    let mut want = vec![0u8; page.len()];
+    signed_page(&mut want, head >> 48, head >> 24 & 0xff_ffff, index);
+    head & 0xff_ffff == index && want == page
+}
+
+/// Four queues write the same 64 pages over and over at once (what the
+/// block layer allows, each page then holding one of the writes): every
+/// page reads back as one whole write, never a mix or another page's
+/// block, and a second store importing the VRAM finds a page map naming
+/// each slot once.
+fn same_pages_raced_check(gpu: u32) -> (String, bool) {
+    let name = "compress Lz: 4 queues writing the same 64 pages at once for 200 rounds \
+                (1-16 pages a request): every page reads back as one whole write, and \
+                a second store importing the VRAM accepts its page map and reads the same";
+    let store = match create(gpu, 64 * MIB, Compress::Lz, true) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (store: {e})"), false),
+    };
+    let pages = 64u64;
+    let errors = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for q in 0..4u64 {
+            let (store, errors) = (&store, &errors);
+            s.spawn(move || {
+                let mut sq = SynthQueue::open(store, q as u16, 4);
+                let mut rng = Rng(0x5A3E + q);
+                for round in 0..200u64 {
+                    for tag in 0..4usize {
+                        let n = 1 + rng.below(16);
+                        let at = rng.below(pages - n + 1);
+                        let buf = sq.bufs.slot(tag).expect("a buffer");
+                        for k in 0..n {
+                            let b = &mut slice(buf)[(k * 4096) as usize..((k + 1) * 4096) as usize];
+                            signed_page(b, q, round, at + k);
+                        }
+                        sq.engine.enqueue(Request {
+                            tag: tag as u16,
+                            op: Op::Write,
+                            offset: at * 4096,
+                            len: (n * 4096) as u32,
+                            buf,
+                        });
+                    }
+                    sq.finish(|c| {
+                        if c.result < 0 {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    let all_signed = |st: &CudaStore| {
+        let mut back = vec![0u8; (pages * 4096) as usize];
+        transfer(st, Op::Read, 0, &mut back)
+            && back
+                .chunks(4096)
+                .enumerate()
+                .all(|(i, p)| signed_right(p, i as u64))
+    };
+    let read = all_signed(&store);
+    store.set_erase_on_drop(false);
+    let imported = store.exported_chunks().ok().and_then(|chunks| {
+        let borrowed: Vec<_> = chunks.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
+        let opts = CudaStoreOptions {
+            integrity: Some(true),
+            compress: Compress::Lz,
+            ..CudaStoreOptions::new(64 * MIB, gpu)
+        };
+        CudaStore::import(&opts, &borrowed).ok()
+    });
+    drop(store);
+    let reread = imported.as_ref().is_some_and(all_signed);
+    let failed = errors.load(std::sync::atomic::Ordering::Relaxed);
+    let ok = failed == 0 && read && reread;
+    if !ok {
+        println!(
+            "  {failed} writes failed; pages whole {read}; imported {}, pages whole there {reread}",
+            imported.is_some()
+        );
     }
     (name.into(), ok)
 }

@@ -398,7 +398,8 @@ impl PackedQueue {
     /// Keeps a started round in flight, its event recorded after what it
     /// queued (a flush's barrier has none).
     fn record(&mut self, round: Round, done: &mut Vec<Completion>) {
-        self.in_flight += round.reqs.len();
+        // A request deferred while the round was built is not in flight.
+        self.in_flight += round.reqs.iter().filter(|r| r.result != DEFERRED).count();
         if round.stage == Stage::Barrier || self.record_event(&round) {
             self.rounds.push_back(round);
         } else {
@@ -610,7 +611,9 @@ impl PackedQueue {
                 let Some(mut round) = self.rounds.remove(i) else {
                     break;
                 };
-                self.store_blocks(&mut round);
+                // Counted in flight when it started; those it defers are
+                // not any more.
+                self.in_flight -= self.store_blocks(&mut round);
                 if !self.record_event(&round) {
                     // SAFETY: waiting on our own stream.
                     let ok = unsafe { result::stream::synchronize(self.stream) }.is_ok();

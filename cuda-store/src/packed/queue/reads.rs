@@ -31,6 +31,11 @@ impl PackedQueue {
             st.set_reader(self.qid, Some(epoch));
         }
         for mut r in reqs {
+            if st.pending_any(r.page, r.pages) {
+                // A write of a page of it began since the first check.
+                self.deferred.push(r.orig);
+                continue;
+            }
             let i = round.reqs.len();
             r.job = round.jobs.len;
             for k in 0..r.pages as usize {

@@ -116,13 +116,17 @@ impl PackedQueue {
             }
             round.reqs.push(r);
         }
+        // Not counted in flight yet: `record` counts what it did not defer.
         self.store_blocks(&mut round);
         self.record(round, done);
     }
 
     /// Once a round's pages are compressed: puts each block in a slot of
     /// its class and its entry in the map (two launches, in that order).
-    pub(super) fn store_blocks(&mut self, round: &mut Round) {
+    /// Returns how many of its requests it deferred (a page of theirs was
+    /// pending meanwhile).
+    pub(super) fn store_blocks(&mut self, round: &mut Round) -> usize {
+        let mut deferred = 0;
         let packed = Arc::clone(&self.packed);
         let mut st = packed.lock();
         for i in 0..round.reqs.len() {
@@ -135,7 +139,7 @@ impl PackedQueue {
                     // Another queue's write of a page of it is on its way.
                     r.result = DEFERRED;
                     self.deferred.push(r.orig);
-                    self.in_flight -= 1;
+                    deferred += 1;
                     continue;
                 }
                 st.set_pending(r.page, r.pages, true);
@@ -185,6 +189,7 @@ impl PackedQueue {
             }
         }
         round.stage = Stage::Storing;
+        deferred
     }
 
     /// Decides how page `job` is stored and takes (and pins) its slot; the
@@ -273,6 +278,11 @@ impl PackedQueue {
         let packed = Arc::clone(&self.packed);
         let mut st = packed.lock();
         for mut r in reqs {
+            if st.pending_any(r.page, r.pages) {
+                // A write of a page of it began since the first check.
+                self.deferred.push(r.orig);
+                continue;
+            }
             st.set_pending(r.page, r.pages, true);
             r.marked = true;
             let first = round.entries.len;
