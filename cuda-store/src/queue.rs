@@ -60,6 +60,60 @@ pub(crate) fn record_extent(
     recorded.is_ok()
 }
 
+/// Launches the copy kernel `function` over `descs` on `stream` (nothing
+/// when the table is empty); false, logged, when the launch failed. Shared
+/// by both kinds of queue.
+pub(crate) fn launch_table(
+    function: sys::CUfunction,
+    descs: &DescTable,
+    stream: sys::CUstream,
+) -> bool {
+    if descs.len == 0 {
+        return true;
+    }
+    let n = descs.len as u32;
+    // SAFETY: the store's kernel; the table and every address in it stay
+    // valid until the round's event completes (the callers' rounds hold
+    // them).
+    let r = retried_once("copy kernel launch", || unsafe {
+        kernel::launch(function, descs.dev, n, stream)
+    });
+    if let Err(e) = r {
+        log::error!("copy kernel launch ({n} pieces): {}", describe(e));
+        return false;
+    }
+    true
+}
+
+/// Whether a round whose event on `stream` answered `r` (not "not ready")
+/// did its work: a lost context ends the server (`context_lost`); an event
+/// query refused by itself is settled by waiting for the stream. Shared by
+/// both kinds of queue.
+pub(crate) fn round_succeeded(
+    r: Result<(), DriverError>,
+    stream: sys::CUstream,
+    what: &str,
+) -> bool {
+    let Err(e) = r else {
+        return true;
+    };
+    if is_context_fatal(e) {
+        context_lost(what, e);
+    }
+    log::warn!(
+        "a round's event query failed: {}; waiting for its stream",
+        describe(e)
+    );
+    // SAFETY: waiting on the caller's own stream.
+    match checked(unsafe { result::stream::synchronize(stream) }, what) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!("{e}");
+            false
+        }
+    }
+}
+
 /// Counts and logs a read that found data not matching its checksum in
 /// the `span` bytes at device `offset`.
 pub(crate) fn report_mismatch(gpu: &str, offset: u64, span: u32) {
@@ -461,23 +515,10 @@ impl CudaQueue {
 
     /// Launches the kernel over the round's table; false when it failed.
     fn launch(&self, descs: &DescTable) -> bool {
-        if descs.len == 0 {
-            return true;
+        match self.path.kernel {
+            Some(function) => launch_table(function, descs, self.stream),
+            None => descs.len == 0,
         }
-        let Some(function) = self.path.kernel else {
-            return false;
-        };
-        let n = descs.len as u32;
-        // SAFETY: the store's kernel; the table and every address in it
-        // stay valid until the round's event completes.
-        let r = retried_once("copy kernel launch", || unsafe {
-            kernel::launch(function, descs.dev, n, self.stream)
-        });
-        if let Err(e) = r {
-            log::error!("copy kernel launch ({n} pieces): {}", describe(e));
-            return false;
-        }
-        true
     }
 
     /// Issues one piece on the copy engines; false when the call failed.
@@ -543,17 +584,7 @@ impl CudaQueue {
     /// work. A lost context ends the server (`context_lost`); an event
     /// query refused by itself is settled by waiting for the stream.
     fn round_succeeded(&self, r: Result<(), DriverError>) -> bool {
-        let Err(e) = r else {
-            return true;
-        };
-        if is_context_fatal(e) {
-            context_lost("a round of copies", e);
-        }
-        log::warn!(
-            "a round's event query failed: {}; waiting for its stream",
-            describe(e)
-        );
-        self.wait_for(self.stream, "a round of copies")
+        round_succeeded(r, self.stream, "a round of copies")
     }
 
     fn mismatch(&self, offset: u64, span: u32) {

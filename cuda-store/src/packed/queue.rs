@@ -26,13 +26,13 @@
 use super::entry::{Entry, Loc, RAW_CLASS};
 use super::{page_map_addr, Compress, Packed};
 use crate::driver::SyncStream;
-use crate::driver::{check, checked, context_lost, describe, is_context_fatal, retried_once};
+use crate::driver::{check, checked, describe, retried_once};
 use crate::extents::{slot_addr, ExtentMap, PinRefused, Pinned};
 use crate::integrity::page_sum_cpu;
 use crate::kernel::{self, flags, Desc};
 use crate::page_kernels::{kind, PageJob, PageLaunch};
 use crate::pinned::{DescTable, PinnedTable};
-use crate::queue::{record_extent, report_mismatch, report_no_room};
+use crate::queue::{launch_table, record_extent, report_mismatch, report_no_room, round_succeeded};
 use cudarc::driver::result::{self, stream::StreamKind, DriverError};
 use cudarc::driver::sys;
 use std::collections::VecDeque;
@@ -379,20 +379,7 @@ impl PackedQueue {
 
     /// Launches the copy kernel over `descs`; false when that failed.
     fn launch_copies(&self, descs: &DescTable) -> bool {
-        if descs.len == 0 {
-            return true;
-        }
-        let n = descs.len as u32;
-        // SAFETY: the store's kernel; the table and every address in it
-        // (pinned buffers, staging, pinned slots, the page map) stay valid
-        // until the round's event completes.
-        let r = retried_once("copy kernel launch", || unsafe {
-            kernel::launch(self.copy, descs.dev, n, self.stream)
-        });
-        if let Err(e) = &r {
-            log::error!("copy kernel launch ({n} pieces): {}", describe(*e));
-        }
-        r.is_ok()
+        launch_table(self.copy, descs, self.stream)
     }
 
     /// Keeps a started round in flight, its event recorded after what it
@@ -470,22 +457,7 @@ impl PackedQueue {
 
     /// Whether a round whose event answered `r` did its work.
     fn round_succeeded(&self, r: Result<(), DriverError>) -> bool {
-        let Err(e) = r else {
-            return true;
-        };
-        if is_context_fatal(e) {
-            context_lost("a round of compressed pages", e);
-        }
-        log::warn!(
-            "a round's event query failed: {}; waiting for its stream",
-            describe(e)
-        );
-        // SAFETY: waiting on our own stream.
-        checked(
-            unsafe { result::stream::synchronize(self.stream) },
-            "a round of compressed pages",
-        )
-        .is_ok()
+        round_succeeded(r, self.stream, "a round of compressed pages")
     }
 }
 
