@@ -27,6 +27,7 @@
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
 
+mod alloc_count;
 mod ceiling;
 mod compress;
 mod context;
@@ -40,6 +41,9 @@ mod table;
 mod thin;
 
 use anyhow::{bail, Result};
+
+#[global_allocator]
+static ALLOC: alloc_count::Counting = alloc_count::Counting;
 use std::sync::Arc;
 use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;

@@ -6,14 +6,18 @@
 //! `--checks-only` runs them on the stand-in libcuda too (not GPU
 //! evidence there).
 
+use crate::alloc_count::{counted, Armed};
 use crate::load::{
     fill_content, set_write_content, shadow_check_of, shape_row, slice, Content, Pattern, Rng,
     Shape, SynthQueue,
 };
 use crate::table::Row;
 use std::os::fd::AsFd;
+use vramblk_cuda_store::pinned_tables_made;
 use vramblk_cuda_store::{Compress, CudaStore, CudaStoreOptions, EXTENT};
+use vramblk_store::BufferRegion;
 use vramblk_store::{Completion, Op, Request, Store};
+use vramblk_ublk_target::engine::QueueEngine;
 
 const MIB: u64 = 1 << 20;
 
@@ -33,6 +37,7 @@ pub fn checks(gpu: u32) -> Vec<(String, bool)> {
         });
     }
     out.push(lone_pages_check(gpu));
+    out.push(no_allocation_check(gpu));
     out.push(same_pages_raced_check(gpu));
     out.push(usage_check(gpu));
     out.push(import_check(gpu));
@@ -148,6 +153,151 @@ fn lone_pages_check(gpu: u32) -> (String, bool) {
             println!("  request {i}: {op:?} of {n} page(s) at page {at}: answered {answered}, data right {same}");
         }
         ok &= answered && same;
+    }
+    (name.into(), ok)
+}
+
+/// Two queues, each 96 deep, serve every kind of request a server sees
+/// (writes and reads of 1 to 128 pages, batches of up to 96 of them, more
+/// than a queue has rounds for; write-zeroes; discards up to 32 MiB;
+/// flushes; lone pages for the CPU's path; both queues writing the same
+/// pages, so requests wait for each other): once a queue is open, its
+/// submit and poll allocate nothing, neither heap nor pinned tables. Then
+/// every private page reads back as the shadow says.
+fn no_allocation_check(gpu: u32) -> (String, bool) {
+    let name = "compress Lz: once open, a compressed queue's submit and poll allocate nothing \
+                (heap or pinned) under batches of 1-96 requests of every op and size (reads \
+                needing more rounds than a queue has, discards up to 32 MiB, lone pages, two \
+                queues racing on shared pages), every private page right after";
+    let store = match create(gpu, 256 * MIB, Compress::Lz, true) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (store: {e})"), false),
+    };
+    let depth = 96;
+    let shared = 64u64;
+    let part = 96 * MIB;
+    // Counted from when both queues are open (the counts are the
+    // process's; only the queues' submit and poll add to the heap's).
+    let open = std::sync::Barrier::new(3);
+    let run = |q: u16| -> Result<(), String> {
+        let bufs = BufferRegion::new(depth, 512 << 10).map_err(|e| e.to_string());
+        let queue = bufs
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|b| store.open_queue(q, b).map_err(|e| e.to_string()));
+        open.wait();
+        let (bufs, queue) = (bufs?, queue?);
+        let mut engine = QueueEngine::new(Armed(queue), store.size(), depth);
+        let lo = shared * 4096 + u64::from(q) * part;
+        let pages = part / 4096;
+        let mut shadow = vec![0u8; part as usize];
+        let mut rng = Rng(0xA110C + u64::from(q));
+        let mut failed = 0u64;
+        for round in 0..400u64 {
+            let n = match round % 4 {
+                0 => depth,
+                1 => 1,
+                _ => 1 + rng.below(depth as u64) as usize,
+            };
+            let mut reads: Vec<(u16, usize, usize)> = Vec::new();
+            let mut taken: Vec<(u64, u64)> = Vec::new();
+            for tag in 0..n {
+                let buf = bufs.slot(tag).ok_or("a tag's buffer")?;
+                let op = match (round % 4, rng.below(20)) {
+                    (0, _) => Op::Read,
+                    (_, 0..=8) => Op::Write,
+                    (_, 9..=15) => Op::Read,
+                    (_, 16) => Op::WriteZeroes,
+                    (_, 17) => Op::Discard,
+                    (_, 18) => Op::Write,
+                    _ => Op::Flush,
+                };
+                if op == Op::Write && tag % 7 == 3 {
+                    // A page both queues write: it waits while the other's
+                    // write of it is on its way.
+                    let at = rng.below(shared);
+                    fill_content(&mut slice(buf)[..4096], Content::Mixed, &mut rng);
+                    engine.enqueue(Request {
+                        tag: tag as u16,
+                        op,
+                        offset: at * 4096,
+                        len: 4096,
+                        buf,
+                    });
+                    continue;
+                }
+                let size = match op {
+                    Op::Discard => (1 + rng.below(8192)) * 4096,
+                    _ if round % 4 == 1 => (1 + rng.below(2)) * 4096,
+                    _ => (1 + rng.below(128)) * 4096,
+                };
+                let size = size.min(part / 2);
+                let off = rng.below(pages - size / 4096) * 4096;
+                if taken.iter().any(|&(a, b)| off + size > a && off < b) {
+                    continue;
+                }
+                taken.push((off, off + size));
+                let range = off as usize..(off + size) as usize;
+                match op {
+                    Op::Write => {
+                        let b = &mut slice(buf)[..size as usize];
+                        fill_content(b, Content::Mixed, &mut rng);
+                        shadow[range].copy_from_slice(b);
+                    }
+                    Op::Read => reads.push((tag as u16, range.start, range.len())),
+                    Op::WriteZeroes | Op::Discard => shadow[range].fill(0),
+                    _ => {}
+                }
+                let (offset, len) = if op == Op::Flush {
+                    (0, 0)
+                } else {
+                    (lo + off, size as u32)
+                };
+                engine.enqueue(Request {
+                    tag: tag as u16,
+                    op,
+                    offset,
+                    len,
+                    buf,
+                });
+            }
+            let mut results: Vec<Completion> = Vec::new();
+            while engine.has_work() {
+                engine.pump(|c| results.push(c));
+            }
+            failed += results.iter().filter(|c| c.result < 0).count() as u64;
+            for (tag, at, len) in reads {
+                let buf = bufs.slot(tag.into()).ok_or("a tag's buffer")?;
+                if slice(buf)[..len] != shadow[at..at + len] {
+                    return Err(format!(
+                        "queue {q} round {round}: a read of {len} B at {at} differs"
+                    ));
+                }
+            }
+        }
+        if failed > 0 {
+            return Err(format!("queue {q}: {failed} request(s) failed"));
+        }
+        Ok(())
+    };
+    let (results, heap, pinned) = std::thread::scope(|s| {
+        let run = &run;
+        let hs: Vec<_> = (0..2u16).map(|q| s.spawn(move || run(q))).collect();
+        open.wait();
+        let (heap, tables) = (counted(), pinned_tables_made());
+        let results: Vec<Result<(), String>> = hs
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err("the queue thread panicked".into())))
+            .collect();
+        (results, counted() - heap, pinned_tables_made() - tables)
+    });
+    println!("  while serving: {heap} heap allocation(s), {pinned} pinned table(s) made");
+    let mut ok = heap == 0 && pinned == 0;
+    for r in results {
+        if let Err(e) = r {
+            println!("  {e}");
+            ok = false;
+        }
     }
     (name.into(), ok)
 }

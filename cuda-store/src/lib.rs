@@ -29,6 +29,7 @@ pub use driver::CONTEXT_LOST_EXIT;
 pub use extents::EXTENT;
 pub use integrity::{page_sum, PAGE};
 pub use packed::{Compress, PackedUsage};
+pub use pinned::pinned_tables_made;
 pub use queue::CudaQueue;
 pub use store::give_back::Resized;
 pub use store::{CudaStore, CudaStoreOptions, StoreQueue};

@@ -5,7 +5,17 @@
 use crate::driver::{check, checked};
 use crate::kernel::Desc;
 use cudarc::driver::{result, sys};
+use std::sync::atomic::{AtomicU64, Ordering};
 use vramblk_store::StoreError;
+
+static TABLES_MADE: AtomicU64 = AtomicU64::new(0);
+
+/// How many pinned tables this process has allocated: a compressed queue
+/// makes all of its own when it opens, and a check counts that it makes
+/// none while it serves.
+pub fn pinned_tables_made() -> u64 {
+    TABLES_MADE.load(Ordering::Relaxed)
+}
 
 /// A table in pinned host memory the GPU reads and writes directly: a
 /// round's copy-kernel descriptors, or the checksums the copy engines
@@ -32,14 +42,29 @@ impl<T: Copy> PinnedTable<T> {
         }
     }
 
-    /// Makes room for `n` entries, dropping what the table held.
+    /// Makes room for `n` entries, dropping what the table held (at least
+    /// 256, in powers of two, so a table that grows grows seldom).
     pub(crate) fn reserve(&mut self, n: usize) -> Result<(), StoreError> {
         self.len = 0;
         if n <= self.cap {
             return Ok(());
         }
+        self.allocate(n.next_power_of_two().max(256))
+    }
+
+    /// Makes room for exactly `n` entries (when it has less), dropping
+    /// what the table held.
+    pub(crate) fn reserve_exact(&mut self, n: usize) -> Result<(), StoreError> {
+        self.len = 0;
+        if n <= self.cap {
+            return Ok(());
+        }
+        self.allocate(n)
+    }
+
+    fn allocate(&mut self, cap: usize) -> Result<(), StoreError> {
         self.free();
-        let cap = n.next_power_of_two().max(256);
+        TABLES_MADE.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the allocation is freed in free().
         let host = checked(
             unsafe {

@@ -224,12 +224,16 @@ full_queue_kill() {
     # shellcheck disable=SC2086
     $FIO $common --do_verify=0 $jobs --output=/tmp/fio-f.txt &
     fpid=$!
-    writing() { [ "$(awk '{print $5}' /sys/block/ublkb0/stat)" -gt 100 ]; }
-    wait_for 30 writing
+    full() { [ "$(awk '{print $1 + $2}' /sys/block/ublkb0/inflight)" -ge "$want" ]; }
+    # Each job keeps 16 writes going on 8 tags, so while every job runs the
+    # tags are (nearly) always all held: waiting for that before the stop
+    # makes sure a job that started late is loading its queue too (a count
+    # of completed writes was once reached by one job alone, and the other
+    # had not filled its queue 20 s after the stop).
+    wait_for 60 full
     p=$(daemon_pid 0)
     kill -STOP "$p"
-    full() { [ "$(awk '{print $1 + $2}' /sys/block/ublkb0/inflight)" -ge "$want" ]; }
-    wait_for 20 full
+    wait_for 30 full
     check "$fq: every tag of the loaded queues holds a request ($want in flight)" full ||
         info "$fq: in flight: $(cat /sys/block/ublkb0/inflight)"
     t0=$(tr -d . < /proc/uptime | cut -d' ' -f1)

@@ -25,7 +25,7 @@ pub(crate) const POOL_CLASSES: usize = CLASSES + 1;
 pub(crate) const RAW_CLASS: usize = CLASSES;
 
 /// The slot size of pool class `c`.
-pub(crate) fn class_bytes(c: usize) -> u32 {
+pub(crate) const fn class_bytes(c: usize) -> u32 {
     if c >= RAW_CLASS {
         PAGE as u32
     } else {
@@ -34,8 +34,8 @@ pub(crate) fn class_bytes(c: usize) -> u32 {
 }
 
 /// Slots of class `c` in one pool extent.
-pub(crate) fn slots_per_extent(c: usize) -> u32 {
-    (EXTENT / u64::from(class_bytes(c))) as u32
+pub(crate) const fn slots_per_extent(c: usize) -> u32 {
+    (EXTENT / class_bytes(c) as u64) as u32
 }
 
 /// A slot of the pool: pool extent, class, index inside the extent.
@@ -143,7 +143,7 @@ impl Entry {
             KIND_LZ => {
                 let class = class_of(len.into())
                     .filter(|_| len > 0)
-                    .ok_or(format!("a block of {len} bytes"))?;
+                    .ok_or_else(|| format!("a block of {len} bytes"))?;
                 Ok(Entry::Lz {
                     at: place(class.index())?,
                     len,

@@ -7,16 +7,26 @@
 //! which slots of each are taken; an extent whose last block goes is
 //! class-less again and may be unmapped. Slots are handed out from the
 //! lowest extent with room, which keeps data in few extents.
+//!
+//! Everything is sized when the pool is made and never grows: a server
+//! serving swap takes slots while memory is short, and an allocation then
+//! may wait for memory that only its own device can free (docs/design.md,
+//! "No allocation while serving").
 
 use super::entry::{slots_per_extent, Loc, POOL_CLASSES};
-use std::collections::BTreeSet;
+use fixedbitset::FixedBitSet;
 
-#[derive(Clone, Debug, Default)]
+/// Words of an extent's slot bitmap: enough for the class with the most
+/// slots (the smallest blocks).
+const TAKEN_WORDS: usize = (slots_per_extent(0) as usize).div_ceil(64);
+
+#[derive(Clone, Debug)]
 struct PoolExtent {
     /// The class it is cut for while it holds any block.
     class: Option<u8>,
-    /// One bit per slot of that class.
-    taken: Vec<u64>,
+    /// One bit per slot of that class (room for any class's slots, made
+    /// once).
+    taken: Box<[u64; TAKEN_WORDS]>,
     count: u32,
 }
 
@@ -25,9 +35,9 @@ struct PoolExtent {
 pub(crate) struct Pool {
     extents: Vec<PoolExtent>,
     /// Per class: its extents with a free slot.
-    room: Vec<BTreeSet<u32>>,
+    room: Vec<FixedBitSet>,
     /// Extents of no class.
-    idle: BTreeSet<u32>,
+    idle: FixedBitSet,
 }
 
 /// Whether giving a slot back emptied its extent.
@@ -41,10 +51,19 @@ pub(crate) enum Given {
 impl Pool {
     /// `extents` pool extents, every slot free.
     pub(crate) fn new(extents: u32) -> Pool {
+        let n = extents as usize;
+        let mut idle = FixedBitSet::with_capacity(n);
+        idle.insert_range(..);
         Pool {
-            extents: vec![PoolExtent::default(); extents as usize],
-            room: vec![BTreeSet::new(); POOL_CLASSES],
-            idle: (0..extents).collect(),
+            extents: (0..n)
+                .map(|_| PoolExtent {
+                    class: None,
+                    taken: Box::new([0; TAKEN_WORDS]),
+                    count: 0,
+                })
+                .collect(),
+            room: vec![FixedBitSet::with_capacity(n); POOL_CLASSES],
+            idle,
         }
     }
 
@@ -53,20 +72,22 @@ impl Pool {
     /// used up (its size covers a device of raw pages, so never while
     /// the map is right).
     pub(crate) fn take(&mut self, class: usize) -> Option<Loc> {
-        let e = match self.room.get(class)?.first() {
-            Some(&e) => e,
+        let e = match self.room.get(class)?.minimum() {
+            Some(e) => e,
             None => {
-                let e = self.idle.pop_first()?;
-                let x = &mut self.extents[e as usize];
+                let e = self.idle.minimum()?;
+                self.idle.remove(e);
+                let x = &mut self.extents[e];
                 x.class = Some(class as u8);
-                x.taken = vec![0; slots_per_extent(class).div_ceil(64) as usize];
+                x.taken.fill(0);
                 self.room[class].insert(e);
                 e
             }
         };
         let slots = slots_per_extent(class);
-        let x = &mut self.extents[e as usize];
-        let (w, word) = x.taken.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
+        let x = &mut self.extents[e];
+        let words = &mut x.taken[..(slots as usize).div_ceil(64)];
+        let (w, word) = words.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
         let index = w as u32 * 64 + word.trailing_ones();
         if index >= slots {
             return None;
@@ -74,10 +95,10 @@ impl Pool {
         x.taken[(index / 64) as usize] |= 1 << (index % 64);
         x.count += 1;
         if x.count == slots {
-            self.room[class].remove(&e);
+            self.room[class].remove(e);
         }
         Some(Loc {
-            extent: e,
+            extent: e as u32,
             class: class as u8,
             index: index as u16,
         })
@@ -99,13 +120,14 @@ impl Pool {
         }
         *word &= !bit;
         x.count -= 1;
+        let e = at.extent as usize;
         if x.count > 0 {
-            self.room[class].insert(at.extent);
+            self.room[class].insert(e);
             return Given::Kept;
         }
-        *x = PoolExtent::default();
-        self.room[class].remove(&at.extent);
-        self.idle.insert(at.extent);
+        x.class = None;
+        self.room[class].remove(e);
+        self.idle.insert(e);
         Given::Emptied(at.extent)
     }
 
@@ -124,11 +146,12 @@ impl Pool {
         if u32::from(at.index) >= slots {
             return Err(format!("{at:?}: its class has {slots} slots per extent"));
         }
+        let e = at.extent as usize;
         match x.class {
             None => {
                 x.class = Some(at.class);
-                x.taken = vec![0; slots.div_ceil(64) as usize];
-                self.idle.remove(&at.extent);
+                x.taken.fill(0);
+                self.idle.remove(e);
             }
             Some(c) if c != at.class => {
                 return Err(format!("{at:?}: its extent holds blocks of class {c}"));
@@ -143,16 +166,16 @@ impl Pool {
         *word |= bit;
         x.count += 1;
         if x.count < slots {
-            self.room[class].insert(at.extent);
+            self.room[class].insert(e);
         } else {
-            self.room[class].remove(&at.extent);
+            self.room[class].remove(e);
         }
         Ok(())
     }
 
     /// Whether extent `e` holds no block (may be unmapped).
     pub(crate) fn is_idle(&self, e: u32) -> bool {
-        self.idle.contains(&e)
+        self.idle.contains(e as usize)
     }
 }
 

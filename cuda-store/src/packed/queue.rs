@@ -22,6 +22,13 @@
 //! Rounds of one queue are answered as they finish; a flush waits for
 //! every round before it. This file holds the queue and its rounds' life;
 //! queue/writes.rs the write and discard rounds, queue/reads.rs the reads.
+//!
+//! Nothing here allocates once the queue is open: its [`ROUNDS`] rounds,
+//! their pinned tables and every list the hot path fills are made with
+//! room for the most they can hold, and a request that finds no round free
+//! waits (deferred) for one. A swap device's server is asked for pages
+//! while memory is short; an allocation then waits for memory that only
+//! its own device can free (docs/design.md, "No allocation while serving").
 
 use super::entry::{Entry, Loc, RAW_CLASS};
 use super::{page_map_addr, Compress, Packed};
@@ -54,6 +61,19 @@ const CPU_PAGES: usize = 2;
 /// for its queues' staging.
 pub(crate) const STAGING_PAGES: usize = 512;
 
+/// Rounds a queue has: made when it opens; requests that find all of them
+/// in flight wait for one to finish.
+const ROUNDS: usize = 16;
+
+/// The most pages one round takes (a write round: its staging). A read of
+/// more is cut into several rounds; no request is larger (the device's
+/// largest I/O is 512 KiB).
+const ROUND_PAGES: usize = STAGING_PAGES;
+
+/// Pool extents emptied by one finished round that are unmapped without
+/// growing the list that holds them.
+const EMPTIED_ROOM: usize = 64;
+
 /// How long a request waits for a pool extent that give-back is moving.
 const MOVE_WAIT: Duration = Duration::from_secs(2);
 
@@ -62,8 +82,11 @@ const MOVE_WAIT: Duration = Duration::from_secs(2);
 enum Stage {
     /// Writes: the compress launch is running.
     Compressing,
-    /// Writes, discards: blocks and entries are being stored.
+    /// Writes: blocks and entries are being stored.
     Storing,
+    /// Discards, write-zeroes: their pages' entries are being zeroed (the
+    /// host copy of the map follows when that is done).
+    Emptying,
     /// Reads: the decompress launch is running.
     Reading,
     /// A flush: answered once every round before it is.
@@ -75,6 +98,7 @@ enum Stage {
 const DEFERRED: i32 = i32::MIN;
 
 /// A request of a round.
+#[derive(Clone, Copy)]
 struct Req {
     /// As the engine gave it (what is submitted again when deferred).
     orig: Request,
@@ -122,6 +146,59 @@ struct Round {
     epoch: Option<u64>,
 }
 
+impl Round {
+    /// A round with its event; its tables come with `ready`.
+    fn new() -> Result<Round, StoreError> {
+        Ok(Round {
+            event: checked(
+                result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+                "cuEventCreate",
+            )?,
+            stage: Stage::Barrier,
+            reqs: Vec::new(),
+            jobs: PinnedTable::empty(),
+            job_reqs: Vec::new(),
+            blocks: DescTable::empty(),
+            entry_copies: DescTable::empty(),
+            entries: PinnedTable::empty(),
+            staged: false,
+            blocks_from: 0,
+            host_blocks: PinnedTable::empty(),
+            cpu_decodes: Vec::new(),
+            pins: Vec::new(),
+            freed: Vec::new(),
+            epoch: None,
+        })
+    }
+
+    /// Gives the round room for the most it can hold: [`ROUND_PAGES`]
+    /// pages of `depth` requests (each request's entries are one copy).
+    fn ready(&mut self, depth: usize) -> Result<(), StoreError> {
+        self.jobs.reserve_exact(ROUND_PAGES)?;
+        self.blocks.reserve_exact(ROUND_PAGES)?;
+        self.entries.reserve_exact(ROUND_PAGES)?;
+        self.entry_copies.reserve_exact(ROUND_PAGES + 1)?;
+        self.host_blocks.reserve_exact(CPU_PAGES)?;
+        self.reqs.reserve_exact(depth.max(ROUND_PAGES));
+        self.job_reqs.reserve_exact(ROUND_PAGES);
+        self.cpu_decodes.reserve_exact(CPU_PAGES);
+        self.pins.reserve_exact(ROUND_PAGES);
+        self.freed.reserve_exact(ROUND_PAGES);
+        Ok(())
+    }
+
+    /// Frees its event and tables.
+    fn free(mut self) {
+        // SAFETY: the round is finished (or never ran): nothing uses them.
+        let _ = unsafe { result::event::destroy(self.event) };
+        self.jobs.free();
+        self.blocks.free();
+        self.entry_copies.free();
+        self.entries.free();
+        self.host_blocks.free();
+    }
+}
+
 pub struct PackedQueue {
     qid: usize,
     ctx: sys::CUcontext,
@@ -142,9 +219,18 @@ pub struct PackedQueue {
     /// second launch).
     staging: u64,
     staging_busy: bool,
-    /// Requests that found a page pending: submitted again at the next
-    /// poll that finds a round done (or none in flight).
+    /// Requests that found a page pending or no round free: submitted
+    /// again at the next poll that finds a round done (or none in flight).
     deferred: Vec<Request>,
+    /// What `deferred` held while it is submitted again.
+    again: Vec<Request>,
+    /// A submit's requests by kind (kept for their room).
+    reads: Vec<Req>,
+    writes: Vec<Req>,
+    empties: Vec<Req>,
+    flushes: Vec<Request>,
+    /// Pool extents a finished round emptied.
+    emptied: Vec<u32>,
     in_flight: usize,
     gpu: Arc<str>,
 }
@@ -166,6 +252,7 @@ impl PackedQueue {
         path: PackedPath,
         gpu: Arc<str>,
     ) -> Result<PackedQueue, StoreError> {
+        let depth = buffers.count().max(1);
         let mut q = PackedQueue {
             qid: qid.into(),
             ctx,
@@ -179,14 +266,21 @@ impl PackedQueue {
             pinned_len: buffers.len(),
             copy: path.copy,
             pages: path.pages,
-            rounds: VecDeque::new(),
-            spare: Vec::new(),
+            rounds: VecDeque::with_capacity(ROUNDS),
+            spare: Vec::with_capacity(ROUNDS),
             staging: 0,
             staging_busy: false,
-            deferred: Vec::new(),
+            deferred: Vec::with_capacity(2 * depth),
+            again: Vec::with_capacity(2 * depth),
+            reads: Vec::with_capacity(depth),
+            writes: Vec::with_capacity(depth),
+            empties: Vec::with_capacity(depth),
+            flushes: Vec::with_capacity(depth),
+            emptied: Vec::with_capacity(EMPTIED_ROOM),
             in_flight: 0,
             gpu,
         };
+        q.packed.lock().set_reader(q.qid, None);
         // SAFETY: the context is retained by the store, which outlives us;
         // the queue is used only on the thread that opens it.
         checked(unsafe { result::ctx::set_current(ctx) }, "cuCtxSetCurrent")?;
@@ -219,33 +313,20 @@ impl PackedQueue {
             unsafe { sys::cuMemHostGetDevicePointer_v2(&mut q.pinned_dev, q.pinned, 0) },
             "mapping the io buffers for the GPU (a compressed device needs it)",
         )?;
+        for _ in 0..ROUNDS {
+            let mut round = Round::new()?;
+            let ready = round.ready(depth);
+            // Kept even when not ready: Drop frees what it has.
+            q.spare.push(round);
+            ready?;
+        }
         Ok(q)
     }
 
-    fn take_round(&mut self, stage: Stage) -> Result<Round, StoreError> {
-        let mut r = match self.spare.pop() {
-            Some(r) => r,
-            None => Round {
-                event: checked(
-                    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
-                    "cuEventCreate",
-                )?,
-                stage,
-                reqs: Vec::new(),
-                jobs: PinnedTable::empty(),
-                job_reqs: Vec::new(),
-                blocks: DescTable::empty(),
-                entry_copies: DescTable::empty(),
-                entries: PinnedTable::empty(),
-                staged: false,
-                blocks_from: 0,
-                host_blocks: PinnedTable::empty(),
-                cpu_decodes: Vec::new(),
-                pins: Vec::new(),
-                freed: Vec::new(),
-                epoch: None,
-            },
-        };
+    /// A free round made ready for `stage`; None when every round is in
+    /// flight (the caller defers its requests).
+    fn take_round(&mut self, stage: Stage) -> Option<Round> {
+        let mut r = self.spare.pop()?;
         r.stage = stage;
         r.reqs.clear();
         r.job_reqs.clear();
@@ -259,17 +340,24 @@ impl PackedQueue {
         r.blocks.len = 0;
         r.entry_copies.len = 0;
         r.entries.len = 0;
-        Ok(r)
+        Some(r)
+    }
+
+    /// Defers every request of `reqs` (they are submitted again later).
+    fn defer(&mut self, reqs: &mut Vec<Req>) {
+        self.deferred.extend(reqs.drain(..).map(|r| r.orig));
     }
 
     /// The request as the round keeps it; None when it is not whole pages
-    /// or (a read or write) its buffer is not in the pinned region (the
-    /// device's blocks are 4 KiB and the engine hands the region's
-    /// buffers, so neither happens).
+    /// or (a read or write) its buffer is not in the pinned region or
+    /// larger than a round (the device's blocks are 4 KiB, its largest
+    /// I/O 512 KiB, and the engine hands the region's buffers, so none of
+    /// that happens).
     fn req(&self, r: &Request) -> Option<Req> {
         let at = (r.buf.as_ptr() as usize).checked_sub(self.pinned as usize)?;
         let whole = (r.offset | u64::from(r.len)).is_multiple_of(PAGE as u64);
-        let inside = !r.op.uses_buffer() || at + r.len as usize <= self.pinned_len;
+        let inside = !r.op.uses_buffer()
+            || (at + r.len as usize <= self.pinned_len && r.len as usize <= ROUND_PAGES * PAGE);
         (whole && inside).then(|| Req {
             orig: *r,
             marked: false,
@@ -314,67 +402,19 @@ impl PackedQueue {
         }
     }
 
-    /// A round of `stage` for those of `reqs` none of whose pages is
-    /// pending (the others deferred); None when none is left or no round
-    /// could be had (they failed).
-    fn begin(
-        &mut self,
-        stage: Stage,
-        reqs: Vec<Req>,
-        done: &mut Vec<Completion>,
-    ) -> Option<(Round, Vec<Req>)> {
-        let reqs = self.defer_pending(reqs);
-        if reqs.is_empty() {
-            return None;
-        }
-        let pages: usize = reqs.iter().map(|r| r.pages as usize).sum();
-        let round = self.round_for(stage, pages, reqs.len(), done, &reqs)?;
-        Some((round, reqs))
-    }
-
-    /// The requests none of whose pages is pending; the others deferred.
-    fn defer_pending(&mut self, reqs: Vec<Req>) -> Vec<Req> {
-        let st = self.packed.lock();
-        let (wait, go): (Vec<Req>, Vec<Req>) = reqs
-            .into_iter()
-            .partition(|r| st.pending_any(r.page, r.pages));
-        drop(st);
-        self.deferred.extend(wait.iter().map(|r| r.orig));
-        go
-    }
-
-    /// A round of `stage` with room for `pages` jobs and `reqs` requests;
-    /// None (every request failed) when that could not be had.
-    fn round_for(
-        &mut self,
-        stage: Stage,
-        pages: usize,
-        reqs: usize,
-        done: &mut Vec<Completion>,
-        failing: &[Req],
-    ) -> Option<Round> {
-        let mut round = match self.take_round(stage) {
-            Ok(r) => r,
-            Err(e) => {
-                log::error!("{e}");
-                fail_all(failing, done);
-                return None;
+    /// Keeps in `reqs` those none of whose pages is pending; defers the
+    /// others.
+    fn defer_pending(&mut self, reqs: &mut Vec<Req>) {
+        let packed = Arc::clone(&self.packed);
+        let st = packed.lock();
+        let deferred = &mut self.deferred;
+        reqs.retain(|r| {
+            let wait = st.pending_any(r.page, r.pages);
+            if wait {
+                deferred.push(r.orig);
             }
-        };
-        let pieces = reqs + pages * 16 / kernel::PIECE as usize + 1;
-        let reserved = round
-            .jobs
-            .reserve(pages)
-            .and_then(|()| round.blocks.reserve(pages))
-            .and_then(|()| round.entries.reserve(pages))
-            .and_then(|()| round.entry_copies.reserve(pieces));
-        if let Err(e) = reserved {
-            log::error!("{e}");
-            fail_all(failing, done);
-            self.spare.push(round);
-            return None;
-        }
-        Some(round)
+            !wait
+        });
     }
 
     /// Launches the copy kernel over `descs`; false when that failed.
@@ -423,15 +463,26 @@ impl PackedQueue {
             let next = self.rounds.iter().find_map(|r| r.epoch);
             st.set_reader(self.qid, next);
         }
+        if round.stage == Stage::Emptying && !failed {
+            // Their entries are zero in VRAM now: so in the host's copy,
+            // and their old slots are freed.
+            for r in round.reqs.iter().filter(|r| r.marked && r.result >= 0) {
+                for p in r.page..r.page + u64::from(r.pages) {
+                    let old = st.set(p, Entry::Empty);
+                    st.retire(old.loc().into_iter(), &mut self.emptied);
+                }
+            }
+        }
         for r in round.reqs.iter().filter(|r| r.marked) {
             st.set_pending(r.page, r.pages, false);
         }
         if round.staged {
             self.staging_busy = false;
         }
-        let mut emptied = st.retire(round.freed.drain(..));
-        emptied.extend(st.release());
-        for e in emptied {
+        st.retire(round.freed.drain(..), &mut self.emptied);
+        st.release(&mut self.emptied);
+        let mut emptied = std::mem::take(&mut self.emptied);
+        for e in emptied.drain(..) {
             if !st.pool.is_idle(e) {
                 continue;
             }
@@ -445,6 +496,7 @@ impl PackedQueue {
                 }
             }
         }
+        self.emptied = emptied;
         drop(st);
         let answered = round.reqs.iter().filter(|r| r.result != DEFERRED);
         self.in_flight -= answered.clone().count();
@@ -461,17 +513,12 @@ impl PackedQueue {
     }
 }
 
-fn fail_all(reqs: &[Req], done: &mut Vec<Completion>) {
-    done.extend(reqs.iter().map(|r| Completion {
-        tag: r.tag,
-        result: -libc::EIO,
-    }));
-}
-
 impl QueueStore for PackedQueue {
     fn submit(&mut self, batch: &mut Vec<Request>, done: &mut Vec<Completion>) {
-        let (mut reads, mut writes, mut empties) = (Vec::new(), Vec::new(), Vec::new());
-        let mut flushes = Vec::new();
+        let mut reads = std::mem::take(&mut self.reads);
+        let mut writes = std::mem::take(&mut self.writes);
+        let mut empties = std::mem::take(&mut self.empties);
+        let mut flushes = std::mem::take(&mut self.flushes);
         for r in batch.drain(..) {
             if r.op == Op::Flush {
                 flushes.push(r);
@@ -479,10 +526,11 @@ impl QueueStore for PackedQueue {
             }
             let Some(req) = self.req(&r) else {
                 log::error!(
-                    "a {:?} of {} bytes at {} is not whole pages",
+                    "a {:?} of {} bytes at {} is not whole pages inside the io buffers (at most {} KiB)",
                     r.op,
                     r.len,
-                    r.offset
+                    r.offset,
+                    (ROUND_PAGES * PAGE) >> 10
                 );
                 done.push(Completion {
                     tag: r.tag,
@@ -497,61 +545,72 @@ impl QueueStore for PackedQueue {
             }
         }
         if !writes.is_empty() {
-            self.start_writes(writes, done);
+            self.start_writes(&mut writes, done);
         }
         if !empties.is_empty() {
-            self.start_empties(empties, done);
+            self.start_empties(&mut empties, done);
         }
         if !reads.is_empty() {
-            self.start_reads(reads, done);
+            self.start_reads(&mut reads, done);
         }
-        if flushes.is_empty() {
-            return;
-        }
-        if !self.deferred.is_empty() {
-            // Writes submitted before it wait to be submitted again: so
-            // does the flush, behind them.
-            self.deferred.extend(flushes);
-            return;
-        }
-        let flush_reqs: Vec<Req> = flushes
-            .iter()
-            .map(|r| Req {
-                orig: *r,
-                marked: false,
-                tag: r.tag,
-                page: 0,
-                pages: 0,
-                buf: std::ptr::null_mut(),
-                dev: 0,
-                job: 0,
-                result: 0,
-            })
-            .collect();
-        if self.rounds.is_empty() {
-            done.extend(flushes.iter().map(|r| Completion {
-                tag: r.tag,
-                result: 0,
-            }));
-            return;
-        }
-        if let Some(mut round) = self.round_for(Stage::Barrier, 0, 0, done, &flush_reqs) {
-            round.reqs = flush_reqs;
-            self.record(round, done);
-        }
+        self.start_flushes(&mut flushes, done);
+        (self.reads, self.writes, self.empties) = (reads, writes, empties);
+        self.flushes = flushes;
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) {
         let answered = done.len();
         self.poll_rounds(done);
         if !self.deferred.is_empty() && (done.len() > answered || self.rounds.is_empty()) {
-            let mut again = std::mem::take(&mut self.deferred);
+            // Swapped, not taken: both lists keep their room.
+            std::mem::swap(&mut self.deferred, &mut self.again);
+            let mut again = std::mem::take(&mut self.again);
             self.submit(&mut again, done);
+            self.again = again;
         }
     }
 
     fn in_flight(&self) -> usize {
         self.in_flight + self.deferred.len()
+    }
+}
+
+impl PackedQueue {
+    /// Answers `flushes` once every round before them is: at once when
+    /// none is in flight, else by a barrier round behind them.
+    fn start_flushes(&mut self, flushes: &mut Vec<Request>, done: &mut Vec<Completion>) {
+        if flushes.is_empty() {
+            return;
+        }
+        if !self.deferred.is_empty() {
+            // Writes submitted before it wait to be submitted again: so
+            // does the flush, behind them.
+            self.deferred.append(flushes);
+            return;
+        }
+        if self.rounds.is_empty() {
+            done.extend(flushes.drain(..).map(|r| Completion {
+                tag: r.tag,
+                result: 0,
+            }));
+            return;
+        }
+        let Some(mut round) = self.take_round(Stage::Barrier) else {
+            self.deferred.append(flushes);
+            return;
+        };
+        round.reqs.extend(flushes.drain(..).map(|r| Req {
+            orig: r,
+            marked: false,
+            tag: r.tag,
+            page: 0,
+            pages: 0,
+            buf: std::ptr::null_mut(),
+            dev: 0,
+            job: 0,
+            result: 0,
+        }));
+        self.record(round, done);
     }
 }
 
@@ -617,13 +676,8 @@ impl Drop for PackedQueue {
                     self.extents.unpin(e);
                 }
             }
-            for mut r in self.rounds.drain(..).chain(self.spare.drain(..)) {
-                let _ = result::event::destroy(r.event);
-                r.jobs.free();
-                r.blocks.free();
-                r.entry_copies.free();
-                r.entries.free();
-                r.host_blocks.free();
+            for r in self.rounds.drain(..).chain(self.spare.drain(..)) {
+                r.free();
             }
             if !self.pinned.is_null() {
                 sys::cuMemHostUnregister(self.pinned);

@@ -18,7 +18,18 @@
 
 use super::entry::{Entry, Loc};
 use super::pool::{Given, Pool};
+use fixedbitset::FixedBitSet;
 use std::collections::VecDeque;
+
+/// Freed slots the limbo holds without growing: it grows (an allocation,
+/// which a server serving swap avoids) only when more than this many
+/// slots are freed while one read is in flight; with no read in flight a
+/// freed slot skips the limbo.
+const LIMBO_ROOM: usize = 1 << 14;
+
+/// Queues whose oldest reads are kept without growing (a queue beyond it
+/// is counted once, when it opens).
+const READERS_ROOM: usize = 256;
 
 /// Pages by how they are stored, and the bytes their blocks take.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,7 +88,7 @@ pub(crate) struct State {
     /// Per queue: the epoch of its oldest read in flight.
     readers: Vec<Option<u64>>,
     /// One bit per page: a write or discard of it is on its way.
-    pending: Vec<u64>,
+    pending: FixedBitSet,
 }
 
 impl State {
@@ -88,32 +99,28 @@ impl State {
             pool: Pool::new(extents),
             usage: PackedUsage::default(),
             epoch: 0,
-            limbo: VecDeque::new(),
-            readers: Vec::new(),
-            pending: vec![0; pages.div_ceil(64) as usize],
+            limbo: VecDeque::with_capacity(LIMBO_ROOM),
+            readers: Vec::with_capacity(READERS_ROOM),
+            pending: FixedBitSet::with_capacity(pages as usize),
         }
+    }
+
+    /// The `n` pages from `page`, cut to the device.
+    fn range(&self, page: u64, n: u32) -> std::ops::Range<usize> {
+        let end = self.pending.len();
+        let start = (page as usize).min(end);
+        start..(start + n as usize).min(end)
     }
 
     /// Whether any of the `n` pages from `page` is pending.
     pub(crate) fn pending_any(&self, page: u64, n: u32) -> bool {
-        (page..page + u64::from(n)).any(|p| {
-            self.pending
-                .get((p / 64) as usize)
-                .is_some_and(|w| w & (1 << (p % 64)) != 0)
-        })
+        self.pending.contains_any_in_range(self.range(page, n))
     }
 
     /// Marks the `n` pages from `page` pending (`on`) or not.
     pub(crate) fn set_pending(&mut self, page: u64, n: u32, on: bool) {
-        for p in page..page + u64::from(n) {
-            if let Some(w) = self.pending.get_mut((p / 64) as usize) {
-                if on {
-                    *w |= 1 << (p % 64);
-                } else {
-                    *w &= !(1 << (p % 64));
-                }
-            }
-        }
+        let r = self.range(page, n);
+        self.pending.set_range(r, on);
     }
 
     /// Rebuilds the state from the page map read back from VRAM; `mapped`
@@ -184,20 +191,29 @@ impl State {
     }
 
     /// Frees slots no page names any more: reused once no read that may
-    /// still use them is in flight. Returns the pool extents emptied.
-    pub(crate) fn retire(&mut self, freed: impl Iterator<Item = Loc>) -> Vec<u32> {
-        let before = self.limbo.len();
-        self.limbo.extend(freed.map(|at| (self.epoch, at)));
-        if self.limbo.len() > before {
+    /// still use them is in flight (at once when none is). Adds the pool
+    /// extents emptied to `emptied`.
+    pub(crate) fn retire(&mut self, freed: impl Iterator<Item = Loc>, emptied: &mut Vec<u32>) {
+        let reading = self.readers.iter().any(Option::is_some);
+        let mut any = false;
+        for at in freed {
+            any = true;
+            if reading {
+                self.limbo.push_back((self.epoch, at));
+            } else if let Given::Emptied(e) = self.pool.give(at) {
+                emptied.push(e);
+            }
+        }
+        if any {
             self.epoch += 1;
         }
-        self.release()
+        self.release(emptied);
     }
 
-    /// Hands back the slots in limbo that no read in flight can use.
-    pub(crate) fn release(&mut self) -> Vec<u32> {
+    /// Hands back the slots in limbo that no read in flight can use; adds
+    /// the pool extents emptied to `emptied`.
+    pub(crate) fn release(&mut self, emptied: &mut Vec<u32>) {
         let oldest = self.readers.iter().flatten().min().copied();
-        let mut emptied = Vec::new();
         while let Some(&(freed_at, at)) = self.limbo.front() {
             if oldest.is_some_and(|r| r <= freed_at) {
                 break;
@@ -207,7 +223,6 @@ impl State {
                 emptied.push(e);
             }
         }
-        emptied
     }
 }
 
@@ -235,7 +250,9 @@ mod tests {
         let second = raw_at(&mut s);
         let old = s.set(0, second);
         assert_eq!(old, first);
-        assert!(s.retire(old.loc().into_iter()).is_empty());
+        let mut emptied = Vec::new();
+        s.retire(old.loc().into_iter(), &mut emptied);
+        assert!(emptied.is_empty());
         assert_ne!(
             s.pool.take(RAW_CLASS).unwrap(),
             first.loc().unwrap(),
@@ -243,15 +260,22 @@ mod tests {
         );
         // The read ends: the slot can be had again.
         s.set_reader(1, None);
-        s.release();
+        s.release(&mut emptied);
         assert_eq!(s.pool.take(RAW_CLASS).unwrap(), first.loc().unwrap());
         // A read that began after the free does not hold it back.
         let third = raw_at(&mut s);
         s.set(1, third);
         let old = s.set(1, Entry::Empty);
         s.set_reader(2, Some(s.epoch() + 1));
-        s.retire(old.loc().into_iter());
+        s.retire(old.loc().into_iter(), &mut emptied);
         assert_eq!(s.pool.take(RAW_CLASS).unwrap(), third.loc().unwrap());
+        // With no read in flight a freed slot is free at once.
+        s.set_reader(2, None);
+        let fourth = raw_at(&mut s);
+        s.set(2, fourth);
+        let old = s.set(2, Entry::Empty);
+        s.retire(old.loc().into_iter(), &mut emptied);
+        assert_eq!(s.pool.take(RAW_CLASS).unwrap(), fourth.loc().unwrap());
     }
 
     #[test]

@@ -10,7 +10,12 @@
 //! exists (for tests that act on the swap device as long as they need),
 //! finishing the pass it is in.
 //!
-//! usage: `memcheck MIB [PASSES] [--hold FILE] [--until FILE]`
+//! With `--compressible`, pages compress as real memory does instead: one
+//! in eight all zero (same-filled), the rest repeating three words of
+//! their own between random ones (about 3:1 under LZ4), still different for
+//! every page and pass.
+//!
+//! usage: `memcheck MIB [PASSES] [--hold FILE] [--until FILE] [--compressible]`
 
 use std::process::ExitCode;
 
@@ -29,6 +34,21 @@ fn page_words(index: usize, pass: u64, out: &mut [u64]) {
     }
 }
 
+/// [`page_words`] for `--compressible`.
+fn compressible_words(index: usize, pass: u64, out: &mut [u64]) {
+    if index % 8 == 7 {
+        out.fill(0);
+        return;
+    }
+    page_words(index, pass, out);
+    let base = (index as u64) << 20 | pass << 4;
+    for (i, w) in out.iter_mut().enumerate() {
+        if i % 4 != 0 {
+            *w = base | (i % 4) as u64;
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let Some(mib) = args.get(1).and_then(|a| a.parse::<usize>().ok()) else {
@@ -41,6 +61,11 @@ fn main() -> ExitCode {
             .position(|a| a == flag)
             .and_then(|i| args.get(i + 1))
             .map(std::path::PathBuf::from)
+    };
+    let fill: fn(usize, u64, &mut [u64]) = if args.iter().any(|a| a == "--compressible") {
+        compressible_words
+    } else {
+        page_words
     };
     let hold = file_after("--hold");
     let until = file_after("--until");
@@ -57,7 +82,7 @@ fn main() -> ExitCode {
     let mut pass = 0;
     while pass < passes || until.as_ref().is_some_and(|f| !f.exists()) {
         for (i, page) in mem.chunks_exact_mut(words_per_page).enumerate() {
-            page_words(i, pass, page);
+            fill(i, pass, page);
         }
         println!("memcheck: pass {pass}: wrote {mib} MiB");
         if let (0, Some(f)) = (pass, &hold) {
@@ -67,7 +92,7 @@ fn main() -> ExitCode {
             }
         }
         for (i, page) in mem.chunks_exact(words_per_page).enumerate() {
-            page_words(i, pass, &mut want);
+            fill(i, pass, &mut want);
             if page != want.as_slice() {
                 bad_pages += 1;
                 if bad_pages <= 5 {

@@ -5,18 +5,32 @@
 use super::*;
 
 impl PackedQueue {
-    /// Starts a round of reads: unwritten and same-filled pages are filled
-    /// here, the rest decompressed by one launch.
-    pub(super) fn start_reads(&mut self, reqs: Vec<Req>, done: &mut Vec<Completion>) {
-        let Some((mut round, reqs)) = self.begin(Stage::Reading, reqs, done) else {
-            return;
-        };
-        if let Err(e) = round.host_blocks.reserve(CPU_PAGES) {
-            log::error!("{e}");
-            fail_all(&reqs, done);
-            self.spare.push(round);
-            return;
+    /// Starts the rounds of `reqs`, reads of at most [`ROUND_PAGES`] pages
+    /// each; what finds no round free waits (deferred).
+    pub(super) fn start_reads(&mut self, reqs: &mut Vec<Req>, done: &mut Vec<Completion>) {
+        self.defer_pending(reqs);
+        while !reqs.is_empty() {
+            let Some(round) = self.take_round(Stage::Reading) else {
+                self.defer(reqs);
+                return;
+            };
+            let mut pages = 0;
+            let n = reqs
+                .iter()
+                .take_while(|r| {
+                    pages += r.pages as usize;
+                    pages <= ROUND_PAGES
+                })
+                .count()
+                .max(1);
+            self.start_read_round(round, &reqs[..n], done);
+            reqs.drain(..n);
         }
+    }
+
+    /// A round of reads: unwritten and same-filled pages are filled here,
+    /// the rest decompressed by one launch (or, a few, on the CPU).
+    fn start_read_round(&mut self, mut round: Round, reqs: &[Req], done: &mut Vec<Completion>) {
         let packed = Arc::clone(&self.packed);
         let mut st = packed.lock();
         let stored = reqs
@@ -30,7 +44,8 @@ impl PackedQueue {
         if !self.rounds.iter().any(|r| r.epoch.is_some()) {
             st.set_reader(self.qid, Some(epoch));
         }
-        for mut r in reqs {
+        for &r in reqs {
+            let mut r = r;
             if st.pending_any(r.page, r.pages) {
                 // A write of a page of it began since the first check.
                 self.deferred.push(r.orig);

@@ -5,43 +5,39 @@
 use super::*;
 
 impl PackedQueue {
-    /// Starts a round of writes: one launch compresses every page.
-    pub(super) fn start_writes(&mut self, reqs: Vec<Req>, done: &mut Vec<Completion>) {
-        let reqs = self.defer_pending(reqs);
+    /// Starts a round of writes: one launch compresses every page. What
+    /// does not fit the round, or finds it taken, waits (deferred).
+    pub(super) fn start_writes(&mut self, reqs: &mut Vec<Req>, done: &mut Vec<Completion>) {
+        self.defer_pending(reqs);
         if reqs.is_empty() {
             return;
         }
         let pages: usize = reqs.iter().map(|r| r.pages as usize).sum();
         if pages <= CPU_PAGES {
-            if let Some(round) = self.round_for(Stage::Compressing, pages, reqs.len(), done, &reqs)
-            {
-                self.compress_on_cpu(round, reqs, pages, done);
+            match self.take_round(Stage::Compressing) {
+                Some(round) => self.compress_on_cpu(round, reqs, done),
+                None => self.defer(reqs),
             }
             return;
         }
-        // The staging holds one round: the rest wait for it (deferred).
-        let mut take = Vec::new();
-        let mut taken = 0;
-        for r in reqs {
-            if self.staging_busy || taken + r.pages as usize > STAGING_PAGES {
-                self.deferred.push(r.orig);
-            } else {
-                taken += r.pages as usize;
-                take.push(r);
-            }
-        }
-        let (reqs, pages) = (take, taken);
-        if reqs.is_empty() {
-            return;
-        }
-        let Some(mut round) = self.round_for(Stage::Compressing, pages, reqs.len(), done, &reqs)
-        else {
+        // The staging holds one round: the rest wait for it.
+        let round = if self.staging_busy {
+            None
+        } else {
+            self.take_round(Stage::Compressing)
+        };
+        let Some(mut round) = round else {
+            self.defer(reqs);
             return;
         };
         self.staging_busy = true;
         round.staged = true;
         round.blocks_from = self.staging;
-        for mut r in reqs {
+        for mut r in reqs.drain(..) {
+            if round.jobs.len + r.pages as usize > STAGING_PAGES {
+                self.deferred.push(r.orig);
+                continue;
+            }
             r.job = round.jobs.len;
             for k in 0..r.pages as u64 {
                 let job = PageJob {
@@ -49,7 +45,7 @@ impl PackedQueue {
                     dst: self.staging + round.jobs.len as u64 * PAGE as u64,
                     ..PageJob::default()
                 };
-                // Reserved for every page above.
+                // The round has room for STAGING_PAGES jobs.
                 let _ = round.jobs.push(job);
             }
             round.reqs.push(r);
@@ -77,19 +73,12 @@ impl PackedQueue {
     fn compress_on_cpu(
         &mut self,
         mut round: Round,
-        reqs: Vec<Req>,
-        pages: usize,
+        reqs: &mut Vec<Req>,
         done: &mut Vec<Completion>,
     ) {
-        if let Err(e) = round.host_blocks.reserve(pages) {
-            log::error!("{e}");
-            fail_all(&reqs, done);
-            self.spare.push(round);
-            return;
-        }
         round.blocks_from = round.host_blocks.dev;
         let mut out = [0u8; PAGE];
-        for mut r in reqs {
+        for mut r in reqs.drain(..) {
             r.job = round.jobs.len;
             for k in 0..r.pages as usize {
                 // SAFETY: page k of the write's own buffer, unchanged until
@@ -110,7 +99,7 @@ impl PackedQueue {
                 if let Some(b) = block {
                     slot[..b.len()].copy_from_slice(b);
                 }
-                // Both reserved for every page above.
+                // Both have room for CPU_PAGES pages.
                 let _ = round.host_blocks.push(slot);
                 let _ = round.jobs.push(job);
             }
@@ -270,14 +259,21 @@ impl PackedQueue {
         }
     }
 
-    /// Starts a round of discards and write-zeroes: empty entries.
-    pub(super) fn start_empties(&mut self, reqs: Vec<Req>, done: &mut Vec<Completion>) {
-        let Some((mut round, reqs)) = self.begin(Stage::Storing, reqs, done) else {
+    /// Starts a round of discards and write-zeroes: their pages' entries
+    /// zeroed in VRAM (an empty entry is all zeros), the host's copy of
+    /// the map and the old slots once that is done (`finish`).
+    pub(super) fn start_empties(&mut self, reqs: &mut Vec<Req>, done: &mut Vec<Completion>) {
+        self.defer_pending(reqs);
+        if reqs.is_empty() {
+            return;
+        }
+        let Some(mut round) = self.take_round(Stage::Emptying) else {
+            self.defer(reqs);
             return;
         };
         let packed = Arc::clone(&self.packed);
         let mut st = packed.lock();
-        for mut r in reqs {
+        for mut r in reqs.drain(..) {
             if st.pending_any(r.page, r.pages) {
                 // A write of a page of it began since the first check.
                 self.deferred.push(r.orig);
@@ -285,21 +281,24 @@ impl PackedQueue {
             }
             st.set_pending(r.page, r.pages, true);
             r.marked = true;
-            let first = round.entries.len;
-            for k in 0..u64::from(r.pages) {
-                let old = st.set(r.page + k, Entry::Empty);
-                round.freed.extend(old.loc());
-                let _ = round.entries.push(Entry::Empty.encode());
+            let len = r.pages as usize * 16;
+            // SAFETY: the request's range of the page map, inside the
+            // store's reservation (the engine checks requests against the
+            // device's size).
+            let zeroed = retried_once("zeroing page map entries", || unsafe {
+                result::memset_d8_async(page_map_addr(self.base, r.page), 0, len, self.stream)
+            });
+            if let Err(e) = zeroed {
+                log::error!(
+                    "zeroing the entries of {} pages: {}; that request fails",
+                    r.pages,
+                    describe(e)
+                );
+                r.result = -libc::EIO;
             }
-            self.copy_entries(&mut round, first, r.page);
             round.reqs.push(r);
         }
         drop(st);
-        if !self.launch_copies(&round.entry_copies) {
-            for r in &mut round.reqs {
-                r.result = -libc::EIO;
-            }
-        }
         self.record(round, done);
     }
 }
