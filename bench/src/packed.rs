@@ -37,7 +37,8 @@ pub fn checks(gpu: u32) -> Vec<(String, bool)> {
         });
     }
     out.push(lone_pages_check(gpu));
-    out.push(no_allocation_check(gpu));
+    out.push(no_allocation_check(gpu, Compress::Lz));
+    out.push(no_allocation_check(gpu, Compress::Off));
     out.push(same_pages_raced_check(gpu));
     out.push(usage_check(gpu));
     out.push(import_check(gpu));
@@ -163,13 +164,18 @@ fn lone_pages_check(gpu: u32) -> (String, bool) {
 /// flushes; lone pages for the CPU's path; both queues writing the same
 /// pages, so requests wait for each other): once a queue is open, its
 /// submit and poll allocate nothing, neither heap nor pinned tables. Then
-/// every private page reads back as the shadow says.
-fn no_allocation_check(gpu: u32) -> (String, bool) {
-    let name = "compress Lz: once open, a compressed queue's submit and poll allocate nothing \
-                (heap or pinned) under batches of 1-96 requests of every op and size (reads \
-                needing more rounds than a queue has, discards up to 32 MiB, lone pages, two \
-                queues racing on shared pages), every private page right after";
-    let store = match create(gpu, 256 * MIB, Compress::Lz, true) {
+/// every private page reads back as the shadow says. For a compressed
+/// queue (`mode` on) and a plain one (`Compress::Off`, whose discard
+/// unmaps the whole extents it covers and leaves the rest as it was).
+fn no_allocation_check(gpu: u32, mode: Compress) -> (String, bool) {
+    let name = format!(
+        "compress {mode:?}: once open, a {} queue's submit and poll allocate nothing (heap or \
+         pinned) under batches of 1-96 requests of every op and size (more rounds than a \
+         queue has, discards up to 32 MiB, lone pages, two queues racing on shared pages), \
+         every private page right after",
+        if mode.is_on() { "compressed" } else { "plain" }
+    );
+    let store = match create(gpu, 256 * MIB, mode, true) {
         Ok(s) => s,
         Err(e) => return (format!("{name} (store: {e})"), false),
     };
@@ -245,7 +251,18 @@ fn no_allocation_check(gpu: u32) -> (String, bool) {
                         shadow[range].copy_from_slice(b);
                     }
                     Op::Read => reads.push((tag as u16, range.start, range.len())),
-                    Op::WriteZeroes | Op::Discard => shadow[range].fill(0),
+                    Op::WriteZeroes => shadow[range].fill(0),
+                    Op::Discard if mode.is_on() => shadow[range].fill(0),
+                    Op::Discard => {
+                        // The whole extents it covers are unmapped (read
+                        // as zeros); the rest keeps its data.
+                        let x = EXTENT;
+                        let first = (lo + off).div_ceil(x) * x;
+                        let end = (lo + off + size) / x * x;
+                        if end > first {
+                            shadow[(first - lo) as usize..(end - lo) as usize].fill(0);
+                        }
+                    }
                     _ => {}
                 }
                 let (offset, len) = if op == Op::Flush {
@@ -291,7 +308,7 @@ fn no_allocation_check(gpu: u32) -> (String, bool) {
             .collect();
         (results, counted() - heap, pinned_tables_made() - tables)
     });
-    println!("  while serving: {heap} heap allocation(s), {pinned} pinned table(s) made");
+    println!("  {mode:?}: while serving: {heap} heap allocation(s), {pinned} pinned table(s) made");
     let mut ok = heap == 0 && pinned == 0;
     for r in results {
         if let Err(e) = r {
@@ -299,7 +316,7 @@ fn no_allocation_check(gpu: u32) -> (String, bool) {
             ok = false;
         }
     }
-    (name.into(), ok)
+    (name, ok)
 }
 
 /// A page that says who wrote it: its first word names the queue, round

@@ -24,6 +24,7 @@ pub mod probe;
 mod queue;
 pub mod stages;
 mod store;
+mod warm;
 
 pub use driver::CONTEXT_LOST_EXIT;
 pub use extents::EXTENT;

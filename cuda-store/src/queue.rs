@@ -12,6 +12,13 @@
 //! about 0.2 us a page) and copied beside the data, since a launch after a
 //! lone copy would double its latency. A page that does not match fails
 //! its request alone with EIO.
+//!
+//! Nothing here allocates once the queue is open: its [`ROUNDS`] rounds
+//! are made then, each with room for a round of every request at the
+//! largest size, and a batch that finds every round in flight waits
+//! (deferred) for one. A swap device's server is asked for pages while
+//! memory is exhausted, and an allocation then may wait for memory only
+//! its own device can free (docs/design.md, "No allocation while serving").
 
 use crate::driver::{
     check, checked, context_lost, describe, is_context_fatal, retried_once, SyncStream,
@@ -21,6 +28,7 @@ use crate::integrity::{page_sum_cpu, sum_addr, PAGE, SUMS_PER_EXTENT};
 use crate::kernel::{self, flags, Desc};
 use crate::pinned::{DescTable, PinnedTable};
 use crate::stages::{self, Stage};
+use crate::warm;
 use crate::CopyPolicy;
 use cudarc::driver::result::{self, stream::StreamKind, DriverError};
 use cudarc::driver::sys;
@@ -145,6 +153,9 @@ pub(crate) fn report_no_room() {
 /// queue of the process (one store per server).
 static INTEGRITY_ERRORS: AtomicU64 = AtomicU64::new(0);
 
+/// Rounds a queue has, made when it opens.
+const ROUNDS: usize = 8;
+
 /// A lone write of at most this many pages writes their checksums as
 /// stream writes (no copy engine); more go as one copy.
 const WRITE_VALUE_PAGES: usize = 4;
@@ -154,9 +165,9 @@ pub(crate) fn integrity_errors() -> u64 {
     INTEGRITY_ERRORS.load(Relaxed)
 }
 
-/// Requests issued together and the event recorded after them. Finished
-/// rounds are kept (event, emptied list, descriptor table) for reuse, so
-/// the hot path neither creates events nor allocates.
+/// Requests issued together and the event recorded after them. Every
+/// round is made when the queue opens and reused, so the hot path neither
+/// creates events nor allocates.
 struct Round {
     event: sys::CUevent,
     completions: Vec<Completion>,
@@ -174,6 +185,40 @@ struct Round {
     /// When its event was recorded (the GPU stage starts there), while
     /// stages are timed (stages.rs).
     recorded_at: Option<Instant>,
+}
+
+impl Round {
+    /// A round with its event; its room comes with `ready`.
+    fn new() -> Result<Round, StoreError> {
+        Ok(Round {
+            event: checked(
+                result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
+                "cuEventCreate",
+            )?,
+            completions: Vec::new(),
+            descs: DescTable::empty(),
+            verifies: Vec::new(),
+            sums: PinnedTable::empty(),
+            cpu_checks: Vec::new(),
+            pins: Vec::new(),
+            recorded_at: None,
+        })
+    }
+
+    /// Room for a round of `depth` requests of `max_io` bytes each: every
+    /// request cut at one extent boundary at most, into the kernel's
+    /// pieces, and a checksum per page.
+    fn ready(&mut self, depth: usize, max_io: usize) -> Result<(), StoreError> {
+        let descs = depth * (kernel::piece_count(max_io as u32) + 1);
+        let pages = depth * max_io.div_ceil(PAGE as usize);
+        self.descs.reserve_exact(descs)?;
+        self.sums.reserve_exact(pages)?;
+        self.completions.reserve_exact(depth);
+        self.verifies.reserve_exact(descs);
+        self.cpu_checks.reserve_exact(2 * depth);
+        self.pins.reserve_exact(2 * depth);
+        Ok(())
+    }
 }
 
 /// A read on the copy engines whose pages the CPU checks when its round
@@ -250,9 +295,12 @@ pub struct CudaQueue {
     /// Scratch for a round's pieces and requests (kept for capacity).
     pieces: Vec<Piece>,
     jobs: Vec<Job>,
-    /// Requests that found an extent moving, or no room while the keeper
-    /// takes VRAM back: tried again at the next poll.
+    /// Requests that found an extent moving, no room while the keeper
+    /// takes VRAM back, or every round in flight: tried again at the next
+    /// poll.
     deferred: Vec<Request>,
+    /// What `deferred` held while it is tried again.
+    again: Vec<Request>,
     in_flight: usize,
     /// The GPU's name, for the log.
     gpu: Arc<str>,
@@ -267,6 +315,7 @@ impl CudaQueue {
         path: CopyPath,
         gpu: Arc<str>,
     ) -> Result<CudaQueue, StoreError> {
+        let depth = buffers.count().max(1);
         let mut q = CudaQueue {
             ctx,
             base,
@@ -279,11 +328,12 @@ impl CudaQueue {
             pinned_dev: 0,
             pinned_len: buffers.len(),
             path,
-            rounds: VecDeque::new(),
-            spare: Vec::new(),
-            pieces: Vec::new(),
-            jobs: Vec::new(),
-            deferred: Vec::new(),
+            rounds: VecDeque::with_capacity(ROUNDS),
+            spare: Vec::with_capacity(ROUNDS),
+            pieces: Vec::with_capacity(2 * depth),
+            jobs: Vec::with_capacity(depth),
+            deferred: Vec::with_capacity(2 * depth),
+            again: Vec::with_capacity(2 * depth),
             in_flight: 0,
             gpu,
         };
@@ -326,27 +376,37 @@ impl CudaQueue {
                 q.path.kernel = None;
             }
         }
+        for _ in 0..ROUNDS {
+            let mut round = Round::new()?;
+            let ready = round.ready(depth, buffers.slot_len());
+            // Kept even when not ready: Drop frees what it has.
+            q.spare.push(round);
+            ready?;
+        }
+        q.warm()?;
         Ok(q)
     }
 
-    fn take_round(&mut self) -> Result<Round, StoreError> {
-        if let Some(r) = self.spare.pop() {
-            return Ok(r);
-        }
-        let e = checked(
-            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
-            "cuEventCreate",
+    /// Calls every driver entry point the hot path calls once (warm.rs
+    /// says why), on scratch VRAM taken for it and given back.
+    fn warm(&mut self) -> Result<(), StoreError> {
+        // SAFETY: freed below, after the stream has passed every use.
+        let scratch = checked(
+            unsafe { result::malloc_sync(warm::SCRATCH) },
+            "allocating scratch VRAM to open a queue",
         )?;
-        Ok(Round {
-            event: e,
-            completions: Vec::new(),
-            descs: DescTable::empty(),
-            verifies: Vec::new(),
-            sums: PinnedTable::empty(),
-            cpu_checks: Vec::new(),
-            pins: Vec::new(),
-            recorded_at: None,
-        })
+        let copy = match (self.path.kernel, self.spare.first_mut()) {
+            (Some(f), Some(r)) => Some((f, &mut r.descs)),
+            _ => None,
+        };
+        let r = warm::entry_points(self.stream, scratch, copy, self.path.stream_writes);
+        // SAFETY: entry_points waited for the stream (or failed before
+        // queuing anything further); nothing else uses the scratch.
+        unsafe {
+            let _ = result::stream::synchronize(self.stream);
+            let _ = result::free_sync(scratch);
+        }
+        r
     }
 
     /// The device address of a piece's buffer, when the piece can go
@@ -699,16 +759,10 @@ impl CudaQueue {
 
 impl QueueStore for CudaQueue {
     fn submit(&mut self, batch: &mut Vec<Request>, done: &mut Vec<Completion>) {
-        let mut round = match self.take_round() {
-            Ok(r) => r,
-            Err(e) => {
-                log::error!("{e}");
-                done.extend(batch.drain(..).map(|r| Completion {
-                    tag: r.tag,
-                    result: -libc::EIO,
-                }));
-                return;
-            }
+        let Some(mut round) = self.spare.pop() else {
+            // Every round is in flight: the batch waits for one.
+            self.deferred.append(batch);
+            return;
         };
         let mut clock = stages::start();
         self.pieces.clear();
@@ -907,12 +961,11 @@ impl QueueStore for CudaQueue {
             stages::lap(Stage::Finish, finishing);
         }
         if !self.deferred.is_empty() {
-            let mut again = std::mem::take(&mut self.deferred);
+            // Swapped, not taken: both lists keep their room.
+            std::mem::swap(&mut self.deferred, &mut self.again);
+            let mut again = std::mem::take(&mut self.again);
             self.submit(&mut again, done);
-            // Keep the vector's capacity for the next deferral.
-            if self.deferred.is_empty() {
-                self.deferred = again;
-            }
+            self.again = again;
         }
     }
 

@@ -320,6 +320,10 @@ impl PackedQueue {
             q.spare.push(round);
             ready?;
         }
+        // Every driver entry point the hot path calls, called once now
+        // (warm.rs), on the staging, which no round uses yet.
+        let copy = q.spare.first_mut().map(|r| (path.copy, &mut r.blocks));
+        crate::warm::entry_points(q.stream, q.staging, copy, false)?;
         Ok(q)
     }
 
