@@ -224,16 +224,17 @@ full_queue_kill() {
     # shellcheck disable=SC2086
     $FIO $common --do_verify=0 $jobs --output=/tmp/fio-f.txt &
     fpid=$!
-    full() { [ "$(awk '{print $1 + $2}' /sys/block/ublkb0/inflight)" -ge "$want" ]; }
-    # Each job keeps 16 writes going on 8 tags, so while every job runs the
-    # tags are (nearly) always all held: waiting for that before the stop
-    # makes sure a job that started late is loading its queue too (a count
-    # of completed writes was once reached by one job alone, and the other
-    # had not filled its queue 20 s after the stop).
-    wait_for 60 full
+    writing() { [ "$(awk '{print $5}' /sys/block/ublkb0/stat)" -gt 100 ]; }
+    wait_for 30 writing
     p=$(daemon_pid 0)
     kill -STOP "$p"
-    wait_for 30 full
+    full() { [ "$(awk '{print $1 + $2}' /sys/block/ublkb0/inflight)" -ge "$want" ]; }
+    # With the server stopped nothing completes, so the count only grows
+    # until every job has filled its queue; a job that started late once
+    # took more than 20 s to (6.12, under a loaded CI host). Waiting for a
+    # full count before the stop does not work: on 7.3 the running server
+    # answers so fast that a poll never saw every tag held, and fio ended.
+    wait_for 90 full
     check "$fq: every tag of the loaded queues holds a request ($want in flight)" full ||
         info "$fq: in flight: $(cat /sys/block/ublkb0/inflight)"
     t0=$(tr -d . < /proc/uptime | cut -d' ' -f1)
