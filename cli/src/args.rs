@@ -36,9 +36,11 @@ pub enum Command {
     /// When a device's server dies, its supervisor (which holds the
     /// device's memory) starts a new one by itself and the kernel holds
     /// the device's I/O meanwhile; after 5 failures in a row it gives up
-    /// and removes the device. `recover` skips the wait between tries and
-    /// resets that count. A device of the service whose supervisor died is
-    /// adopted by the service, which holds its memory too.
+    /// and removes the device (a swap device gets 30 more tries, 10 s
+    /// apart, first: its removal fails every swapped page's read).
+    /// `recover` skips the wait between tries and resets that count. A
+    /// device of the service whose supervisor died is adopted by the
+    /// service, which holds its memory too.
     Recover(RecoverArgs),
     /// Hand live devices to the vramblk binary now on disk, swap left on.
     ///

@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vramblk_config::DeviceRecord;
 use vramblk_store::handoff;
 use vramblk_ublk_target::control::{bdev_path, delete_device_nowait, device_ids};
@@ -72,7 +72,16 @@ fn group_by_device(named: Vec<(String, OwnedFd)>) -> BTreeMap<u32, Vec<OwnedFd>>
 struct HeldDevice {
     fds: Vec<OwnedFd>,
     failed_adoptions: u32,
+    /// No adoption is tried before then (a swap device whose adoptions
+    /// kept failing: it is retried every [`SWAP_RETRY`], not every tick).
+    not_before: Option<Instant>,
 }
+
+/// How often a swap device's adoption is tried once [`MAX_ADOPT_TRIES`]
+/// tries failed, and how many more tries it gets (five minutes of them)
+/// before it is given up.
+const SWAP_RETRY: Duration = Duration::from_secs(10);
+const SWAP_RETRIES: u32 = 30;
 
 /// The fds the service holds now (see [`held_fds`]).
 static HELD_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
@@ -117,6 +126,7 @@ impl Holder {
                 let held = HeldDevice {
                     fds,
                     failed_adoptions: 0,
+                    not_before: None,
                 };
                 (id, held)
             })
@@ -237,6 +247,7 @@ impl Holder {
             HeldDevice {
                 fds,
                 failed_adoptions: 0,
+                not_before: None,
             },
         );
         self.publish_fds();
@@ -266,6 +277,9 @@ impl Holder {
         let Some(held) = self.devices.get_mut(&id) else {
             return;
         };
+        if held.not_before.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         log::warn!(
             "service: the supervisor of {path} (pid {}) is gone; adopting the device from the memory the service holds",
             record.holder_pid.unwrap_or(0)
@@ -274,6 +288,7 @@ impl Holder {
         match adopt_device(&self.run_dir, &record, &held.fds, &held_fds()) {
             Ok(()) => {
                 held.failed_adoptions = 0;
+                held.not_before = None;
                 log::info!(
                     "service: {path} recovered by a new supervisor after {} ms",
                     started.elapsed().as_millis()
@@ -290,7 +305,22 @@ impl Holder {
                     "service: adopting {path} failed (try {} of {MAX_ADOPT_TRIES}): {e:#}",
                     held.failed_adoptions
                 );
-                if held.failed_adoptions >= MAX_ADOPT_TRIES {
+                if held.failed_adoptions >= MAX_ADOPT_TRIES
+                    && held.failed_adoptions < MAX_ADOPT_TRIES + SWAP_RETRIES
+                    && crate::swap::find(&path).is_some()
+                {
+                    // As a supervisor does (supervise.rs `next_step`):
+                    // removing a swap device fails the reads of every page
+                    // swapped to it; waiting loses nothing if the cause
+                    // passes, so it gets five more minutes of tries.
+                    log::error!(
+                        "service: {path} is swap, and removing it would fail the reads of \
+                         every page swapped to it, so it is not given up yet: trying again in \
+                         {} s (`vramblk del {id}` takes it away)",
+                        SWAP_RETRY.as_secs()
+                    );
+                    held.not_before = Some(Instant::now() + SWAP_RETRY);
+                } else if held.failed_adoptions >= MAX_ADOPT_TRIES {
                     log::error!(
                         "service: giving up on {path}: removing it so its I/O fails instead of \
                          waiting forever (anything swapped to it is lost)"

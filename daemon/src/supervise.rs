@@ -38,6 +38,13 @@ const STABLE: Duration = Duration::from_secs(30);
 /// Wait before restart n (1-based) of a run of failures: the first at
 /// once, since I/O (perhaps swap) is waiting.
 const BACKOFF_MS: [u64; MAX_FAILURES as usize] = [0, 500, 1000, 2000, 4000];
+/// Wait between restarts once a swap device's server has failed more than
+/// [`MAX_FAILURES`] times in a row: such a device is given up only after
+/// [`SWAP_RETRIES`] more (see [`next_step`]).
+const SWAP_RETRY: Duration = Duration::from_secs(10);
+/// Restarts a swap device gets beyond [`MAX_FAILURES`]: five minutes of
+/// them.
+const SWAP_RETRIES: u32 = 30;
 /// How often the supervisor looks at its servers and its signals.
 const TICK_MS: i32 = 100;
 /// Least time between two standbys forked, should they keep dying.
@@ -136,8 +143,22 @@ enum Next {
 }
 
 /// Decides what follows a server's death; `failures` counts the run of
-/// failed restarts and is updated.
-fn next_step(run: &Run, device_exists: bool, memory_survives: bool, failures: &mut u32) -> Next {
+/// failed restarts and is updated. `is_swap` (asked only when the run is
+/// long enough to give up) says whether the device is swap: then it is
+/// recovered every [`SWAP_RETRY`] for [`SWAP_RETRIES`] more tries before
+/// it is given up, since removing it fails every swapped page's read (the
+/// processes owning them die, and the kernel panics if init is among
+/// them), where waiting loses nothing if the cause passes (a storm of
+/// crashes, memory short, a take-over race). A cause that does not pass
+/// (the GPU gone for good, and the pages with it) still ends in the
+/// give-up, minutes later; `vramblk del` takes the device away sooner.
+fn next_step(
+    run: &Run,
+    device_exists: bool,
+    memory_survives: bool,
+    failures: &mut u32,
+    is_swap: impl FnOnce() -> bool,
+) -> Next {
     if run.status.success() || !device_exists {
         return Next::Done;
     }
@@ -160,8 +181,12 @@ fn next_step(run: &Run, device_exists: bool, memory_survives: bool, failures: &m
     }
     *failures += 1;
     if *failures > MAX_FAILURES {
+        if *failures <= MAX_FAILURES + SWAP_RETRIES && is_swap() {
+            return Next::Restart(SWAP_RETRY);
+        }
         return Next::GiveUp(format!(
-            "its server died {MAX_FAILURES} times in a row (last: {})",
+            "its server died {} times in a row (last: {})",
+            *failures - 1,
             run.status
         ));
     }
@@ -437,7 +462,16 @@ impl Supervisor<'_> {
             let mut woken = None;
             if let (Some(dev), false) = (self.id, run.status.success()) {
                 let mut f = failures;
-                let step = next_step(&run, true, self.held.memory.survives_server(), &mut f);
+                // The swap question is not asked here (it reads a file,
+                // which allocates): only a first failure, or a kill, wakes
+                // the standby at once.
+                let step = next_step(
+                    &run,
+                    true,
+                    self.held.memory.survives_server(),
+                    &mut f,
+                    || true,
+                );
                 if step == Next::Restart(Duration::ZERO) {
                     woken = self.wake_standby(self.restarts + 1);
                 }
@@ -464,7 +498,10 @@ impl Supervisor<'_> {
             };
             let exists = device_ids().contains(&dev);
             let survives = self.held.memory.survives_server();
-            match next_step(&run, exists, survives, &mut failures) {
+            let path = bdev_path(dev);
+            match next_step(&run, exists, survives, &mut failures, || {
+                swap::find(&path).is_some()
+            }) {
                 Next::Done => {
                     held_log::release();
                     if let Some(w) = woken {
@@ -489,11 +526,22 @@ impl Supervisor<'_> {
                             bdev_path(dev),
                             run.pid
                         );
+                    } else if failures > MAX_FAILURES {
+                        log::error!(
+                            "supervisor: the server of {path} (pid {}) died ({}), {failures} times \
+                             in a row; {path} is swap, and removing it would fail the reads of \
+                             every page swapped to it, so it is not given up yet: recovering \
+                             it again in {} s, retry {} of {SWAP_RETRIES} (`vramblk del {dev}` \
+                             takes it away)",
+                            run.pid,
+                            run.status,
+                            wait.as_secs(),
+                            failures - MAX_FAILURES
+                        );
                     } else {
                         log::warn!(
-                            "supervisor: the server of {} (pid {}) died ({}); recovering it, \
+                            "supervisor: the server of {path} (pid {}) died ({}); recovering it, \
                              try {failures} of {MAX_FAILURES}",
-                            bdev_path(dev),
                             run.pid,
                             run.status
                         );
@@ -1039,6 +1087,11 @@ mod tests {
         }
     }
 
+    /// The device is not swap (it may be given up).
+    fn no_swap() -> bool {
+        false
+    }
+
     const KILLED: libc::c_int = libc::SIGKILL;
     const CRASHED: libc::c_int = libc::SIGABRT;
     const EXIT_0: libc::c_int = 0;
@@ -1047,11 +1100,11 @@ mod tests {
     fn a_clean_exit_or_a_deleted_device_ends_supervision() {
         let mut f = 0;
         assert_eq!(
-            next_step(&run(EXIT_0, Some(5)), true, true, &mut f),
+            next_step(&run(EXIT_0, Some(5)), true, true, &mut f, no_swap),
             Next::Done
         );
         assert_eq!(
-            next_step(&run(KILLED, Some(5)), false, true, &mut f),
+            next_step(&run(KILLED, Some(5)), false, true, &mut f, no_swap),
             Next::Done
         );
         assert_eq!(f, 0);
@@ -1062,11 +1115,11 @@ mod tests {
         for failing in [CRASHED, 1 << 8] {
             let mut f = 0;
             let waits: Vec<Next> = (0..MAX_FAILURES)
-                .map(|_| next_step(&run(failing, None), true, true, &mut f))
+                .map(|_| next_step(&run(failing, None), true, true, &mut f, no_swap))
                 .collect();
             assert_eq!(waits[0], Next::Restart(Duration::ZERO));
             assert_eq!(waits[4], Next::Restart(Duration::from_secs(4)));
-            match next_step(&run(failing, Some(2)), true, true, &mut f) {
+            match next_step(&run(failing, Some(2)), true, true, &mut f, no_swap) {
                 Next::GiveUp(why) => assert!(why.contains("died 5 times in a row"), "{why}"),
                 other => panic!("expected to give up, got {other:?}"),
             }
@@ -1074,17 +1127,65 @@ mod tests {
     }
 
     #[test]
+    fn a_swap_device_is_retried_for_minutes_before_it_is_given_up() {
+        for failing in [CRASHED, 1 << 8] {
+            let mut f = 0;
+            let asked = std::cell::Cell::new(0);
+            let is_swap = || {
+                asked.set(asked.get() + 1);
+                true
+            };
+            for _ in 0..MAX_FAILURES {
+                next_step(&run(failing, None), true, true, &mut f, is_swap);
+            }
+            assert_eq!(
+                asked.get(),
+                0,
+                "asked only once the run is long enough to give up"
+            );
+            for n in 1..=SWAP_RETRIES {
+                assert_eq!(
+                    next_step(&run(failing, None), true, true, &mut f, is_swap),
+                    Next::Restart(SWAP_RETRY),
+                    "failure {} of a swap device",
+                    MAX_FAILURES + n
+                );
+            }
+            assert_eq!(asked.get(), SWAP_RETRIES);
+            assert!(SWAP_RETRY * SWAP_RETRIES >= Duration::from_secs(300));
+            match next_step(&run(failing, None), true, true, &mut f, is_swap) {
+                Next::GiveUp(why) => assert!(why.contains("died 35 times in a row"), "{why}"),
+                other => panic!("expected to give up at last, got {other:?}"),
+            }
+            // A server that serves for a while in between starts the count
+            // again.
+            let mut f = MAX_FAILURES + 7;
+            assert_eq!(
+                next_step(&run(failing, Some(31)), true, true, &mut f, is_swap),
+                Next::Restart(Duration::ZERO)
+            );
+            assert_eq!(f, 1);
+        }
+        // Its memory gone with the server, there is nothing left to keep.
+        let mut f = MAX_FAILURES + 3;
+        assert!(matches!(
+            next_step(&run(CRASHED, None), true, false, &mut f, || true),
+            Next::GiveUp(_)
+        ));
+    }
+
+    #[test]
     fn sigkills_are_always_recovered_at_once_and_never_counted() {
         let mut f = 3;
         for live_for in [None, Some(0), Some(2)].into_iter().cycle().take(100) {
             assert_eq!(
-                next_step(&run(KILLED, live_for), true, true, &mut f),
+                next_step(&run(KILLED, live_for), true, true, &mut f, no_swap),
                 Next::Restart(Duration::ZERO)
             );
         }
         assert_eq!(f, 3, "SIGKILLs leave the count of crashes as it was");
         assert_eq!(
-            next_step(&run(CRASHED, None), true, true, &mut f),
+            next_step(&run(CRASHED, None), true, true, &mut f, no_swap),
             Next::Restart(Duration::from_secs(2))
         );
     }
@@ -1093,10 +1194,10 @@ mod tests {
     fn a_crash_loop_still_gives_up_between_sigkills() {
         let mut f = 0;
         for _ in 0..MAX_FAILURES {
-            next_step(&run(CRASHED, None), true, true, &mut f);
-            next_step(&run(KILLED, None), true, true, &mut f);
+            next_step(&run(CRASHED, None), true, true, &mut f, no_swap);
+            next_step(&run(KILLED, None), true, true, &mut f, no_swap);
         }
-        match next_step(&run(CRASHED, None), true, true, &mut f) {
+        match next_step(&run(CRASHED, None), true, true, &mut f, no_swap) {
             Next::GiveUp(why) => assert!(why.contains("died 5 times in a row"), "{why}"),
             other => panic!("expected to give up, got {other:?}"),
         }
@@ -1106,7 +1207,7 @@ mod tests {
     fn a_server_that_served_a_while_resets_the_count() {
         let mut f = 4;
         assert_eq!(
-            next_step(&run(CRASHED, Some(31)), true, true, &mut f),
+            next_step(&run(CRASHED, Some(31)), true, true, &mut f, no_swap),
             Next::Restart(Duration::ZERO)
         );
         assert_eq!(f, 1);
@@ -1116,7 +1217,7 @@ mod tests {
     fn lost_memory_gives_up_at_once() {
         let mut f = 0;
         assert!(matches!(
-            next_step(&run(KILLED, Some(100)), true, false, &mut f),
+            next_step(&run(KILLED, Some(100)), true, false, &mut f, no_swap),
             Next::GiveUp(_)
         ));
     }

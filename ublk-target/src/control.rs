@@ -244,6 +244,8 @@ fn delete(id: u32, nowait: bool) -> Result<(), ControlError> {
 /// or why it failed otherwise.
 fn delete_answer(r: Result<i32, libublk::UblkError>) -> Result<Option<i32>, String> {
     match r {
+        // libublk hands an EBUSY back as a value, not an error.
+        Ok(e) if e < 0 => Ok(Some(e)),
         Ok(_) => Ok(None),
         Err(libublk::UblkError::UringIOError(e) | libublk::UblkError::OtherError(e)) => Ok(Some(e)),
         // The command went through; then libublk removes its JSON export
@@ -303,9 +305,12 @@ pub fn quiesce(id: u32, timeout: std::time::Duration) -> Result<(), ControlError
             let ms = u64::try_from(timeout.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
-            ctrl.quiesce_dev(ms)
-                .map(drop)
-                .map_err(|e| fail(e.to_string()))
+            match ctrl.quiesce_dev(ms) {
+                // libublk hands an EBUSY back as a value, not an error.
+                Ok(e) if e < 0 => Err(fail(std::io::Error::from_raw_os_error(-e).to_string())),
+                Ok(_) => Ok(()),
+                Err(e) => Err(fail(e.to_string())),
+            }
         })
         .join()
         .unwrap_or_else(|_| Err(fail("the quiescing thread panicked".into())))
@@ -354,6 +359,8 @@ mod tests {
             Ok(Some(-libc::ENOENT))
         );
         assert_eq!(delete_answer(Ok(0)), Ok(None));
+        // libublk's way of handing back EBUSY.
+        assert_eq!(delete_answer(Ok(-libc::EBUSY)), Ok(Some(-libc::EBUSY)));
         assert_eq!(
             delete_answer(Err(UblkError::UringIOError(-libc::EBUSY))),
             Ok(Some(-libc::EBUSY))

@@ -63,7 +63,7 @@ pub fn prepare_recovery(max_io_bytes: u32, id: u32) -> Result<PreparedRecovery, 
     let info = UblkCtrl::new_simple(id as i32)
         .map_err(|e| RecoverError {
             id,
-            why: format!("the device cannot be opened ({e})"),
+            why: format!("the device cannot be opened ({})", said(&e)),
         })?
         .dev_info();
     let ctrl = recovery_control(max_io_bytes, id, info.nr_hw_queues, info.queue_depth)?;
@@ -87,7 +87,7 @@ pub(crate) fn recover(
             }
             let probe = UblkCtrl::new_simple(id as i32).map_err(|e| RecoverError {
                 id,
-                why: format!("the device cannot be opened ({e})"),
+                why: format!("the device cannot be opened ({})", said(&e)),
             })?;
             let (queues, depth) = wait_quiesced(&probe)?;
             recovery_control(max_io_bytes, id, queues, depth)?
@@ -115,10 +115,18 @@ fn recovery_control(
         .depth(depth)
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
-        .map_err(|e| RecoverError {
-            id,
-            why: e.to_string(),
-        })
+        .map_err(|e| RecoverError { id, why: said(&e) })
+}
+
+/// libublk's error with the kernel's errno named (its own text for a
+/// failed command does not say which).
+pub(crate) fn said(e: &libublk::UblkError) -> String {
+    match e {
+        libublk::UblkError::UringIOError(n) | libublk::UblkError::OtherError(n) if *n < 0 => {
+            format!("{e}: {}", std::io::Error::from_raw_os_error(-n))
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Where libublk keeps device `id`'s JSON export.
@@ -158,7 +166,7 @@ fn wait_quiesced(ctrl: &UblkCtrl) -> Result<(u16, u16), RecoverError> {
     let deadline = Instant::now() + QUIESCE_WAIT;
     loop {
         ctrl.read_dev_info()
-            .map_err(|e| fail(format!("its state cannot be read ({e})")))?;
+            .map_err(|e| fail(format!("its state cannot be read ({})", said(&e))))?;
         let info = ctrl.dev_info();
         if info.flags & RECOVERY_FLAGS == 0 {
             return Err(fail("it was added without user recovery".into()));
@@ -187,8 +195,33 @@ fn wait_quiesced(ctrl: &UblkCtrl) -> Result<(u16, u16), RecoverError> {
 /// command buffer mapping tells: if the dead server had mapped it, the
 /// queues fail to map it and the device cannot be recovered on that
 /// kernel; gate.rs).
+///
+/// While the dead server's `/dev/ublkcN` is still open (its io_uring is torn
+/// down after the process is gone, and on 6.12 the kernel quiesces the
+/// device before that), the kernel answers EBUSY; libublk asks again for
+/// 30 s and then hands the EBUSY back as a success value, which is a
+/// failure here: the queues could not open the device.
 fn start_recovery(ctrl: &UblkCtrl, id: u32) -> Result<(), RecoverError> {
-    match ctrl.start_user_recover() {
+    started_recovery(id, ctrl.start_user_recover())
+}
+
+/// What START_USER_RECOVERY's answer `answer` means for device `id`.
+fn started_recovery(id: u32, answer: Result<i32, libublk::UblkError>) -> Result<(), RecoverError> {
+    match answer {
+        Ok(r) if r == -libc::EBUSY => Err(RecoverError {
+            id,
+            why: format!(
+                "START_USER_RECOVERY answered EBUSY for 30 s: the dead server's \
+                 /dev/ublkc{id} is still open"
+            ),
+        }),
+        Ok(r) if r < 0 => Err(RecoverError {
+            id,
+            why: format!(
+                "START_USER_RECOVERY failed ({})",
+                std::io::Error::from_raw_os_error(-r)
+            ),
+        }),
         Ok(_) => Ok(()),
         Err(libublk::UblkError::UringIOError(e)) if e == -libc::EINVAL => {
             log::warn!(
@@ -199,7 +232,7 @@ fn start_recovery(ctrl: &UblkCtrl, id: u32) -> Result<(), RecoverError> {
         }
         Err(e) => Err(RecoverError {
             id,
-            why: format!("START_USER_RECOVERY failed ({e})"),
+            why: format!("START_USER_RECOVERY failed ({})", said(&e)),
         }),
     }
 }
@@ -234,6 +267,33 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(&export).expect("read")).expect("json");
         assert!(parsed.as_object().is_some_and(|o| o.is_empty()));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_busy_answer_handed_back_as_a_value_is_a_failure() {
+        let busy = started_recovery(2, Ok(-libc::EBUSY)).expect_err("EBUSY is not a start");
+        assert!(
+            busy.why.contains("/dev/ublkc2 is still open"),
+            "{}",
+            busy.why
+        );
+        assert!(started_recovery(2, Ok(-libc::EPERM)).is_err());
+        assert!(started_recovery(2, Ok(0)).is_ok());
+        // The kernel's EINVAL after a death inside the last recovery:
+        // that recovery goes on.
+        assert!(started_recovery(2, Err(libublk::UblkError::UringIOError(-libc::EINVAL))).is_ok());
+        assert!(started_recovery(2, Err(libublk::UblkError::UringIOError(-libc::ENODEV))).is_err());
+    }
+
+    #[test]
+    fn a_failed_command_says_its_errno() {
+        let said = said(&libublk::UblkError::UringIOError(-libc::ENODEV));
+        assert!(said.starts_with("io_uring IO failure: "), "{said}");
+        assert!(said.contains(&std::io::Error::from_raw_os_error(libc::ENODEV).to_string()));
+        assert_eq!(
+            super::said(&libublk::UblkError::InvalidVal),
+            libublk::UblkError::InvalidVal.to_string()
+        );
     }
 
     #[test]
