@@ -13,6 +13,7 @@
 //! (integrity.rs).
 
 pub mod ceiling;
+mod deferred;
 mod driver;
 mod extents;
 mod integrity;

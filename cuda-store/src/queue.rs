@@ -20,6 +20,7 @@
 //! memory is exhausted, and an allocation then may wait for memory only
 //! its own device can free (docs/design.md, "No allocation while serving").
 
+use crate::deferred::Deferred;
 use crate::driver::{
     check, checked, context_lost, describe, is_context_fatal, retried_once, SyncStream,
 };
@@ -298,9 +299,7 @@ pub struct CudaQueue {
     /// Requests that found an extent moving, no room while the keeper
     /// takes VRAM back, or every round in flight: tried again at the next
     /// poll.
-    deferred: Vec<Request>,
-    /// What `deferred` held while it is tried again.
-    again: Vec<Request>,
+    deferred: Deferred,
     in_flight: usize,
     /// The GPU's name, for the log.
     gpu: Arc<str>,
@@ -332,8 +331,7 @@ impl CudaQueue {
             spare: Vec::with_capacity(ROUNDS),
             pieces: Vec::with_capacity(2 * depth),
             jobs: Vec::with_capacity(depth),
-            deferred: Vec::with_capacity(2 * depth),
-            again: Vec::with_capacity(2 * depth),
+            deferred: Deferred::with_capacity(2 * depth),
             in_flight: 0,
             gpu,
         };
@@ -961,11 +959,9 @@ impl QueueStore for CudaQueue {
             stages::lap(Stage::Finish, finishing);
         }
         if !self.deferred.is_empty() {
-            // Swapped, not taken: both lists keep their room.
-            std::mem::swap(&mut self.deferred, &mut self.again);
-            let mut again = std::mem::take(&mut self.again);
+            let mut again = self.deferred.take();
             self.submit(&mut again, done);
-            self.again = again;
+            self.deferred.retried(again);
         }
     }
 

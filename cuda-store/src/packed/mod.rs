@@ -31,8 +31,9 @@ use std::sync::{Mutex, MutexGuard};
 use vramblk_compress::PAGE;
 
 /// VRAM a compressed device leaves free beyond its reserve for its
-/// queues' staging (each takes 2 MiB when it opens: 32 queues).
-pub(crate) const STAGING_ROOM: u64 = 64 << 20;
+/// queues' stagings (each queue takes two of 2 MiB when it opens: room
+/// for 32 queues).
+pub(crate) const STAGING_ROOM: u64 = 128 << 20;
 
 /// How a device keeps its pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -32,6 +32,7 @@
 
 use super::entry::{Entry, Loc, RAW_CLASS};
 use super::{page_map_addr, Compress, Packed};
+use crate::deferred::Deferred;
 use crate::driver::SyncStream;
 use crate::driver::{check, checked, describe, retried_once};
 use crate::extents::{slot_addr, ExtentMap, PinRefused, Pinned};
@@ -56,10 +57,14 @@ mod writes;
 /// decode, on one core: less than a page kernel's launch to finish).
 const CPU_PAGES: usize = 2;
 
-/// Pages one compress launch takes: a queue's staging VRAM (2 MiB). A
-/// compressed device leaves at least [`super::STAGING_ROOM`] of VRAM free
-/// for its queues' staging.
+/// Pages one compress launch takes: one of a queue's stagings in VRAM
+/// (2 MiB). A compressed device leaves at least [`super::STAGING_ROOM`]
+/// of VRAM free for its queues' stagings.
 pub(crate) const STAGING_PAGES: usize = 512;
+
+/// Stagings a queue has: while the CPU places one round's blocks, the
+/// next round compresses into the other.
+pub(crate) const STAGINGS: usize = 2;
 
 /// Rounds a queue has: made when it opens; requests that find all of them
 /// in flight wait for one to finish.
@@ -129,8 +134,9 @@ struct Round {
     blocks: DescTable,
     entry_copies: DescTable,
     entries: PinnedTable<[u64; 2]>,
-    /// The round compresses into the queue's staging VRAM.
-    staged: bool,
+    /// The queue's staging the round compresses into, until its blocks'
+    /// copies out of it are queued.
+    staging: Option<usize>,
     /// Where a write round's blocks are copied from (the staging VRAM, or
     /// `host_blocks` when the CPU compressed them).
     blocks_from: u64,
@@ -161,7 +167,7 @@ impl Round {
             blocks: DescTable::empty(),
             entry_copies: DescTable::empty(),
             entries: PinnedTable::empty(),
-            staged: false,
+            staging: None,
             blocks_from: 0,
             host_blocks: PinnedTable::empty(),
             cpu_decodes: Vec::new(),
@@ -214,16 +220,15 @@ pub struct PackedQueue {
     pages: PageLaunch,
     rounds: VecDeque<Round>,
     spare: Vec<Round>,
-    /// VRAM the compress launch writes into: [`STAGING_PAGES`] pages, for
-    /// one round at a time (its blocks are copied out of it by the round's
-    /// second launch).
-    staging: u64,
-    staging_busy: bool,
+    /// VRAM the compress launches write into: [`STAGING_PAGES`] pages
+    /// each, a round in each at a time. A staging is free again once the
+    /// copies of its round's blocks out of it are queued: a later compress
+    /// into it queues after them on the same stream.
+    stagings: [u64; STAGINGS],
+    staging_busy: [bool; STAGINGS],
     /// Requests that found a page pending or no round free: submitted
     /// again at the next poll that finds a round done (or none in flight).
-    deferred: Vec<Request>,
-    /// What `deferred` held while it is submitted again.
-    again: Vec<Request>,
+    deferred: Deferred,
     /// A submit's requests by kind (kept for their room).
     reads: Vec<Req>,
     writes: Vec<Req>,
@@ -268,10 +273,9 @@ impl PackedQueue {
             pages: path.pages,
             rounds: VecDeque::with_capacity(ROUNDS),
             spare: Vec::with_capacity(ROUNDS),
-            staging: 0,
-            staging_busy: false,
-            deferred: Vec::with_capacity(2 * depth),
-            again: Vec::with_capacity(2 * depth),
+            stagings: [0; STAGINGS],
+            staging_busy: [false; STAGINGS],
+            deferred: Deferred::with_capacity(2 * depth),
             reads: Vec::with_capacity(depth),
             writes: Vec::with_capacity(depth),
             empties: Vec::with_capacity(depth),
@@ -289,11 +293,13 @@ impl PackedQueue {
             "cuStreamCreate",
         )?;
         q.map_stream = Some(SyncStream::new()?);
-        // SAFETY: freed in Drop.
-        q.staging = checked(
-            unsafe { result::malloc_sync(STAGING_PAGES * PAGE) },
-            "allocating the queue's staging VRAM for compression (out of the VRAM left free)",
-        )?;
+        for staging in &mut q.stagings {
+            // SAFETY: freed in Drop.
+            *staging = checked(
+                unsafe { result::malloc_sync(STAGING_PAGES * PAGE) },
+                "allocating the queue's staging VRAM for compression (out of the VRAM left free)",
+            )?;
+        }
         // SAFETY: the region outlives this queue (the queue loop drops the
         // store handle before its buffers). Host registration is not in the
         // result layer.
@@ -323,7 +329,7 @@ impl PackedQueue {
         // Every driver entry point the hot path calls, called once now
         // (warm.rs), on the staging, which no round uses yet.
         let copy = q.spare.first_mut().map(|r| (path.copy, &mut r.blocks));
-        crate::warm::entry_points(q.stream, q.staging, copy, false)?;
+        crate::warm::entry_points(q.stream, q.stagings[0], copy, false)?;
         Ok(q)
     }
 
@@ -336,7 +342,7 @@ impl PackedQueue {
         r.job_reqs.clear();
         r.cpu_decodes.clear();
         r.host_blocks.len = 0;
-        r.staged = false;
+        r.staging = None;
         r.pins.clear();
         r.freed.clear();
         r.epoch = None;
@@ -480,8 +486,9 @@ impl PackedQueue {
         for r in round.reqs.iter().filter(|r| r.marked) {
             st.set_pending(r.page, r.pages, false);
         }
-        if round.staged {
-            self.staging_busy = false;
+        // A round that failed before its copies were queued.
+        if let Some(i) = round.staging.take() {
+            self.staging_busy[i] = false;
         }
         st.retire(round.freed.drain(..), &mut self.emptied);
         st.release(&mut self.emptied);
@@ -566,11 +573,9 @@ impl QueueStore for PackedQueue {
         let answered = done.len();
         self.poll_rounds(done);
         if !self.deferred.is_empty() && (done.len() > answered || self.rounds.is_empty()) {
-            // Swapped, not taken: both lists keep their room.
-            std::mem::swap(&mut self.deferred, &mut self.again);
-            let mut again = std::mem::take(&mut self.again);
+            let mut again = self.deferred.take();
             self.submit(&mut again, done);
-            self.again = again;
+            self.deferred.retried(again);
         }
     }
 
@@ -686,8 +691,8 @@ impl Drop for PackedQueue {
             if !self.pinned.is_null() {
                 sys::cuMemHostUnregister(self.pinned);
             }
-            if self.staging != 0 {
-                let _ = result::free_sync(self.staging);
+            for &s in self.stagings.iter().filter(|&&s| s != 0) {
+                let _ = result::free_sync(s);
             }
             if !self.stream.is_null() {
                 let _ = result::stream::destroy(self.stream);

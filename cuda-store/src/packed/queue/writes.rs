@@ -20,19 +20,17 @@ impl PackedQueue {
             }
             return;
         }
-        // The staging holds one round: the rest wait for it.
-        let round = if self.staging_busy {
-            None
-        } else {
-            self.take_round(Stage::Compressing)
-        };
-        let Some(mut round) = round else {
+        // A staging holds one round: with both taken, the rest wait.
+        let free = self.staging_busy.iter().position(|busy| !busy);
+        let round = free.and_then(|_| self.take_round(Stage::Compressing));
+        let (Some(i), Some(mut round)) = (free, round) else {
             self.defer(reqs);
             return;
         };
-        self.staging_busy = true;
-        round.staged = true;
-        round.blocks_from = self.staging;
+        self.staging_busy[i] = true;
+        round.staging = Some(i);
+        let staging = self.stagings[i];
+        round.blocks_from = staging;
         for mut r in reqs.drain(..) {
             if round.jobs.len + r.pages as usize > STAGING_PAGES {
                 self.deferred.push(r.orig);
@@ -42,7 +40,7 @@ impl PackedQueue {
             for k in 0..r.pages as u64 {
                 let job = PageJob {
                     src: r.dev + k * PAGE as u64,
-                    dst: self.staging + round.jobs.len as u64 * PAGE as u64,
+                    dst: staging + round.jobs.len as u64 * PAGE as u64,
                     ..PageJob::default()
                 };
                 // The round has room for STAGING_PAGES jobs.
@@ -51,8 +49,9 @@ impl PackedQueue {
             round.reqs.push(r);
         }
         // SAFETY: the jobs name the pinned io buffers of requests not yet
-        // answered and the queue's staging, which no other round uses
-        // until this one ends.
+        // answered and a staging of the queue, which no other round uses
+        // until this one's copies out of it are queued (after which a
+        // compress into it runs after them, on the same stream).
         let launched = unsafe {
             self.pages
                 .compress(round.jobs.dev, round.jobs.len as u32, self.stream)
@@ -176,6 +175,11 @@ impl PackedQueue {
             for r in &mut round.reqs {
                 r.result = -libc::EIO;
             }
+        }
+        // The copies out of its staging are queued on the queue's stream:
+        // the next compress into it queues after them.
+        if let Some(i) = round.staging.take() {
+            self.staging_busy[i] = false;
         }
         round.stage = Stage::Storing;
         deferred
