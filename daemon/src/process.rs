@@ -104,6 +104,7 @@ pub fn spawn(
     match unsafe { libc::fork() } {
         -1 => bail!("fork: {}", std::io::Error::last_os_error()),
         0 => {
+            vramblk_ublk_target::control::forget_inherited_control_ring();
             drop(rd);
             for &fd in close_in_child {
                 // SAFETY: the caller's fds, which this forked child never

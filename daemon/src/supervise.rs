@@ -637,6 +637,7 @@ impl Supervisor<'_> {
         match unsafe { libc::fork() } {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
             0 => {
+                vramblk_ublk_target::control::forget_inherited_control_ring();
                 held_log::forget_parents_lines();
                 drop(report);
                 // Only the supervisor talks to `add` and to the standby.

@@ -123,6 +123,27 @@ pub fn require_features() -> Result<(), ControlError> {
     }
 }
 
+/// Lets go of the control ring this thread inherited through fork, if its
+/// parent's thread had one; the next control command makes a fresh one.
+///
+/// libublk keeps one io_uring per thread for control commands, made at the
+/// first command, and a forked child's thread has its parent's: the same
+/// ring fd, and its queues mapped shared. Two processes then answer their
+/// commands from one completion queue, and a process killed between a
+/// command and its answer (a crash storm during take-overs) leaves that
+/// answer there: the next process reads it as the answer to its own
+/// command, sees another token and takes it for no answer (EAGAIN), and
+/// leaves its own for the next: every later server failed so at once
+/// (the crash boot on 6.12.118, 2026-12-04: "the device cannot be opened
+/// (io_uring IO failure: Resource temporarily unavailable)"). Call it in
+/// the child right after fork; it closes only the child's copies.
+pub fn forget_inherited_control_ring() {
+    let _ = libublk::ublk_init_ctrl_task_ring(|ring| {
+        *ring = None;
+        Ok(())
+    });
+}
+
 /// Ids of every ublk device the kernel knows, sorted.
 pub fn device_ids() -> Vec<u32> {
     let mut ids = Vec::new();

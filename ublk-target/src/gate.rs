@@ -4,11 +4,13 @@
 //! its queues submits a FETCH command per tag; the kernel counts a queue
 //! ready once all of its tags fetched. On kernels before ublk's recovery
 //! rework (Debian's 6.12 among them), a server that dies inside that window
-//! breaks the device for good: with no queue ready the next
-//! START_USER_RECOVERY fails with EINVAL (device.rs resumes that case when
-//! it can), and with some queues ready but not all it dereferences a NULL
-//! task in the kernel (an oops that holds the device's lock forever: every
-//! later command on it, and its I/O, hang). So each queue prepares
+//! strands the device: with no queue ready the next START_USER_RECOVERY
+//! fails with EINVAL and the dead server's mappings are the only ones the
+//! kernel accepts (stranded.rs frees it by fetching every tag unmapped,
+//! which needs no tag of it fetched), and with some queues ready but not
+//! all it dereferences a NULL task in the kernel (an oops that holds the
+//! device's lock forever: every later command on it, and its I/O, hang).
+//! So each queue prepares
 //! everything first (its ring and command buffer, its store handle, its tag
 //! tasks), waits here for the others, and they submit their FETCH commands
 //! together; if any queue could not get ready, none fetches and the server

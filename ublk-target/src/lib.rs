@@ -34,7 +34,9 @@ mod request;
 mod request_timeout;
 mod ring_wait;
 mod slots;
+mod stranded;
 pub mod take_over;
+mod test_hooks;
 
 pub use control::{ControlError, DeviceInfo, DeviceState};
 pub use counters::{CounterSnapshot, DeviceCounters};

@@ -146,6 +146,7 @@ fn try_serve_queue<S: Store>(
             }
         }));
     }
+    crate::test_hooks::die_before_fetch_if_asked(qid);
     pass_gate(gate)?;
     announce(qid, dev, announced, tasks.len(), "per-tag", buffers);
 
@@ -172,6 +173,7 @@ fn serve_batched<Q: QueueStore>(
     announced: &mut bool,
 ) -> Result<(), String> {
     let mut batch = BatchQueue::new(qid, bufs.iter().map(|b| b.as_ptr() as u64).collect());
+    crate::test_hooks::die_before_fetch_if_asked(qid);
     pass_gate(gate)?;
     batch.start(q).map_err(|e| e.to_string())?;
     announce(qid, dev, announced, bufs.len(), "batch", buffers);

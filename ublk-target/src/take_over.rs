@@ -97,7 +97,7 @@ pub(crate) fn recover(
     // Everything that can be done before START_USER_RECOVERY is: from there
     // until every queue fetched, a death of this server can break the
     // device (gate.rs).
-    start_recovery(&ctrl, id)?;
+    start_recovery(&ctrl, id, max_io_bytes)?;
     Ok(ctrl)
 }
 
@@ -190,23 +190,60 @@ fn wait_quiesced(ctrl: &UblkCtrl) -> Result<(u16, u16), RecoverError> {
 
 /// START_USER_RECOVERY on a quiesced device. Kernels before ublk's recovery
 /// rework refuse it (EINVAL) when the last server died after its own START
-/// and before any of its queues was ready: the kernel has already reset the
-/// queues for a new server then, so this one goes on from there (the
-/// command buffer mapping tells: if the dead server had mapped it, the
-/// queues fail to map it and the device cannot be recovered on that
-/// kernel; gate.rs).
+/// and before any of its queues was ready: the device is then stranded
+/// (stranded.rs), and is freed by fetching every tag from here; failing
+/// that, this server goes on from the dead one's START (which works if
+/// that one died before it mapped its command buffers; gate.rs).
 ///
 /// While the dead server's `/dev/ublkcN` is still open (its io_uring is torn
 /// down after the process is gone, and on 6.12 the kernel quiesces the
 /// device before that), the kernel answers EBUSY; libublk asks again for
 /// 30 s and then hands the EBUSY back as a success value, which is a
 /// failure here: the queues could not open the device.
-fn start_recovery(ctrl: &UblkCtrl, id: u32) -> Result<(), RecoverError> {
-    started_recovery(id, ctrl.start_user_recover())
+fn start_recovery(ctrl: &UblkCtrl, id: u32, max_io_bytes: u32) -> Result<(), RecoverError> {
+    if started_recovery(id, ctrl.start_user_recover())? == Started::Yes {
+        return Ok(());
+    }
+    let info = ctrl.dev_info();
+    let shape = crate::stranded::Shape {
+        id,
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+        flags: info.flags,
+    };
+    log::warn!(
+        "ublk device {id}: START_USER_RECOVERY refused (EINVAL): its last server died inside its \
+         own recovery; fetching every tag from here, unmapped, to free the device"
+    );
+    if let Err(why) = crate::stranded::free(shape, max_io_bytes) {
+        log::warn!("ublk device {id}: not freed ({why}); resuming the dead server's recovery");
+        return Ok(());
+    }
+    match started_recovery(id, ctrl.start_user_recover())? {
+        Started::Yes => {
+            log::info!("ublk device {id}: freed: START_USER_RECOVERY accepted after the fetches")
+        }
+        Started::Stranded => log::warn!(
+            "ublk device {id}: START_USER_RECOVERY still refused after the fetches; resuming the \
+             dead server's recovery"
+        ),
+    }
+    Ok(())
+}
+
+/// How START_USER_RECOVERY went.
+#[derive(Debug, PartialEq, Eq)]
+enum Started {
+    Yes,
+    /// Refused (EINVAL): the last server died inside its own recovery.
+    Stranded,
 }
 
 /// What START_USER_RECOVERY's answer `answer` means for device `id`.
-fn started_recovery(id: u32, answer: Result<i32, libublk::UblkError>) -> Result<(), RecoverError> {
+fn started_recovery(
+    id: u32,
+    answer: Result<i32, libublk::UblkError>,
+) -> Result<Started, RecoverError> {
     match answer {
         Ok(r) if r == -libc::EBUSY => Err(RecoverError {
             id,
@@ -222,14 +259,8 @@ fn started_recovery(id: u32, answer: Result<i32, libublk::UblkError>) -> Result<
                 std::io::Error::from_raw_os_error(-r)
             ),
         }),
-        Ok(_) => Ok(()),
-        Err(libublk::UblkError::UringIOError(e)) if e == -libc::EINVAL => {
-            log::warn!(
-                "ublk device {id}: START_USER_RECOVERY refused (EINVAL): its last server died in \
-                 the middle of its own recovery; resuming that recovery"
-            );
-            Ok(())
-        }
+        Ok(_) => Ok(Started::Yes),
+        Err(libublk::UblkError::UringIOError(e)) if e == -libc::EINVAL => Ok(Started::Stranded),
         Err(e) => Err(RecoverError {
             id,
             why: format!("START_USER_RECOVERY failed ({})", said(&e)),
@@ -278,10 +309,12 @@ mod tests {
             busy.why
         );
         assert!(started_recovery(2, Ok(-libc::EPERM)).is_err());
-        assert!(started_recovery(2, Ok(0)).is_ok());
-        // The kernel's EINVAL after a death inside the last recovery:
-        // that recovery goes on.
-        assert!(started_recovery(2, Err(libublk::UblkError::UringIOError(-libc::EINVAL))).is_ok());
+        assert_eq!(started_recovery(2, Ok(0)).ok(), Some(Started::Yes));
+        // The kernel's EINVAL after a death inside the last recovery.
+        assert_eq!(
+            started_recovery(2, Err(libublk::UblkError::UringIOError(-libc::EINVAL))).ok(),
+            Some(Started::Stranded)
+        );
         assert!(started_recovery(2, Err(libublk::UblkError::UringIOError(-libc::ENODEV))).is_err());
     }
 
