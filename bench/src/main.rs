@@ -27,7 +27,6 @@
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
 
-mod alloc_count;
 mod ceiling;
 mod compress;
 mod context;
@@ -43,7 +42,7 @@ mod thin;
 use anyhow::{bail, Result};
 
 #[global_allocator]
-static ALLOC: alloc_count::Counting = alloc_count::Counting;
+static ALLOC: vramblk_alloc_count::Counting = vramblk_alloc_count::Counting;
 use std::sync::Arc;
 use vramblk_cuda_store::{CopyPolicy, CudaStore, CudaStoreOptions};
 use vramblk_store::Store;

@@ -6,13 +6,13 @@
 //! `--checks-only` runs them on the stand-in libcuda too (not GPU
 //! evidence there).
 
-use crate::alloc_count::{counted, Armed};
 use crate::load::{
     fill_content, set_write_content, shadow_check_of, shape_row, slice, Content, Pattern, Rng,
     Shape, SynthQueue,
 };
 use crate::table::Row;
 use std::os::fd::AsFd;
+use vramblk_alloc_count::{counted, Armed};
 use vramblk_cuda_store::pinned_tables_made;
 use vramblk_cuda_store::{Compress, CudaStore, CudaStoreOptions, EXTENT};
 use vramblk_store::BufferRegion;

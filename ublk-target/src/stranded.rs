@@ -33,9 +33,10 @@ use std::time::{Duration, Instant};
 const OPEN_WAIT: Duration = Duration::from_secs(30);
 
 /// The shape of the device to free, from its control.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Shape {
-    pub(crate) id: u32,
+    /// Its char device (`/dev/ublkcN`).
+    pub(crate) cdev: String,
     pub(crate) queues: u16,
     pub(crate) depth: u16,
     pub(crate) flags: u64,
@@ -96,14 +97,13 @@ impl Drop for Inaccessible {
 
 /// Opens the device file, waiting up to [`OPEN_WAIT`] while the dead
 /// server's copy is still open (EBUSY).
-fn open_device(id: u32) -> std::io::Result<OwnedFd> {
-    let path = crate::control::cdev_path(id);
+fn open_device(path: &str) -> std::io::Result<OwnedFd> {
     let deadline = Instant::now() + OPEN_WAIT;
     loop {
         match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&path)
+            .open(path)
         {
             Ok(f) => return Ok(f.into()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
@@ -136,7 +136,7 @@ pub(crate) fn free(shape: Shape, max_io_bytes: u32) -> Result<(), String> {
 
 /// What [`free`]'s thread does.
 fn fetch_every_tag(shape: Shape, max_io_bytes: u32) -> Result<(), String> {
-    let fd = open_device(shape.id).map_err(|e| format!("opening its device file: {e}"))?;
+    let fd = open_device(&shape.cdev).map_err(|e| format!("opening its device file: {e}"))?;
     let nowhere = Inaccessible::new(max_io_bytes.max(4096) as usize)
         .map_err(|e| format!("mapping an address for the fetches: {e}"))?;
     let addr = if shape.flags & sys::UBLK_F_USER_COPY as u64 != 0 {

@@ -206,7 +206,7 @@ fn start_recovery(ctrl: &UblkCtrl, id: u32, max_io_bytes: u32) -> Result<(), Rec
     }
     let info = ctrl.dev_info();
     let shape = crate::stranded::Shape {
-        id,
+        cdev: ctrl.get_cdev_path(),
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
         flags: info.flags,

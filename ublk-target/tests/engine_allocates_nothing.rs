@@ -7,66 +7,27 @@
 //! checks the other half of a host device's hot path: the engine (batching,
 //! rounds, counters, latency samples) and the host store's queue, under
 //! every op and size, invalid requests among them. Its own binary, for its
-//! counting allocator.
+//! counting allocator (vramblk-alloc-count, which engine-bench uses too).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vramblk_alloc_count::{armed, counted, Counting};
 use vramblk_host_store::{HostStore, HostStoreOptions};
 use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, Store};
 use vramblk_ublk_target::{DeviceCounters, QueueEngine};
 
-struct Counting;
-
-static COUNTED: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn note() {
-    if ARMED.try_with(Cell::get).unwrap_or(false) {
-        COUNTED.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is passed on to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: as the caller promises.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: as the caller promises.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: as the caller promises.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as the caller promises.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Allocations this thread makes inside `f`.
+/// The count is one for every armed thread: the tests take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Allocations this thread makes inside `f` (no other test counts
+/// meanwhile).
 fn allocations_in(f: impl FnOnce()) -> u64 {
-    let before = COUNTED.load(Ordering::Relaxed);
-    ARMED.with(|a| a.set(true));
-    f();
-    ARMED.with(|a| a.set(false));
-    COUNTED.load(Ordering::Relaxed) - before
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let before = counted();
+    armed(f);
+    counted() - before
 }
 
 const DEPTH: usize = 64;

@@ -170,16 +170,29 @@ umount /run/ublksrvd
 # `forget_inherited_control_ring`), and a server killed inside its own
 # recovery stranding the device (stranded.rs; section 1b4 makes that
 # death happen on purpose).
-mkdir -p /tmp/sw && mount -t tmpfs tmpfs /tmp/sw
-[ -e /sys/fs/cgroup/memory.reclaim ] || mount -t cgroup2 cgroup2 /sys/fs/cgroup
-dev=$(vramblk add --size 64M --backend host --hugepages --queues 1 --depth 8 --swap --priority 90 2>/tmp/add-s.txt)
-check "crash loop on swap: add as the only swap" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-s.txt; show_logs; }
+# file_in_swap LABEL QUEUES: a 64 MiB host device of QUEUES queues as the
+# only swap, and a 4 MiB file (/tmp/sw/data on a tmpfs of its own, its md5
+# in $sum0) whose pages sit in swap on the device alone.
+file_in_swap() {
+    mkdir -p /tmp/sw && mount -t tmpfs tmpfs /tmp/sw
+    [ -e /sys/fs/cgroup/memory.reclaim ] || mount -t cgroup2 cgroup2 /sys/fs/cgroup
+    dev=$(vramblk add --size 64M --backend host --hugepages --queues "$2" --depth 8 --swap --priority 90 2>/tmp/add-s.txt)
+    check "$1: add as the only swap" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-s.txt; show_logs; }
+    head -c 4194304 /dev/urandom > /tmp/sw/data
+    sum0=$(md5sum < /tmp/sw/data)
+    out=$(pageout /tmp/sw/data 2>&1)
+    info "$1: $out"
+    check "$1: the file's pages are in swap on the device alone" has "$out" ": 0 of 1024 pages resident"
+}
+# file_in_swap_done LABEL: no oops, the device removed, the tmpfs gone.
+file_in_swap_done() {
+    check "$1: no kernel oops or hung task" no_oops
+    vramblk del 0 > /dev/null
+    check "$1: del" wait_for 30 nodes_gone 0
+    umount /tmp/sw
+}
+file_in_swap "crash loop on swap" 1
 holder=$(holder_pid 0)
-head -c 4194304 /dev/urandom > /tmp/sw/data
-sum0=$(md5sum < /tmp/sw/data)
-out=$(pageout /tmp/sw/data 2>&1)
-info "crash loop on swap: $out"
-check "crash loop on swap: the file's pages are in swap on the device alone" has "$out" ": 0 of 1024 pages resident"
 rm -f /tmp/sw.stop
 (
     while ! [ -e /tmp/sw.stop ]; do
@@ -208,10 +221,7 @@ else
         info "pid $p: $(cat /proc/$p/wchan 2>/dev/null) $(head -n 6 /proc/$p/stack 2>/dev/null | tr '\n' ' ')"
     done
 fi
-check "crash loop on swap: no hung task" no_oops
-vramblk del 0 > /dev/null
-check "crash loop on swap: del" wait_for 30 nodes_gone 0
-umount /tmp/sw
+file_in_swap_done "crash loop on swap"
 
 # --- 1b4. a server that dies inside its own recovery: after its
 # START_USER_RECOVERY and its queues' mappings, before any queue fetched
@@ -221,17 +231,11 @@ umount /tmp/sw
 # by fetching every tag unmapped (stranded.rs) and recovers it. Newer
 # kernels recover it as any other death. A file's pages sit in swap on the
 # device alone meanwhile, and must come back.
-mkdir -p /tmp/sw && mount -t tmpfs tmpfs /tmp/sw
-[ -e /sys/fs/cgroup/memory.reclaim ] || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 rm -f /tmp/die-before-fetch
-dev=$(VRAMBLK_TEST_HOOKS=1 VRAMBLK_TEST_DIE_BEFORE_FETCH=/tmp/die-before-fetch \
-    vramblk add --size 64M --backend host --hugepages --queues 2 --depth 8 --swap --priority 90 2>/tmp/add-s.txt)
-check "death in the recovery window: add as the only swap" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-s.txt; show_logs; }
+export VRAMBLK_TEST_HOOKS=1 VRAMBLK_TEST_DIE_BEFORE_FETCH=/tmp/die-before-fetch
+file_in_swap "death in the recovery window" 2
+unset VRAMBLK_TEST_HOOKS VRAMBLK_TEST_DIE_BEFORE_FETCH
 HOLDER_FOR_CHILDREN=$(holder_pid 0)
-head -c 4194304 /dev/urandom > /tmp/sw/data
-sum0=$(md5sum < /tmp/sw/data)
-out=$(pageout /tmp/sw/data 2>&1)
-check "death in the recovery window: the file's pages are in swap on the device alone" has "$out" ": 0 of 1024 pages resident"
 check "death in the recovery window: a standby stands by" wait_for 30 has_standby
 srv=$(daemon_pid 0)
 touch /tmp/die-before-fetch
@@ -248,10 +252,7 @@ case "$(uname -r)" in
     ;;
 esac
 check "death in the recovery window: every page of the file came back from swap intact" [ "$(md5sum < /tmp/sw/data)" = "$sum0" ]
-check "death in the recovery window: no kernel oops or hung task" no_oops
-vramblk del 0 > /dev/null
-check "death in the recovery window: del" wait_for 30 nodes_gone 0
-umount /tmp/sw
+file_in_swap_done "death in the recovery window"
 
 # --- 1c. upgrades without swapoff: the binary is replaced on disk (a new
 # file renamed over it, as a package update does) and `vramblk upgrade`

@@ -1,8 +1,10 @@
-//! Counts the heap allocations a thread makes while it is "armed": the
-//! check that a compressed queue allocates nothing once open (a swap
-//! device's server is asked for pages while memory is short, when an
-//! allocation may wait for memory only its own device can free) arms its
-//! queue threads around the store's submit and poll.
+//! Counts the heap allocations a thread makes while it is "armed", for the
+//! checks that a queue allocates nothing once it serves (a swap device's
+//! server is asked for pages while memory is short, when an allocation may
+//! wait for memory only its own device can free): engine-bench arms the
+//! CUDA store's queues around submit and poll ([`Armed`]), ublk-target's
+//! test the whole queue engine over the host store ([`armed`]). A binary
+//! makes [`Counting`] its global allocator to use either.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -59,7 +61,8 @@ pub fn counted() -> u64 {
 /// A queue whose submit and poll run armed.
 pub struct Armed<Q>(pub Q);
 
-fn armed<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` armed: what this thread allocates in it is counted.
+pub fn armed<T>(f: impl FnOnce() -> T) -> T {
     ARMED.with(|a| a.set(true));
     let out = f();
     ARMED.with(|a| a.set(false));
