@@ -59,11 +59,12 @@ const CPU_PAGES: usize = 2;
 
 /// Pages one compress launch takes: one of a queue's stagings in VRAM
 /// (2 MiB). A compressed device leaves at least [`super::STAGING_ROOM`]
-/// of VRAM free for its queues' stagings.
+/// of VRAM free for its queues' first stagings.
 pub(crate) const STAGING_PAGES: usize = 512;
 
 /// Stagings a queue has: while the CPU places one round's blocks, the
-/// next round compresses into the other.
+/// next round compresses into the other. The second is made only where
+/// the free VRAM has room for it.
 pub(crate) const STAGINGS: usize = 2;
 
 /// Rounds a queue has: made when it opens; requests that find all of them
@@ -293,12 +294,22 @@ impl PackedQueue {
             "cuStreamCreate",
         )?;
         q.map_stream = Some(SyncStream::new()?);
-        for staging in &mut q.stagings {
+        // The first staging is needed; the others only speed writes up,
+        // and a queue goes without one the free VRAM has no room for
+        // (STAGING_ROOM counts one per queue: a device must not be refused
+        // for a speed-up).
+        // SAFETY: freed in Drop.
+        q.stagings[0] = checked(
+            unsafe { result::malloc_sync(STAGING_PAGES * PAGE) },
+            "allocating the queue's staging VRAM for compression (out of the VRAM left free)",
+        )?;
+        for i in 1..STAGINGS {
             // SAFETY: freed in Drop.
-            *staging = checked(
-                unsafe { result::malloc_sync(STAGING_PAGES * PAGE) },
-                "allocating the queue's staging VRAM for compression (out of the VRAM left free)",
-            )?;
+            match unsafe { result::malloc_sync(STAGING_PAGES * PAGE) } {
+                Ok(at) => q.stagings[i] = at,
+                // Never free, so never taken.
+                Err(_) => q.staging_busy[i] = true,
+            }
         }
         // SAFETY: the region outlives this queue (the queue loop drops the
         // store handle before its buffers). Host registration is not in the
