@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use vramblk_config::DeviceRecord;
 use vramblk_store::handoff;
 use vramblk_ublk_target::control::{bdev_path, delete_device_nowait, device_ids};
@@ -77,11 +77,10 @@ struct HeldDevice {
     not_before: Option<Instant>,
 }
 
-/// How often a swap device's adoption is tried once [`MAX_ADOPT_TRIES`]
-/// tries failed, and how many more tries it gets (five minutes of them)
-/// before it is given up.
-const SWAP_RETRY: Duration = Duration::from_secs(10);
-const SWAP_RETRIES: u32 = 30;
+// How often a swap device's adoption is tried once MAX_ADOPT_TRIES tries
+// failed, and how many more tries it gets before it is given up: as a
+// supervisor's restarts.
+use crate::swap::{KEEP_RETRIES as SWAP_RETRIES, KEEP_RETRY as SWAP_RETRY};
 
 /// The fds the service holds now (see [`held_fds`]).
 static HELD_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());

@@ -38,13 +38,10 @@ const STABLE: Duration = Duration::from_secs(30);
 /// Wait before restart n (1-based) of a run of failures: the first at
 /// once, since I/O (perhaps swap) is waiting.
 const BACKOFF_MS: [u64; MAX_FAILURES as usize] = [0, 500, 1000, 2000, 4000];
-/// Wait between restarts once a swap device's server has failed more than
-/// [`MAX_FAILURES`] times in a row: such a device is given up only after
-/// [`SWAP_RETRIES`] more (see [`next_step`]).
-const SWAP_RETRY: Duration = Duration::from_secs(10);
-/// Restarts a swap device gets beyond [`MAX_FAILURES`]: five minutes of
-/// them.
-const SWAP_RETRIES: u32 = 30;
+// The wait between restarts once a swap device's server has failed more
+// than MAX_FAILURES times in a row, and how many more it gets before it is
+// given up (see `next_step`).
+use swap::{KEEP_RETRIES as SWAP_RETRIES, KEEP_RETRY as SWAP_RETRY};
 /// How often the supervisor looks at its servers and its signals.
 const TICK_MS: i32 = 100;
 /// Least time between two standbys forked, should they keep dying.

@@ -6,6 +6,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// How often a swap device whose server (or adoption) kept failing is
+/// tried again once its give-up is due, and how many more tries it gets
+/// (five minutes of them) before it is given up: its removal fails every
+/// swapped page's read (supervise.rs `next_step`, holder.rs).
+pub const KEEP_RETRY: Duration = Duration::from_secs(10);
+pub const KEEP_RETRIES: u32 = 30;
+
 /// One line of /proc/swaps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActiveSwap {

@@ -60,7 +60,7 @@ pub enum Command {
 }
 
 /// The environment variable that lets a server take test hooks.
-pub const TEST_HOOKS_ENV: &str = "VRAMBLK_TEST_HOOKS";
+pub const TEST_HOOKS_ENV: &str = vramblk_ublk_target::test_hooks::HOOKS_ENV;
 
 impl Command {
     fn line(&self) -> String {

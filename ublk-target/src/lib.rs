@@ -36,7 +36,7 @@ mod ring_wait;
 mod slots;
 mod stranded;
 pub mod take_over;
-mod test_hooks;
+pub mod test_hooks;
 
 pub use control::{ControlError, DeviceInfo, DeviceState};
 pub use counters::{CounterSnapshot, DeviceCounters};

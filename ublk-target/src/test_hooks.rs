@@ -3,8 +3,9 @@
 
 use std::ffi::OsStr;
 
-/// Set to "1" to let a server take test hooks.
-const HOOKS_ENV: &str = "VRAMBLK_TEST_HOOKS";
+/// Set to "1" to let a server take test hooks (the daemon's VRAM-control
+/// hooks read the same).
+pub const HOOKS_ENV: &str = "VRAMBLK_TEST_HOOKS";
 
 /// A path: when a file is there as a queue of a server is about to fetch
 /// (its command buffer mapped, after a recovering server's
