@@ -620,6 +620,8 @@ fn fill_store(store: &CudaStore, content: &[u8]) -> bool {
 /// random ones), the loads' buffers holding those pages too; a markdown
 /// report.
 pub fn bench(gpu: u32, corpus: &[u8], size: u64, secs: f64) -> Result<String, String> {
+    // The stage table below; a server never times its rounds.
+    vramblk_cuda_store::stages::enable();
     let mut random = vec![0u8; 16 * MIB as usize];
     fill_content(&mut random, Content::Random, &mut Rng(0x5EED));
     let mut out = String::new();
@@ -693,6 +695,12 @@ pub fn bench(gpu: u32, corpus: &[u8], size: u64, secs: f64) -> Result<String, St
             a.errors + b.errors
         );
     }
+    let lz_rows: Vec<(String, Row)> = rows
+        .iter()
+        .map(|(w, _, b)| (w.clone(), b.clone()))
+        .collect();
+    out += "\nWhere the `lz` store's rounds spend their time (cuda-store's stages.rs; a round's last trip to the GPU is `gpu`; the lock waits are inside the others):\n\n";
+    out += &crate::table::packed_stage_times(&lz_rows);
     out += "\nWhat the filled `lz` store holds (DATA: pages written, whole; COMPR: their blocks; TOTAL: VRAM held for data and maps):\n\n| content | DATA | COMPR | TOTAL | DATA / TOTAL | same-filled | compressed | incompressible |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n";
     out += &usage;
     Ok(out)

@@ -285,6 +285,34 @@ pub fn stage_times(rows: &[Row], mode: &str) -> String {
     t
 }
 
+/// Where a compressed store's rounds spend their time (cuda-store's
+/// stages for compressed queues), per round, for each `(content, row)`.
+pub fn packed_stage_times(rows: &[(String, Row)]) -> String {
+    let names: Vec<&str> = Stage::PACKED.iter().map(|s| s.name()).collect();
+    let mut t = format!(
+        "| content | shape | queues x depth | rounds | requests per round | {} (us per round) |\n| --- | --- | --- | --- | --- |{}\n",
+        names.join(" | "),
+        " --- |".repeat(names.len())
+    );
+    for (what, r) in rows.iter().filter(|(_, r)| r.stages.rounds > 0) {
+        let s = &r.stages;
+        let per_round: Vec<String> = Stage::PACKED
+            .iter()
+            .map(|&st| format!("{:.1}", s.us_per_round(st)))
+            .collect();
+        t += &format!(
+            "| {what} | {} | {} x {} | {} | {:.1} | {} |\n",
+            r.name,
+            r.queues,
+            r.depth,
+            s.rounds,
+            s.requests_per_round(),
+            per_round.join(" | ")
+        );
+    }
+    t
+}
+
 /// The polling policies side by side (rows from `load::poll_policies`,
 /// whose mode column names the policy): rate, latency and the thread's CPU.
 pub fn variants_table(rows: &[Row], what: &str) -> String {
@@ -364,7 +392,7 @@ mod tests {
         // 10 rounds of 40 requests: 2 us translate, 1 us build, 0.5 us
         // launch, 12 us on the GPU, 0.5 us finish per round.
         r.stages = StageTotals {
-            nanos: [20_000, 10_000, 5_000, 120_000, 5_000],
+            nanos: [20_000, 10_000, 5_000, 120_000, 5_000, 0, 0, 0, 0, 0],
             rounds: 10,
             requests: 400,
         };

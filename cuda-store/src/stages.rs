@@ -1,6 +1,6 @@
 //! Where a queue round's time goes (issue 19): the CPU stages of a round in
-//! `CudaQueue::submit` and `finish`, and the GPU's part as the queue sees
-//! it. Off unless [`enable`]d (engine-bench turns it on; a server never
+//! `CudaQueue::submit` and `finish` (a compressed queue's in `PackedQueue`,
+//! issue 18), and the GPU's part as the queue sees it. Off unless [`enable`]d (engine-bench turns it on; a server never
 //! does, so its queues read no clock and touch no shared counter). When on,
 //! each queue times its rounds with a few clock reads (not per request)
 //! and adds them to process-wide totals, which engine-bench reads between
@@ -26,6 +26,20 @@ pub enum Stage {
     /// Completion bookkeeping: pins let go, checksum mismatches looked
     /// for, answers handed back.
     Finish,
+    /// A compressed round's start: pending pages looked for, a read's
+    /// pages looked up and their pool extents pinned, the job table, the
+    /// launch.
+    Lookup,
+    /// A write round's compress launch, from its record to the poll that
+    /// finds it done.
+    Compress,
+    /// A write round's blocks given slots, its entries, their launches.
+    Place,
+    /// Waiting for a lock of the compressed device's page map (inside
+    /// the stages above, not beside them).
+    MapWait,
+    /// Waiting for the lock of its pool (inside the stages above).
+    PoolWait,
 }
 
 impl Stage {
@@ -37,6 +51,19 @@ impl Stage {
         Stage::Finish,
     ];
 
+    /// A compressed queue's stages, in order ([`Stage::Gpu`]: a round's
+    /// last trip to the GPU, the stores of a write round or a read's
+    /// decompression), and the lock waits inside them.
+    pub const PACKED: [Stage; 7] = [
+        Stage::Lookup,
+        Stage::Compress,
+        Stage::Place,
+        Stage::Gpu,
+        Stage::Finish,
+        Stage::MapWait,
+        Stage::PoolWait,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Stage::Translate => "translate",
@@ -44,12 +71,20 @@ impl Stage {
             Stage::Launch => "launch",
             Stage::Gpu => "gpu",
             Stage::Finish => "finish",
+            Stage::Lookup => "lookup",
+            Stage::Compress => "compress",
+            Stage::Place => "place",
+            Stage::MapWait => "map lock wait",
+            Stage::PoolWait => "pool lock wait",
         }
     }
 }
 
+/// How many stages there are.
+const STAGES: usize = 10;
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static NANOS: [AtomicU64; STAGES] = [const { AtomicU64::new(0) }; STAGES];
 static ROUNDS: AtomicU64 = AtomicU64::new(0);
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
@@ -86,7 +121,7 @@ pub(crate) fn count_round(requests: usize) {
 /// [`StageTotals::take`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StageTotals {
-    pub nanos: [u64; 5],
+    pub nanos: [u64; STAGES],
     pub rounds: u64,
     pub requests: u64,
 }

@@ -27,7 +27,6 @@ use crate::extents::{slot_addr, EXTENT, MAP_SLOT};
 use entry::{ENTRY_BYTES, POOL_CLASSES};
 use state::State;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
 use vramblk_compress::PAGE;
 
 /// VRAM a compressed device leaves free beyond its reserve for its
@@ -77,7 +76,9 @@ pub(crate) struct Packed {
     pub(crate) mode: Compress,
     /// Entries carry their page's checksum, checked on every read.
     pub(crate) integrity: bool,
-    state: Mutex<State>,
+    /// The page map's host copy, the pool and the freed slots (their
+    /// locks inside: state.rs).
+    pub(crate) state: State,
     /// The log said the VRAM held is nearly full (said again once it is
     /// not).
     nearly_full: AtomicBool,
@@ -89,7 +90,7 @@ impl Packed {
         Packed {
             mode,
             integrity,
-            state: Mutex::new(State::new(size.div_ceil(PAGE as u64), pool_extents(size))),
+            state: State::new(size.div_ceil(PAGE as u64), pool_extents(size)),
             nearly_full: AtomicBool::new(false),
         }
     }
@@ -106,17 +107,13 @@ impl Packed {
         Ok(Packed {
             mode,
             integrity,
-            state: Mutex::new(State::rebuild(raw, pool_extents(size), mapped)?),
+            state: State::rebuild(raw, pool_extents(size), mapped)?,
             nearly_full: AtomicBool::new(false),
         })
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub(crate) fn usage(&self) -> PackedUsage {
-        self.lock().usage()
+        self.state.usage()
     }
 
     /// After a pool extent took a new VRAM slot: logs once when fewer than

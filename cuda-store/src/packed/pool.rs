@@ -28,6 +28,10 @@ struct PoolExtent {
     /// once).
     taken: Box<[u64; TAKEN_WORDS]>,
     count: u32,
+    /// Every word of `taken` before this one is full: a take looks from
+    /// here (a 128-byte class has 256 words to look through otherwise,
+    /// under the lock every queue takes its slots under).
+    free_from: u16,
 }
 
 /// Slots of the pool, by class.
@@ -60,6 +64,7 @@ impl Pool {
                     class: None,
                     taken: Box::new([0; TAKEN_WORDS]),
                     count: 0,
+                    free_from: 0,
                 })
                 .collect(),
             room: vec![FixedBitSet::with_capacity(n); POOL_CLASSES],
@@ -80,6 +85,7 @@ impl Pool {
                 let x = &mut self.extents[e];
                 x.class = Some(class as u8);
                 x.taken.fill(0);
+                x.free_from = 0;
                 self.room[class].insert(e);
                 e
             }
@@ -87,7 +93,13 @@ impl Pool {
         let slots = slots_per_extent(class);
         let x = &mut self.extents[e];
         let words = &mut x.taken[..(slots as usize).div_ceil(64)];
-        let (w, word) = words.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
+        let from = usize::from(x.free_from).min(words.len());
+        let (w, word) = words[from..]
+            .iter()
+            .enumerate()
+            .find(|(_, w)| **w != u64::MAX)
+            .map(|(w, word)| (from + w, word))?;
+        x.free_from = w as u16;
         let index = w as u32 * 64 + word.trailing_ones();
         if index >= slots {
             return None;
@@ -119,6 +131,7 @@ impl Pool {
             return Given::Kept;
         }
         *word &= !bit;
+        x.free_from = x.free_from.min(at.index / 64);
         x.count -= 1;
         let e = at.extent as usize;
         if x.count > 0 {
@@ -151,6 +164,7 @@ impl Pool {
             None => {
                 x.class = Some(at.class);
                 x.taken.fill(0);
+                x.free_from = 0;
                 self.idle.remove(e);
             }
             Some(c) if c != at.class => {
@@ -203,6 +217,24 @@ mod tests {
             assert_eq!(p.give(*r), Given::Emptied(2));
         }
         assert!(p.is_idle(2) && !p.is_idle(1));
+    }
+
+    #[test]
+    fn freed_slots_anywhere_in_an_extent_are_found_again() {
+        let mut p = Pool::new(2);
+        let n = slots_per_extent(0) as usize;
+        let all: Vec<Loc> = (0..n).map(|_| p.take(0).unwrap()).collect();
+        assert!(all.iter().all(|l| l.extent == 0));
+        assert_eq!(p.take(0).unwrap().extent, 1, "extent 0 is full");
+        // Free slots far apart, the lowest last: each take finds the
+        // lowest free one.
+        for i in [n - 1, n / 2, 70, 3] {
+            p.give(all[i]);
+        }
+        for i in [3, 70, n / 2, n - 1] {
+            assert_eq!(p.take(0).unwrap(), all[i]);
+        }
+        assert_eq!(p.take(0).unwrap().extent, 1);
     }
 
     #[test]

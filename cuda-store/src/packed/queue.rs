@@ -31,6 +31,7 @@
 //! its own device can free (docs/design.md, "No allocation while serving").
 
 use super::entry::{Entry, Loc, RAW_CLASS};
+use super::state::Slots;
 use super::{page_map_addr, Compress, Packed};
 use crate::deferred::Deferred;
 use crate::driver::SyncStream;
@@ -41,6 +42,7 @@ use crate::kernel::{self, flags, Desc};
 use crate::page_kernels::{kind, PageJob, PageLaunch};
 use crate::pinned::{DescTable, PinnedTable};
 use crate::queue::{launch_table, record_extent, report_mismatch, report_no_room, round_succeeded};
+use crate::stages::{self, Stage as Timed};
 use cudarc::driver::result::{self, stream::StreamKind, DriverError};
 use cudarc::driver::sys;
 use std::collections::VecDeque;
@@ -66,6 +68,10 @@ pub(crate) const STAGING_PAGES: usize = 512;
 /// next round compresses into the other. The second is made only where
 /// the free VRAM has room for it.
 pub(crate) const STAGINGS: usize = 2;
+
+/// Streams a queue decompresses reads on, in turn: two rounds of reads
+/// decompress at once.
+const READ_STREAMS: usize = 2;
 
 /// Rounds a queue has: made when it opens; requests that find all of them
 /// in flight wait for one to finish.
@@ -125,6 +131,9 @@ struct Req {
 
 struct Round {
     event: sys::CUevent,
+    /// The stream its work is queued on (`PackedQueue::stream` says
+    /// which).
+    stream: sys::CUstream,
     stage: Stage,
     reqs: Vec<Req>,
     /// Page jobs; for a read, each job's request, its page in that
@@ -147,10 +156,22 @@ struct Round {
     cpu_decodes: Vec<(usize, usize, u32, usize)>,
     /// Pool extents pinned by the round, let go when it ends.
     pins: Vec<u32>,
+    /// The last of them and its VRAM slot: a round's pages crowd into
+    /// few extents (slots are taken from the lowest with room), and each
+    /// pin is an atomic every queue writing that class contends for.
+    last_pin: Option<(u32, u32)>,
     /// Slots whose pages the round rewrote, freed when it ends.
     freed: Vec<Loc>,
+    /// A read round: its pages' entries, as looked up. A write round: the
+    /// slot each page job takes (None: a same-filled page, or none
+    /// taken).
+    looked: Vec<Entry>,
+    slots: Vec<Option<Loc>>,
     /// A read round: the epoch its lookups belong to.
     epoch: Option<u64>,
+    /// When its current stage began (only while stages are timed:
+    /// stages.rs).
+    clock: Option<Instant>,
 }
 
 impl Round {
@@ -161,6 +182,7 @@ impl Round {
                 result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
                 "cuEventCreate",
             )?,
+            stream: std::ptr::null_mut(),
             stage: Stage::Barrier,
             reqs: Vec::new(),
             jobs: PinnedTable::empty(),
@@ -173,8 +195,12 @@ impl Round {
             host_blocks: PinnedTable::empty(),
             cpu_decodes: Vec::new(),
             pins: Vec::new(),
+            last_pin: None,
             freed: Vec::new(),
+            looked: Vec::new(),
+            slots: Vec::new(),
             epoch: None,
+            clock: None,
         })
     }
 
@@ -191,6 +217,8 @@ impl Round {
         self.cpu_decodes.reserve_exact(CPU_PAGES);
         self.pins.reserve_exact(ROUND_PAGES);
         self.freed.reserve_exact(ROUND_PAGES);
+        self.looked.reserve_exact(ROUND_PAGES);
+        self.slots.reserve_exact(ROUND_PAGES);
         Ok(())
     }
 
@@ -212,7 +240,19 @@ pub struct PackedQueue {
     base: sys::CUdeviceptr,
     extents: Arc<ExtentMap>,
     packed: Arc<Packed>,
+    /// Where a round's work queues. A write round compressed on the GPU
+    /// uses its staging's stream (`write_streams`): its copies out of the
+    /// staging queue behind its own compress only, not another round's,
+    /// and the staging's next compress queues after them. Reads the GPU
+    /// decompresses take the `read_streams` in turn; the rest (discards,
+    /// rounds done on the CPU) the queue's own `stream`. One stream for
+    /// all of it made every round wait for the compress queued before it
+    /// (docs/benchmarks.md, "Where a compressed round's time goes").
     stream: sys::CUstream,
+    write_streams: [sys::CUstream; STAGINGS],
+    read_streams: [sys::CUstream; READ_STREAMS],
+    /// The read stream the next read round takes.
+    next_read: usize,
     map_stream: Option<SyncStream>,
     pinned: *mut std::ffi::c_void,
     pinned_dev: sys::CUdeviceptr,
@@ -266,6 +306,9 @@ impl PackedQueue {
             extents,
             packed: path.packed,
             stream: std::ptr::null_mut(),
+            write_streams: [std::ptr::null_mut(); STAGINGS],
+            read_streams: [std::ptr::null_mut(); READ_STREAMS],
+            next_read: 0,
             map_stream: None,
             pinned: std::ptr::null_mut(),
             pinned_dev: 0,
@@ -285,7 +328,7 @@ impl PackedQueue {
             in_flight: 0,
             gpu,
         };
-        q.packed.lock().set_reader(q.qid, None);
+        q.packed.state.slots().set_reader(q.qid, None);
         // SAFETY: the context is retained by the store, which outlives us;
         // the queue is used only on the thread that opens it.
         checked(unsafe { result::ctx::set_current(ctx) }, "cuCtxSetCurrent")?;
@@ -293,6 +336,12 @@ impl PackedQueue {
             result::stream::create(StreamKind::NonBlocking),
             "cuStreamCreate",
         )?;
+        for s in q.write_streams.iter_mut().chain(q.read_streams.iter_mut()) {
+            *s = checked(
+                result::stream::create(StreamKind::NonBlocking),
+                "cuStreamCreate",
+            )?;
+        }
         q.map_stream = Some(SyncStream::new()?);
         // The first staging is needed; the others only speed writes up,
         // and a queue goes without one the free VRAM has no room for
@@ -349,14 +398,19 @@ impl PackedQueue {
     fn take_round(&mut self, stage: Stage) -> Option<Round> {
         let mut r = self.spare.pop()?;
         r.stage = stage;
+        r.stream = self.stream;
         r.reqs.clear();
         r.job_reqs.clear();
         r.cpu_decodes.clear();
         r.host_blocks.len = 0;
         r.staging = None;
         r.pins.clear();
+        r.last_pin = None;
         r.freed.clear();
+        r.looked.clear();
+        r.slots.clear();
         r.epoch = None;
+        r.clock = None;
         r.jobs.len = 0;
         r.blocks.len = 0;
         r.entry_copies.len = 0;
@@ -423,11 +477,24 @@ impl PackedQueue {
         }
     }
 
+    /// Pins pool extent `e` for `round` (once: its later pages in the same
+    /// extent use the pin it holds, let go when it ends); its slot.
+    fn pin_for(&self, round: &mut Round, e: u32, write: bool) -> Result<u32, PinRefused> {
+        if let Some((pinned, slot)) = round.last_pin {
+            if pinned == e {
+                return Ok(slot);
+            }
+        }
+        let slot = self.pin(e, write)?;
+        round.pins.push(e);
+        round.last_pin = Some((e, slot));
+        Ok(slot)
+    }
+
     /// Keeps in `reqs` those none of whose pages is pending; defers the
     /// others.
     fn defer_pending(&mut self, reqs: &mut Vec<Req>) {
-        let packed = Arc::clone(&self.packed);
-        let st = packed.lock();
+        let st = &self.packed.state;
         let deferred = &mut self.deferred;
         reqs.retain(|r| {
             let wait = st.pending_any(r.page, r.pages);
@@ -438,21 +505,38 @@ impl PackedQueue {
         });
     }
 
-    /// Launches the copy kernel over `descs`; false when that failed.
-    fn launch_copies(&self, descs: &DescTable) -> bool {
-        launch_table(self.copy, descs, self.stream)
+    /// Launches the copy kernel over `descs` on `stream`; false when that
+    /// failed.
+    fn launch_copies(&self, descs: &DescTable, stream: sys::CUstream) -> bool {
+        launch_table(self.copy, descs, stream)
+    }
+
+    /// The stream the next read round decompresses on.
+    fn read_stream(&mut self) -> sys::CUstream {
+        let s = self.read_streams[self.next_read % READ_STREAMS];
+        self.next_read = self.next_read.wrapping_add(1);
+        s
     }
 
     /// Keeps a started round in flight, its event recorded after what it
     /// queued (a flush's barrier has none).
-    fn record(&mut self, round: Round, done: &mut Vec<Completion>) {
+    fn record(&mut self, mut round: Round, done: &mut Vec<Completion>) {
         // A request deferred while the round was built is not in flight.
-        self.in_flight += round.reqs.iter().filter(|r| r.result != DEFERRED).count();
+        let started = round.reqs.iter().filter(|r| r.result != DEFERRED).count();
+        self.in_flight += started;
+        if round.stage != Stage::Barrier {
+            stages::count_round(started);
+        }
+        if round.stage != Stage::Storing {
+            // A round stored at once (on the CPU, or failed) timed its
+            // lookup and placing already.
+            round.clock = stages::lap(Timed::Lookup, round.clock);
+        }
         if round.stage == Stage::Barrier || self.record_event(&round) {
             self.rounds.push_back(round);
         } else {
             // SAFETY: waiting on our own stream.
-            let ok = unsafe { result::stream::synchronize(self.stream) }.is_ok();
+            let ok = unsafe { result::stream::synchronize(round.stream) }.is_ok();
             self.finish(round, !ok, done);
         }
     }
@@ -460,7 +544,7 @@ impl PackedQueue {
     /// Records the round's event after what its stream holds now.
     fn record_event(&self, round: &Round) -> bool {
         // SAFETY: event and stream are ours.
-        let recorded = unsafe { result::event::record(round.event, self.stream) };
+        let recorded = unsafe { result::event::record(round.event, round.stream) };
         match checked(recorded, "cuEventRecord") {
             Ok(()) => true,
             Err(e) => {
@@ -472,6 +556,7 @@ impl PackedQueue {
 
     /// Answers a finished round and lets go of what it held.
     fn finish(&mut self, mut round: Round, failed: bool, done: &mut Vec<Completion>) {
+        let clock = stages::lap(Timed::Gpu, round.clock.take());
         if round.stage == Stage::Reading && !failed {
             self.settle_reads(&mut round);
         }
@@ -479,33 +564,55 @@ impl PackedQueue {
             self.extents.unpin(e);
         }
         let packed = Arc::clone(&self.packed);
-        let mut st = packed.lock();
+        let st = &packed.state;
         if round.epoch.is_some() {
             let next = self.rounds.iter().find_map(|r| r.epoch);
-            st.set_reader(self.qid, next);
+            st.slots().set_reader(self.qid, next);
         }
         if round.stage == Stage::Emptying && !failed {
             // Their entries are zero in VRAM now: so in the host's copy,
-            // and their old slots are freed.
+            // and their old slots are freed (a round's worth at a time:
+            // the list has room for that many).
             for r in round.reqs.iter().filter(|r| r.marked && r.result >= 0) {
                 for p in r.page..r.page + u64::from(r.pages) {
-                    let old = st.set(p, Entry::Empty);
-                    st.retire(old.loc().into_iter(), &mut self.emptied);
+                    let Some(old) = st.set(p, Entry::Empty).loc() else {
+                        continue;
+                    };
+                    if round.freed.len() == round.freed.capacity() {
+                        st.slots().retire(round.freed.drain(..), &mut self.emptied);
+                    }
+                    round.freed.push(old);
                 }
             }
         }
         for r in round.reqs.iter().filter(|r| r.marked) {
-            st.set_pending(r.page, r.pages, false);
+            st.unmark(r.page, r.pages);
         }
         // A round that failed before its copies were queued.
         if let Some(i) = round.staging.take() {
             self.staging_busy[i] = false;
         }
-        st.retire(round.freed.drain(..), &mut self.emptied);
-        st.release(&mut self.emptied);
+        let mut sl = st.slots();
+        sl.retire(round.freed.drain(..), &mut self.emptied);
+        self.unmap_emptied(&mut sl);
+        drop(sl);
+        let answered = round.reqs.iter().filter(|r| r.result != DEFERRED);
+        self.in_flight -= answered.clone().count();
+        done.extend(answered.map(|r| Completion {
+            tag: r.tag,
+            result: if failed { -libc::EIO } else { r.result },
+        }));
+        stages::lap(Timed::Finish, clock);
+        self.spare.push(round);
+    }
+
+    /// The pool extents freed slots emptied give their VRAM back (`sl`:
+    /// the pool, its lock held).
+    fn unmap_emptied(&mut self, sl: &mut Slots) {
         let mut emptied = std::mem::take(&mut self.emptied);
         for e in emptied.drain(..) {
-            if !st.pool.is_idle(e) {
+            // Under the pool's lock: no slot of it is taken meanwhile.
+            if !sl.pool.is_idle(e) {
                 continue;
             }
             // An empty pool extent gives its VRAM slot back (zeroed, the
@@ -519,19 +626,11 @@ impl PackedQueue {
             }
         }
         self.emptied = emptied;
-        drop(st);
-        let answered = round.reqs.iter().filter(|r| r.result != DEFERRED);
-        self.in_flight -= answered.clone().count();
-        done.extend(answered.map(|r| Completion {
-            tag: r.tag,
-            result: if failed { -libc::EIO } else { r.result },
-        }));
-        self.spare.push(round);
     }
 
-    /// Whether a round whose event answered `r` did its work.
-    fn round_succeeded(&self, r: Result<(), DriverError>) -> bool {
-        round_succeeded(r, self.stream, "a round of compressed pages")
+    /// Whether a round on `stream` whose event answered `r` did its work.
+    fn round_succeeded(&self, r: Result<(), DriverError>, stream: sys::CUstream) -> bool {
+        round_succeeded(r, stream, "a round of compressed pages")
     }
 }
 
@@ -657,17 +756,19 @@ impl PackedQueue {
                 i += 1;
                 continue;
             }
-            let ok = self.round_succeeded(r);
+            let ok = self.round_succeeded(r, self.rounds[i].stream);
             if stage == Stage::Compressing && ok {
                 let Some(mut round) = self.rounds.remove(i) else {
                     break;
                 };
+                round.clock = stages::lap(Timed::Compress, round.clock);
                 // Counted in flight when it started; those it defers are
                 // not any more.
                 self.in_flight -= self.store_blocks(&mut round);
+                round.clock = stages::lap(Timed::Place, round.clock);
                 if !self.record_event(&round) {
                     // SAFETY: waiting on our own stream.
-                    let ok = unsafe { result::stream::synchronize(self.stream) }.is_ok();
+                    let ok = unsafe { result::stream::synchronize(round.stream) }.is_ok();
                     self.finish(round, !ok, done);
                     continue;
                 }
@@ -683,13 +784,24 @@ impl PackedQueue {
     }
 }
 
+impl PackedQueue {
+    /// Every stream the queue made (null where it did not get that far).
+    fn all_streams(&self) -> [sys::CUstream; 1 + STAGINGS + READ_STREAMS] {
+        let mut all = [std::ptr::null_mut(); 1 + STAGINGS + READ_STREAMS];
+        all[0] = self.stream;
+        all[1..=STAGINGS].copy_from_slice(&self.write_streams);
+        all[1 + STAGINGS..].copy_from_slice(&self.read_streams);
+        all
+    }
+}
+
 impl Drop for PackedQueue {
     fn drop(&mut self) {
         // SAFETY: tearing down what open() made, after the stream drains.
         unsafe {
             let _ = result::ctx::set_current(self.ctx);
-            if !self.stream.is_null() {
-                let _ = result::stream::synchronize(self.stream);
+            for &s in self.all_streams().iter().filter(|s| !s.is_null()) {
+                let _ = result::stream::synchronize(s);
             }
             for r in &self.rounds {
                 for &e in &r.pins {
@@ -705,8 +817,8 @@ impl Drop for PackedQueue {
             for &s in self.stagings.iter().filter(|&&s| s != 0) {
                 let _ = result::free_sync(s);
             }
-            if !self.stream.is_null() {
-                let _ = result::stream::destroy(self.stream);
+            for &s in self.all_streams().iter().filter(|s| !s.is_null()) {
+                let _ = result::stream::destroy(s);
             }
         }
     }

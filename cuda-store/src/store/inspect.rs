@@ -14,7 +14,7 @@ impl CudaStore {
         if let Some(packed) = &self.packed {
             // A compressed page's block: the byte as far into it as the
             // block goes (a same-filled page has none).
-            let entry = packed.lock().entry(offset / crate::PAGE);
+            let entry = packed.state.entry(offset / crate::PAGE);
             let at = entry.loc()?;
             let slot = self.extents.slot_of(at.extent)?;
             let within = (offset % crate::PAGE).min(entry.stored_len().saturating_sub(1));
@@ -53,7 +53,7 @@ impl CudaStore {
     /// without integrity or when its extent holds no data.
     pub fn stored_checksum(&self, offset: u64) -> Result<Option<u32>, StoreError> {
         if let Some(packed) = &self.packed {
-            let entry = packed.lock().entry(offset / crate::PAGE);
+            let entry = packed.state.entry(offset / crate::PAGE);
             return Ok(entry.sum().filter(|_| self.integrity));
         }
         let e = u32::try_from(offset / EXTENT).ok();

@@ -31,33 +31,50 @@ impl PackedQueue {
     /// A round of reads: unwritten and same-filled pages are filled here,
     /// the rest decompressed by one launch (or, a few, on the CPU).
     fn start_read_round(&mut self, mut round: Round, reqs: &[Req], done: &mut Vec<Completion>) {
+        round.clock = stages::start();
         let packed = Arc::clone(&self.packed);
-        let mut st = packed.lock();
-        let stored = reqs
-            .iter()
-            .flat_map(|r| (0..u64::from(r.pages)).map(move |k| r.page + k))
-            .filter(|&p| st.entry(p).loc().is_some())
-            .count();
-        let on_cpu = stored <= CPU_PAGES;
-        let epoch = st.epoch();
-        round.epoch = Some(epoch);
-        if !self.rounds.iter().any(|r| r.epoch.is_some()) {
-            st.set_reader(self.qid, Some(epoch));
+        let st = &packed.state;
+        // The queue's oldest read is published before any page is looked
+        // up (state.rs: a slot freed after this waits for the read).
+        {
+            let mut sl = st.slots();
+            let epoch = sl.epoch();
+            round.epoch = Some(epoch);
+            if !self.rounds.iter().any(|r| r.epoch.is_some()) {
+                sl.set_reader(self.qid, Some(epoch));
+            }
         }
+        // Every page looked up first (`job` holds where a request's
+        // entries start), so the round knows how many are stored.
+        let mut stored = 0;
         for &r in reqs {
-            let mut r = r;
-            if st.pending_any(r.page, r.pages) {
+            let at = round.looked.len();
+            let n = r.pages as usize;
+            round.looked.resize(at + n, Entry::Empty);
+            if !st.settled(r.page, r.pages, &mut round.looked[at..]) {
                 // A write of a page of it began since the first check.
+                round.looked.truncate(at);
                 self.deferred.push(r.orig);
                 continue;
             }
-            let i = round.reqs.len();
+            stored += round.looked[at..]
+                .iter()
+                .filter(|e| e.loc().is_some())
+                .count();
+            round.reqs.push(Req { job: at, ..r });
+        }
+        let on_cpu = stored <= CPU_PAGES;
+        if !on_cpu {
+            round.stream = self.read_stream();
+        }
+        for i in 0..round.reqs.len() {
+            let mut r = round.reqs[i];
+            let looked = r.job;
             r.job = round.jobs.len;
             for k in 0..r.pages as usize {
                 // SAFETY: page k of the read's own buffer.
                 let page = unsafe { std::slice::from_raw_parts_mut(r.buf.add(k * PAGE), PAGE) };
-                let entry = st.entry(r.page + k as u64);
-                let (at, len, sum, job_kind) = match entry {
+                let (at, len, sum, job_kind) = match round.looked[looked + k] {
                     Entry::Empty => {
                         page.fill(0);
                         continue;
@@ -69,14 +86,13 @@ impl PackedQueue {
                     Entry::Lz { at, len, sum } => (at, u32::from(len), sum, kind::COMPRESSED),
                     Entry::Raw { at, sum } => (at, PAGE as u32, sum, kind::RAW),
                 };
-                let slot = match self.pin(at.extent, false) {
+                let slot = match self.pin_for(&mut round, at.extent, false) {
                     Ok(s) => s,
                     Err(_) => {
                         r.result = -libc::EIO;
                         break;
                     }
                 };
-                round.pins.push(at.extent);
                 let src = slot_addr(self.base, slot) + at.offset();
                 if on_cpu && !self.fetch(&mut round, src, len, job_kind, i, k, page) {
                     r.result = -libc::EIO;
@@ -91,9 +107,8 @@ impl PackedQueue {
                 });
                 round.job_reqs.push((i, k as u32, sum));
             }
-            round.reqs.push(r);
+            round.reqs[i] = r;
         }
-        drop(st);
         // SAFETY: blocks in slots the round pinned, pages of its requests'
         // pinned buffers, the job table: alive until its event.
         let launched = if on_cpu {
@@ -101,7 +116,7 @@ impl PackedQueue {
         } else {
             unsafe {
                 self.pages
-                    .decompress(round.jobs.dev, round.jobs.len as u32, self.stream)
+                    .decompress(round.jobs.dev, round.jobs.len as u32, round.stream)
             }
         };
         if let Err(e) = launched {
@@ -132,7 +147,7 @@ impl PackedQueue {
             // SAFETY: a slot the round pinned into the read's own pinned
             // buffer, alive until the round's event.
             retried_once("a copy", || unsafe {
-                result::memcpy_dtoh_async(&mut page[..], src, self.stream)
+                result::memcpy_dtoh_async(&mut page[..], src, round.stream)
             })
         } else {
             let block = round.host_blocks.len;
@@ -152,7 +167,7 @@ impl PackedQueue {
                         n,
                     ),
                     src,
-                    self.stream,
+                    round.stream,
                 )
             })
         };

@@ -5,9 +5,13 @@
 use super::*;
 
 impl PackedQueue {
-    /// Starts a round of writes: one launch compresses every page. What
-    /// does not fit the round, or finds it taken, waits (deferred).
+    /// Starts rounds of writes, each as many requests as a staging holds
+    /// ([`STAGING_PAGES`]), one per free staging: one launch compresses
+    /// each round's pages. What finds no staging free waits (deferred).
+    /// (Rounds cut smaller, 16 or 32 pages over four stagings, wrote
+    /// slower on the H200: docs/benchmarks.md.)
     pub(super) fn start_writes(&mut self, reqs: &mut Vec<Req>, done: &mut Vec<Completion>) {
+        let clock = stages::start();
         self.defer_pending(reqs);
         if reqs.is_empty() {
             return;
@@ -15,23 +19,55 @@ impl PackedQueue {
         let pages: usize = reqs.iter().map(|r| r.pages as usize).sum();
         if pages <= CPU_PAGES {
             match self.take_round(Stage::Compressing) {
-                Some(round) => self.compress_on_cpu(round, reqs, done),
+                Some(mut round) => {
+                    round.clock = clock;
+                    self.compress_on_cpu(round, reqs, done)
+                }
                 None => self.defer(reqs),
             }
             return;
         }
-        // A staging holds one round: with both taken, the rest wait.
-        let free = self.staging_busy.iter().position(|busy| !busy);
-        let round = free.and_then(|_| self.take_round(Stage::Compressing));
-        let (Some(i), Some(mut round)) = (free, round) else {
-            self.defer(reqs);
-            return;
-        };
+        let mut from = 0;
+        while from < reqs.len() {
+            // A staging holds one round: with all taken, the rest wait.
+            let free = self.staging_busy.iter().position(|busy| !busy);
+            let round = free.and_then(|_| self.take_round(Stage::Compressing));
+            let (Some(i), Some(mut round)) = (free, round) else {
+                self.deferred.extend(reqs[from..].iter().map(|r| r.orig));
+                break;
+            };
+            let mut n = 0;
+            let mut pages = 0;
+            while let Some(r) = reqs.get(from + n) {
+                if n > 0 && pages + r.pages as usize > STAGING_PAGES {
+                    break;
+                }
+                pages += r.pages as usize;
+                n += 1;
+            }
+            round.clock = clock;
+            self.start_write_round(i, round, &reqs[from..from + n], done);
+            from += n;
+        }
+        reqs.clear();
+    }
+
+    /// Starts a round of `reqs` (at most [`STAGING_PAGES`] pages) on
+    /// staging `i`: one launch compresses every page into it.
+    fn start_write_round(
+        &mut self,
+        i: usize,
+        mut round: Round,
+        reqs: &[Req],
+        done: &mut Vec<Completion>,
+    ) {
         self.staging_busy[i] = true;
         round.staging = Some(i);
+        round.stream = self.write_streams[i];
         let staging = self.stagings[i];
         round.blocks_from = staging;
-        for mut r in reqs.drain(..) {
+        for &r in reqs {
+            let mut r = r;
             if round.jobs.len + r.pages as usize > STAGING_PAGES {
                 self.deferred.push(r.orig);
                 continue;
@@ -54,7 +90,7 @@ impl PackedQueue {
         // compress into it runs after them, on the same stream).
         let launched = unsafe {
             self.pages
-                .compress(round.jobs.dev, round.jobs.len as u32, self.stream)
+                .compress(round.jobs.dev, round.jobs.len as u32, round.stream)
         };
         if let Err(e) = launched {
             log::error!("compressing a round of writes: {e}");
@@ -105,7 +141,9 @@ impl PackedQueue {
             round.reqs.push(r);
         }
         // Not counted in flight yet: `record` counts what it did not defer.
+        round.clock = stages::lap(Timed::Lookup, round.clock);
         self.store_blocks(&mut round);
+        round.clock = stages::lap(Timed::Place, round.clock);
         self.record(round, done);
     }
 
@@ -114,44 +152,50 @@ impl PackedQueue {
     /// Returns how many of its requests it deferred (a page of theirs was
     /// pending meanwhile).
     pub(super) fn store_blocks(&mut self, round: &mut Round) -> usize {
-        let mut deferred = 0;
         let packed = Arc::clone(&self.packed);
-        let mut st = packed.lock();
-        for i in 0..round.reqs.len() {
-            let (page0, pages, job0, buf, dev) = {
-                let r = &mut round.reqs[i];
-                if r.result < 0 {
-                    continue;
-                }
-                if st.pending_any(r.page, r.pages) {
-                    // Another queue's write of a page of it is on its way.
-                    r.result = DEFERRED;
-                    self.deferred.push(r.orig);
-                    deferred += 1;
-                    continue;
-                }
-                st.set_pending(r.page, r.pages, true);
+        let st = &packed.state;
+        let mut deferred = 0;
+        for r in round.reqs.iter_mut().filter(|r| r.result >= 0) {
+            if st.try_mark(r.page, r.pages) {
                 r.marked = true;
-                (r.page, r.pages, r.job, r.buf, r.dev)
-            };
+            } else {
+                // Another queue's write of a page of it is on its way.
+                r.result = DEFERRED;
+                self.deferred.push(r.orig);
+                deferred += 1;
+            }
+        }
+        self.take_slots(round);
+        for i in 0..round.reqs.len() {
+            let r = round.reqs[i];
+            if !r.marked || r.result < 0 {
+                continue;
+            }
             let first_entry = round.entries.len;
-            for k in 0..pages as usize {
-                let job = round.jobs.get(job0 + k).unwrap_or_default();
+            for k in 0..r.pages as usize {
+                let j = r.job + k;
+                let job = round.jobs.get(j).unwrap_or_default();
                 // SAFETY: page k of the request's own buffer, which holds
                 // the data until the write is answered.
-                let page = unsafe { std::slice::from_raw_parts(buf.add(k * PAGE), PAGE) };
-                let stored = match self.place(&mut st, &job, round, page) {
+                let page = unsafe { std::slice::from_raw_parts(r.buf.add(k * PAGE), PAGE) };
+                let at = round.slots.get(j).copied().flatten();
+                let (new, placed) = match self.place(&job, at, round, page) {
                     Ok(e) => e,
                     Err(errno) => {
+                        // This page's slot and those after it go back.
+                        let rest = j..r.job + r.pages as usize;
+                        let mut sl = st.slots();
+                        for at in round.slots[rest].iter().flatten() {
+                            sl.pool.give(*at);
+                        }
                         round.reqs[i].result = -errno;
                         break;
                     }
                 };
-                let (new, placed) = stored;
                 if let (Some(at), Some((src, slot))) = (new.loc(), placed) {
                     let src = match src {
-                        Source::Staging => round.blocks_from + ((job0 + k) * PAGE) as u64,
-                        Source::Buffer => dev + (k * PAGE) as u64,
+                        Source::Staging => round.blocks_from + (j * PAGE) as u64,
+                        Source::Buffer => r.dev + (k * PAGE) as u64,
                     };
                     let dst = slot_addr(self.base, slot) + at.offset();
                     let len = (new.stored_len() as u32).next_multiple_of(16);
@@ -163,21 +207,21 @@ impl PackedQueue {
                         flags: flags::COPY,
                     });
                 }
-                let old = st.set(page0 + k as u64, new);
+                let old = st.set(r.page + k as u64, new);
                 round.freed.extend(old.loc());
                 let _ = round.entries.push(new.encode());
             }
-            self.copy_entries(round, first_entry, page0);
+            self.copy_entries(round, first_entry, r.page);
         }
-        drop(st);
-        let ok = self.launch_copies(&round.blocks) && self.launch_copies(&round.entry_copies);
+        let ok = self.launch_copies(&round.blocks, round.stream)
+            && self.launch_copies(&round.entry_copies, round.stream);
         if !ok {
             for r in &mut round.reqs {
                 r.result = -libc::EIO;
             }
         }
-        // The copies out of its staging are queued on the queue's stream:
-        // the next compress into it queues after them.
+        // The copies out of its staging are queued on its stream: the next
+        // compress into it queues after them.
         if let Some(i) = round.staging.take() {
             self.staging_busy[i] = false;
         }
@@ -185,19 +229,39 @@ impl PackedQueue {
         deferred
     }
 
-    /// Decides how page `job` is stored and takes (and pins) its slot; the
-    /// entry, and where its block is copied from and the VRAM slot its
-    /// pool extent lives in. Err: the errno the request fails with.
-    fn place(
-        &self,
-        st: &mut crate::packed::state::State,
-        job: &PageJob,
-        round: &mut Round,
-        page: &[u8],
-    ) -> Result<(Entry, Option<(Source, u32)>), i32> {
+    /// Takes a slot for every page of the round's marked writes that
+    /// needs one (`round.slots`, by page job), all under one hold of the
+    /// pool's lock; a write the pool has no room for fails.
+    fn take_slots(&self, round: &mut Round) {
+        round.slots.clear();
+        round.slots.resize(round.jobs.len, None);
+        let mut sl = self.packed.state.slots();
+        for r in round.reqs.iter_mut().filter(|r| r.marked && r.result >= 0) {
+            let jobs = r.job..r.job + r.pages as usize;
+            for j in jobs.clone() {
+                let job = round.jobs.get(j).unwrap_or_default();
+                let Some((class, _)) = self.class_of(&job) else {
+                    continue;
+                };
+                let Some(at) = sl.pool.take(class) else {
+                    log::error!("the pool of a compressed device is used up; the write fails");
+                    for at in round.slots[jobs].iter_mut().filter_map(Option::take) {
+                        sl.pool.give(at);
+                    }
+                    r.result = -libc::EIO;
+                    break;
+                };
+                round.slots[j] = Some(at);
+            }
+        }
+    }
+
+    /// The class of slot page `job` is stored in and where its block is
+    /// copied from; None for a same-filled page (no slot).
+    fn class_of(&self, job: &PageJob) -> Option<(usize, Source)> {
         let lz = job.kind == kind::COMPRESSED && self.packed.mode == Compress::Lz;
-        let (class, source) = match job.kind {
-            kind::SAME => return Ok((Entry::Same(job.word), None)),
+        Some(match job.kind {
+            kind::SAME => return None,
             _ if lz => match class_of(job.len as usize) {
                 Some(c) => (c.index(), Source::Staging),
                 None => (RAW_CLASS, Source::Buffer),
@@ -206,15 +270,29 @@ impl PackedQueue {
             // Compressed but the device keeps only same-filled pages, or
             // a kind no kernel writes: the page whole, from its buffer.
             _ => (RAW_CLASS, Source::Buffer),
+        })
+    }
+
+    /// How page `job` is stored in slot `at` (taken for it; None for a
+    /// same-filled page): pins its pool extent; the entry, and where its
+    /// block is copied from and the VRAM slot its pool extent lives in.
+    /// Err: the errno the request fails with (the slot not given back).
+    fn place(
+        &self,
+        job: &PageJob,
+        at: Option<Loc>,
+        round: &mut Round,
+        page: &[u8],
+    ) -> Result<(Entry, Option<(Source, u32)>), i32> {
+        let Some((class, source)) = self.class_of(job) else {
+            return Ok((Entry::Same(job.word), None));
         };
-        let Some(at) = st.pool.take(class) else {
-            log::error!("the pool of a compressed device is used up; the write fails");
+        let Some(at) = at else {
             return Err(libc::EIO);
         };
-        let slot = match self.pin(at.extent, true) {
+        let slot = match self.pin_for(round, at.extent, true) {
             Ok(s) => s,
             Err(why) => {
-                st.pool.give(at);
                 return Err(match why {
                     PinRefused::NoRoom => {
                         // The keeper is asked for VRAM; this write fails.
@@ -226,7 +304,6 @@ impl PackedQueue {
                 });
             }
         };
-        round.pins.push(at.extent);
         let sum = if self.packed.integrity {
             page_sum_cpu(page)
         } else {
@@ -271,19 +348,20 @@ impl PackedQueue {
         if reqs.is_empty() {
             return;
         }
+        let clock = stages::start();
         let Some(mut round) = self.take_round(Stage::Emptying) else {
             self.defer(reqs);
             return;
         };
+        round.clock = clock;
         let packed = Arc::clone(&self.packed);
-        let mut st = packed.lock();
+        let st = &packed.state;
         for mut r in reqs.drain(..) {
-            if st.pending_any(r.page, r.pages) {
+            if !st.try_mark(r.page, r.pages) {
                 // A write of a page of it began since the first check.
                 self.deferred.push(r.orig);
                 continue;
             }
-            st.set_pending(r.page, r.pages, true);
             r.marked = true;
             let len = r.pages as usize * 16;
             // SAFETY: the request's range of the page map, inside the
@@ -302,7 +380,6 @@ impl PackedQueue {
             }
             round.reqs.push(r);
         }
-        drop(st);
         self.record(round, done);
     }
 }
