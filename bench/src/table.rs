@@ -267,22 +267,24 @@ pub fn stage_times(rows: &[Row], mode: &str) -> String {
             .map(|&st| s.nanos[st as usize])
             .sum();
         let store_cpu = cpu_ns as f64 / 1e3 / s.requests.max(1) as f64;
-        let per_round: Vec<String> = Stage::ALL
-            .iter()
-            .map(|&st| format!("{:.2} us", s.us_per_round(st)))
-            .collect();
         t += &format!(
             "| {} | {} x {} | {:.1} | {} | {store_cpu:.2} | {:.2} | {:.2} |\n",
             r.name,
             r.queues,
             r.depth,
             s.requests_per_round(),
-            per_round.join(" | "),
+            per_round_cells(s, &Stage::ALL, |us| format!("{us:.2} us")),
             r.cpu_us_per_io,
             (r.cpu_us_per_io - store_cpu).max(0.0)
         );
     }
     t
+}
+
+/// `s`'s mean time per round in each of `stages`, as table cells.
+fn per_round_cells(s: &StageTotals, stages: &[Stage], cell: impl Fn(f64) -> String) -> String {
+    let cells: Vec<String> = stages.iter().map(|&st| cell(s.us_per_round(st))).collect();
+    cells.join(" | ")
 }
 
 /// Where a compressed store's rounds spend their time (cuda-store's
@@ -296,10 +298,6 @@ pub fn packed_stage_times(rows: &[(String, Row)]) -> String {
     );
     for (what, r) in rows.iter().filter(|(_, r)| r.stages.rounds > 0) {
         let s = &r.stages;
-        let per_round: Vec<String> = Stage::PACKED
-            .iter()
-            .map(|&st| format!("{:.1}", s.us_per_round(st)))
-            .collect();
         t += &format!(
             "| {what} | {} | {} x {} | {} | {:.1} | {} |\n",
             r.name,
@@ -307,7 +305,7 @@ pub fn packed_stage_times(rows: &[(String, Row)]) -> String {
             r.depth,
             s.rounds,
             s.requests_per_round(),
-            per_round.join(" | ")
+            per_round_cells(s, &Stage::PACKED, |us| format!("{us:.1}"))
         );
     }
     t
