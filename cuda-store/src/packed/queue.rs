@@ -1,6 +1,7 @@
-//! One queue of a compressed device: its own stream, its io buffers
-//! pinned and device-mapped once, its rounds found done by polling an
-//! event, as a plain queue's.
+//! One queue of a compressed device: its own streams (one per staging,
+//! two for reads, one for the rest), its io buffers pinned and
+//! device-mapped once, its rounds found done by polling an event, as a
+//! plain queue's.
 //!
 //! A round of writes takes two trips to the GPU: one launch compresses
 //! every page into staging VRAM (and finds the same-filled ones); once it
