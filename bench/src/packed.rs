@@ -695,12 +695,8 @@ pub fn bench(gpu: u32, corpus: &[u8], size: u64, secs: f64) -> Result<String, St
             a.errors + b.errors
         );
     }
-    let lz_rows: Vec<(String, Row)> = rows
-        .iter()
-        .map(|(w, _, b)| (w.clone(), b.clone()))
-        .collect();
     out += "\nWhere the `lz` store's rounds spend their time (cuda-store's stages.rs; a round's last trip to the GPU is `gpu`; the lock waits are inside the others):\n\n";
-    out += &crate::table::packed_stage_times(&lz_rows);
+    out += &crate::table::packed_stage_times(rows.iter().map(|(w, _, lz)| (w.as_str(), lz)));
     out += "\nWhat the filled `lz` store holds (DATA: pages written, whole; COMPR: their blocks; TOTAL: VRAM held for data and maps):\n\n| content | DATA | COMPR | TOTAL | DATA / TOTAL | same-filled | compressed | incompressible |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n";
     out += &usage;
     Ok(out)

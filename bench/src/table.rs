@@ -289,14 +289,14 @@ fn per_round_cells(s: &StageTotals, stages: &[Stage], cell: impl Fn(f64) -> Stri
 
 /// Where a compressed store's rounds spend their time (cuda-store's
 /// stages for compressed queues), per round, for each `(content, row)`.
-pub fn packed_stage_times(rows: &[(String, Row)]) -> String {
+pub fn packed_stage_times<'a>(rows: impl Iterator<Item = (&'a str, &'a Row)>) -> String {
     let names: Vec<&str> = Stage::PACKED.iter().map(|s| s.name()).collect();
     let mut t = format!(
         "| content | shape | queues x depth | rounds | requests per round | {} (us per round) |\n| --- | --- | --- | --- | --- |{}\n",
         names.join(" | "),
         " --- |".repeat(names.len())
     );
-    for (what, r) in rows.iter().filter(|(_, r)| r.stages.rounds > 0) {
+    for (what, r) in rows.filter(|(_, r)| r.stages.rounds > 0) {
         let s = &r.stages;
         t += &format!(
             "| {what} | {} | {} x {} | {} | {:.1} | {} |\n",

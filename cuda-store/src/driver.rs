@@ -132,6 +132,12 @@ pub(crate) fn init() -> Result<i32, StoreError> {
     Ok(version)
 }
 
+/// A new non-blocking stream on the context current on this thread;
+/// `what` names it in the error.
+pub(crate) fn new_stream(what: &str) -> Result<sys::CUstream, StoreError> {
+    checked(result::stream::create(StreamKind::NonBlocking), what)
+}
+
 /// A stream whose work its owner waits for at once: the map's records
 /// (a queue's first write to an extent, a discard) and the moves of a
 /// give-back. Destroyed, after its work, when dropped.
@@ -140,11 +146,7 @@ pub(crate) struct SyncStream(sys::CUstream);
 impl SyncStream {
     /// On the context current on this thread.
     pub(crate) fn new() -> Result<SyncStream, StoreError> {
-        checked(
-            result::stream::create(StreamKind::NonBlocking),
-            "cuStreamCreate",
-        )
-        .map(SyncStream)
+        new_stream("cuStreamCreate").map(SyncStream)
     }
 
     /// Queues a copy of `len` bytes of VRAM from `src` to `dst`.

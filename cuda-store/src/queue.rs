@@ -22,7 +22,7 @@
 
 use crate::deferred::Deferred;
 use crate::driver::{
-    check, checked, context_lost, describe, is_context_fatal, retried_once, SyncStream,
+    check, checked, context_lost, describe, is_context_fatal, new_stream, retried_once, SyncStream,
 };
 use crate::extents::{entry_addr, slot_addr, ExtentMap, PinRefused, Pinned, EXTENT};
 use crate::integrity::{page_sum_cpu, sum_addr, PAGE, SUMS_PER_EXTENT};
@@ -31,7 +31,7 @@ use crate::pinned::{DescTable, PinnedTable};
 use crate::stages::{self, Stage};
 use crate::warm;
 use crate::CopyPolicy;
-use cudarc::driver::result::{self, stream::StreamKind, DriverError};
+use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -339,14 +339,8 @@ impl CudaQueue {
         // own thread), so the context is made current once, here.
         // SAFETY: the context is retained by the store, which outlives us.
         checked(unsafe { result::ctx::set_current(ctx) }, "cuCtxSetCurrent")?;
-        q.stream = checked(
-            result::stream::create(StreamKind::NonBlocking),
-            "cuStreamCreate",
-        )?;
-        q.sum_stream = checked(
-            result::stream::create(StreamKind::NonBlocking),
-            "cuStreamCreate (checksums)",
-        )?;
+        q.stream = new_stream("cuStreamCreate")?;
+        q.sum_stream = new_stream("cuStreamCreate (checksums)")?;
         q.sum_event = checked(
             result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING),
             "cuEventCreate (checksums)",

@@ -1,7 +1,8 @@
 //! Where a queue round's time goes (issue 19): the CPU stages of a round in
 //! `CudaQueue::submit` and `finish` (a compressed queue's in `PackedQueue`,
-//! issue 18), and the GPU's part as the queue sees it. Off unless [`enable`]d (engine-bench turns it on; a server never
-//! does, so its queues read no clock and touch no shared counter). When on,
+//! issue 18), and the GPU's part as the queue sees it. Off unless
+//! [`enable`]d (engine-bench turns it on; a server never does, so its
+//! queues read no clock and touch no shared counter). When on,
 //! each queue times its rounds with a few clock reads (not per request)
 //! and adds them to process-wide totals, which engine-bench reads between
 //! its shapes.

@@ -35,8 +35,8 @@ use super::entry::{Entry, Loc, RAW_CLASS};
 use super::state::Slots;
 use super::{page_map_addr, Compress, Packed};
 use crate::deferred::Deferred;
-use crate::driver::SyncStream;
 use crate::driver::{check, checked, describe, retried_once};
+use crate::driver::{new_stream, SyncStream};
 use crate::extents::{slot_addr, ExtentMap, PinRefused, Pinned};
 use crate::integrity::page_sum_cpu;
 use crate::kernel::{self, flags, Desc};
@@ -44,7 +44,7 @@ use crate::page_kernels::{kind, PageJob, PageLaunch};
 use crate::pinned::{DescTable, PinnedTable};
 use crate::queue::{launch_table, record_extent, report_mismatch, report_no_room, round_succeeded};
 use crate::stages::{self, Stage as Timed};
-use cudarc::driver::result::{self, stream::StreamKind, DriverError};
+use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -333,15 +333,11 @@ impl PackedQueue {
         // SAFETY: the context is retained by the store, which outlives us;
         // the queue is used only on the thread that opens it.
         checked(unsafe { result::ctx::set_current(ctx) }, "cuCtxSetCurrent")?;
-        q.stream = checked(
-            result::stream::create(StreamKind::NonBlocking),
-            "cuStreamCreate",
-        )?;
-        for s in q.write_streams.iter_mut().chain(q.read_streams.iter_mut()) {
-            *s = checked(
-                result::stream::create(StreamKind::NonBlocking),
-                "cuStreamCreate",
-            )?;
+        let streams = std::iter::once(&mut q.stream)
+            .chain(&mut q.write_streams)
+            .chain(&mut q.read_streams);
+        for s in streams {
+            *s = new_stream("cuStreamCreate")?;
         }
         q.map_stream = Some(SyncStream::new()?);
         // The first staging is needed; the others only speed writes up,
@@ -787,12 +783,10 @@ impl PackedQueue {
 
 impl PackedQueue {
     /// Every stream the queue made (null where it did not get that far).
-    fn all_streams(&self) -> [sys::CUstream; 1 + STAGINGS + READ_STREAMS] {
-        let mut all = [std::ptr::null_mut(); 1 + STAGINGS + READ_STREAMS];
-        all[0] = self.stream;
-        all[1..=STAGINGS].copy_from_slice(&self.write_streams);
-        all[1 + STAGINGS..].copy_from_slice(&self.read_streams);
-        all
+    fn all_streams(&self) -> impl Iterator<Item = sys::CUstream> {
+        std::iter::once(self.stream)
+            .chain(self.write_streams)
+            .chain(self.read_streams)
     }
 }
 
@@ -801,7 +795,7 @@ impl Drop for PackedQueue {
         // SAFETY: tearing down what open() made, after the stream drains.
         unsafe {
             let _ = result::ctx::set_current(self.ctx);
-            for &s in self.all_streams().iter().filter(|s| !s.is_null()) {
+            for s in self.all_streams().filter(|s| !s.is_null()) {
                 let _ = result::stream::synchronize(s);
             }
             for r in &self.rounds {
@@ -818,7 +812,7 @@ impl Drop for PackedQueue {
             for &s in self.stagings.iter().filter(|&&s| s != 0) {
                 let _ = result::free_sync(s);
             }
-            for &s in self.all_streams().iter().filter(|s| !s.is_null()) {
+            for s in self.all_streams().filter(|s| !s.is_null()) {
                 let _ = result::stream::destroy(s);
             }
         }

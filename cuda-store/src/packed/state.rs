@@ -249,30 +249,23 @@ impl State {
         extents: u32,
         mapped: impl Fn(u32) -> bool,
     ) -> Result<State, String> {
-        let s = State::new(raw.len() as u64, extents);
-        {
-            let mut slots = s.slots();
-            for (page, r) in raw.iter().enumerate() {
-                let e = Entry::decode(*r).map_err(|why| format!("page {page}: {why}"))?;
-                if let Some(at) = e.loc() {
-                    if !mapped(at.extent) {
-                        return Err(format!(
-                            "page {page} names pool extent {}, which holds no VRAM",
-                            at.extent
-                        ));
-                    }
-                    slots
-                        .pool
-                        .mark(at)
-                        .map_err(|why| format!("page {page}: {why}"))?;
-                }
-            }
-        }
+        let mut s = State::new(raw.len() as u64, extents);
+        // Not shared yet: no lock is taken.
+        let pool = &mut s.slots.0.get_mut().unwrap_or_else(|p| p.into_inner()).pool;
         for (page, r) in raw.into_iter().enumerate() {
-            let e = Entry::decode(r).unwrap_or_default();
-            let mut sh = s.shard(page / SHARD_PAGES as usize);
-            let i = page % SHARD_PAGES as usize;
-            sh.entries[i] = r;
+            let e = Entry::decode(r).map_err(|why| format!("page {page}: {why}"))?;
+            if let Some(at) = e.loc() {
+                if !mapped(at.extent) {
+                    return Err(format!(
+                        "page {page} names pool extent {}, which holds no VRAM",
+                        at.extent
+                    ));
+                }
+                pool.mark(at).map_err(|why| format!("page {page}: {why}"))?;
+            }
+            let shard = &mut s.shards[page / SHARD_PAGES as usize].0;
+            let sh = shard.get_mut().unwrap_or_else(|p| p.into_inner());
+            sh.entries[page % SHARD_PAGES as usize] = r;
             sh.usage.count(e, 1);
         }
         Ok(s)
