@@ -1,21 +1,28 @@
 //! The page codec's GPU kernels (kernels/page_lz.cu, compiled to the
-//! committed kernels/page_lz.ptx by `cargo xtask ptx`): one warp per 4 KiB
-//! page, compressing into LZ4 blocks exactly as vramblk-compress's
-//! reference does (same-filled pages found on the way, pages that do not
-//! shrink copied whole) and decompressing them back.
+//! committed kernels/page_lz.ptx by `cargo xtask ptx`): a block per 4 KiB
+//! page compressing it (a warp per [`SEGMENT`]-byte piece) into LZ4 blocks
+//! exactly as vramblk-compress's reference does (same-filled pages found on
+//! the way, pages that do not shrink copied whole), a warp per page
+//! decompressing them back.
 //!
 //! A compressed device's queues launch them (packed/queue.rs); engine-bench's
 //! compress check holds them to the reference on the GPU and times them.
 
 use crate::driver::checked;
 use cudarc::driver::{result, sys};
+use vramblk_compress::{lz::SEGMENT, PAGE};
 use vramblk_store::StoreError;
 
 /// The kernels' PTX (ISA 8.2 for sm_70: drivers from 535 compile it).
 pub const PTX: &str = include_str!("../kernels/page_lz.ptx");
 
-/// Pages (warps) per block, as page_lz.cu's `WARPS`.
-pub const PAGES_PER_BLOCK: u32 = 2;
+/// compress_pages's block: a warp per piece of one page, as page_lz.cu's
+/// `THREADS`.
+pub const COMPRESS_THREADS: u32 = 32 * (PAGE / SEGMENT) as u32;
+
+/// decompress_pages's pages (warps) per block, as page_lz.cu's
+/// `DECOMPRESS_WARPS`.
+pub const DECOMPRESS_PAGES_PER_BLOCK: u32 = 2;
 
 /// What a page became, or what decompressing found (`PageJob::kind`).
 pub mod kind {
@@ -111,7 +118,7 @@ impl PageLaunch {
         stream: sys::CUstream,
     ) -> Result<(), StoreError> {
         // SAFETY: as the caller promises.
-        unsafe { launch(self.compress, jobs, n, stream) }
+        unsafe { launch(self.compress, jobs, n, (n, COMPRESS_THREADS), stream) }
     }
 
     /// Launches `decompress_pages(jobs, n)` on `stream`.
@@ -124,8 +131,10 @@ impl PageLaunch {
         n: u32,
         stream: sys::CUstream,
     ) -> Result<(), StoreError> {
+        let blocks = n.div_ceil(DECOMPRESS_PAGES_PER_BLOCK);
+        let threads = 32 * DECOMPRESS_PAGES_PER_BLOCK;
         // SAFETY: as the caller promises.
-        unsafe { launch(self.decompress, jobs, n, stream) }
+        unsafe { launch(self.decompress, jobs, n, (blocks, threads), stream) }
     }
 }
 
@@ -137,7 +146,7 @@ impl Drop for PageKernels {
     }
 }
 
-/// One launch: a block of [`PAGES_PER_BLOCK`] warps per that many jobs.
+/// One launch of `(blocks, threads)` over `n` jobs.
 ///
 /// # Safety
 /// `function` is one of the loaded page kernels; see [`PageLaunch::compress`].
@@ -145,6 +154,7 @@ unsafe fn launch(
     function: sys::CUfunction,
     jobs: sys::CUdeviceptr,
     n: u32,
+    (blocks, threads): (u32, u32),
     stream: sys::CUstream,
 ) -> Result<(), StoreError> {
     if n == 0 {
@@ -155,7 +165,6 @@ unsafe fn launch(
         (&mut jobs as *mut sys::CUdeviceptr).cast::<std::ffi::c_void>(),
         (&mut n as *mut u32).cast::<std::ffi::c_void>(),
     ];
-    let blocks = n.div_ceil(PAGES_PER_BLOCK);
     checked(
         // SAFETY: the parameters match the kernels' (PageJob*, unsigned);
         // the caller keeps what they point at alive.
@@ -163,7 +172,7 @@ unsafe fn launch(
             result::launch_kernel(
                 function,
                 (blocks, 1, 1),
-                (32 * PAGES_PER_BLOCK, 1, 1),
+                (threads, 1, 1),
                 0,
                 stream,
                 &mut params,
@@ -190,7 +199,12 @@ mod tests {
         assert!(PTX.contains(".entry compress_pages("));
         assert!(PTX.contains(".entry decompress_pages("));
         let cu = include_str!("../kernels/page_lz.cu");
-        assert!(cu.contains(&format!("#define WARPS {PAGES_PER_BLOCK}\n")));
+        assert!(cu.contains(&format!(
+            "#define DECOMPRESS_WARPS {DECOMPRESS_PAGES_PER_BLOCK}\n"
+        )));
+        assert!(cu.contains(&format!("#define SEGMENT {SEGMENT}\n")));
+        assert!(cu.contains("#define THREADS (32 * SEGMENTS)\n"));
+        assert!(cu.contains("#define SEGMENTS (PAGE / SEGMENT)\n"));
         assert!(cu.contains(&format!("#define KIND_SAME {}\n", kind::SAME)));
         assert!(cu.contains(&format!("#define KIND_RAW {}\n", kind::RAW)));
         assert!(cu.contains("#define KIND_CORRUPT 0x80000000u\n"));

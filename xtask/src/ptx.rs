@@ -217,6 +217,7 @@ mod tests {
         assert_eq!(define("PAGE"), PAGE);
         assert_eq!(define("HASH_BITS"), lz::HASH_BITS as usize);
         assert_eq!(define("CHAIN"), lz::CHAIN);
+        assert_eq!(define("SEGMENT"), lz::SEGMENT);
         assert_eq!(define("MAX_COMPRESSED"), PAGE - CLASS_STEP);
         assert_eq!(define("MAX_COMPRESSED"), lz::MAX_COMPRESSED);
     }

@@ -14,8 +14,9 @@
 //! pages on the CPU and decompresses the rest on the GPU straight into the
 //! io buffers. A discard or write-zeroes writes empty entries.
 //!
-//! Small rounds stay off the page kernels, which take one warp per page
-//! and so 100-300 us whatever the round's size (docs/benchmarks.md): a
+//! Small rounds stay off the page kernels, which walk a page's sequences
+//! one after another and so take 60-110 us whatever the round's size
+//! (docs/benchmarks.md): a
 //! round of at most [`CPU_PAGES`] pages is compressed on the CPU (the
 //! reference encoder, the same bytes the kernel writes) and its blocks
 //! copied from pinned memory, and a read of at most that many stored

@@ -422,11 +422,14 @@ struct page_job {
 #define MIN_MATCH 4
 #define MAX_COMPRESSED 3968
 #define MATCH_STARTS (PAGE - MF_LIMIT)
+#define SEGMENT 1024
 #define EMPTY 0xffff
 enum { K_COMPRESSED = 0, K_SAME = 1, K_RAW = 2 };
 #define K_CORRUPT 0x80000000u
-/* Launch shape: 2 pages (warps of 32) per block, as page_lz.cu. */
-#define PAGES_PER_BLOCK 2
+/* Launch shapes, as page_lz.cu's: compress_pages a page per block, a warp
+ * per SEGMENT of it; decompress_pages DECOMPRESS_WARPS pages (warps) a block. */
+#define COMPRESS_THREADS (32 * PAGE / SEGMENT)
+#define DECOMPRESS_WARPS 2
 
 static unsigned read32(const unsigned char *p, int i) {
     return p[i] | (unsigned)p[i + 1] << 8 | (unsigned)p[i + 2] << 16 | (unsigned)p[i + 3] << 24;
@@ -456,30 +459,36 @@ static int lz_compress(const unsigned char *page, unsigned char *out) {
         cand[i] = table[h];
         table[h] = (unsigned short)i;
     }
-    int o = 0, anchor = 0, i = 0;
-    while (i < MATCH_STARTS) {
-        unsigned seq = read32(page, i);
-        int best_end = 0, best_off = 0;
-        unsigned c = cand[i];
-        for (int k = 0; k < CHAIN && c != EMPTY; k++) {
-            if (read32(page, c) == seq) {
-                int off = i - (int)c, end = i + MIN_MATCH;
-                while (end < PAGE - LAST_LITERALS && page[end] == page[end - off]) end++;
-                if (end > best_end) { best_end = end; best_off = off; }
+    int o = 0, anchor = 0;
+    /* The parse, a SEGMENT-byte piece at a time: matches stay in their piece. */
+    for (int piece = 0; piece < PAGE; piece += SEGMENT) {
+        int limit = piece + SEGMENT < PAGE - LAST_LITERALS ? piece + SEGMENT : PAGE - LAST_LITERALS;
+        int starts = limit + 1 - MIN_MATCH < MATCH_STARTS ? limit + 1 - MIN_MATCH : MATCH_STARTS;
+        int stop = piece, i = piece;
+        while (i < starts) {
+            unsigned seq = read32(page, i);
+            int best_end = 0, best_off = 0;
+            unsigned c = cand[i];
+            for (int k = 0; k < CHAIN && c != EMPTY; k++) {
+                if (read32(page, c) == seq) {
+                    int off = i - (int)c, end = i + MIN_MATCH;
+                    while (end < limit && page[end] == page[end - off]) end++;
+                    if (end > best_end) { best_end = end; best_off = off; }
+                }
+                c = cand[c];
             }
-            c = cand[c];
+            if (!best_end) { i++; continue; }
+            int start = i;
+            while (start > stop && start > best_off && page[start - 1] == page[start - 1 - best_off]) start--;
+            int lit = start - anchor, ml = best_end - start - MIN_MATCH;
+            unsigned char token = (unsigned char)((lit < 15 ? lit : 15) << 4 | (ml < 15 ? ml : 15));
+            unsigned char offset[2] = {(unsigned char)best_off, (unsigned char)(best_off >> 8)};
+            if (!lz_put_byte(out, &o, token) || (lit >= 15 && !lz_put_length(out, &o, lit - 15)) ||
+                !lz_put(out, &o, page + anchor, lit) || !lz_put(out, &o, offset, 2) ||
+                (ml >= 15 && !lz_put_length(out, &o, ml - 15)))
+                return -1;
+            i = anchor = stop = best_end;
         }
-        if (!best_end) { i++; continue; }
-        int start = i;
-        while (start > anchor && start > best_off && page[start - 1] == page[start - 1 - best_off]) start--;
-        int lit = start - anchor, ml = best_end - start - MIN_MATCH;
-        unsigned char token = (unsigned char)((lit < 15 ? lit : 15) << 4 | (ml < 15 ? ml : 15));
-        unsigned char offset[2] = {(unsigned char)best_off, (unsigned char)(best_off >> 8)};
-        if (!lz_put_byte(out, &o, token) || (lit >= 15 && !lz_put_length(out, &o, lit - 15)) ||
-            !lz_put(out, &o, page + anchor, lit) || !lz_put(out, &o, offset, 2) ||
-            (ml >= 15 && !lz_put_length(out, &o, ml - 15)))
-            return -1;
-        i = anchor = best_end;
     }
     int lit = PAGE - anchor;
     if (!lz_put_byte(out, &o, (unsigned char)((lit < 15 ? lit : 15) << 4)) ||
@@ -587,8 +596,9 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
         return OK;
     }
     if (f != &compress_function && f != &decompress_function) return ERR_INVALID_VALUE;
-    /* The shape page_lz.cu needs: a warp per page, PAGES_PER_BLOCK a block. */
-    if (bx != 32 * PAGES_PER_BLOCK || gx != (n + PAGES_PER_BLOCK - 1) / PAGES_PER_BLOCK)
+    /* The shapes page_lz.cu needs. */
+    if (f == &compress_function ? bx != COMPRESS_THREADS || gx != n
+                                : bx != 32 * DECOMPRESS_WARPS || gx != (n + DECOMPRESS_WARPS - 1) / DECOMPRESS_WARPS)
         return ERR_INVALID_VALUE;
     struct page_job *j = (struct page_job *)(uintptr_t)*(CUdeviceptr *)params[0];
     for (unsigned i = 0; i < n; i++) {
