@@ -143,9 +143,10 @@ fn candidates(page: &[u8; PAGE]) -> [u16; MATCH_STARTS] {
 pub const CHAIN: usize = 4;
 
 /// Bytes of a page one GPU warp parses: the page's four pieces are parsed
-/// at once, so a page's parse takes a quarter of the time a warp alone
-/// took. Measured on the corpus's programs (`cargo xtask corpus`): the
-/// ratio fell by under 1% (matches no longer cross 1 KiB lines).
+/// at once (one page 257 -> 106 us on the H200, 2026-12-04). The ratio on
+/// the corpus's programs (`cargo xtask corpus`) went 2.78x -> 2.77x, as
+/// matches no longer cross 1 KiB lines; 2 KiB pieces were slower on the
+/// GPU (docs/benchmarks.md).
 pub const SEGMENT: usize = 1024;
 
 /// Where the match starting at `i` ends (at `limit` at the latest), for the
