@@ -16,11 +16,11 @@
 //!
 //! Small rounds stay off the page kernels, which walk a page's sequences
 //! one after another and so take 60-110 us whatever the round's size
-//! (docs/benchmarks.md): a
-//! round of at most [`CPU_PAGES`] pages is compressed on the CPU (the
-//! reference encoder, the same bytes the kernel writes) and its blocks
-//! copied from pinned memory, and a read of at most that many stored
-//! pages has their blocks copied out and decoded on the CPU.
+//! (docs/benchmarks.md): a round of at most [`CPU_PAGES`] pages is
+//! compressed on the CPU (the reference encoder, the same bytes the kernel
+//! writes) and its blocks copied from pinned memory, and a read of at most
+//! that many stored pages has their blocks copied out and decoded on the
+//! CPU.
 //! Rounds of one queue are answered as they finish; a flush waits for
 //! every round before it. This file holds the queue and its rounds' life;
 //! queue/writes.rs the write and discard rounds, queue/reads.rs the reads.
