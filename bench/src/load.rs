@@ -819,16 +819,28 @@ fn prefill(sq: &SynthQueue, qid: u16, depth: usize, bs: u64) {
     }
 }
 
-/// `shape` on `store` under the tables' loop, the row named `mode`.
-pub(crate) fn shape_row(store: &CudaStore, mode: &str, shape: Shape, secs: f64) -> Row {
-    spin_shape(store, mode, shape, secs)
+/// `shape` on `store`, its load threads waiting as `policy` says (the
+/// server's queue-loop policy, or the tables' polling), rounds as the
+/// server cuts them; the row named `mode`.
+pub(crate) fn policy_shape_row(
+    store: &CudaStore,
+    mode: &str,
+    shape: Shape,
+    secs: f64,
+    policy: PollPolicy,
+) -> Row {
+    let (name, p, bs, queues, depth) = shape;
+    let looping = Looping {
+        policy,
+        rounds: Rounds::Server,
+    };
+    run_shape(store, mode, name, p, bs, queues, depth, secs, looping)
 }
 
 /// `shape` on `store` under the tables' loop (polling without a nap,
 /// rounds as the server cuts them).
 fn spin_shape(store: &CudaStore, mode: &str, shape: Shape, secs: f64) -> Row {
-    let (name, p, bs, queues, depth) = shape;
-    run_shape(store, mode, name, p, bs, queues, depth, secs, Looping::SPIN)
+    policy_shape_row(store, mode, shape, secs, Looping::SPIN.policy)
 }
 
 #[allow(clippy::too_many_arguments)]

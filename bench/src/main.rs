@@ -10,7 +10,8 @@
 //!        engine-bench --gpu all|N,M,... [--size GiB] [--secs S] [--out FILE]
 //!        engine-bench [--gpu N] [--secs S] [--mib M] --compress-check [FILE...]
 //!        engine-bench [--gpu N] --compress-checks
-//!        engine-bench [--gpu N] [--size GiB] [--secs S] [--out F] --compress-bench [FILE...]
+//!        engine-bench [--gpu N] [--size GiB] [--secs S] [--out F] [--policy spin|server]
+//!                     --compress-bench [FILE...]
 //!
 //! `--checks-only` runs the checks on 256 MiB stores and times nothing:
 //! what `cargo xtask test` runs on the stand-in libcuda (never GPU
@@ -22,7 +23,10 @@
 //! reference on the FILEs' pages (the corpus) and times them (issue 18;
 //! compress.rs); `--secs 0` checks only. `--compress-checks` runs the
 //! compressed store's checks alone (packed.rs; `--checks-only` runs them
-//! too).
+//! too). `--compress-bench` times compression off beside `lz` on the FILEs'
+//! pages and on random ones; its load threads poll without a nap as every
+//! table's do, or with `--policy server` wait as the server's queue loop
+//! does (spin a while, then nap).
 //!
 //! Exit status: 0 every check passed, 1 a check failed, 77 skipped (no
 //! usable GPU here; the reason is printed).
@@ -99,7 +103,19 @@ fn main() -> Result<()> {
         corpus.truncate(corpus.len() / 4096 * 4096);
         let size = arg(&args, "--size", 4) << 30;
         let secs = arg(&args, "--secs", 1) as f64;
-        let report = match packed::bench(gpu, &corpus, size, secs) {
+        let policy = match args.iter().position(|a| a == "--policy") {
+            None => packed::LoadPolicy::Spin,
+            Some(i) => match args.get(i + 1).map(String::as_str) {
+                Some("spin") => packed::LoadPolicy::Spin,
+                Some("server") => packed::LoadPolicy::Server,
+                other => {
+                    let got = other.map_or("nothing".to_string(), |o| format!("'{o}'"));
+                    eprintln!("engine-bench: --policy takes spin or server, not {got}");
+                    std::process::exit(2);
+                }
+            },
+        };
+        let report = match packed::bench(gpu, &corpus, size, secs, policy) {
             Ok(r) => r,
             Err(e) => {
                 println!("SKIPPED: {e}");
@@ -110,9 +126,10 @@ fn main() -> Result<()> {
             .map(|s| s.gpu_name().to_string())
             .unwrap_or_default();
         let report = format!(
-            "GPU: {store_name}, `engine-bench --compress-bench ({} MiB of corpus pages) --size {} --secs {secs}`, {}\n\n{report}",
+            "GPU: {store_name}, `engine-bench --compress-bench ({} MiB of corpus pages) --size {} --secs {secs} --policy {}`, {}\n\n{report}",
             corpus.len() >> 20,
             size >> 30,
+            format!("{policy:?}").to_lowercase(),
             utc_now()
         );
         println!("{report}");
@@ -144,6 +161,7 @@ fn main() -> Result<()> {
         .into_iter()
         .map(|us| recovery::kill_during_give_back(gpu, std::time::Duration::from_micros(us)))
         .collect();
+    mid_give_back.extend(compaction_kills(gpu));
     mid_give_back.push(recovery::context_lost(gpu, 64 << 20));
     // Every copy mode gets its own store: auto (the default: the copy
     // kernel for rounds of 4 requests or more), dma (copy engines only)
@@ -258,13 +276,23 @@ fn main() -> Result<()> {
 }
 
 /// `--compress-checks`: the compressed store's checks alone (packed.rs).
+/// A server killed early and late in a compacting give-back (forks: run
+/// before this process touches CUDA).
+fn compaction_kills(gpu: u32) -> Vec<(String, bool)> {
+    [5u64, 60]
+        .into_iter()
+        .map(|ms| recovery::kill_during_compaction(gpu, std::time::Duration::from_millis(ms)))
+        .collect()
+}
+
 fn compressed_only(gpu: u32) -> Result<()> {
+    let kills = compaction_kills(gpu);
     if let Err(e) = CudaStore::context_only(gpu) {
         println!("SKIPPED: {e}");
         std::process::exit(SKIPPED);
     }
     let mut failures = 0;
-    for (name, ok) in packed::checks(gpu) {
+    for (name, ok) in kills.into_iter().chain(packed::checks(gpu)) {
         println!("{} {name}", if ok { "PASS" } else { "FAIL" });
         failures += usize::from(!ok);
     }

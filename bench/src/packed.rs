@@ -7,17 +7,18 @@
 //! evidence there).
 
 use crate::load::{
-    fill_content, set_write_content, shadow_check_of, shape_row, slice, Content, Pattern, Rng,
-    Shape, SynthQueue,
+    fill_content, policy_shape_row, set_write_content, shadow_check_of, slice, Content, Pattern,
+    Rng, Shape, SynthQueue,
 };
 use crate::table::Row;
 use std::os::fd::AsFd;
 use vramblk_alloc_count::{counted, Armed};
 use vramblk_cuda_store::pinned_tables_made;
-use vramblk_cuda_store::{Compress, CudaStore, CudaStoreOptions, EXTENT};
+use vramblk_cuda_store::{Compress, CudaStore, CudaStoreOptions, BACKOFF_STEP, EXTENT};
 use vramblk_store::BufferRegion;
 use vramblk_store::{Completion, Op, Request, Store};
 use vramblk_ublk_target::engine::QueueEngine;
+use vramblk_ublk_target::poll_policy::PollPolicy;
 
 const MIB: u64 = 1 << 20;
 
@@ -43,6 +44,7 @@ pub fn checks(gpu: u32) -> Vec<(String, bool)> {
     out.push(usage_check(gpu));
     out.push(import_check(gpu));
     out.push(give_back_check(gpu));
+    out.push(compaction_check(gpu));
     out
 }
 
@@ -73,10 +75,15 @@ fn shadow_on_queues(store: &CudaStore) -> bool {
 
 /// Runs `op` over `data.len()` bytes from `offset` in 512 KiB requests on
 /// queue 0 (writes from `data`, reads into it); false when one failed.
-fn transfer(store: &CudaStore, op: Op, offset: u64, data: &mut [u8]) -> bool {
+pub(crate) fn transfer(store: &CudaStore, op: Op, offset: u64, data: &mut [u8]) -> bool {
+    transfer_on(store, 0, op, offset, data)
+}
+
+/// As [`transfer`], on queue `qid`.
+fn transfer_on(store: &CudaStore, qid: u16, op: Op, offset: u64, data: &mut [u8]) -> bool {
     let chunk = 512 << 10;
     let depth = 8;
-    let mut sq = SynthQueue::open(store, 0, depth);
+    let mut sq = SynthQueue::open(store, qid, depth);
     let mut ok = true;
     for (n, part) in data.chunks_mut(chunk * depth).enumerate() {
         for (tag, piece) in part.chunks_mut(chunk).enumerate() {
@@ -108,12 +115,15 @@ fn transfer(store: &CudaStore, op: Op, offset: u64, data: &mut [u8]) -> bool {
     ok
 }
 
-/// Rounds of one request of one or two pages (the CPU's path, both ways)
-/// beside larger ones (the kernels'), against a shadow.
+/// Rounds of one request of one or two pages (the CPU's path, both ways;
+/// their blocks and entries go by the copy engine) beside larger ones (the
+/// kernels'), against a shadow; then a server importing the VRAM finds
+/// every page there (the host's copy of the map is not what it reads).
 fn lone_pages_check(gpu: u32) -> (String, bool) {
     let name = "compress Lz: 3000 lone requests of 1-2 pages (compressed and decoded on the CPU) \
                 between rounds of 32 pages (on the GPU), every page of every kind against a \
-                host shadow, each page read back both ways";
+                host shadow, each page read back both ways; a server importing the VRAM then \
+                reads every page as written";
     let store = match create(gpu, 64 * MIB, Compress::Lz, true) {
         Ok(s) => s,
         Err(e) => return (format!("{name} (store: {e})"), false),
@@ -155,7 +165,21 @@ fn lone_pages_check(gpu: u32) -> (String, bool) {
         }
         ok &= answered && same;
     }
-    (name.into(), ok)
+    drop(sq);
+    let Some(second) = handed_over(store, gpu) else {
+        return (format!("{name} (the hand-over failed)"), false);
+    };
+    let mut back = vec![0u8; shadow.len()];
+    let read = transfer(&second, Op::Read, 0, &mut back);
+    let wrong = back
+        .chunks(4096)
+        .zip(shadow.chunks(4096))
+        .filter(|(b, s)| b != s)
+        .count();
+    if !read || wrong > 0 {
+        println!("  after the hand-over: read {read}, {wrong} of {pages} pages wrong");
+    }
+    (name.into(), ok && read && wrong == 0)
 }
 
 /// Two queues, each 96 deep, serve every kind of request a server sees
@@ -394,17 +418,7 @@ fn same_pages_raced_check(gpu: u32) -> (String, bool) {
                 .all(|(i, p)| signed_right(p, i as u64))
     };
     let read = all_signed(&store);
-    store.set_erase_on_drop(false);
-    let imported = store.exported_chunks().ok().and_then(|chunks| {
-        let borrowed: Vec<_> = chunks.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
-        let opts = CudaStoreOptions {
-            integrity: Some(true),
-            compress: Compress::Lz,
-            ..CudaStoreOptions::new(64 * MIB, gpu)
-        };
-        CudaStore::import(&opts, &borrowed).ok()
-    });
-    drop(store);
+    let imported = handed_over(store, gpu);
     let reread = imported.as_ref().is_some_and(all_signed);
     let failed = errors.load(std::sync::atomic::Ordering::Relaxed);
     let ok = failed == 0 && read && reread;
@@ -440,6 +454,24 @@ fn kinds_in_order() -> Vec<u8> {
         }
     }
     data
+}
+
+/// A second `lz` store (integrity on) importing `store`'s VRAM, as a
+/// recovering server does, once `store` is gone; None when the export or
+/// the import failed.
+fn handed_over(store: CudaStore, gpu: u32) -> Option<CudaStore> {
+    store.set_erase_on_drop(false);
+    let imported = store.exported_chunks().ok().and_then(|chunks| {
+        let borrowed: Vec<_> = chunks.iter().map(|(l, fd)| (*l, fd.as_fd())).collect();
+        let opts = CudaStoreOptions {
+            integrity: Some(true),
+            compress: Compress::Lz,
+            ..CudaStoreOptions::new(store.size(), gpu)
+        };
+        CudaStore::import(&opts, &borrowed).ok()
+    });
+    drop(store);
+    imported
 }
 
 /// Data VRAM (less the maps) a store holds now.
@@ -585,6 +617,159 @@ fn give_back_check(gpu: u32) -> (String, bool) {
     (name.into(), ok)
 }
 
+/// Fills `b` (whole pages) with pages that shrink by varied amounts into
+/// most classes: per page random bytes for 1-3.6 KiB then zeros, every
+/// fourth page random throughout (kept raw).
+pub(crate) fn fill_packable(b: &mut [u8], rng: &mut Rng) {
+    for (i, page) in b.chunks_mut(4096).enumerate() {
+        let head = if i % 4 == 3 {
+            page.len()
+        } else {
+            (1024 + (i * 37 % 22) * 128).min(page.len())
+        };
+        for x in &mut page[..head] {
+            *x = rng.next() as u8;
+        }
+        page[head..].fill(0);
+    }
+}
+
+/// Discards the 64 KiB pieces of [lo, lo + len) that `gone(piece)` names
+/// (pieces counted from `lo`), 16 at a time on queue `qid`; false when
+/// one failed.
+pub(crate) fn discard_pieces(
+    store: &CudaStore,
+    qid: u16,
+    lo: u64,
+    len: u64,
+    gone: impl Fn(u64) -> bool,
+) -> bool {
+    const PIECE: u64 = 64 << 10;
+    let depth = 16;
+    let mut sq = SynthQueue::open(store, qid, depth);
+    let mut pieces = (0..len / PIECE).filter(|&p| gone(p)).peekable();
+    let mut ok = true;
+    while pieces.peek().is_some() {
+        for (tag, p) in pieces.by_ref().take(depth).enumerate() {
+            sq.engine.enqueue(Request {
+                tag: tag as u16,
+                op: Op::Discard,
+                offset: lo + p * PIECE,
+                len: PIECE as u32,
+                buf: sq.bufs.slot(tag).expect("a tag's buffer"),
+            });
+        }
+        sq.finish(|c| ok &= c.result >= 0);
+    }
+    ok
+}
+
+/// Pages discarded all over a device leave every pool extent of their
+/// class partly filled: a give-back packs the blocks tight first
+/// (compact.rs) and frees what that empties, while one queue reads the
+/// pages whose blocks it moves and another writes pages of its own.
+fn compaction_check(gpu: u32) -> (String, bool) {
+    let name = "compress Lz: a give-back packs the blocks that discards left in 3 of 4 pieces \
+                all over 900 MiB into few pool extents and frees the chunk they emptied, while a \
+                queue reads those pages (every byte as written) and another writes and reads its \
+                own against a shadow; a server importing the VRAM afterwards reads the same";
+    let size = 1 << 30;
+    let store = match create(gpu, size, Compress::Lz, true) {
+        Ok(s) => s,
+        Err(e) => return (format!("{name} (store: {e})"), false),
+    };
+    let mut data = vec![0u8; 900 * MIB as usize];
+    fill_packable(&mut data, &mut Rng(0x5F0));
+    let wrote = transfer(&store, Op::Write, 0, &mut data);
+    let gone = |piece: u64| !piece.is_multiple_of(4);
+    let discarded = discard_pieces(&store, 0, 0, data.len() as u64, gone);
+    for (p, piece) in data.chunks_mut(64 << 10).enumerate() {
+        if gone(p as u64) {
+            piece.fill(0);
+        }
+    }
+    let vram_before = data_vram(&store);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (resized, took, passes, read_ok, shadow_ok) = std::thread::scope(|s| {
+        let store = &store;
+        let (data, done) = (&data, &done);
+        let reader = s.spawn(move || {
+            let (mut passes, mut ok) = (0, true);
+            let mut back = vec![0u8; data.len()];
+            while passes == 0 || !done.load(std::sync::atomic::Ordering::Relaxed) {
+                ok &= transfer_on(store, 1, Op::Read, 0, &mut back) && back == *data;
+                passes += 1;
+            }
+            (passes, ok)
+        });
+        let writer =
+            s.spawn(move || shadow_check_of(store, 2, 960 * MIB, 64 * MIB, 0x6F0, Content::Mixed));
+        let clock = std::time::Instant::now();
+        let resized = store.give_back(0);
+        let took = clock.elapsed();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (passes, read_ok) = reader.join().unwrap_or((0, false));
+        (
+            resized,
+            took,
+            passes,
+            read_ok,
+            writer.join().unwrap_or(false),
+        )
+    });
+    let vram_after = data_vram(&store);
+    let slot_bytes = store.packed_usage().unwrap_or_default().slot_bytes;
+    let mut back = vec![0u8; data.len()];
+    let read_after = transfer(&store, Op::Read, 0, &mut back) && back == data;
+    // What a recovering server finds: the page map names the new slots.
+    let imported = handed_over(store, gpu);
+    let import_ok = imported.is_some_and(|second| {
+        back.fill(0xA5);
+        transfer(&second, Op::Read, 0, &mut back) && back == data
+    });
+    let (before, after, blocks) = match &resized {
+        Ok(r) => (r.before, r.after, r.blocks_moved),
+        Err(_) => (0, 0, 0),
+    };
+    // Packed tight, each class in use has at most one extent partly
+    // filled: the blocks' slots plus one extent per class.
+    let classes = vramblk_compress::CLASSES as u64 + 1;
+    let ok = wrote
+        && discarded
+        && read_ok
+        && shadow_ok
+        && read_after
+        && import_ok
+        && blocks > 0
+        && after <= BACKOFF_STEP
+        && vram_after <= slot_bytes + classes * EXTENT
+        && vram_after * 2 < vram_before;
+    println!(
+        "  compaction: {blocks} blocks moved; data VRAM {} -> {} MiB for {} MiB of slots; held {} \
+         -> {} MiB; the give-back took {} ms, {passes} read passes meanwhile",
+        vram_before >> 20,
+        vram_after >> 20,
+        slot_bytes >> 20,
+        before >> 20,
+        after >> 20,
+        took.as_millis()
+    );
+    if !ok {
+        println!(
+            "  wrote {wrote} discarded {discarded}; during the give-back {passes} reads ok {read_ok}, \
+             shadow {shadow_ok}; after it read {read_after}, imported {import_ok}; held {} -> {} \
+             MiB, {blocks} blocks moved, data VRAM {} -> {} MiB for {} MiB of slots ({:?})",
+            before >> 20,
+            after >> 20,
+            vram_before >> 20,
+            vram_after >> 20,
+            slot_bytes >> 20,
+            resized.err().map(|e| e.to_string())
+        );
+    }
+    (name.into(), ok)
+}
+
 /// The shapes timed with compression on beside off (issue 18's list).
 const BENCH_SHAPES: &[Shape] = &[
     ("4 KiB randwrite", Pattern::RandWrite, 4096, 1, 1),
@@ -615,11 +800,35 @@ fn fill_store(store: &CudaStore, content: &[u8]) -> bool {
     })
 }
 
+/// How the load threads of `--compress-bench` wait for their rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadPolicy {
+    /// Polling without a nap (every other table's loop).
+    Spin,
+    /// The server's queue-loop policy (`--policy server`).
+    Server,
+}
+
+impl LoadPolicy {
+    fn poll(self) -> PollPolicy {
+        match self {
+            LoadPolicy::Spin => PollPolicy::SPIN_ONLY,
+            LoadPolicy::Server => PollPolicy::SERVER,
+        }
+    }
+}
+
 /// `--compress-bench`: each shape on a store with compression off and one
 /// with `lz`, both first filled with the same pages (the corpus's, then
 /// random ones), the loads' buffers holding those pages too; a markdown
 /// report.
-pub fn bench(gpu: u32, corpus: &[u8], size: u64, secs: f64) -> Result<String, String> {
+pub fn bench(
+    gpu: u32,
+    corpus: &[u8],
+    size: u64,
+    secs: f64,
+    policy: LoadPolicy,
+) -> Result<String, String> {
     // The stage table below; a server never times its rounds.
     vramblk_cuda_store::stages::enable();
     let mut random = vec![0u8; 16 * MIB as usize];
@@ -663,7 +872,7 @@ pub fn bench(gpu: u32, corpus: &[u8], size: u64, secs: f64) -> Result<String, St
             let label = format!("{mode:?}").to_lowercase();
             let r: Vec<Row> = BENCH_SHAPES
                 .iter()
-                .map(|&shape| shape_row(&store, &label, shape, secs))
+                .map(|&shape| policy_shape_row(&store, &label, shape, secs, policy.poll()))
                 .collect();
             set_write_content(None);
             by_mode.push(r);

@@ -9,10 +9,11 @@
 //! Run it before anything in this process touches CUDA: the children are
 //! forked.
 
-use crate::load::{slice, SynthQueue};
+use crate::load::{slice, Rng, SynthQueue};
+use crate::packed::{discard_pieces, fill_packable, transfer};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
-use vramblk_cuda_store::{CudaStore, CudaStoreOptions, EXTENT};
+use vramblk_cuda_store::{Compress, CudaStore, CudaStoreOptions, Resized, BACKOFF_STEP, EXTENT};
 use vramblk_store::{handoff, Op, Request, Store};
 
 const DEPTH: usize = 16;
@@ -115,7 +116,12 @@ fn sweep_in(
 /// In a child: creates a store of `size` bytes whose VRAM outlives it and
 /// hands its chunks to the parent over `end` (or says why it could not).
 fn create_and_hand_over(gpu: u32, size: u64, end: BorrowedFd) -> Result<CudaStore, i32> {
-    let store = match CudaStore::create(&CudaStoreOptions::new(size, gpu)) {
+    create_with_and_hand_over(&CudaStoreOptions::new(size, gpu), end)
+}
+
+/// As [`create_and_hand_over`], a store made with `opts`.
+fn create_with_and_hand_over(opts: &CudaStoreOptions, end: BorrowedFd) -> Result<CudaStore, i32> {
+    let store = match CudaStore::create(opts) {
         Ok(s) => s,
         Err(e) => {
             let _ = handoff::send(end, &format!("ERR {e}"), &[]);
@@ -321,16 +327,42 @@ pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
         "killed {} us into a give-back, then imported by a new process: every kept byte, zeros elsewhere, and the give-back then completes",
         after.as_micros()
     );
+    killed_mid_give_back(
+        name,
+        &CudaStoreOptions::new(1 << 30, gpu),
+        after,
+        |store| {
+            sweep(store, 11, true);
+            discard_unkept(store)
+        },
+        |store| check_kept(store, 11) == 0,
+        |r| r.after < r.before,
+    )
+}
+
+/// The kill checks' shape: a child makes a store with `opts`, hands its
+/// chunks over, runs `prepare` on it (false: it exits 7) and is SIGKILLed
+/// `after` into a give-back to nothing; a second child imports the chunks
+/// and takes over, and the store must be `intact` before and after a give-
+/// back of its own, which must have `shrunk` it. The name given, and
+/// whether both went so.
+fn killed_mid_give_back(
+    name: String,
+    opts: &CudaStoreOptions,
+    after: Duration,
+    prepare: impl FnOnce(&CudaStore) -> bool,
+    intact: impl Fn(&CudaStore) -> bool,
+    shrunk: impl FnOnce(&Resized) -> bool,
+) -> (String, bool) {
     let Ok((holder, child_end)) = handoff::socket_pair() else {
         return (format!("{name}: no socket pair"), false);
     };
     let first = in_child(|| {
-        let store = match create_and_hand_over(gpu, 1 << 30, child_end.as_fd()) {
+        let store = match create_with_and_hand_over(opts, child_end.as_fd()) {
             Ok(s) => s,
             Err(code) => return code,
         };
-        sweep(&store, 11, true);
-        if !discard_unkept(&store) {
+        if !prepare(&store) {
             return 7;
         }
         std::thread::spawn(move || {
@@ -353,20 +385,24 @@ pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
     let second = in_child(|| {
         let borrowed: Vec<(usize, BorrowedFd)> =
             chunks.iter().map(|(l, f)| (*l, f.as_fd())).collect();
-        let Ok(mut store) = CudaStore::import(&CudaStoreOptions::new(size, gpu), &borrowed) else {
+        let opts = CudaStoreOptions {
+            size,
+            ..opts.clone()
+        };
+        let Ok(mut store) = CudaStore::import(&opts, &borrowed) else {
             return 5;
         };
         if store.take_over().is_err() {
             return 8;
         }
-        if check_kept(&store, 11) != 0 {
+        if !intact(&store) {
             return 6;
         }
         match store.give_back(0) {
-            Ok(r) if r.after < r.before => {}
+            Ok(r) if shrunk(&r) => {}
             _ => return 9,
         }
-        if check_kept(&store, 11) != 0 {
+        if !intact(&store) {
             return 10;
         }
         0
@@ -381,6 +417,82 @@ pub fn kill_during_give_back(gpu: u32, after: Duration) -> (String, bool) {
             format!("{name} (second child: {second:?})")
         },
         killed(first) && code == Some(0),
+    )
+}
+
+/// The compressed store of the compaction kill check: 1 GiB, integrity on.
+fn packed_options(gpu: u32) -> CudaStoreOptions {
+    CudaStoreOptions {
+        integrity: Some(true),
+        compress: Compress::Lz,
+        ..CudaStoreOptions::new(1 << 30, gpu)
+    }
+}
+
+/// Bytes of the compaction kill check's pages, and the piece it writes and
+/// checks at a time (each from its own seed, so no process holds it all).
+const PACKED_DATA: u64 = 900 << 20;
+const PACKED_PIECE: u64 = 60 << 20;
+
+/// Which 64 KiB pieces the compaction kill check discards: 3 in 4.
+fn discarded(piece: u64) -> bool {
+    !piece.is_multiple_of(4)
+}
+
+/// Piece `i` of the compaction kill check's pages: before the discards
+/// (`after_discards` false) or after.
+fn packed_piece(seed: u64, i: u64, after_discards: bool) -> Vec<u8> {
+    let mut b = vec![0u8; PACKED_PIECE as usize];
+    fill_packable(&mut b, &mut Rng((seed << 16) + i + 1));
+    if after_discards {
+        let first = i * PACKED_PIECE / (64 << 10);
+        for (k, p) in b.chunks_mut(64 << 10).enumerate() {
+            if discarded(first + k as u64) {
+                p.fill(0);
+            }
+        }
+    }
+    b
+}
+
+/// Whether the store holds the compaction kill check's pages of `seed`
+/// after the discards, every byte.
+fn packed_intact(store: &CudaStore, seed: u64) -> bool {
+    (0..PACKED_DATA / PACKED_PIECE).all(|i| {
+        let want = packed_piece(seed, i, true);
+        let mut got = vec![0xA5u8; want.len()];
+        transfer(store, Op::Read, i * PACKED_PIECE, &mut got) && got == want
+    })
+}
+
+/// A server killed while a give-back compacts a compressed device's pool
+/// loses nothing: a child writes pages that shrink by varied amounts over
+/// 900 MiB of a 1 GiB lz store (its pool spills into the second chunk),
+/// discards 3 of every 4 64 KiB pieces and is SIGKILLed `after` into
+/// giving everything unused back (the blocks moving, then the extents); a
+/// second child imports the VRAM, takes over (the page map read back),
+/// must read every kept byte and zeros elsewhere, then gives back for real
+/// down to one chunk and reads it all again.
+pub fn kill_during_compaction(gpu: u32, after: Duration) -> (String, bool) {
+    let name = format!(
+        "compress Lz: killed {} ms into a give-back that compacts the pool, then imported by a \
+         new process: every kept byte, zeros where discarded, and the give-back then frees the \
+         second chunk",
+        after.as_millis()
+    );
+    let seed = 0x7F0;
+    killed_mid_give_back(
+        name,
+        &packed_options(gpu),
+        after,
+        |store| {
+            (0..PACKED_DATA / PACKED_PIECE).all(|i| {
+                let mut piece = packed_piece(seed, i, false);
+                transfer(store, Op::Write, i * PACKED_PIECE, &mut piece)
+            }) && discard_pieces(store, 0, 0, PACKED_DATA, discarded)
+        },
+        |store| packed_intact(store, seed),
+        |r| r.after <= BACKOFF_STEP,
     )
 }
 

@@ -226,21 +226,21 @@ pub fn run(a: &AddArgs) -> Result<()> {
     let run_dir = Path::new(RUN_DIR);
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {RUN_DIR}"))?;
 
+    let swap_on = a.swap.then_some((a.priority, discards_freed_swap(a)));
     if a.foreground {
         vramblk_daemon::init_logging(env_logger::Target::Stderr);
-        let swap = a.swap.then_some((a.priority, a.discard));
         return supervise::run(
             &plans[0],
             run_dir,
             Reporter::none(),
-            Mode::Foreground { swap },
+            Mode::Foreground { swap: swap_on },
         );
     }
     let several = plans.len() > 1;
     let mut added = Vec::new();
     for plan in &mut plans {
         let gpu = plan.gpu;
-        match launch(plan, run_dir, a.swap.then_some((a.priority, a.discard))) {
+        match launch(plan, run_dir, swap_on) {
             Ok(id) => {
                 println!("{}", bdev_path(id));
                 added.push(id);
@@ -266,6 +266,17 @@ pub fn run(a: &AddArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether swap on the device is turned on with `--discard`: when asked,
+/// and always for a compressed device, whose size may exceed its VRAM. Its
+/// freed swap pages must give their VRAM back: kept, they filled the VRAM
+/// of a 2 GiB lz device on 512 MiB when a working set of real programs'
+/// pages was written over a second time, and every later swap write failed
+/// (ENOSPC; the corpus-swap VM boot, 2026-12-05). The service's config has
+/// discard on by default.
+fn discards_freed_swap(a: &AddArgs) -> bool {
+    a.discard || a.compress != CompressArg::Off
 }
 
 /// Leaves a supervisor serving the plan's device, and sets up swap on it
@@ -303,4 +314,35 @@ fn preflight(plan: &Plan) -> Result<()> {
     }
     let mem = MemInfo::read().context("reading /proc/meminfo")?;
     budget::check(plan, &mem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::{Cli, Command};
+    use clap::Parser;
+
+    fn add_args(extra: &[&str]) -> AddArgs {
+        let argv = ["vramblk", "add", "--size", "1G"].iter().chain(extra);
+        match Cli::try_parse_from(argv).expect("valid arguments").command {
+            Command::Add(a) => a,
+            _ => unreachable!("an add command"),
+        }
+    }
+
+    #[test]
+    fn freed_swap_is_discarded_when_asked_and_on_every_compressed_device() {
+        assert!(!discards_freed_swap(&add_args(&["--swap"])));
+        assert!(discards_freed_swap(&add_args(&["--swap", "--discard"])));
+        assert!(discards_freed_swap(&add_args(&[
+            "--swap",
+            "--compress",
+            "lz"
+        ])));
+        assert!(discards_freed_swap(&add_args(&[
+            "--swap",
+            "--compress",
+            "same"
+        ])));
+    }
 }

@@ -340,7 +340,9 @@ pub struct AddArgs {
     #[arg(long, value_name = "N", default_value_t = defaults::SWAP_PRIORITY, requires = "swap", allow_negative_numbers = true)]
     pub priority: i32,
 
-    /// Pass --discard to swapon, so freed swap pages are discarded.
+    /// Pass --discard to swapon, so freed swap pages are discarded (and
+    /// their VRAM given back). Always on with --compress, whose device may
+    /// be larger than its VRAM.
     #[arg(long, requires = "swap")]
     pub discard: bool,
 

@@ -30,6 +30,9 @@ fn main() -> ExitCode {
         std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
     }
     let cli = Cli::parse();
+    if prints_only(&cli.command) {
+        end_quietly_when_the_reader_goes();
+    }
     let result = match cli.command {
         Command::Add(a) => add::run(&a),
         Command::Del(d) => del::run(&d),
@@ -80,5 +83,36 @@ fn main() -> ExitCode {
             eprintln!("vramblk: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether `command`'s work is what it prints (a listing, a status, a
+/// script): nothing it starts or asks of a server is left half done if it
+/// ends as its output's reader goes away.
+fn prints_only(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::List
+            | Command::Features
+            | Command::Gpus(_)
+            | Command::Config(_)
+            | Command::Status { .. }
+            | Command::Completions { .. }
+            | Command::Manpages { .. }
+    )
+}
+
+/// Restores SIGPIPE's default action, as other Unix tools have it:
+/// `vramblk status | head -1` then ends quietly when head has its line.
+/// Rust's runtime ignores SIGPIPE, so a write to a closed pipe fails and
+/// println! panics on that ("failed printing to stdout: Broken pipe").
+/// Only for commands that print: a command that forks a daemon (which must
+/// never die of a reader gone) or writes a request to a server's socket
+/// (whose EPIPE is an error it reports) keeps the runtime's way.
+fn end_quietly_when_the_reader_goes() {
+    // libc: rustix offers signal dispositions only to runtimes that replace
+    // the C library. SAFETY: SIG_DFL for SIGPIPE, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -131,6 +131,27 @@ pub fn render(status: &Status) -> String {
         "gauge",
         "VRAM the device holds when nothing is given back.",
     );
+    let mut compressed_data = Family::new(
+        "vramblk_compressed_data_bytes",
+        "gauge",
+        "A compressed device's data: every written page counted whole (zramctl's DATA).",
+    );
+    let mut compressed_compr = Family::new(
+        "vramblk_compressed_compr_bytes",
+        "gauge",
+        "What that data takes compressed, same-filled pages none (zramctl's COMPR).",
+    );
+    let mut compressed_total = Family::new(
+        "vramblk_compressed_total_bytes",
+        "gauge",
+        "VRAM the compressed data and its maps take: whole pool extents (zramctl's TOTAL).",
+    );
+    let mut compressed_pages = Family::new(
+        "vramblk_compressed_pages",
+        "gauge",
+        "A compressed device's written pages by how they are kept: same (the word alone), \
+         compressed (an LZ4 block), incompressible (whole).",
+    );
     let mut integrity = Family::new(
         "vramblk_integrity_enabled",
         "gauge",
@@ -195,6 +216,18 @@ pub fn render(status: &Status) -> String {
             vram.add(&l, v.held as f64);
             vram_data.add(&l, v.used as f64);
             vram_full.add(&l, v.full as f64);
+            if let Some(c) = &v.compressed {
+                compressed_data.add(&l, c.data as f64);
+                compressed_compr.add(&l, c.compr as f64);
+                compressed_total.add(&l, c.total as f64);
+                for (kind, n) in [
+                    ("same", c.same_pages),
+                    ("compressed", c.compressed_pages),
+                    ("incompressible", c.incompressible_pages),
+                ] {
+                    compressed_pages.add(&[("device", &dev), ("kind", kind)], n as f64);
+                }
+            }
             integrity.add(&l, flag(v.integrity));
             integrity_errors.add(&l, v.integrity_errors as f64);
         }
@@ -227,6 +260,10 @@ pub fn render(status: &Status) -> String {
         vram,
         vram_data,
         vram_full,
+        compressed_data,
+        compressed_compr,
+        compressed_total,
+        compressed_pages,
         integrity,
         integrity_errors,
         swap_size,
@@ -359,6 +396,50 @@ mod tests {
         assert!(s.contains_key(
             "vramblk_device_info{device=\"ublkb0\",state=\"live\",store=\"cuda \\\"GPU\\\" 0\",gpu_name=\"NVIDIA H200\"}"
         ));
+    }
+
+    #[test]
+    fn a_compressed_device_shows_what_zramctl_shows() {
+        let mut d = device(2);
+        if let Some(v) = &mut d.vram {
+            v.compressed = Some(vramblk_daemon::vram_control::CompressedUse {
+                mode: "lz".into(),
+                data: 30 << 20,
+                compr: 9 << 20,
+                total: 12 << 20,
+                same_pages: 100,
+                compressed_pages: 7000,
+                incompressible_pages: 580,
+            });
+        }
+        let s = parse(&render(&Status {
+            devices: vec![d, device(0)],
+            service: None,
+        }));
+        assert_eq!(
+            s["vramblk_compressed_data_bytes{device=\"ublkb2\"}"],
+            (30u64 << 20) as f64
+        );
+        assert_eq!(
+            s["vramblk_compressed_compr_bytes{device=\"ublkb2\"}"],
+            (9u64 << 20) as f64
+        );
+        assert_eq!(
+            s["vramblk_compressed_total_bytes{device=\"ublkb2\"}"],
+            (12u64 << 20) as f64
+        );
+        assert_eq!(
+            s["vramblk_compressed_pages{device=\"ublkb2\",kind=\"incompressible\"}"],
+            580.0
+        );
+        assert_eq!(
+            s["vramblk_compressed_pages{device=\"ublkb2\",kind=\"same\"}"],
+            100.0
+        );
+        // A plain device has no compressed series.
+        assert!(!s
+            .keys()
+            .any(|k| k.starts_with("vramblk_compressed") && k.contains("ublkb0")));
     }
 
     #[test]

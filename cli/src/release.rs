@@ -73,8 +73,16 @@ pub fn give_back(run_dir: &Path, id: u32, to: u64, floor: u64) -> Result<VramRep
 }
 
 pub fn describe_give_back(r: &VramReply) -> String {
+    let compacted = if r.blocks_moved > 0 {
+        format!(
+            ", {} compressed blocks packed tighter first",
+            r.blocks_moved
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "holds {} of VRAM ({} of it data, {} when whole; {} extents moved)",
+        "holds {} of VRAM ({} of it data, {} when whole; {} extents moved{compacted})",
         format_size(r.held),
         format_size(r.used),
         format_size(r.full),

@@ -190,6 +190,22 @@ impl SyncStream {
         )
     }
 
+    /// Queues writing the words `words` from host memory at `at` (page
+    /// map entries).
+    ///
+    /// # Safety
+    /// The range is mapped and nobody else writes it meanwhile; `words`
+    /// stays where it is, unchanged, until [`wait`].
+    ///
+    /// [`wait`]: SyncStream::wait
+    pub(crate) unsafe fn put(&self, at: u64, words: &[u64]) -> Result<(), StoreError> {
+        // SAFETY: as the caller promised.
+        checked(
+            unsafe { result::memcpy_htod_async(at, words, self.0) },
+            "writing the page map",
+        )
+    }
+
     /// Waits for everything queued.
     pub(crate) fn wait(&self) -> Result<(), StoreError> {
         // SAFETY: our own stream.

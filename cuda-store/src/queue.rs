@@ -94,6 +94,30 @@ pub(crate) fn launch_table(
     true
 }
 
+/// Queues the copy of each piece of `descs` (copies only, no checksum
+/// flag) by the copy engine, one call a piece, in order on `stream`: for a
+/// round of a few pieces that costs less than a launch (a lone compressed
+/// write's block and entry, docs/benchmarks.md). False when a call failed
+/// (the pieces before it may be queued).
+pub(crate) fn copy_by_engine(descs: &DescTable, stream: sys::CUstream) -> bool {
+    for i in 0..descs.len {
+        let Some(d) = descs.get(i) else {
+            return false;
+        };
+        // SAFETY: as for a launch of the table: both ends (VRAM, or the
+        // device-mapped alias of pinned host memory) stay valid until the
+        // round's event completes (the callers' rounds hold them).
+        let r = retried_once("a copy", || unsafe {
+            result::memcpy_dtod_async(d.dst, d.src, d.len as usize, stream)
+        });
+        if let Err(e) = r {
+            log::error!("a copy of {} bytes: {}", d.len, describe(e));
+            return false;
+        }
+    }
+    true
+}
+
 /// Whether a round whose event on `stream` answered `r` (not "not ready")
 /// did its work: a lost context ends the server (`context_lost`); an event
 /// query refused by itself is settled by waiting for the stream. Shared by

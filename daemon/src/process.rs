@@ -104,6 +104,7 @@ pub fn spawn(
     match unsafe { libc::fork() } {
         -1 => bail!("fork: {}", std::io::Error::last_os_error()),
         0 => {
+            crate::panics::abort_on_panic();
             vramblk_ublk_target::control::forget_inherited_control_ring();
             drop(rd);
             for &fd in close_in_child {
@@ -226,8 +227,19 @@ pub fn harden_for_swap() -> Result<()> {
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
         log::warn!("could not set oom_score_adj to -1000: {e}");
     }
+    if let Err(e) = std::fs::write("/proc/self/coredump_filter", CORE_DUMPS) {
+        log::warn!("could not keep the device's memory out of core dumps: {e}");
+    }
     Ok(())
 }
+
+/// What a core dump of a daemon holds (core(5)'s coredump_filter bits):
+/// its private memory and ELF headers, not its shared mappings, the
+/// device's data (host store, io buffers: gigabytes, and swap pages may
+/// hold secrets). A daemon that panics aborts (panics.rs), and where core
+/// dumps are on, the dump would otherwise copy all of it while the device
+/// waits for its next server.
+const CORE_DUMPS: &str = "0x11";
 
 /// Readies a freshly forked server to serve swap: marks it an I/O flusher
 /// (its allocations do not wait on the I/O it serves), one malloc arena,

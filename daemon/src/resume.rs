@@ -20,6 +20,7 @@ pub fn resume_supervisor(run_dir: &Path, state_text: &str) -> Result<()> {
         ..Plan::from_record(&record)
     };
     init_log(&plan.log);
+    crate::panics::abort_on_panic();
     let result = memory_from(&state)
         .and_then(|memory| crate::supervise::resume(&plan, run_dir, memory, &state));
     if let Err(e) = &result {

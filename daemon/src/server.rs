@@ -248,6 +248,7 @@ fn standby_ready(standby: Option<Standby>, launch: &mut Launch, plan: &Plan) -> 
     let go = wait_for_go(go)?;
     // Taking over: the device waits on this server.
     held_log::hold();
+    vramblk_ublk_target::test_hooks::panic_on_take_over_if_asked();
     launch.restarts = go.restarts;
     drop(for_control);
     if let (Some(from), Start::Recover(id)) = (go.from, launch.start) {

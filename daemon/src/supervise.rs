@@ -634,6 +634,11 @@ impl Supervisor<'_> {
         match unsafe { libc::fork() } {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
             0 => {
+                // A forked supervisor has it already; a foreground one
+                // (`add --foreground`, the command's own process) does
+                // not. Either way a panic here must never unwind into the
+                // supervisor's code.
+                crate::panics::abort_on_panic();
                 vramblk_ublk_target::control::forget_inherited_control_ring();
                 held_log::forget_parents_lines();
                 drop(report);

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vramblk_config::{format_size, DeviceRecord};
-use vramblk_cuda_store::CudaStore;
+use vramblk_cuda_store::{CudaStore, Resized};
 use vramblk_store::Store;
 
 /// Take VRAM back by itself when room for new data falls under this.
@@ -112,6 +112,9 @@ pub struct VramReply {
     pub unused: u64,
     #[serde(default)]
     pub moved: u32,
+    /// A compressed device's blocks moved to pack its pool before that.
+    #[serde(default)]
+    pub blocks_moved: u64,
     /// Whether pages carry checksums, and reads this server failed on a
     /// mismatch since it started.
     #[serde(default)]
@@ -233,9 +236,9 @@ impl Control {
         let reply = match reader.read_line(&mut line) {
             Ok(_) => match Command::parse(line.trim()) {
                 Ok(cmd) => self.run(cmd),
-                Err(e) => self.reply(Err(e), 0),
+                Err(e) => self.reply(Err(e), None),
             },
-            Err(e) => self.reply(Err(format!("reading the command: {e}")), 0),
+            Err(e) => self.reply(Err(format!("reading the command: {e}")), None),
         };
         let mut conn = conn;
         if let Ok(mut text) = serde_json::to_vec(&reply) {
@@ -244,7 +247,9 @@ impl Control {
         }
     }
 
-    fn reply(&self, result: Result<(), String>, moved: u32) -> VramReply {
+    /// The reply to a command: what the store holds now, and what a
+    /// give-back `resized` moved.
+    fn reply(&self, result: Result<(), String>, resized: Option<&Resized>) -> VramReply {
         VramReply {
             ok: result.is_ok(),
             error: result.err(),
@@ -252,7 +257,8 @@ impl Control {
             used: self.store.used_bytes(),
             full: self.store.full_bytes(),
             unused: self.store.unused_bytes(),
-            moved,
+            moved: resized.map_or(0, |r| r.moved),
+            blocks_moved: resized.map_or(0, |r| r.blocks_moved),
             integrity: self.store.integrity(),
             integrity_errors: self.store.integrity_errors(),
             compressed: compressed_use(&self.store),
@@ -261,7 +267,7 @@ impl Control {
 
     fn run(&mut self, cmd: Command) -> VramReply {
         match cmd {
-            Command::Usage => self.reply(Ok(()), 0),
+            Command::Usage => self.reply(Ok(()), None),
             Command::GiveBack { to, floor } => {
                 self.floor = floor.max(self.reserve);
                 match self.store.give_back(to) {
@@ -269,15 +275,15 @@ impl Control {
                         if r.after < r.before {
                             self.publish();
                         }
-                        self.reply(Ok(()), r.moved)
+                        self.reply(Ok(()), Some(&r))
                     }
-                    Err(e) => self.reply(Err(e.to_string()), 0),
+                    Err(e) => self.reply(Err(e.to_string()), None),
                 }
             }
             Command::TakeBack { to, floor } => {
                 self.floor = floor.max(self.reserve);
                 let r = self.take_back(to);
-                self.reply(r, 0)
+                self.reply(r, None)
             }
             Command::FlipBit { offset } => {
                 let r = if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
@@ -294,7 +300,7 @@ impl Control {
                         "test hooks are off (the server runs without {TEST_HOOKS_ENV}=1)"
                     ))
                 };
-                self.reply(r, 0)
+                self.reply(r, None)
             }
         }
     }

@@ -67,11 +67,17 @@ pub fn build(stage: &Path, out: &Path, spec: &Spec) -> Result<()> {
     }
     for bin in spec.built_bins {
         let name = bin.file_name().context("binary without a name")?;
-        // Stripped: the guest's RAM is small (the swap boots leave a few
-        // hundred MiB outside the huge page pool), and the line tables
-        // would take tens of MiB of it in the ramfs root.
+        // Without their line tables: the guest's RAM is small (the swap
+        // boots leave a few hundred MiB outside the huge page pool), and
+        // they would take tens of MiB of it in the ramfs root. The symbols
+        // stay (about 1.4 MiB), so a daemon's panic backtrace names its
+        // functions.
         let dst = stage.join("usr/local/bin").join(name);
-        sh(Command::new("strip").arg("-o").arg(&dst).arg(bin))?;
+        sh(Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&dst)
+            .arg(bin))?;
         libs.extend(shared_libs(bin)?);
     }
     for lib in libs {

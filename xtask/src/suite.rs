@@ -16,6 +16,7 @@ const CRASH_STRESS_SUITE: &str = include_str!("../vm/crash-stress-suite.sh");
 const SYSTEMD_SUITE: &str = include_str!("../vm/systemd-suite.sh");
 const PACKAGE_SUITE: &str = include_str!("../vm/package-suite.sh");
 const REFUSE_SUITE: &str = include_str!("../vm/refuse-suite.sh");
+const CORPUS_SWAP_SUITE: &str = include_str!("../vm/corpus-swap.sh");
 
 /// The shipped vramblk.service, as the systemd boot runs it (the package
 /// boot gets it from the package instead).
@@ -69,6 +70,9 @@ struct Suite {
     /// The Debian package, two versions, at /root/vramblk-1.deb and
     /// /root/vramblk-2.deb.
     packages: bool,
+    /// A sample of the corpus's program pages at /corpus/swap-sample.pages
+    /// (made from target/corpus: `cargo xtask corpus` first).
+    corpus_sample: bool,
     /// Run by `cargo xtask test`; the others only when VRAMBLK_VM_SUITE
     /// names them.
     default: bool,
@@ -92,6 +96,7 @@ const SUITES: &[Suite] = &[
         files: &[],
         host_files: &[],
         packages: false,
+        corpus_sample: false,
         default: true,
     },
     Suite {
@@ -109,6 +114,7 @@ const SUITES: &[Suite] = &[
         files: &[],
         host_files: &[],
         packages: false,
+        corpus_sample: false,
         default: true,
     },
     Suite {
@@ -135,6 +141,7 @@ const SUITES: &[Suite] = &[
         files: &[],
         host_files: &[],
         packages: false,
+        corpus_sample: false,
         default: true,
     },
     Suite {
@@ -154,6 +161,7 @@ const SUITES: &[Suite] = &[
         files: &[],
         host_files: &[],
         packages: false,
+        corpus_sample: false,
         default: false,
     },
     Suite {
@@ -175,6 +183,7 @@ const SUITES: &[Suite] = &[
         files: &[SHIPPED_SERVICE, SYSTEMD_BOOT_UNITS],
         host_files: &[],
         packages: false,
+        corpus_sample: false,
         default: true,
     },
     Suite {
@@ -225,6 +234,7 @@ const SUITES: &[Suite] = &[
             "/usr/share/groff",
         ],
         packages: true,
+        corpus_sample: false,
         default: true,
     },
     Suite {
@@ -237,6 +247,22 @@ const SUITES: &[Suite] = &[
         files: &[],
         host_files: &[],
         packages: false,
+        corpus_sample: false,
+        default: false,
+    },
+    Suite {
+        name: "corpus-swap",
+        script: CORPUS_SWAP_SUITE,
+        // 256 huge pages hold the device's 512 MiB of stand-in "VRAM"; the
+        // rest is the RAM the working set overflows.
+        memory: "1536M",
+        cmdline: "hugepages=256",
+        host_bins: &["/sbin/mkswap", "/sbin/swapon", "/sbin/swapoff"],
+        timeout: Duration::from_secs(40 * 60),
+        files: &[],
+        host_files: &[],
+        packages: false,
+        corpus_sample: true,
         default: false,
     },
 ];
@@ -370,6 +396,12 @@ pub fn run_all(root: &Path) -> Result<()> {
         if s.packages {
             extra.extend(build_packages(root, &vm_dir)?);
         }
+        if s.corpus_sample {
+            extra.push((
+                crate::corpus::swap_sample(root)?,
+                "/corpus/swap-sample.pages".into(),
+            ));
+        }
         let suite_copies: Vec<(PathBuf, &str)> = copies
             .iter()
             .map(|(p, g)| (p.clone(), *g))
@@ -449,6 +481,14 @@ pub fn run_all(root: &Path) -> Result<()> {
         println!("== failed checks, each with the lines the guest printed around it");
         for f in &failures {
             println!("{f}");
+        }
+        // And the failed checks alone, last: the context above can be long
+        // enough that a tail cut to a few dozen lines loses them.
+        println!("== failed checks");
+        for f in &failures {
+            if let Some(check) = f.lines().find(|l| l.contains("] FAIL ")) {
+                println!("{check}");
+            }
         }
     }
     println!(

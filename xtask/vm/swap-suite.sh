@@ -172,7 +172,6 @@ check "no kernel oops or hung task (pressure part)" no_oops
 Z_ENV="LD_LIBRARY_PATH=/opt/cudastub VRAMBLK_STUB_HUGETLB=1 VRAMBLK_STUB_VRAM_MIB=600"
 dev=$(env $Z_ENV vramblk add --size 1G --reserve 0 --compress lz --swap --depth 64 2>/tmp/add-z.txt)
 check "compressed swap: a 1 GiB lz device (stub) comes up as swap" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-z.txt; show_logs; }
-zq() { vramblk status --json > /tmp/z.json 2>&1 && jsonq /tmp/z.json "devices.0.vram.$1"; }
 held=$(zq held)
 info "compressed swap: holds $((held >> 20)) MiB of VRAM, MemAvailable $(mem MemAvailable) MiB"
 fill=$(($(mem MemAvailable) + 400))

@@ -277,7 +277,7 @@ pub fn decompress(block: &[u8], page: &mut [u8; PAGE]) -> Result<(), Corrupt> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Pages of the shapes swap holds: text, a table of small integers,

@@ -94,6 +94,16 @@ impl Entry {
         }
     }
 
+    /// The same page with its block in slot `to` (of the same class) instead:
+    /// where a compaction moved it. Pages without a block are as they were.
+    pub(crate) fn moved_to(self, to: Loc) -> Entry {
+        match self {
+            Entry::Lz { len, sum, .. } => Entry::Lz { at: to, len, sum },
+            Entry::Raw { sum, .. } => Entry::Raw { at: to, sum },
+            other => other,
+        }
+    }
+
     /// Bytes its block takes in a slot (0 for pages without one).
     pub(crate) fn stored_len(self) -> u64 {
         match self {
@@ -203,6 +213,10 @@ mod tests {
         ];
         for e in cases {
             assert_eq!(Entry::decode(e.encode()), Ok(e), "{e:?}");
+            let to = e.loc().map(|at| Loc { index: 0, ..at });
+            let moved = to.map_or(e, |to| e.moved_to(to));
+            assert_eq!(moved.loc(), to, "{e:?} moved");
+            assert_eq!((moved.sum(), moved.stored_len()), (e.sum(), e.stored_len()));
         }
         assert_eq!(Entry::Empty.encode(), [0, 0], "a fresh map is all empty");
     }

@@ -12,13 +12,17 @@
 //! after it hold the page map (entry.rs: 16 bytes a page), written after
 //! the block it names has landed, so a server that recovers after a
 //! SIGKILL finds every page whose write was answered, and rebuilds the
-//! pool from it (state.rs).
+//! pool from it (state.rs). A give-back first compacts the pool
+//! (compact.rs): blocks of sparse pool extents move into the free slots of
+//! full ones, so the sparse ones give their VRAM back.
 
+mod compact;
 mod entry;
 mod pool;
 mod queue;
 mod state;
 
+pub(crate) use compact::compact;
 pub(crate) use queue::PackedPath;
 pub use queue::PackedQueue;
 pub use state::PackedUsage;
@@ -114,6 +118,12 @@ impl Packed {
 
     pub(crate) fn usage(&self) -> PackedUsage {
         self.state.usage()
+    }
+
+    /// Pool extents the blocks would take packed tight (what a compaction
+    /// leaves, were no page under I/O).
+    pub(crate) fn extents_needed(&self) -> u32 {
+        self.state.slots().pool.extents_needed()
     }
 
     /// After a pool extent took a new VRAM slot: logs once when fewer than

@@ -42,6 +42,9 @@ pub(crate) struct Pool {
     room: Vec<FixedBitSet>,
     /// Extents of no class.
     idle: FixedBitSet,
+    /// Extents a compaction is emptying: takes pass them by and frees do
+    /// not offer their slots again (compact.rs).
+    draining: FixedBitSet,
 }
 
 /// Whether giving a slot back emptied its extent.
@@ -69,6 +72,7 @@ impl Pool {
                 .collect(),
             room: vec![FixedBitSet::with_capacity(n); POOL_CLASSES],
             idle,
+            draining: FixedBitSet::with_capacity(n),
         }
     }
 
@@ -77,8 +81,20 @@ impl Pool {
     /// used up (its size covers a device of raw pages, so never while
     /// the map is right).
     pub(crate) fn take(&mut self, class: usize) -> Option<Loc> {
+        self.take_in(class, true)
+    }
+
+    /// A free slot of class `class` in an extent already cut for it (never
+    /// an idle one, nor one being drained): where a compaction moves a
+    /// block to. None when no such extent has room.
+    pub(crate) fn take_kept(&mut self, class: usize) -> Option<Loc> {
+        self.take_in(class, false)
+    }
+
+    fn take_in(&mut self, class: usize, open_idle: bool) -> Option<Loc> {
         let e = match self.room.get(class)?.minimum() {
             Some(e) => e,
+            None if !open_idle => return None,
             None => {
                 let e = self.idle.minimum()?;
                 self.idle.remove(e);
@@ -135,13 +151,71 @@ impl Pool {
         x.count -= 1;
         let e = at.extent as usize;
         if x.count > 0 {
-            self.room[class].insert(e);
+            if !self.draining.contains(e) {
+                self.room[class].insert(e);
+            }
             return Given::Kept;
         }
         x.class = None;
         self.room[class].remove(e);
+        self.draining.remove(e);
         self.idle.insert(e);
         Given::Emptied(at.extent)
+    }
+
+    /// Pool extents the blocks need when packed tight: per class, its
+    /// blocks over the slots an extent has, rounded up.
+    /// (One pass over the extents: `status` asks for it, under the lock
+    /// every queue takes its slots under.)
+    pub(crate) fn extents_needed(&self) -> u32 {
+        let mut blocks = [0u32; POOL_CLASSES];
+        for x in &self.extents {
+            if let Some(n) = x.class.and_then(|c| blocks.get_mut(usize::from(c))) {
+                *n += x.count;
+            }
+        }
+        (0..POOL_CLASSES)
+            .map(|c| blocks[c].div_ceil(slots_per_extent(c)))
+            .sum()
+    }
+
+    /// Starts a compaction: per class, every extent beyond the fullest
+    /// ones that could hold all its blocks is drained (no take lands in
+    /// it any more; its blocks are to move into the free slots of those
+    /// kept). Returns the extents drained: the ones a compaction empties.
+    pub(crate) fn drain_sparse(&mut self) -> FixedBitSet {
+        // Each class's extents and their blocks, in one pass.
+        let mut by_class: Vec<Vec<(u32, usize)>> = vec![Vec::new(); POOL_CLASSES];
+        for (e, x) in self.extents.iter().enumerate() {
+            if let Some(cut) = x.class.and_then(|c| by_class.get_mut(usize::from(c))) {
+                cut.push((x.count, e));
+            }
+        }
+        for (c, mut cut) in by_class.into_iter().enumerate() {
+            let blocks: u32 = cut.iter().map(|(n, _)| n).sum();
+            let kept = blocks.div_ceil(slots_per_extent(c)) as usize;
+            // The fullest are kept (fewest blocks to move), the lowest
+            // first among equals (data stays in few, low extents).
+            cut.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            for &(_, e) in cut.iter().skip(kept) {
+                self.draining.insert(e);
+                self.room[c].remove(e);
+            }
+        }
+        self.draining.clone()
+    }
+
+    /// Ends a compaction: extents it did not empty take blocks again.
+    pub(crate) fn end_drain(&mut self) {
+        for e in self.draining.ones() {
+            let x = &self.extents[e];
+            if let Some(c) = x.class {
+                if x.count < slots_per_extent(c.into()) {
+                    self.room[usize::from(c)].insert(e);
+                }
+            }
+        }
+        self.draining.clear();
     }
 
     /// Marks `at` taken, as a recovering server rebuilds the pool from the
@@ -185,6 +259,11 @@ impl Pool {
             self.room[class].remove(e);
         }
         Ok(())
+    }
+
+    /// The extents that hold no block.
+    pub(crate) fn idle_extents(&self) -> impl Iterator<Item = u32> + '_ {
+        self.idle.ones().map(|e| e as u32)
     }
 
     /// Whether extent `e` holds no block (may be unmapped).
@@ -274,5 +353,88 @@ mod tests {
         assert_eq!((next.extent, next.index), (0, 0));
         assert_ne!(p.take(3).unwrap().index, 9);
         assert!(p.is_idle(1));
+    }
+
+    #[test]
+    fn a_compaction_empties_the_sparsest_extents_into_the_fullest() {
+        let mut p = Pool::new(8);
+        let n = slots_per_extent(3) as usize;
+        let all: Vec<Loc> = (0..3 * n).map(|_| p.take(3).unwrap()).collect();
+        let raw: Vec<Loc> = (0..10).map(|_| p.take(RAW_CLASS).unwrap()).collect();
+        assert_eq!(raw[0].extent, 3);
+        // Extent 0 keeps 3/4 of its blocks, extent 1 a quarter, extent 2
+        // half: 1.5 extents of blocks, which two extents hold.
+        let keep = |l: &Loc| match l.extent {
+            0 => !l.index.is_multiple_of(4),
+            1 => l.index.is_multiple_of(4),
+            _ => l.index.is_multiple_of(2),
+        };
+        for l in all.iter().filter(|l| !keep(l)) {
+            assert_eq!(p.give(*l), Given::Kept);
+        }
+        assert_eq!(p.extents_needed(), 2 + 1, "two of class 3, one raw");
+        let drained = p.drain_sparse();
+        assert_eq!(
+            drained.ones().collect::<Vec<_>>(),
+            vec![1],
+            "the sparsest one"
+        );
+        // Neither kind of take lands in a drained extent, nor in an idle
+        // one for a compaction.
+        let t = p.take(3).unwrap();
+        assert_ne!(t.extent, 1);
+        p.give(t);
+        let mut left: Vec<Loc> = all
+            .iter()
+            .filter(|l| l.extent == 1 && keep(l))
+            .copied()
+            .collect();
+        let last = left.pop().unwrap();
+        for l in left {
+            let to = p.take_kept(3).unwrap();
+            assert!(to.extent == 0 || to.extent == 2, "{to:?}");
+            assert_eq!(
+                p.give(l),
+                Given::Kept,
+                "a drained extent's slot is not offered again"
+            );
+        }
+        p.take_kept(3).unwrap();
+        assert_eq!(p.give(last), Given::Emptied(1));
+        assert!(p.is_idle(1));
+        assert_eq!(p.take_kept(5), None, "no extent of that class: none opened");
+        p.end_drain();
+        assert_eq!(p.drain_sparse().count_ones(..), 0, "packed tight now");
+        p.end_drain();
+        // Extent 1 is idle again; the kept extents still have room, and
+        // the next take goes there, not to a fresh extent.
+        let next = p.take(3).unwrap();
+        assert!(next.extent == 0 || next.extent == 2);
+    }
+
+    #[test]
+    fn an_ended_compaction_offers_the_extents_it_did_not_empty_again() {
+        let mut p = Pool::new(4);
+        let a = p.take(0).unwrap();
+        let b = p.take(1).unwrap();
+        let c: Vec<Loc> = (0..3).map(|_| p.take(1).unwrap()).collect();
+        // Class 1 in one extent: nothing to drain; class 0 alone too.
+        assert_eq!(p.drain_sparse().count_ones(..), 0);
+        p.end_drain();
+        assert_eq!((a.extent, b.extent, c[2].extent), (0, 1, 1));
+        // Two half-empty raw extents: the second drains; ended before it
+        // emptied, it takes blocks again.
+        let raws: Vec<Loc> = (0..1024).map(|_| p.take(RAW_CLASS).unwrap()).collect();
+        for r in raws.iter().filter(|r| r.index % 2 == 1) {
+            p.give(*r);
+        }
+        assert_eq!(p.drain_sparse().ones().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(p.take(RAW_CLASS).unwrap().extent, 2);
+        p.end_drain();
+        let mut seen3 = false;
+        for _ in 0..300 {
+            seen3 |= p.take(RAW_CLASS).unwrap().extent == 3;
+        }
+        assert!(seen3, "extent 3 has room again");
     }
 }

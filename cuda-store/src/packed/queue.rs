@@ -17,8 +17,9 @@
 //! Small rounds stay off the page kernels, which walk a page's sequences
 //! one after another and so take 60-110 us whatever the round's size
 //! (docs/benchmarks.md): a round of at most [`CPU_PAGES`] pages is
-//! compressed on the CPU (the reference encoder, the same bytes the kernel
-//! writes) and its blocks copied from pinned memory, and a read of at most
+//! compressed on the CPU (by lz4_flex's search, a third of the reference
+//! encoder's time; LZ4 blocks either way) and its blocks copied from pinned
+//! memory, and a read of at most
 //! that many stored pages has their blocks copied out and decoded on the
 //! CPU.
 //! Rounds of one queue are answered as they finish; a flush waits for
@@ -43,14 +44,16 @@ use crate::integrity::page_sum_cpu;
 use crate::kernel::{self, flags, Desc};
 use crate::page_kernels::{kind, PageJob, PageLaunch};
 use crate::pinned::{DescTable, PinnedTable};
-use crate::queue::{launch_table, record_extent, report_mismatch, report_no_room, round_succeeded};
+use crate::queue::{
+    copy_by_engine, launch_table, record_extent, report_mismatch, report_no_room, round_succeeded,
+};
 use crate::stages::{self, Stage as Timed};
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vramblk_compress::{class_of, encode_page, fill, lz, same_filled, Stored, PAGE};
+use vramblk_compress::{class_of, encode_page_quick, fill, lz, same_filled, Stored, PAGE};
 use vramblk_store::{BufferRegion, Completion, Op, QueueStore, Request, StoreError};
 
 mod reads;
@@ -60,6 +63,12 @@ mod writes;
 /// blocks decoded, on the CPU (about 20 us a page to compress, 5 to
 /// decode, on one core: less than a page kernel's launch to finish).
 const CPU_PAGES: usize = 2;
+
+/// Pieces (blocks and entries) a write round copies by the copy engine, one
+/// call each, rather than by two launches of the copy kernel: a lone page's
+/// write took 15.2 us (p50, corpus pages, H200) this way against 21.8-23.7
+/// us with the launches (docs/benchmarks.md).
+const ENGINE_PIECES: usize = 2 * CPU_PAGES;
 
 /// Pages one compress launch takes: one of a queue's stagings in VRAM
 /// (2 MiB). A compressed device leaves at least [`super::STAGING_ROOM`]

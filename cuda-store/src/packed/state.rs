@@ -92,7 +92,7 @@ impl PackedUsage {
 
 /// Pages of one shard of the page map (4 MiB of data): a request of up
 /// to 512 KiB touches one or two.
-const SHARD_PAGES: u64 = 1024;
+pub(crate) const SHARD_PAGES: u64 = 1024;
 
 /// Keeps what it holds on cache lines of its own, so that queues taking
 /// neighbouring locks do not slow each other down.
@@ -313,6 +313,30 @@ impl State {
         old
     }
 
+    /// How many shards the page map is cut into.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The pages of shard `i` whose blocks lie in one of the pool
+    /// `extents`, with their entries, into `out` (cleared first; a shard
+    /// has at most [`SHARD_PAGES`], which `out` is best made room for).
+    pub(crate) fn blocks_in(&self, i: usize, extents: &FixedBitSet, out: &mut Vec<(u64, Entry)>) {
+        out.clear();
+        if i >= self.shards.len() {
+            return;
+        }
+        let sh = self.shard(i);
+        for p in 0..sh.entries.len() {
+            let e = sh.entry(p);
+            if e.loc()
+                .is_some_and(|at| extents.contains(at.extent as usize))
+            {
+                out.push((i as u64 * SHARD_PAGES + p as u64, e));
+            }
+        }
+    }
+
     /// What the pages hold, summed over the shards.
     pub(crate) fn usage(&self) -> PackedUsage {
         let mut u = PackedUsage::default();
@@ -361,6 +385,13 @@ impl Slots {
             self.epoch += 1;
         }
         self.release(emptied);
+    }
+
+    /// Whether a slot in limbo lies in one of the pool `extents`.
+    pub(crate) fn limbo_holds(&self, extents: &FixedBitSet) -> bool {
+        self.limbo
+            .iter()
+            .any(|(_, at)| extents.contains(at.extent as usize))
     }
 
     /// Hands back the slots in limbo that no read in flight can use; adds

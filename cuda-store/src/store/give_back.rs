@@ -1,10 +1,12 @@
-//! Giving VRAM back while the device stays up (moving the data of the last
-//! chunks into free slots of the first, then freeing those chunks) and
-//! taking it back; the room writes wait for meanwhile.
+//! Giving VRAM back while the device stays up (a compressed device's pool
+//! compacted first, then the data of the last chunks moved into free slots
+//! of the first, then those chunks freed) and taking it back; the room
+//! writes wait for meanwhile.
 
 use super::{chunk_len, CudaStore, CHUNK_SLOTS};
 use crate::driver::{check, SyncStream};
 use crate::extents::EXTENT;
+use crate::packed;
 use crate::BACKOFF_STEP;
 use cudarc::driver::sys;
 use std::time::{Duration, Instant};
@@ -35,6 +37,8 @@ pub struct Resized {
     pub after: u64,
     /// Extents moved to make whole chunks free.
     pub moved: u32,
+    /// A compressed device's blocks moved to pack its pool tight first.
+    pub blocks_moved: u64,
 }
 
 impl CudaStore {
@@ -42,7 +46,41 @@ impl CudaStore {
     /// the whole chunks the data needs.
     pub fn unused_bytes(&self) -> u64 {
         let lens: Vec<u64> = self.lock_chunks().iter().map(|c| c.len as u64).collect();
-        unused_of(&lens, self.extents.mapped() + self.extents.reserved())
+        unused_of(&lens, self.slots_needed())
+    }
+
+    /// Slots the data needs: the maps' and the mapped extents', of a
+    /// compressed device only as many pool extents as its blocks take
+    /// packed tight (what compacting its pool leaves).
+    fn slots_needed(&self) -> u32 {
+        let mapped = self.extents.mapped();
+        let data = match &self.packed {
+            Some(p) => mapped.min(p.extents_needed()),
+            None => mapped,
+        };
+        data + self.extents.reserved()
+    }
+
+    /// Packs a compressed device's pool tight when that would let a give-back
+    /// down to `target` free one of the `chunks` more; the blocks moved.
+    fn compact_for(&self, target: u64, chunks: usize) -> Result<u64, StoreError> {
+        let Some(p) = &self.packed else {
+            return Ok(0);
+        };
+        let now = chunks_kept(target, self.extents.mapped() + self.extents.reserved());
+        if chunks_kept(target, self.slots_needed()) >= now.min(chunks as u32) {
+            return Ok(0);
+        }
+        let stream = SyncStream::new()?;
+        let done = packed::compact(p, &self.extents, self.base, &stream)?;
+        log::info!(
+            "cuda store: compacted the compressed pages: {} blocks moved, {} pool extents ({} MiB) \
+             emptied",
+            done.blocks,
+            done.unmapped,
+            (u64::from(done.unmapped) * EXTENT) >> 20
+        );
+        Ok(done.blocks)
     }
 
     /// Gives VRAM back while the device stays up: moves the data of the
@@ -55,12 +93,14 @@ impl CudaStore {
         self.make_current()?;
         let before: u64 = chunks.iter().map(|c| c.len as u64).sum();
         let held_slots = (before / EXTENT) as u32;
+        let blocks_moved = self.compact_for(target, chunks.len())?;
         let keep_chunks = chunks_kept(target, self.extents.mapped() + self.extents.reserved());
         if keep_chunks as usize >= chunks.len() {
             return Ok(Resized {
                 before,
                 after: before,
                 moved: 0,
+                blocks_moved,
             });
         }
         let keep_slots = keep_chunks * CHUNK_SLOTS;
@@ -92,6 +132,7 @@ impl CudaStore {
             before,
             after,
             moved,
+            blocks_moved,
         })
     }
 

@@ -15,7 +15,12 @@
 //! their own between random ones (about 3:1 under LZ4), still different for
 //! every page and pass.
 //!
-//! usage: `memcheck MIB [PASSES] [--hold FILE] [--until FILE] [--compressible]`
+//! With `--pages FILE`, pages are FILE's pages (raw 4 KiB pages: a sample
+//! of the corpus, `cargo xtask corpus`), page i of pass p being FILE's page
+//! (i + p * 7919) mod its page count: real memory's content, repeated
+//! (swap does not share equal pages), and different in every pass.
+//!
+//! usage: `memcheck MIB [PASSES] [--hold FILE] [--until FILE] [--compressible | --pages FILE]`
 
 use std::process::ExitCode;
 
@@ -49,6 +54,42 @@ fn compressible_words(index: usize, pass: u64, out: &mut [u64]) {
     }
 }
 
+/// What page i of pass p holds, written into the slice.
+type PageFill = dyn Fn(usize, u64, &mut [u64]);
+
+/// Pages read from a file, for `--pages`.
+struct CorpusPages {
+    words: Vec<u64>,
+}
+
+/// How far apart one pass's page i and the next pass's are in the file.
+const PASS_STRIDE: usize = 7919;
+
+impl CorpusPages {
+    fn fill(&self, index: usize, pass: u64, out: &mut [u64]) {
+        let words = PAGE / 8;
+        let count = self.words.len() / words;
+        let at = (index + pass as usize * PASS_STRIDE) % count;
+        out.copy_from_slice(&self.words[at * words..(at + 1) * words]);
+    }
+}
+
+/// `path`'s whole pages; an error for a file of none, or of a part page.
+fn corpus_pages(path: &std::path::Path) -> Result<CorpusPages, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.is_empty() || bytes.len() % PAGE != 0 {
+        return Err(format!(
+            "{} bytes: not a whole number of 4 KiB pages",
+            bytes.len()
+        ));
+    }
+    let words = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")))
+        .collect();
+    Ok(CorpusPages { words })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let Some(mib) = args.get(1).and_then(|a| a.parse::<usize>().ok()) else {
@@ -62,10 +103,18 @@ fn main() -> ExitCode {
             .and_then(|i| args.get(i + 1))
             .map(std::path::PathBuf::from)
     };
-    let fill: fn(usize, u64, &mut [u64]) = if args.iter().any(|a| a == "--compressible") {
-        compressible_words
+    let fill: Box<PageFill> = if let Some(f) = file_after("--pages") {
+        match corpus_pages(&f) {
+            Ok(pages) => Box::new(move |i, pass, out| pages.fill(i, pass, out)),
+            Err(e) => {
+                eprintln!("memcheck: --pages {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        }
+    } else if args.iter().any(|a| a == "--compressible") {
+        Box::new(compressible_words)
     } else {
-        page_words
+        Box::new(page_words)
     };
     let hold = file_after("--hold");
     let until = file_after("--until");
@@ -110,5 +159,37 @@ fn main() -> ExitCode {
     } else {
         println!("memcheck: FAILED, {bad_pages} pages differ");
         ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_pages_repeat_the_file_and_shift_every_pass() {
+        let path = std::env::temp_dir().join(format!("memcheck-pages-{}", std::process::id()));
+        // Three pages, each filled with its own byte.
+        let file: Vec<u8> = (0..3u8).flat_map(|b| vec![b + 1; PAGE]).collect();
+        std::fs::write(&path, &file).unwrap();
+        let pages = corpus_pages(&path).unwrap();
+        let first_byte = |i, pass| {
+            let mut out = vec![0u64; PAGE / 8];
+            pages.fill(i, pass, &mut out);
+            assert!(out.iter().all(|&w| w == out[0]), "a whole page of the file");
+            out[0].to_ne_bytes()[0]
+        };
+        assert_eq!(
+            [first_byte(0, 0), first_byte(1, 0), first_byte(2, 0)],
+            [1, 2, 3]
+        );
+        assert_eq!(first_byte(3, 0), 1, "past the end: from the start again");
+        // Pass 1 starts 7919 pages on: 7919 % 3 == 2.
+        assert_eq!(first_byte(0, 1), 3);
+        std::fs::write(&path, vec![0u8; PAGE + 1]).unwrap();
+        assert!(corpus_pages(&path).is_err(), "a part page is refused");
+        std::fs::write(&path, b"").unwrap();
+        assert!(corpus_pages(&path).is_err(), "an empty file is refused");
+        let _ = std::fs::remove_file(&path);
     }
 }

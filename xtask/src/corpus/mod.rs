@@ -254,6 +254,25 @@ fn write_random(file: &Path, len: u64) -> Result<()> {
     std::fs::write(file, data).with_context(|| format!("writing {}", file.display()))
 }
 
+/// The pages the corpus-swap boot fills swap with: a sample of every
+/// program's pages (not the random ones), as zram's boot takes it, in one
+/// file under target/corpus; its path.
+pub fn swap_sample(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("target/corpus");
+    let mut pages = Vec::new();
+    for s in read_manifest(&dir)?.iter().filter(|s| s.name != "random") {
+        let data =
+            std::fs::read(&s.file).with_context(|| format!("reading {}", s.file.display()))?;
+        pages.extend_from_slice(&zram::sample(&data));
+    }
+    if pages.is_empty() {
+        bail!("the corpus in {} has no program's pages", dir.display());
+    }
+    let file = dir.join("swap-sample.pages");
+    std::fs::write(&file, &pages).with_context(|| format!("writing {}", file.display()))?;
+    Ok(file)
+}
+
 fn read_manifest(out: &Path) -> Result<Vec<Source>> {
     let path = out.join("manifest.tsv");
     let text = std::fs::read_to_string(&path).with_context(|| {

@@ -60,7 +60,7 @@ fn parse(lines: &[String]) -> Vec<ZramStat> {
 }
 
 /// Up to SAMPLE bytes of `data`, in BLOCK-sized pieces evenly spread.
-fn sample(data: &[u8]) -> Vec<u8> {
+pub(super) fn sample(data: &[u8]) -> Vec<u8> {
     let blocks = data.len() / BLOCK;
     let want = SAMPLE / BLOCK;
     if blocks <= want {

@@ -103,8 +103,9 @@ impl PackedQueue {
     }
 
     /// A small round of writes: each page encoded here into pinned memory
-    /// (what the compress launch would have written), then stored as
-    /// any round's blocks are.
+    /// (an LZ4 block as the compress launch writes one, by LZ4's C
+    /// library's faster search: the write waits for it), then stored as any
+    /// round's blocks are (by the copy engine: a few pieces).
     fn compress_on_cpu(
         &mut self,
         mut round: Round,
@@ -120,7 +121,7 @@ impl PackedQueue {
                 // it is answered.
                 let page: &[u8; PAGE] = unsafe { &*r.buf.add(k * PAGE).cast() };
                 let job = match self.packed.mode {
-                    Compress::Lz => encode_page(page, &mut out),
+                    Compress::Lz => encode_page_quick(page, &mut out),
                     _ => same_filled(page).map_or(Stored::Raw, Stored::Same),
                 };
                 let (job, block) = match job {
@@ -148,7 +149,8 @@ impl PackedQueue {
     }
 
     /// Once a round's pages are compressed: puts each block in a slot of
-    /// its class and its entry in the map (two launches, in that order).
+    /// its class and its entry in the map (two launches, in that order; a
+    /// round of a few pieces, a lone write's, by the copy engine).
     /// Returns how many of its requests it deferred (a page of theirs was
     /// pending meanwhile).
     pub(super) fn store_blocks(&mut self, round: &mut Round) -> usize {
@@ -213,8 +215,15 @@ impl PackedQueue {
             }
             self.copy_entries(round, first_entry, r.page);
         }
-        let ok = self.launch_copies(&round.blocks, round.stream)
-            && self.launch_copies(&round.entry_copies, round.stream);
+        // Blocks first, then their entries, in stream order: a server
+        // killed between them leaves the old entry, naming a whole page.
+        let ok = if round.blocks.len + round.entry_copies.len <= ENGINE_PIECES {
+            copy_by_engine(&round.blocks, round.stream)
+                && copy_by_engine(&round.entry_copies, round.stream)
+        } else {
+            self.launch_copies(&round.blocks, round.stream)
+                && self.launch_copies(&round.entry_copies, round.stream)
+        };
         if !ok {
             for r in &mut round.reqs {
                 r.result = -libc::EIO;
