@@ -106,6 +106,18 @@ pub fn release() {
     });
 }
 
+/// The held lines, each handed to `say`, for a process that is dying of
+/// a fault (faults.rs): they would end with it, and were what said what
+/// it was doing. From a signal handler: it only tries the lock (the
+/// faulting thread may hold it) and allocates nothing.
+pub fn held_lines_of_a_dying_process(say: &mut dyn FnMut(&[u8])) {
+    let Some(state) = STATE.get() else { return };
+    let Ok(s) = state.try_lock() else { return };
+    for line in s.held.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        say(line);
+    }
+}
+
 /// In a forked child: forget the lines the parent held (the parent writes
 /// them), keep holding if it did.
 pub fn forget_parents_lines() {

@@ -19,11 +19,14 @@
 //! - [`holder`], [`adopt`], [`announce`], [`notify`], [`signals`]: the
 //!   service's side: fds held for systemd's fd store, adoption of a device
 //!   whose supervisor died, sd_notify, the supervisor's signals.
-//! - [`host`]: preconditions (root, ublk_drv); [`logging`]: where logs go.
+//! - [`host`]: preconditions (root, ublk_drv); [`logging`]: where logs go;
+//!   [`panics`]: a daemon that panics logs where and aborts; [`faults`]:
+//!   one that dies of a fault says where in the kernel's log.
 
 pub mod adopt;
 pub mod announce;
 pub mod budget;
+pub mod faults;
 pub mod handover;
 pub mod held_log;
 pub mod holder;
@@ -32,6 +35,7 @@ pub mod locality;
 pub mod logging;
 pub mod memory;
 pub mod notify;
+pub mod panics;
 pub mod plan;
 pub mod process;
 pub mod resume;

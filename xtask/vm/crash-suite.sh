@@ -254,6 +254,63 @@ esac
 check "death in the recovery window: every page of the file came back from swap intact" [ "$(md5sum < /tmp/sw/data)" = "$sum0" ]
 file_in_swap_done "death in the recovery window"
 
+# --- 1b5. a standby that panics as it takes over (a CI boot on 7.3 saw
+# one panic there, 2026-12-04, and unwind out of the forked server into
+# the supervisor's code it was forked from, then die of SIGSEGV): the
+# device is the only swap, a file's pages sit there, and the test hook
+# VRAMBLK_TEST_PANIC_ON_TAKE_OVER makes the standby panic right after the
+# word. It must say where, with a backtrace, in its log and the kernel's,
+# and abort; the supervisor recovers the device with a server forked fresh
+# and every page comes back.
+rm -f /tmp/panic-on-take-over
+export VRAMBLK_TEST_HOOKS=1 VRAMBLK_TEST_PANIC_ON_TAKE_OVER=/tmp/panic-on-take-over
+file_in_swap "panic in a taking-over standby" 1
+unset VRAMBLK_TEST_HOOKS VRAMBLK_TEST_PANIC_ON_TAKE_OVER
+HOLDER_FOR_CHILDREN=$(holder_pid 0)
+srv=$(daemon_pid 0)
+check "panic in a taking-over standby: a standby stands by" wait_for 30 has_standby
+touch /tmp/panic-on-take-over
+kill -9 "$srv"
+check "panic in a taking-over standby: the standby panicked (the hook fired)" \
+    wait_for 30 sh -c "! [ -e /tmp/panic-on-take-over ]"
+check "panic in a taking-over standby: a server forked fresh recovers the device" \
+    wait_recovered 0 "$srv" || show_logs
+panicked=$(sed -n "s/^vramblk: process \([0-9]*\) thread 'main' panicked at .*test hook: .*; aborting$/\1/p" \
+    /run/vramblk/*.log | head -1)
+info "panic in a taking-over standby: process ${panicked:-none} panicked"
+check "panic in a taking-over standby: its log says where, with a backtrace naming the take-over" \
+    sh -c "[ -n '$panicked' ] && grep -q 'server::standby_ready' /run/vramblk/*.log" ||
+    grep -h -A12 "panicked" /run/vramblk/*.log | while read -r l; do info "log: $l"; done
+check "panic in a taking-over standby: the kernel's log says it too" \
+    sh -c "dmesg | grep -q 'vramblk: process $panicked thread .main. panicked at .*test hook:'"
+check "panic in a taking-over standby: it aborted (no unwinding into the supervisor's code)" \
+    grep -q "server of /dev/ublkb0 (pid $panicked) died (signal: 6 (SIGABRT)" /run/vramblk/*.log ||
+    grep -h "pid $panicked" /run/vramblk/*.log | while read -r l; do info "log: $l"; done
+# Every vramblk process is the supervisor or a child of it: none went on
+# as a second supervisor.
+one_supervisor() {
+    local h p parent
+    h=$(holder_pid 0)
+    [ "$h" = "$HOLDER_FOR_CHILDREN" ] || return 1
+    for p in $(pidof vramblk); do
+        parent=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null)
+        [ "$p" = "$h" ] || [ -z "$parent" ] || [ "$parent" = "$h" ] || return 1
+    done
+}
+check "panic in a taking-over standby: one supervisor still, the one there before" one_supervisor
+check "panic in a taking-over standby: core dumps of the server and supervisor leave out shared memory" \
+    sh -c "[ \$(cat /proc/$(daemon_pid 0)/coredump_filter) = 00000011 ] && [ \$(cat /proc/$(holder_pid 0)/coredump_filter) = 00000011 ]"
+check "panic in a taking-over standby: every page of the file came back from swap intact" [ "$(md5sum < /tmp/sw/data)" = "$sum0" ]
+file_in_swap_done "panic in a taking-over standby"
+
+# --- 1b6. a server that dies of a fault's signal (a crash, not a SIGKILL)
+# with reads in flight: each is answered by the next server, right, and
+# the kernel's log says where the dead one was (daemon/src/faults.rs).
+crash_during_reads "cuda (stub), SIGSEGV while reading" SEGV \
+    env $STUB_ENV vramblk add --size 128M --reserve 0 --queues 2 --depth 8
+crash_during_reads "host, SIGBUS while reading" BUS \
+    vramblk add --size 128M --backend host --hugepages --queues 2 --depth 8
+
 # --- 1c. upgrades without swapoff: the binary is replaced on disk (a new
 # file renamed over it, as a package update does) and `vramblk upgrade`
 # hands the device to it under a verifying fio load, three times; the

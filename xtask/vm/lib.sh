@@ -27,7 +27,10 @@ expect_err() {
     fi
 }
 
-# No kernel fault: no oops, BUG, warning stack or hung task. Stacks the
+# No kernel fault: no oops, BUG, warning stack or hung task; and no vramblk
+# process panicked or died of a fault (a daemon says so in the kernel's
+# log: panics.rs, faults.rs), but for a test hook's panic on purpose and
+# a fault's signal a test sent ("sent by process"). Stacks the
 # kernel printed because pswatch asked (sysrq: each CPU's NMI backtrace,
 # each blocked task's stack) are diagnostics, not faults, and are skipped.
 no_oops() {
@@ -39,6 +42,8 @@ no_oops() {
 no_faults_in() {
     awk '{ring[NR % 6] = $0}
          /Oops|BUG:|blocked (in I\/O wait )?for more than|hung_task/ {hit = 1}
+         /vramblk: process [0-9]+ thread .* panicked at/ && !/test hook:/ {hit = 1}
+         /vramblk: process [0-9]+ thread .* died of SIG.* at address/ {hit = 1}
          /NMI backtrace for cpu|\] task:/ {asked = 1}
          /Call Trace/ && !asked {hit = 1}
          /<\/TASK>/ {asked = 0}
@@ -148,6 +153,12 @@ check_idle_cpu() {
 
 mem() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' /proc/meminfo; }
 
+# vmstat_of KEY: a counter of /proc/vmstat (pswpout, pswpin, ...).
+vmstat_of() { awk -v k="$1" '$1 == k {print $2}' /proc/vmstat; }
+
+# zq FIELD: device 0's vram.FIELD from `vramblk status --json`.
+zq() { vramblk status --json > /tmp/z.json 2>&1 && jsonq /tmp/z.json "devices.0.vram.$1"; }
+
 holder_pid() {
     sed -n 's/.*"holder_pid": *\([0-9]*\).*/\1/p' /run/vramblk/ublkb$1.json 2>/dev/null
 }
@@ -255,6 +266,52 @@ full_queue_kill() {
     fio_verified "$fq: verify-only pass (crc32c)" /tmp/fio-fv.txt $common $jobs
     out=$(vramblk del 0 2>&1)
     check "$fq: del" [ "$out" = "removed /dev/ublkb0" ]
+    wait_for 30 daemon_gone
+}
+
+# crash_during_reads NAME SIG ADD...: adds a 128 MiB device (ADD...),
+# writes it whole with crc32c headers from two jobs, one a CPU (so one a
+# queue), then sends its server SIG while a verify-only pass reads it
+# back: a server that dies of a fault, not a SIGKILL, with reads in
+# flight. Every read must be answered, and right; the kernel's log must
+# name the signal and where the server was (faults.rs).
+crash_during_reads() {
+    local n=$1 sig=$2 dev dead fpid rc
+    shift 2
+    dev=$("$@" 2>/tmp/add-r.txt)
+    check "$n: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-r.txt; show_logs; return 1; }
+    local jobs="--name=cpu0 --cpus_allowed=0 --offset=0M --name=cpu1 --cpus_allowed=1 --offset=64M"
+    local common="--filename=$dev --rw=randwrite --bs=4k --iodepth=16 --size=64M --verify=crc32c"
+    # shellcheck disable=SC2086
+    $FIO $common --do_verify=0 $jobs --output=/tmp/fio-rw.txt
+    check "$n: written" [ $? -eq 0 ] || tail -5 /tmp/fio-rw.txt
+    # At 2500 IOPS a job, the pass reads for about 6 s; the signal comes
+    # at 2 s.
+    # shellcheck disable=SC2086
+    $FIO $common --verify_only --rate_iops=2500 $jobs --output=/tmp/fio-rr.txt &
+    fpid=$!
+    sleep 2
+    # (wait_recovered sets p: the dead server's pid is kept apart.)
+    dead=$(daemon_pid 0)
+    kill -"$sig" "$dead"
+    info "$n: sent SIG$sig to server $dead"
+    wait_recovered 0 "$dead" || { fail "$n: not recovered after SIG$sig"; show_logs; }
+    check "$n: fio was still reading when the next server served" kill -0 $fpid
+    wait $fpid
+    rc=$?
+    grep -q "verify: bad" /tmp/fio-rr.txt && rc=99
+    check "$n: every read through the crash answered, and right" [ $rc -eq 0 ] || {
+        tail -20 /tmp/fio-rr.txt
+        show_logs
+        dmesg | tail -30 | while read -r l; do info "dmesg: $l"; done
+    }
+    check "$n: the kernel's log names the signal and its sender" \
+        sh -c "dmesg | grep -q 'vramblk: process $dead thread .* died of SIG$sig sent by process '"
+    check "$n: and the frames it died in" sh -c "dmesg | grep -q 'vramblk: process $dead frames: exe+0x'"
+    check "$n: the supervisor counted a crash, not a kill" \
+        grep -q "(pid $dead) died (signal: [0-9]* (SIG$sig).*try 1 of" /run/vramblk/*.log
+    out=$(vramblk del 0 2>&1)
+    check "$n: del" [ "$out" = "removed /dev/ublkb0" ]
     wait_for 30 daemon_gone
 }
 
@@ -380,7 +437,13 @@ fio_verified() {
     $FIO "$@" --verify=crc32c --verify_only --output="$fv_out"
     fv_rc=$?
     grep -q "verify: bad" "$fv_out" && fv_rc=99
-    check "$fv_name" [ $fv_rc -eq 0 ] || tail -20 "$fv_out"
+    # A failed pass shows the servers' logs too: what they answered (an
+    # EIO is one of theirs or the kernel's) is what says why.
+    check "$fv_name" [ $fv_rc -eq 0 ] || {
+        tail -20 "$fv_out"
+        show_logs
+        dmesg | tail -30 | while read -r l; do info "dmesg: $l"; done
+    }
 }
 
 # fio_through NAME OUT DEPTH RATE DEV ACTION...: a fio random-write pass
