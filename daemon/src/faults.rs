@@ -247,60 +247,31 @@ impl std::fmt::Display for ThreadName {
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
-    use std::process::ExitStatus;
 
-    /// Set in the copy of this test binary that dies: the stand-in
-    /// kernel log's path.
-    const DYING_CHILD: &str = "VRAMBLK_FAULTS_TEST_CHILD";
-
-    /// Runs test `name` again in a child process that finds DYING_CHILD
-    /// set; its exit status and what it said in its stand-in kernel log.
-    fn run_dying_child(name: &str) -> (ExitStatus, String) {
-        let kernel_log = std::env::temp_dir().join(format!(
-            "vramblk-faults-kmsg-{}-{}",
-            std::process::id(),
-            name.len()
-        ));
-        std::fs::write(&kernel_log, "").expect("stand-in kernel log");
-        let exe = std::env::current_exe().expect("test binary");
-        let out = std::process::Command::new(exe)
-            .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env(DYING_CHILD, &kernel_log)
-            .output()
-            .expect("run the dying copy");
-        let said = std::fs::read_to_string(&kernel_log).expect("read");
-        let _ = std::fs::remove_file(&kernel_log);
-        let _ = std::fs::remove_file(kernel_log.with_extension("log"));
-        (out.status, said)
-    }
+    use crate::dying_child;
 
     /// In the dying child: the fault reporter installed, one log line held.
-    fn child_setup(kernel_log: &std::ffi::OsStr) {
-        let log = Path::new(kernel_log).with_extension("log");
+    fn child_setup(kernel_log: &Path) {
+        let log = kernel_log.with_extension("log");
         let mut held = crate::held_log::HeldLog::new(std::fs::File::create(log).expect("log"));
         crate::held_log::hold();
         let _ = held.write_all(b"taking over /dev/ublkb7\n");
-        say_faults_in(Path::new(kernel_log));
+        say_faults_in(kernel_log);
     }
 
     #[test]
     fn a_fault_on_any_thread_is_said_with_frames_and_held_lines_then_kills() {
         const NAME: &str =
             "faults::tests::a_fault_on_any_thread_is_said_with_frames_and_held_lines_then_kills";
-        if let Some(kernel_log) = std::env::var_os(DYING_CHILD) {
+        if let Some(kernel_log) = dying_child::kernel_log() {
             child_setup(&kernel_log);
-            let queue = std::thread::Builder::new()
-                .name("queue 3".into())
-                .spawn(|| {
-                    // SAFETY: not safe at all: the fault this test is about.
-                    unsafe { std::ptr::read_volatile(0x18 as *const u64) }
-                })
-                .expect("spawn");
-            let _ = queue.join();
-            // Reached only if the fault let the process go on.
-            std::process::exit(0);
+            // SAFETY: not safe at all: the fault this test is about.
+            dying_child::die_on_thread("queue 3", || unsafe {
+                std::ptr::read_volatile(0x18 as *const u64)
+            });
         }
-        let (status, said) = run_dying_child(NAME);
+        let (out, said) = dying_child::run(NAME);
+        let status = out.status;
         assert_eq!(
             status.signal(),
             Some(libc::SIGSEGV),
@@ -349,13 +320,14 @@ mod tests {
     #[test]
     fn a_fault_signal_sent_from_outside_names_its_sender() {
         const NAME: &str = "faults::tests::a_fault_signal_sent_from_outside_names_its_sender";
-        if let Some(kernel_log) = std::env::var_os(DYING_CHILD) {
+        if let Some(kernel_log) = dying_child::kernel_log() {
             child_setup(&kernel_log);
             // SAFETY: raise is always safe to call.
             unsafe { libc::raise(libc::SIGBUS) };
             std::process::exit(0);
         }
-        let (status, said) = run_dying_child(NAME);
+        let (out, said) = dying_child::run(NAME);
+        let status = out.status;
         assert_eq!(status.signal(), Some(libc::SIGBUS), "{said}");
         let first = said.lines().next().unwrap_or_default();
         // raise(3) sends it from the process itself.

@@ -26,6 +26,8 @@
 pub mod adopt;
 pub mod announce;
 pub mod budget;
+#[cfg(test)]
+mod dying_child;
 pub mod faults;
 pub mod handover;
 pub mod held_log;

@@ -91,32 +91,17 @@ mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
 
-    /// Set in the copy of this test binary that panics.
-    const PANICKING_CHILD: &str = "VRAMBLK_PANICS_TEST_CHILD";
+    use crate::dying_child;
 
     #[test]
     fn a_panic_on_any_thread_is_logged_with_a_backtrace_and_ends_the_process() {
         const NAME: &str =
             "panics::tests::a_panic_on_any_thread_is_logged_with_a_backtrace_and_ends_the_process";
-        if let Some(kernel_log) = std::env::var_os(PANICKING_CHILD) {
-            abort_on_panic_telling(Path::new(&kernel_log));
-            let queue = std::thread::Builder::new()
-                .name("queue 3".into())
-                .spawn(|| panic!("a bug in queue {}", 3))
-                .expect("spawn");
-            let _ = queue.join();
-            // Reached only if the panic let the process go on.
-            std::process::exit(0);
+        if let Some(kernel_log) = dying_child::kernel_log() {
+            abort_on_panic_telling(&kernel_log);
+            dying_child::die_on_thread("queue 3", || panic!("a bug in queue {}", 3));
         }
-        let kernel_log =
-            std::env::temp_dir().join(format!("vramblk-panics-kmsg-{}", std::process::id()));
-        std::fs::write(&kernel_log, "").expect("stand-in kernel log");
-        let exe = std::env::current_exe().expect("test binary");
-        let out = std::process::Command::new(exe)
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-            .env(PANICKING_CHILD, &kernel_log)
-            .output()
-            .expect("run the panicking copy");
+        let (out, kernel_said) = dying_child::run(NAME);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
         assert!(
@@ -129,8 +114,6 @@ mod tests {
             stderr.contains("a_panic_on_any_thread_is_logged_with_a_backtrace"),
             "{stderr}"
         );
-        let kernel_said = std::fs::read_to_string(&kernel_log).expect("read");
-        let _ = std::fs::remove_file(&kernel_log);
         assert!(
             kernel_said.starts_with("<3>vramblk: process ")
                 && kernel_said.contains(" thread 'queue 3' panicked at daemon/src/panics.rs:")
