@@ -37,14 +37,19 @@ static EXE_START: AtomicUsize = AtomicUsize::new(0);
 static EXE_END: AtomicUsize = AtomicUsize::new(0);
 
 /// From now on a fault in this process, on any thread, is said in
-/// `kernel_log` (/dev/kmsg) before the process dies of it.
+/// `kernel_log` (/dev/kmsg) before the process dies of it. Once per
+/// process image: a forked child inherits the handlers, the open log and
+/// the binary's mapping, so a server forked to recover (memory short
+/// then) reads no /proc file and allocates nothing here; an exec starts
+/// afresh.
 pub fn say_faults_in(kernel_log: &Path) {
-    if KERNEL_LOG_FD.load(Relaxed) < 0 {
-        match std::fs::OpenOptions::new().write(true).open(kernel_log) {
-            Ok(f) => KERNEL_LOG_FD.store(f.into_raw_fd(), Relaxed),
-            // Not root, or no /dev/kmsg: nothing to say a fault in.
-            Err(_) => return,
-        }
+    if KERNEL_LOG_FD.load(Relaxed) >= 0 {
+        return;
+    }
+    match std::fs::OpenOptions::new().write(true).open(kernel_log) {
+        Ok(f) => KERNEL_LOG_FD.store(f.into_raw_fd(), Relaxed),
+        // Not root, or no /dev/kmsg: nothing to say a fault in.
+        Err(_) => return,
     }
     if let Some((start, end)) = exe_mapping() {
         EXE_START.store(start, Relaxed);

@@ -216,7 +216,7 @@ if check "crash loop on swap: the device serves again within 30 s of the last cr
 else
     vramblk list | while read -r l; do info "list: $l"; done
     tail -n 12 /run/vramblk/*.log | while read -r l; do info "log: $l"; done
-    dmesg | tail -n 20 | while read -r l; do info "dmesg: $l"; done
+    show_dmesg 20
     for p in $(pidof vramblk); do
         info "pid $p: $(cat /proc/$p/wchan 2>/dev/null) $(head -n 6 /proc/$p/stack 2>/dev/null | tr '\n' ' ')"
     done
@@ -243,7 +243,7 @@ kill -9 "$srv"
 check "death in the recovery window: the server taking over died there (the hook fired)" \
     wait_for 30 sh -c "! [ -e /tmp/die-before-fetch ]"
 check "death in the recovery window: a later server recovers the device" wait_recovered 0 "$srv" ||
-    { show_logs; dmesg | tail -n 20 | while read -r l; do info "dmesg: $l"; done; }
+    { show_logs; show_dmesg 20; }
 case "$(uname -r)" in
 6.12.*)
     check "death in the recovery window: 6.12 refused the next START and the device was freed by fetches" \

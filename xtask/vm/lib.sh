@@ -88,6 +88,11 @@ show_logs() {
     done
 }
 
+# show_dmesg N: the kernel's last N lines, as INFO lines.
+show_dmesg() {
+    dmesg | tail -n "$1" | while read -r l; do info "dmesg: $l"; done
+}
+
 # fio_ends_failing PID SECS WHAT: the fio run PID ends within SECS seconds
 # of WHAT, and ends with an error (the I/O failed rather than hung).
 fio_ends_failing() {
@@ -276,7 +281,7 @@ full_queue_kill() {
 # flight. Every read must be answered, and right; the kernel's log must
 # name the signal and where the server was (faults.rs).
 crash_during_reads() {
-    local n=$1 sig=$2 dev dead fpid rc
+    local n=$1 sig=$2 dev dead fpid
     shift 2
     dev=$("$@" 2>/tmp/add-r.txt)
     check "$n: add" [ "$dev" = /dev/ublkb0 ] || { cat /tmp/add-r.txt; show_logs; return 1; }
@@ -298,13 +303,7 @@ crash_during_reads() {
     wait_recovered 0 "$dead" || { fail "$n: not recovered after SIG$sig"; show_logs; }
     check "$n: fio was still reading when the next server served" kill -0 $fpid
     wait $fpid
-    rc=$?
-    grep -q "verify: bad" /tmp/fio-rr.txt && rc=99
-    check "$n: every read through the crash answered, and right" [ $rc -eq 0 ] || {
-        tail -20 /tmp/fio-rr.txt
-        show_logs
-        dmesg | tail -30 | while read -r l; do info "dmesg: $l"; done
-    }
+    verify_verdict "$n: every read through the crash answered, and right" /tmp/fio-rr.txt $?
     check "$n: the kernel's log names the signal and its sender" \
         sh -c "dmesg | grep -q 'vramblk: process $dead thread .* died of SIG$sig sent by process '"
     check "$n: and the frames it died in" sh -c "dmesg | grep -q 'vramblk: process $dead frames: exe+0x'"
@@ -436,13 +435,20 @@ fio_verified() {
     shift 2
     $FIO "$@" --verify=crc32c --verify_only --output="$fv_out"
     fv_rc=$?
-    grep -q "verify: bad" "$fv_out" && fv_rc=99
-    # A failed pass shows the servers' logs too: what they answered (an
-    # EIO is one of theirs or the kernel's) is what says why.
-    check "$fv_name" [ $fv_rc -eq 0 ] || {
-        tail -20 "$fv_out"
+    verify_verdict "$fv_name" "$fv_out" $fv_rc
+}
+
+# verify_verdict NAME OUT RC: checks that a verify-only fio pass (report
+# OUT, exit code RC) ended well and found no bad block. A failed pass
+# shows the servers' logs too: what they answered (an EIO is one of
+# theirs or the kernel's) is what says why.
+verify_verdict() {
+    local vv_rc=$3
+    grep -q "verify: bad" "$2" && vv_rc=99
+    check "$1" [ "$vv_rc" -eq 0 ] || {
+        tail -20 "$2"
         show_logs
-        dmesg | tail -30 | while read -r l; do info "dmesg: $l"; done
+        show_dmesg 30
     }
 }
 
@@ -619,7 +625,7 @@ swap_kill_run() {
     avail=$(mem MemAvailable)
     fill=$((avail + extra))
     info "$run: MemAvailable $avail MiB; memcheck fills $fill MiB over $passes passes; $kills kills"
-    out0=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
+    out0=$(vmstat_of pswpout)
     rm -f /tmp/mc.until
     t0=$(cut -d. -f1 /proc/uptime)
     memcheck $fill "$passes" --until /tmp/mc.until > /tmp/mc 2>&1 &
@@ -654,14 +660,14 @@ swap_kill_run() {
         fail "$run: memcheck ended within 15 minutes (no hang)"
         vramblk list | while read -r l; do info "list: $l"; done
         echo w > /proc/sysrq-trigger
-        dmesg | tail -150 | while read -r l; do info "dmesg: $l"; done
+        show_dmesg 150
         show_logs
         return 1
     fi
     wait $mpid
     rc=$?
     while read -r l; do info "$run: $l"; done < /tmp/mc
-    out1=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
+    out1=$(vmstat_of pswpout)
     pages=$((out1 - out0))
     info "$run: pswpout $pages pages, $((k - 1)) ${mode}s in $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
     check "$run: every byte read back intact through $((k - 1)) ${mode}s" [ $rc -eq 0 ] || show_logs

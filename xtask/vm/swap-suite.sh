@@ -10,14 +10,14 @@ check "it is the only swap" [ "$(tail -n +2 /proc/swaps | cut -d' ' -f1)" = /dev
 avail=$(mem MemAvailable)
 fill=$((avail + 256))
 info "MemAvailable after add: $avail MiB; filling $fill MiB"
-out0=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
-in0=$(awk '/^pswpin/ {print $2}' /proc/vmstat)
+out0=$(vmstat_of pswpout)
+in0=$(vmstat_of pswpin)
 memcheck $fill 2 > /tmp/mc 2>&1
 rc=$?
 while read -r l; do info "$l"; done < /tmp/mc
 check "memcheck: every byte of $fill MiB read back intact, two passes" [ $rc -eq 0 ]
-out1=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
-in1=$(awk '/^pswpin/ {print $2}' /proc/vmstat)
+out1=$(vmstat_of pswpout)
+in1=$(vmstat_of pswpin)
 info "pswpout $((out1 - out0)) pages, pswpin $((in1 - in0)) pages"
 check "swap was really used (pswpout grew by > 32 MiB)" [ $((out1 - out0)) -gt 8192 ]
 check "swap was read back (pswpin grew)" [ $((in1 - in0)) -gt 0 ]
@@ -175,9 +175,9 @@ check "compressed swap: a 1 GiB lz device (stub) comes up as swap" [ "$dev" = /d
 held=$(zq held)
 info "compressed swap: holds $((held >> 20)) MiB of VRAM, MemAvailable $(mem MemAvailable) MiB"
 fill=$(($(mem MemAvailable) + 400))
-out0=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
+out0=$(vmstat_of pswpout)
 t0=$(date +%s)
-(while sleep 20; do info "swap: $(awk '/^pswpout/ {print $2}' /proc/vmstat) out, $(awk '/^pswpin/ {print $2}' /proc/vmstat) in, MemAvailable $(mem MemAvailable)"; done) &
+(while sleep 20; do info "swap: $(vmstat_of pswpout) out, $(vmstat_of pswpin) in, MemAvailable $(mem MemAvailable)"; done) &
 watch=$!
 memcheck $fill 2 --compressible > /tmp/mcz 2>&1
 rc=$?
@@ -185,7 +185,7 @@ kill $watch
 info "compressed swap: memcheck took $(( $(date +%s) - t0 )) s"
 while read -r l; do info "$l"; done < /tmp/mcz
 check "compressed swap: every byte of $fill MiB of compressible pages read back intact, two passes" [ $rc -eq 0 ]
-out1=$(awk '/^pswpout/ {print $2}' /proc/vmstat)
+out1=$(vmstat_of pswpout)
 info "compressed swap: pswpout $((out1 - out0)) pages"
 check "compressed swap: more was swapped out than the VRAM it holds" [ $(((out1 - out0) * 4096)) -gt "$held" ]
 vramblk status | grep "compress lz" | while read -r l; do info "status: $l"; done
